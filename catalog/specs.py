@@ -1,0 +1,185 @@
+"""Dataset specs as data: the 31 built-in subsets (``specs/builtin.yaml``) and user ``dataset.yaml`` files.
+
+A spec says where a dataset's images are (a glob under its folder), which reader parses them with which options,
+and what the files do not say themselves (wavelengths, aligned RGB, GSD, provenance). Validation is strict:
+unknown fields and wrong types are rejected with a message that names the field and the fix.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from catalog.errors import InputError
+from catalog.readers import get_reader
+from catalog.readers.base import Reader, ReaderOptions
+
+SPEC_FILENAME = "dataset.yaml"
+
+
+def slugify(name: str) -> str:
+    """Folder-name form of a dataset name: 'HOT-2024 VIS' -> 'hot-2024-vis'."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+class LinearWavelengths(BaseModel):
+    """Evenly spaced band centres: ``count`` values from ``start`` to ``stop`` inclusive (nanometres)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    start: float
+    stop: float
+    count: int = Field(gt=0)
+
+    def values(self) -> np.ndarray:
+        return np.linspace(self.start, self.stop, self.count)
+
+
+class BandRange(BaseModel):
+    """Keep bands ``[start, stop)`` of what the file holds (e.g. the 24 VNIR of 33 registered channels)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    start: int = Field(ge=0)
+    stop: int = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> BandRange:
+        if self.stop <= self.start:
+            raise ValueError("stop must be greater than start")
+        return self
+
+
+class DatasetSpec(BaseModel):
+    """One dataset (or subset): how to find and read its images and the facts its files do not carry."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1)
+    slug: str = ""
+    format: str
+    files: list[str] = Field(min_length=1)
+    exclude: list[str] = Field(default_factory=list)
+    sample_every: int = Field(default=1, ge=1, description="keep one item in every N per folder (video frames)")
+    options: dict[str, Any] = Field(default_factory=dict)
+    wavelengths_nm: list[float] | LinearWavelengths | None = None
+    wavelengths_from: Literal["file"] | None = None
+    wavelength_units: Literal["auto", "nm", "um"] = "auto"
+    bands: int | None = Field(default=None, gt=0, description="band count after band_range")
+    band_range: BandRange | None = None
+    stem_suffix: str | None = Field(default=None, description="suffix of file stems dropped to give {base}")
+    rgb: str | None = Field(default=None, description="aligned RGB path; {dir}, {stem}, {base}, {path} expand")
+    images: int | None = Field(default=None, ge=0, description="image count of the full public dataset")
+    gsd_m: float | None = Field(default=None, gt=0)
+    sensor: str | None = None
+    value_scale: str | None = None
+    source_url: str | None = None
+    licence: str | None = None
+    notes: str | None = None
+
+    @field_validator("files", "exclude", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _check(self) -> DatasetSpec:
+        if not self.slug:
+            object.__setattr__(self, "slug", slugify(self.name))
+        if (self.wavelengths_nm is None) == (self.wavelengths_from is None):
+            raise ValueError("give exactly one of 'wavelengths_nm' (a list, or start/stop/count) or "
+                             "'wavelengths_from: file' (the files carry them, e.g. an ENVI header)")
+        wl = self.wavelength_values()
+        if wl is not None and self.bands is not None and len(wl) != self.bands:
+            raise ValueError(f"'wavelengths_nm' has {len(wl)} values but 'bands' is {self.bands}")
+        return self
+
+    @property
+    def reader(self) -> Reader:
+        return get_reader(self.format)
+
+    def reader_options(self, path: str | Path = "<spec>") -> ReaderOptions:
+        """The reader's typed options, validated against the reader's own option model."""
+        try:
+            return self.reader.Options(**self.options)
+        except ValidationError as exc:
+            raise InputError(path, _field_path("options", exc), _first_msg(exc),
+                             f"see the '{self.format}' reader's options: "
+                             f"{', '.join(self.reader.Options.model_fields) or 'none'}") from None
+
+    def wavelength_values(self) -> np.ndarray | None:
+        """The spec's wavelengths as floats in the spec's unit, or None when the files carry them."""
+        if self.wavelengths_nm is None:
+            return None
+        if isinstance(self.wavelengths_nm, LinearWavelengths):
+            return self.wavelengths_nm.values()
+        return np.asarray(self.wavelengths_nm, dtype=np.float64)
+
+
+def _field_path(prefix: str, exc: ValidationError) -> str:
+    loc = exc.errors()[0]["loc"]
+    return ".".join([prefix, *(str(p) for p in loc)]) if loc else prefix
+
+
+def _first_msg(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    return f"{err['msg']} (got {err.get('input')!r})" if err["type"] != "missing" else "required field is missing"
+
+
+_FIXES = {
+    "extra_forbidden": "remove it, or check its spelling against the documented fields",
+    "missing": "add it",
+}
+
+
+def parse_spec(data: Any, path: str | Path) -> DatasetSpec:
+    """Validate one spec mapping; errors name the file, the field and the fix."""
+    if not isinstance(data, dict):
+        raise InputError(path, "<top level>", "a dataset spec must be a mapping of fields",
+                         "write 'name: ...', 'format: ...', 'files: ...' and the wavelengths as YAML keys")
+    try:
+        spec = DatasetSpec(**data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "<spec>"
+        fix = _FIXES.get(err["type"], f"expected {err['msg'].lower()}" if err["type"] != "value_error"
+                         else "correct the value as the message says")
+        raise InputError(path, field, _first_msg(exc), fix) from None
+    spec.reader_options(path)
+    return spec
+
+
+def load_spec_file(path: str | Path) -> DatasetSpec:
+    """Read and validate a user's ``dataset.yaml``."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise InputError(path, "<yaml>", f"not valid YAML ({exc})", "fix the YAML syntax") from None
+    return parse_spec(data, path)
+
+
+@cache
+def builtin_specs() -> dict[str, DatasetSpec]:
+    """The built-in dataset subsets keyed by slug (which is also their folder name under a source root)."""
+    text = resources.files("catalog").joinpath("specs/builtin.yaml").read_text()
+    out: dict[str, DatasetSpec] = {}
+    for entry in yaml.safe_load(text)["datasets"]:
+        spec = parse_spec(entry, "catalog/specs/builtin.yaml")
+        if spec.slug in out:
+            raise ValueError(f"duplicate built-in slug {spec.slug}")
+        out[spec.slug] = spec
+    return out
+
+
+def spec_for_folder(folder: Path) -> DatasetSpec | None:
+    """The spec of a dataset folder: its own ``dataset.yaml`` first, else the built-in named like the folder."""
+    own = folder / SPEC_FILENAME
+    if own.is_file():
+        return load_spec_file(own)
+    return builtin_specs().get(folder.name)
