@@ -1,0 +1,387 @@
+"""The wavelength-annotated catalog: one Zarr v3 group per image, a Parquet index, a quarantine table.
+
+Layout under the catalog URI (a directory or any fsspec URL)::
+
+    catalog.json                               format marker
+    cubes/<dataset>/<key>@<sha12>.zarr         group: cube (band, y, x) native dtype, wavelength, [fwhm, rgb, extras/]
+    index/part-*.parquet                       one row per image (a part per writer, merged by compact())
+    quarantine/part-*.parquet                  one row per rejected source file
+
+Cube paths are content-addressed by the source sha256, so a re-ingest never overwrites a stored cube; the index
+row is the commit point (written last, as its own file), so a killed run leaves at most an orphan that
+``verify`` reports and the next run re-uses. Two writers never share a file, so no index row is lost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import fsspec
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import xarray as xr
+import zarr
+from zarr.codecs import BloscCodec, BloscShuffle
+
+from catalog.errors import CatalogError
+
+FORMAT = {"format": "hvp-catalog", "version": 1}
+
+INDEX_SCHEMA = pa.schema([
+    ("dataset", pa.string()), ("image_id", pa.string()), ("bands", pa.int32()), ("wl_min", pa.float64()),
+    ("wl_max", pa.float64()), ("height", pa.int32()), ("width", pa.int32()), ("dtype", pa.string()),
+    ("sha256", pa.string()), ("location", pa.string()), ("ingested_at", pa.timestamp("us", tz="UTC")),
+    ("source_path", pa.string()), ("has_rgb", pa.bool_()), ("reader", pa.string()),
+])
+QUARANTINE_SCHEMA = pa.schema([
+    ("dataset", pa.string()), ("source_path", pa.string()), ("error_class", pa.string()), ("field", pa.string()),
+    ("message", pa.string()), ("fix", pa.string()), ("quarantined_at", pa.timestamp("us", tz="UTC")),
+])
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class CubeWrite:
+    """Everything needed to store one image; ``data`` is a lazy (band, y, x) array read strip by strip."""
+
+    dataset: str
+    image_id: str
+    key: str
+    sha256: str
+    data: Any
+    wavelength_nm: np.ndarray
+    attrs: dict[str, Any]
+    fwhm_nm: np.ndarray | None = None
+    rgb: np.ndarray | None = None
+    extras: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+class Catalog:
+    """Read and write access to one catalog. Cheap to create; safe to use from several processes at once."""
+
+    def __init__(self, uri: str | os.PathLike[str] | None = None, chunk_xy: int | None = None,
+                 compression_level: int | None = None) -> None:
+        from infra.settings import get_settings
+
+        settings = get_settings()
+        self.uri = str(uri if uri is not None else settings.catalog)
+        self.fs, self.root = fsspec.core.url_to_fs(self.uri)
+        self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+        if self.local:
+            self.root = os.path.abspath(self.root)
+        self.chunk_xy = chunk_xy or settings.chunk_xy
+        self.compression_level = settings.compression_level if compression_level is None else compression_level
+        self._arrays: dict[str, zarr.Array] = {}
+
+    # ------------------------------------------------------------------ paths and low-level I/O
+    def _path(self, *parts: str) -> str:
+        return "/".join([self.root.rstrip("/"), *parts])
+
+    def _zarr_store(self, rel: str) -> Any:
+        if self.local:
+            return zarr.storage.LocalStore(self._path(rel))
+        return zarr.storage.FsspecStore.from_url(self.uri.rstrip("/") + "/" + rel)
+
+    def init(self) -> Catalog:
+        """Create the catalog's folders and format marker if missing (idempotent)."""
+        for sub in ("cubes", "index", "quarantine"):
+            self.fs.makedirs(self._path(sub), exist_ok=True)
+        marker = self._path("catalog.json")
+        if not self.fs.exists(marker):
+            self._put_bytes(marker, json.dumps(FORMAT).encode())
+        return self
+
+    def _put_bytes(self, path: str, data: bytes) -> None:
+        """Write a whole file atomically: temp file + rename locally, one PUT on object stores."""
+        if self.local:
+            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        else:
+            self.fs.pipe_file(path, data)
+
+    def _write_part(self, table_dir: str, rows: list[dict[str, Any]], schema: pa.Schema) -> str:
+        buf = pa.BufferOutputStream()
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), buf)
+        name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:12]}.parquet"
+        path = self._path(table_dir, name)
+        self.fs.makedirs(self._path(table_dir), exist_ok=True)
+        self._put_bytes(path, buf.getvalue().to_pybytes())
+        return path
+
+    def _parts(self, table_dir: str) -> list[str]:
+        try:
+            found = self.fs.glob(self._path(table_dir, "part-*.parquet"))
+        except FileNotFoundError:
+            return []
+        return sorted(p for p in found if ".tmp-" not in p)
+
+    def _read_table(self, table_dir: str, schema: pa.Schema) -> tuple[pa.Table, list[str]]:
+        """All parts of a table; re-lists when a concurrent compaction removes a part mid-read."""
+        for _ in range(10):
+            parts = self._parts(table_dir)
+            try:
+                tables = [pq.read_table(self.fs.open(p, "rb"), schema=schema) for p in parts]
+            except FileNotFoundError:
+                continue
+            return (pa.concat_tables(tables) if tables else schema.empty_table()), parts
+        raise CatalogError(f"{self._path(table_dir)}: parts keep disappearing while reading; is a compaction stuck?")
+
+    # ------------------------------------------------------------------ tables
+    def images(self, dataset: str | None = None) -> pd.DataFrame:
+        """The index: one row per image (latest ingest wins), sorted by image id."""
+        table, _ = self._read_table("index", INDEX_SCHEMA)
+        df = table.to_pandas()
+        if not df.empty:
+            df = df.sort_values("ingested_at").drop_duplicates("image_id", keep="last")
+            df = df.sort_values("image_id").reset_index(drop=True)
+        if dataset is not None:
+            df = df[df["dataset"] == dataset].reset_index(drop=True)
+        return df
+
+    def quarantine(self) -> pd.DataFrame:
+        """Rejected source files with the error class, field, message and fix (latest attempt per file)."""
+        df = self._read_table("quarantine", QUARANTINE_SCHEMA)[0].to_pandas()
+        if not df.empty:
+            df = df.sort_values("quarantined_at").drop_duplicates("source_path", keep="last")
+            df = df.sort_values(["dataset", "source_path"]).reset_index(drop=True)
+        return df
+
+    def row(self, image_id: str) -> pd.Series:
+        df = self.images()
+        hit = df[df["image_id"] == image_id]
+        if hit.empty:
+            raise KeyError(f"image '{image_id}' is not in the catalog at {self.uri} (see `hvp catalog list`)")
+        return hit.iloc[0]
+
+    def add_quarantine(self, dataset: str, source_path: str, error_class: str, field_name: str, message: str,
+                       fix: str) -> None:
+        """Record one rejected source file (its own part file, so concurrent writers lose nothing)."""
+        self._write_part("quarantine", [{
+            "dataset": dataset, "source_path": source_path, "error_class": error_class, "field": field_name,
+            "message": message, "fix": fix, "quarantined_at": now_utc()}], QUARANTINE_SCHEMA)
+
+    def compact(self) -> int:
+        """Merge the index and quarantine parts into one file each; returns the number of parts merged.
+
+        Safe beside writers (their new parts are not listed, so not removed) and beside another compaction
+        (duplicates are dropped on read).
+        """
+        merged = 0
+        for table_dir, schema in (("index", INDEX_SCHEMA), ("quarantine", QUARANTINE_SCHEMA)):
+            try:
+                table, parts = self._read_table(table_dir, schema)
+            except CatalogError:
+                continue
+            if len(parts) < 2:
+                continue
+            self._write_part(table_dir, table.to_pylist(), schema)
+            for p in parts:
+                try:
+                    self.fs.rm(p)
+                except FileNotFoundError:
+                    pass
+            merged += len(parts)
+        return merged
+
+    # ------------------------------------------------------------------ cubes
+    def location_for(self, dataset: str, key: str, sha256: str) -> str:
+        return f"cubes/{dataset}/{key}@{sha256[:12]}.zarr"
+
+    def is_complete(self, location: str) -> bool:
+        try:
+            group = zarr.open_group(self._zarr_store(location), mode="r", zarr_format=3)
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError, ValueError):
+            return False
+        return bool(group.attrs.get("complete", False))
+
+    def write_cube(self, cw: CubeWrite, on_strip: Any = None) -> dict[str, Any]:
+        """Store one image strip by strip (bounded memory) and commit its index row; returns the row.
+
+        The cube goes to a content-addressed location: if a complete group already sits there (a run killed after
+        the write but before the commit), it is re-used and only the row is written.
+        """
+        from catalog.validate import finite_block
+
+        location = self.location_for(cw.dataset, cw.key, cw.sha256)
+        b, h, w = (int(s) for s in cw.data.shape)
+        dtype = np.dtype(cw.data.dtype)
+        if not self.is_complete(location):
+            target = f"{location}.tmp-{uuid.uuid4().hex[:8]}" if self.local else location
+            try:
+                content_sha = self._write_group(target, cw, (b, h, w), dtype, finite_block, on_strip)
+                if self.local:
+                    final = self._path(location)
+                    if os.path.exists(final):  # an incomplete leftover of a killed run: replace it
+                        self.fs.rm(final, recursive=True)
+                    os.makedirs(os.path.dirname(final), exist_ok=True)
+                    os.replace(self._path(target), final)
+                group = zarr.open_group(self._zarr_store(location), mode="r+", zarr_format=3)
+                group.attrs.update({"complete": True, "content_sha256": content_sha})
+            except BaseException:
+                if self.local and self.fs.exists(self._path(target)):
+                    self.fs.rm(self._path(target), recursive=True)
+                raise
+        row = {
+            "dataset": cw.dataset, "image_id": cw.image_id, "bands": b, "wl_min": float(cw.wavelength_nm[0]),
+            "wl_max": float(cw.wavelength_nm[-1]), "height": h, "width": w, "dtype": dtype.str.lstrip("<>|="),
+            "sha256": cw.sha256, "location": location, "ingested_at": now_utc(),
+            "source_path": str(cw.attrs.get("source_path", "")), "has_rgb": cw.rgb is not None,
+            "reader": f"{cw.attrs.get('reader', '')}",
+        }
+        self._write_part("index", [row], INDEX_SCHEMA)
+        return row
+
+    def _write_group(self, rel: str, cw: CubeWrite, shape: tuple[int, int, int], dtype: np.dtype,
+                     check: Any, on_strip: Any) -> str:
+        b, h, w = shape
+        c = self.chunk_xy
+        group = zarr.open_group(self._zarr_store(rel), mode="w", zarr_format=3)
+        codec = BloscCodec(cname="zstd", clevel=self.compression_level,
+                           shuffle=BloscShuffle.bitshuffle if dtype.itemsize == 1 else BloscShuffle.shuffle)
+        cube = group.create_array("cube", shape=(b, h, w), chunks=(b, c, c), dtype=dtype, compressors=codec,
+                                  dimension_names=("band", "y", "x"), fill_value=0)
+        group.create_array("wavelength", data=np.asarray(cw.wavelength_nm, dtype=np.float64),
+                           dimension_names=("band",), attributes={"units": "nm"})
+        if cw.fwhm_nm is not None:
+            group.create_array("fwhm", data=np.asarray(cw.fwhm_nm, dtype=np.float64), dimension_names=("band",),
+                               attributes={"units": "nm"})
+        if cw.rgb is not None:
+            group.create_array("rgb", data=np.ascontiguousarray(cw.rgb, dtype=np.uint8), chunks=(c, c, 3),
+                               dimension_names=("y", "x", "channel"), compressors=codec)
+        if cw.extras:
+            extras = group.create_group("extras")
+            for name, arr in cw.extras.items():
+                extras.create_array(name, data=np.ascontiguousarray(arr))
+        hasher = hashlib.sha256()
+        for y0, block in self._strips(cw.data, shape, dtype):
+            check(block, cw.attrs.get("source_path", rel), y0)
+            cube[:, y0:y0 + block.shape[1], :] = block
+            hasher.update(block.tobytes())
+            if on_strip is not None:
+                on_strip(block.shape[1])
+        group.attrs.update({**_jsonable(cw.attrs), "dataset": cw.dataset, "image_id": cw.image_id,
+                            "source_sha256": cw.sha256, "strip_rows": c, "complete": False})
+        return hasher.hexdigest()
+
+    def _strips(self, data: Any, shape: tuple[int, int, int], dtype: np.dtype) -> Iterator[tuple[int, np.ndarray]]:
+        """(y0, block) strips of ``chunk_xy`` rows over all bands and columns, in the native dtype."""
+        _, h, _ = shape
+        for y0 in range(0, h, self.chunk_xy):
+            block = np.ascontiguousarray(np.asarray(data[:, y0:y0 + self.chunk_xy, :]), dtype=dtype)
+            yield y0, block
+
+    def _array(self, location: str, name: str = "cube") -> zarr.Array:
+        key = f"{location}/{name}"
+        arr = self._arrays.get(key)
+        if arr is None:
+            group = zarr.open_group(self._zarr_store(location), mode="r", zarr_format=3)
+            arr = self._arrays[key] = group[name]
+        return arr
+
+    def open(self, image_id: str) -> xr.DataArray:
+        """The image as a lazy DataArray ``(band, y, x)`` with coordinate ``wavelength`` (nm) and the group's attrs.
+
+        Only the chunks a selection touches are read. ``rgb(image_id)`` gives the aligned RGB, if any.
+        """
+        row = self.row(image_id)
+        ds = xr.open_dataset(self._zarr_store(row["location"]), engine="zarr", consolidated=False, chunks=None,
+                             zarr_format=3)
+        coords = [n for n in ("wavelength", "fwhm") if n in ds]
+        da = ds.set_coords(coords)["cube"]
+        da.attrs = {**ds.attrs, **da.attrs}
+        return da
+
+    def read_crop(self, location: str, y: int, x: int, size: int) -> np.ndarray:
+        """All bands of a ``size`` x ``size`` window at (y, x): the fast path for training loaders."""
+        return self._array(location)[:, y:y + size, x:x + size]
+
+    def rgb(self, image_id: str) -> np.ndarray | None:
+        """The aligned RGB ``(y, x, 3)`` uint8 stored beside the cube, or None."""
+        row = self.row(image_id)
+        group = zarr.open_group(self._zarr_store(row["location"]), mode="r", zarr_format=3)
+        return np.asarray(group["rgb"][...]) if "rgb" in group else None
+
+    # ------------------------------------------------------------------ verification
+    def verify(self, checksums: bool = True) -> VerifyReport:
+        """Check every indexed cube exists, is complete and (optionally) still hashes to its recorded content sha;
+        list orphan groups (stored but not indexed) and partial ones (temporary or incomplete)."""
+        report = VerifyReport()
+        df = self.images()
+        indexed = set(df["location"]) if not df.empty else set()
+        for _, row in df.iterrows():
+            loc = row["location"]
+            try:
+                group = zarr.open_group(self._zarr_store(loc), mode="r", zarr_format=3)
+            except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError, ValueError):
+                report.missing.append(row["image_id"])
+                continue
+            if not group.attrs.get("complete"):
+                report.partial.append(loc)
+                continue
+            if checksums:
+                hasher = hashlib.sha256()
+                arr = group["cube"]
+                rows = int(group.attrs.get("strip_rows", self.chunk_xy))
+                for y0 in range(0, arr.shape[1], rows):
+                    hasher.update(np.ascontiguousarray(arr[:, y0:y0 + rows, :]).tobytes())
+                if hasher.hexdigest() != group.attrs.get("content_sha256"):
+                    report.corrupt.append(row["image_id"])
+                    continue
+            report.ok += 1
+        for path in self.fs.glob(self._path("cubes", "**", "*.zarr*")):
+            rel = path[len(self.root.rstrip("/")) + 1:]
+            if ".zarr.tmp-" in rel and rel.split(".tmp-")[1].count("/") == 0:
+                report.partial.append(rel)
+            elif rel.endswith(".zarr") and rel not in indexed:
+                report.orphans.append(rel)
+        return report
+
+
+@dataclass
+class VerifyReport:
+    """Outcome of ``Catalog.verify``: healthy count and the ids/locations of every problem found."""
+
+    ok: int = 0
+    missing: list[str] = field(default_factory=list)
+    corrupt: list[str] = field(default_factory=list)
+    partial: list[str] = field(default_factory=list)
+    orphans: list[str] = field(default_factory=list)
+
+    @property
+    def healthy(self) -> bool:
+        return not (self.missing or self.corrupt or self.partial)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "missing": self.missing, "corrupt": self.corrupt, "partial": self.partial,
+                "orphans": self.orphans, "healthy": self.healthy}
+
+
+def _jsonable(attrs: dict[str, Any]) -> dict[str, Any]:
+    """Zarr attrs must be JSON: numpy scalars and arrays become Python values."""
+    out: dict[str, Any] = {}
+    for k, v in attrs.items():
+        if isinstance(v, np.generic):
+            v = v.item()
+        elif isinstance(v, np.ndarray):
+            v = v.tolist()
+        elif isinstance(v, os.PathLike):
+            v = os.fspath(v)
+        out[k] = v
+    return out

@@ -1,0 +1,1 @@
+"""Settings, bootstrap and launchers: how the pipeline is configured and where it runs."""

@@ -1,0 +1,31 @@
+"""Settings from the environment (prefix ``HVP_``) or a ``.env`` file: where the catalog lives, where data comes from.
+
+Every flow and CLI command reads these; pass ``--catalog`` (or set ``HVP_CATALOG``) to point at another catalog,
+local or any fsspec URL.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Pipeline configuration; each field can be set as ``HVP_<FIELD>`` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="HVP_", env_file=".env", extra="ignore")
+
+    catalog: str = Field(default="./hvp-data/catalog", description="catalog URI: a directory or an fsspec URL")
+    source_root: Path = Field(default=Path("./hvp-data/sources"), description="folder of dataset folders")
+    chunk_xy: int = Field(default=64, ge=8, description="spatial chunk edge of stored cubes (all bands per chunk)")
+    compression_level: int = Field(default=3, ge=0, le=9, description="zstd level of the cube store")
+    dask_address: str | None = Field(default=None, description="scheduler address of a running Dask cluster")
+
+
+@cache
+def get_settings() -> Settings:
+    """The process-wide settings (read once)."""
+    return Settings()

@@ -1,0 +1,217 @@
+"""The `hvp` command line: fixtures, ingest, catalog inspection and the end-to-end demo."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+app = typer.Typer(help="HyperVision pretraining pipeline.", no_args_is_help=True, add_completion=False)
+catalog_app = typer.Typer(help="Inspect and check the catalog.", no_args_is_help=True)
+fixtures_app = typer.Typer(help="Tiny seeded fixtures of every dataset, in native formats.", no_args_is_help=True)
+app.add_typer(catalog_app, name="catalog")
+app.add_typer(fixtures_app, name="fixtures")
+console = Console()
+
+CatalogOpt = Annotated[str | None, typer.Option("--catalog", help="catalog URI (default: $HVP_CATALOG or "
+                                                "./hvp-data/catalog)")]
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=False)
+
+
+def _table(title: str, rows: list[dict[str, Any]]) -> Table:
+    table = Table(title=title)
+    for col in rows[0] if rows else []:
+        table.add_column(str(col))
+    for r in rows:
+        table.add_row(*(str(v) for v in r.values()))
+    return table
+
+
+@fixtures_app.command("make")
+def fixtures_make(out: Path, seed: int = 0,
+                  broken: Annotated[bool, typer.Option(help="write the broken-file fixture set instead")] = False
+                  ) -> None:
+    """Write tiny seeded fixtures of all 31 built-in subsets (plus a user dataset.yaml example) into OUT."""
+    from catalog.fixtures import make_fixtures
+
+    if broken:
+        from catalog.fixtures.broken import make_broken_fixtures
+
+        cases = make_broken_fixtures(out)
+        console.print(f"wrote {len(cases)} broken-input cases under {out}")
+        return
+    written = make_fixtures(out, seed=seed)
+    n = sum(len(v) for v in written.values())
+    console.print(f"wrote {n} images of {len(written)} datasets under {out}")
+
+
+@app.command("datasets")
+def datasets() -> None:
+    """List the built-in dataset subsets (their slug is the folder name under a source root)."""
+    from catalog.specs import builtin_specs
+
+    rows = [{"slug": s.slug, "name": s.name, "format": s.format, "bands": s.bands, "images": s.images}
+            for s in builtin_specs().values()]
+    console.print(_table("built-in datasets", rows))
+
+
+@app.command("ingest")
+def ingest(source_dir: Path, catalog: CatalogOpt = None,
+           dataset: Annotated[list[str] | None, typer.Option("--dataset", help="only these folders")] = None,
+           workers: Annotated[int | None, typer.Option(help="local Dask cluster of N worker processes")] = None,
+           dask_address: Annotated[str | None, typer.Option(help="address of a running Dask scheduler")] = None,
+           plain: Annotated[bool, typer.Option(help="run the stage directly, without Prefect")] = False) -> None:
+    """Ingest SOURCE_DIR (one folder per dataset) into the catalog; bad files go to quarantine."""
+    summary = _ingest(source_dir, catalog, dataset, workers, dask_address, plain)
+    console.print(_table("ingest", summary))
+
+
+def _ingest(source_dir: Path, catalog: str | None, datasets: list[str] | None, workers: int | None,
+            dask_address: str | None, plain: bool) -> list[dict[str, Any]]:
+    from infra.settings import get_settings
+
+    dask_address = dask_address or get_settings().dask_address
+    if not plain:
+        from pipelines.ingest import run_ingest
+
+        return run_ingest(str(source_dir), catalog, datasets, workers, dask_address)
+    from catalog.specs import spec_for_folder
+    from catalog.store import Catalog
+    from stages import ingest as stage
+
+    cat = Catalog(catalog).init()
+    work = stage.plan(source_dir, cat, datasets)
+    stage.record_problems(cat, work.problems)
+    results = []
+    with _progress() as bar:
+        task = bar.add_task("ingest", total=len(work.items))
+        for w in work.items:
+            spec = spec_for_folder(Path(w.folder))
+            assert spec is not None
+            results.append(stage.ingest_item(cat, spec, stage.item_for(Path(w.folder), spec, w.primary),
+                                             w.known_sha256))
+            bar.advance(task)
+    cat.compact()
+    return stage.summarize(results, work.problems)
+
+
+@catalog_app.command("list")
+def catalog_list(catalog: CatalogOpt = None, as_json: Annotated[bool, typer.Option("--json")] = False,
+                 dataset: str | None = None) -> None:
+    """One line per catalogued image (or JSON records with --json)."""
+    from catalog.store import Catalog
+
+    df = Catalog(catalog).images(dataset)
+    if as_json:
+        sys.stdout.write(df.to_json(orient="records", date_format="iso") + "\n")
+        return
+    cols = ["image_id", "bands", "wl_min", "wl_max", "height", "width", "dtype", "has_rgb"]
+    console.print(_table(f"{len(df)} images", df[cols].to_dict("records") if not df.empty else []))
+
+
+@catalog_app.command("summary")
+def catalog_summary(catalog: CatalogOpt = None) -> None:
+    """Per-dataset image counts, band counts and wavelength ranges, plus quarantined files."""
+    console.print(_table("catalog", _summary_rows(catalog)))
+    q = _quarantine_rows(catalog)
+    if q:
+        console.print(_table("quarantine", q))
+
+
+def _summary_rows(catalog: str | None) -> list[dict[str, Any]]:
+    from catalog.store import Catalog
+
+    df = Catalog(catalog).images()
+    if df.empty:
+        return []
+    g = df.groupby("dataset").agg(images=("image_id", "count"), bands=("bands", "max"), wl_min=("wl_min", "min"),
+                                  wl_max=("wl_max", "max"), rgb=("has_rgb", "sum"))
+    return [{"dataset": d, **{k: (round(v, 1) if isinstance(v, float) else v) for k, v in r.items()}}
+            for d, r in g.iterrows()]
+
+
+def _quarantine_rows(catalog: str | None) -> list[dict[str, Any]]:
+    from catalog.store import Catalog
+
+    q = Catalog(catalog).quarantine()
+    return q[["dataset", "source_path", "field", "message", "fix"]].to_dict("records") if not q.empty else []
+
+
+@catalog_app.command("show")
+def catalog_show(image_id: str, catalog: CatalogOpt = None) -> None:
+    """Everything the catalog knows about one image: index row, attributes, wavelengths."""
+    from catalog.store import Catalog
+
+    cat = Catalog(catalog)
+    try:
+        da = cat.open(image_id)
+    except KeyError as exc:
+        console.print(f"[red]{exc.args[0]}[/red]")
+        raise typer.Exit(1) from None
+    info = {"image_id": image_id, "dims": dict(da.sizes), "dtype": str(da.dtype),
+            "wavelength_nm": [round(float(w), 3) for w in da["wavelength"].values],
+            "attrs": {k: v for k, v in da.attrs.items() if k != "_ARRAY_DIMENSIONS"}}
+    console.print_json(json.dumps(info, default=str))
+
+
+@catalog_app.command("quarantine")
+def catalog_quarantine(catalog: CatalogOpt = None) -> None:
+    """Rejected source files with the field at fault and the fix."""
+    rows = _quarantine_rows(catalog)
+    console.print(_table(f"{len(rows)} quarantined", rows))
+
+
+@catalog_app.command("verify")
+def catalog_verify(catalog: CatalogOpt = None,
+                   checksums: Annotated[bool, typer.Option(help="re-hash every stored cube")] = True) -> None:
+    """Recompute content checksums and report missing, corrupt, partial and orphan cubes; exit 1 if unhealthy."""
+    from catalog.store import Catalog
+
+    report = Catalog(catalog).verify(checksums=checksums)
+    console.print_json(json.dumps(report.as_dict()))
+    if not report.healthy:
+        raise typer.Exit(1)
+
+
+@catalog_app.command("compact")
+def catalog_compact(catalog: CatalogOpt = None) -> None:
+    """Merge the index and quarantine part files (safe while other writers run)."""
+    from catalog.store import Catalog
+
+    console.print(f"merged {Catalog(catalog).compact()} part files")
+
+
+@app.command("demo")
+def demo(workdir: Annotated[Path, typer.Option(help="where sources and the catalog go")] = Path("hvp-data"),
+         plain: Annotated[bool, typer.Option(help="skip Prefect (run the stages directly)")] = False) -> None:
+    """The main job end to end on fixture data: make fixtures, ingest them all, summarise and verify the catalog."""
+    from catalog.fixtures import make_fixtures
+    from catalog.store import Catalog
+
+    sources, catalog = workdir / "sources", str(workdir / "catalog")
+    written = make_fixtures(sources)
+    console.print(f"[bold]1/3 fixtures[/bold]: {sum(map(len, written.values()))} images of {len(written)} "
+                  f"datasets under {sources}")
+    console.print("[bold]2/3 ingest[/bold] (Prefect flow on a temporary local server)" if not plain else
+                  "[bold]2/3 ingest[/bold]")
+    console.print(_table("ingest", _ingest(sources, catalog, None, None, None, plain)))
+    console.print(_table("catalog", _summary_rows(catalog)))
+    report = Catalog(catalog).verify()
+    console.print(f"[bold]3/3 verify[/bold]: {report.ok} cubes ok, healthy={report.healthy}, "
+                  f"orphans={len(report.orphans)}")
+    if not report.healthy:
+        raise typer.Exit(1)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,1 @@
+"""Pipeline stages as plain, tested functions; the Prefect flows in pipelines/ only wire them."""

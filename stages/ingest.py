@@ -1,0 +1,238 @@
+"""Ingest stage: source folders in native formats -> validated, wavelength-annotated cubes in the catalog.
+
+Plain functions, no orchestration: ``plan`` lists the work (one item per source image) from a source root,
+``ingest_item`` stores one image or quarantines it with an error that names the file, the field and the fix.
+The Prefect flow (pipelines/ingest.py) maps ``ingest_path`` over the plan; the CLI can call the same functions.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from catalog.errors import InputError
+from catalog.readers.base import BandSubset, SourceItem, load_rgb
+from catalog.specs import SPEC_FILENAME, DatasetSpec, spec_for_folder
+from catalog.store import Catalog, CubeWrite
+from catalog.validate import cube_shape, wavelengths_nm
+
+STAGE_VERSION = "1"
+Status = Literal["ingested", "skipped", "quarantined"]
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One source image to ingest, described by paths and strings only (safe to pass between tasks)."""
+
+    dataset: str
+    folder: str
+    primary: str
+    known_sha256: str | None = None
+
+
+@dataclass
+class Plan:
+    """The work found under a source root, plus folders or specs that could not be used (already explained)."""
+
+    items: list[WorkItem] = field(default_factory=list)
+    problems: list[tuple[str, str, InputError]] = field(default_factory=list)  # (dataset, path, error)
+
+
+@dataclass
+class IngestResult:
+    """What happened to one source image."""
+
+    dataset: str
+    source_path: str
+    status: Status
+    image_id: str | None = None
+    message: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------- discovery
+def _excluded(rel: str, patterns: list[str]) -> bool:
+    return any(fnmatch.fnmatch(rel, p) or fnmatch.fnmatch(rel, p.removeprefix("**/")) for p in patterns)
+
+
+def list_items(folder: Path, spec: DatasetSpec) -> list[SourceItem]:
+    """Every source image of a dataset folder: the spec's globs minus excludes, one in every ``sample_every``
+    per sub-folder (video frames), each with its companion files and aligned RGB resolved."""
+    folder = folder.resolve()
+    found: set[Path] = set()
+    for pattern in spec.files:
+        found.update(p for p in folder.glob(pattern) if p.is_file())
+    rels = sorted(p.relative_to(folder).as_posix() for p in found)
+    rels = [r for r in rels if not _excluded(r, spec.exclude) and r != SPEC_FILENAME]
+    if spec.sample_every > 1:
+        by_dir: dict[str, list[str]] = defaultdict(list)
+        for r in rels:
+            by_dir[r.rsplit("/", 1)[0] if "/" in r else ""].append(r)
+        rels = sorted(r for group in by_dir.values() for r in group[:: spec.sample_every])
+    return [item_for(folder, spec, r) for r in rels]
+
+
+def item_for(folder: Path, spec: DatasetSpec, primary_rel: str) -> SourceItem:
+    """The SourceItem of one primary file (relative to the dataset folder)."""
+    primary = folder / primary_rel
+    key = primary_rel.rsplit(".", 1)[0] if "." in Path(primary_rel).name else primary_rel
+    bare = SourceItem(dataset=spec.slug, root=folder, primary=primary, files=(primary,), key=key,
+                      stem_suffix=spec.stem_suffix)
+    companions = spec.reader.companions(primary, spec.reader_options(primary))
+    rgb = bare.resolve(spec.rgb) if spec.rgb else None
+    files = (primary, *companions, *([rgb] if rgb else []))
+    return SourceItem(dataset=spec.slug, root=folder, primary=primary, files=files, key=key, rgb=rgb,
+                      stem_suffix=spec.stem_suffix)
+
+
+def plan(source_root: Path, catalog: Catalog | None = None, datasets: list[str] | None = None) -> Plan:
+    """List the work under ``source_root`` (one folder per dataset), with the sha256 already catalogued per image
+    so unchanged images are skipped cheaply. A folder with no usable spec becomes a problem, not a crash."""
+    source_root = Path(source_root)
+    if not source_root.is_dir():
+        raise InputError(source_root, "SOURCE_DIR", "not a directory", "pass the folder that holds one folder per "
+                         "dataset (e.g. the output of `hvp fixtures make`)")
+    known: dict[str, str] = {}
+    if catalog is not None:
+        df = catalog.images()
+        known = dict(zip(df["image_id"], df["sha256"], strict=True)) if not df.empty else {}
+    out = Plan()
+    for folder in sorted(p for p in source_root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if datasets and folder.name not in datasets:
+            continue
+        try:
+            spec = spec_for_folder(folder)
+            if spec is None:
+                raise InputError(folder, SPEC_FILENAME, "no dataset.yaml and the folder name is not a built-in "
+                                 "dataset", "add a dataset.yaml (see README) or rename the folder to a built-in "
+                                 "slug (`hvp datasets`)")
+            items = list_items(folder, spec)
+            if not items:
+                raise InputError(folder, "files", f"no file matches {spec.files}",
+                                 "check the 'files' glob against the folder's layout")
+        except InputError as exc:
+            out.problems.append((folder.name, str(folder), exc))
+            continue
+        for it in items:
+            rel = it.primary.relative_to(it.root).as_posix()
+            out.items.append(WorkItem(spec.slug, str(folder), rel, known.get(f"{spec.slug}/{it.key}")))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- one image
+def source_sha256(item: SourceItem, block: int = 1 << 20) -> str:
+    """Content hash of every file that makes up the image (path relative to the dataset folder + bytes)."""
+    outer = hashlib.sha256()
+    for path in item.files:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            while chunk := fh.read(block):
+                h.update(chunk)
+        outer.update(path.relative_to(item.root).as_posix().encode() + b"\0" + h.digest())
+    return outer.hexdigest()
+
+
+def ingest_item(catalog: Catalog, spec: DatasetSpec, item: SourceItem, known_sha256: str | None = None,
+                on_strip: Any = None) -> IngestResult:
+    """Read, validate and store one image; bad input is quarantined (never raised), I/O errors propagate so the
+    caller can retry. An unchanged source (same sha256 as catalogued) writes nothing."""
+    src = str(item.primary)
+    try:
+        sha = source_sha256(item)
+        image_id = f"{spec.slug}/{item.key}"
+        if known_sha256 == sha and catalog.is_complete(catalog.location_for(spec.slug, item.key, sha)):
+            return IngestResult(spec.slug, src, "skipped", image_id, "unchanged (same source sha256)")
+        cw = prepare(spec, item, sha)
+        catalog.write_cube(cw, on_strip=on_strip)
+        return IngestResult(spec.slug, src, "ingested", image_id, cw.attrs.get("note", ""))
+    except InputError as exc:
+        catalog.add_quarantine(spec.slug, exc.path, type(exc).__name__, exc.field, exc.problem, exc.fix)
+        return IngestResult(spec.slug, src, "quarantined", None, str(exc))
+    except OSError:
+        raise
+    except Exception as exc:  # a reader choked on malformed content: quarantine it, keep the run going
+        message = f"{type(exc).__name__}: {exc}"
+        catalog.add_quarantine(spec.slug, src, type(exc).__name__, "file", message,
+                               "the file is malformed for its format; re-export it, or report a reader bug with it")
+        return IngestResult(spec.slug, src, "quarantined", None, f"{src}: {message}")
+
+
+def ingest_path(catalog_uri: str, folder: str, primary: str, known_sha256: str | None = None) -> IngestResult:
+    """``ingest_item`` from paths and strings only: what a task or a worker process calls."""
+    spec = spec_for_folder(Path(folder))
+    if spec is None:
+        raise InputError(folder, SPEC_FILENAME, "the dataset has no spec", "add a dataset.yaml")
+    return ingest_item(Catalog(catalog_uri), spec, item_for(Path(folder), spec, primary), known_sha256)
+
+
+def prepare(spec: DatasetSpec, item: SourceItem, sha: str) -> CubeWrite:
+    """Read the image lazily and check everything but the pixel values (those are checked strip by strip)."""
+    path = item.primary
+    options = spec.reader_options(path)
+    raw = spec.reader.read(item, options)
+    data = raw.data
+    file_wl = raw.wavelengths
+    file_fwhm = raw.fwhm
+    if spec.band_range is not None:
+        br = spec.band_range
+        if br.stop > data.shape[0]:
+            raise InputError(path, "band_range", f"stop {br.stop} exceeds the file's {data.shape[0]} bands",
+                             "fix 'band_range' in the dataset spec")
+        data = BandSubset(data, br.start, br.stop)
+        file_wl = None if file_wl is None else np.asarray(file_wl)[br.start:br.stop]
+        file_fwhm = None if file_fwhm is None else np.asarray(file_fwhm)[br.start:br.stop]
+    cube_shape(tuple(data.shape), np.dtype(data.dtype), path, spec.bands)
+    bands, height, width = (int(s) for s in data.shape)
+    if spec.wavelengths_from == "file":
+        if file_wl is None:
+            raise InputError(path, "wavelength", "the spec says the file carries wavelengths but it has none",
+                             "add the band centres to the file's header, or give 'wavelengths_nm' in the spec")
+        units = raw.wavelength_units if spec.wavelength_units == "auto" else spec.wavelength_units
+        wl = wavelengths_nm(file_wl, units, bands, path, "file", file_fwhm)
+    else:
+        values = spec.wavelength_values()
+        assert values is not None  # guaranteed by the spec's validator
+        units = None if spec.wavelength_units == "auto" else spec.wavelength_units
+        wl = wavelengths_nm(values, units, bands, path, "spec 'wavelengths_nm'", file_fwhm)
+    rgb, rgb_note = raw.rgb, ""
+    if rgb is None and item.rgb is not None:
+        rgb = load_rgb(item.rgb)
+    if rgb is not None and tuple(rgb.shape[:2]) != (height, width):
+        rgb_note = f"aligned RGB skipped: its size {rgb.shape[:2]} differs from the cube's {(height, width)}"
+        rgb = None
+    reader = spec.reader
+    attrs: dict[str, Any] = {
+        "source_path": str(path), "source_files": [f.relative_to(item.root).as_posix() for f in item.files],
+        "sensor": spec.sensor, "gsd_m": spec.gsd_m, "value_scale": spec.value_scale,
+        "reader": reader.name, "reader_version": reader.version, "ingest_stage_version": STAGE_VERSION,
+        "dataset_name": spec.name, "wavelength_note": wl.unit_note, "native_dtype": np.dtype(data.dtype).str,
+        **{f"file_{k}": v for k, v in raw.attrs.items()},
+    }
+    if rgb_note:
+        attrs["note"] = rgb_note
+    return CubeWrite(dataset=spec.slug, image_id=f"{spec.slug}/{item.key}", key=item.key, sha256=sha, data=data,
+                     wavelength_nm=wl.nm, fwhm_nm=wl.fwhm_nm, rgb=rgb, extras=raw.extras, attrs=attrs)
+
+
+def summarize(results: list[IngestResult], problems: list[tuple[str, str, InputError]]) -> list[dict[str, Any]]:
+    """Per-dataset counts of ingested / skipped / quarantined (spec problems count as quarantined)."""
+    counts: dict[str, dict[str, int]] = defaultdict(lambda: {"ingested": 0, "skipped": 0, "quarantined": 0})
+    for r in results:
+        counts[r.dataset][r.status] += 1
+    for dataset, _, _ in problems:
+        counts[dataset]["quarantined"] += 1
+    return [{"dataset": d, **c} for d, c in sorted(counts.items())]
+
+
+def record_problems(catalog: Catalog, problems: list[tuple[str, str, InputError]]) -> None:
+    """Quarantine rows for dataset folders whose spec could not be used."""
+    for dataset, _, exc in problems:
+        catalog.add_quarantine(dataset, exc.path, type(exc).__name__, exc.field, exc.problem, exc.fix)
