@@ -318,6 +318,17 @@ class Catalog:
         group = zarr.open_group(self._zarr_store(row["location"]), mode="r", zarr_format=3)
         return np.asarray(group["rgb"][...]) if "rgb" in group else None
 
+    # ------------------------------------------------------------------ masks
+    def masks(self, image_id: str, branch: str | None = None, labeler_id: str | None = None) -> Any:
+        """The pseudo-label masks of one image (a MaskSet), by branch or labeler id; see catalog/masks.py."""
+        from catalog.masks import MaskStore
+
+        return MaskStore(self).read(image_id, labeler_id=labeler_id, branch=branch)
+
+    def fused(self, image_id: str) -> Any:
+        """The fused pseudo-target of one image: its retained sub-masks with their prompts (a MaskSet)."""
+        return self.masks(image_id, branch="fused")
+
     # ------------------------------------------------------------------ verification
     def verify(self, checksums: bool = True) -> VerifyReport:
         """Check every indexed cube exists, is complete and (optionally) still hashes to its recorded content sha;

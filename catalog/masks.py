@@ -1,0 +1,165 @@
+"""Mask artifacts: per image and labeler id, a bit-packed ``(n, y, x)`` stack chunked along n plus a per-mask table.
+
+Layout under the catalog::
+
+    labelers/<labeler_id>.json                         what produced the masks (config, weights sha or random-init)
+    masks/<labeler_id>/<image_id>@<n>.zarr             group: bits (n, y, ceil(x/8)) uint8, attrs; table.parquet
+    masks/index/part-*.parquet                         one row per (image, labeler): the commit point
+
+The index row is written last, so a killed run leaves an unindexed group that the next run rewrites; mask groups
+are never modified once indexed. Fused pseudo-targets use the same store with their fusion id as labeler id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+from zarr.codecs import BloscCodec, BloscShuffle
+
+from catalog.store import Catalog, now_utc
+
+MASK_INDEX_SCHEMA = pa.schema([
+    ("image_id", pa.string()), ("labeler_id", pa.string()), ("branch", pa.string()), ("n", pa.int32()),
+    ("location", pa.string()), ("random_init", pa.bool_()), ("created_at", pa.timestamp("us", tz="UTC")),
+])
+#: Per-mask fields every labeler fills (bbox is x0, y0, x1, y1 in pixels, inclusive-exclusive).
+MASK_FIELDS = ["score", "predicted_iou", "stability", "area", "bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1",
+               "branch", "prompt_x", "prompt_y"]
+CHUNK_N = 16
+
+
+@dataclass
+class MaskSet:
+    """Boolean masks ``(n, y, x)`` with one table row per mask (MASK_FIELDS, plus any extra columns)."""
+
+    masks: np.ndarray
+    table: pd.DataFrame
+    labeler_id: str = ""
+    attrs: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.masks.ndim != 3 or self.masks.dtype != bool:
+            raise ValueError(f"masks must be a boolean (n, y, x) array, got {self.masks.dtype} {self.masks.shape}")
+        if len(self.table) != self.masks.shape[0]:
+            raise ValueError(f"{len(self.table)} table rows for {self.masks.shape[0]} masks")
+        missing = [f for f in MASK_FIELDS if f not in self.table.columns]
+        if missing:
+            raise ValueError(f"mask table lacks fields {missing}")
+
+    def __len__(self) -> int:
+        return int(self.masks.shape[0])
+
+
+def table_from_masks(masks: np.ndarray, branch: str, **columns: Any) -> pd.DataFrame:
+    """A mask table whose area, bbox and prompt (a point deep inside each mask) are computed from the masks;
+    ``columns`` give the model's fields (score, predicted_iou, stability) as arrays or scalars."""
+    from scipy import ndimage
+
+    rows = []
+    for m in masks:
+        ys, xs = np.nonzero(m)
+        if ys.size:
+            dist = ndimage.distance_transform_edt(np.pad(m, 1))[1:-1, 1:-1]
+            py, px = np.unravel_index(int(np.argmax(dist)), m.shape)
+            box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+        else:
+            py = px = -1
+            box = (0, 0, 0, 0)
+        rows.append({"area": int(ys.size), "bbox_x0": box[0], "bbox_y0": box[1], "bbox_x1": box[2],
+                     "bbox_y1": box[3], "prompt_x": int(px), "prompt_y": int(py)})
+    table = pd.DataFrame(rows, columns=["area", "bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1", "prompt_x",
+                                        "prompt_y"])
+    for name in ("score", "predicted_iou", "stability"):
+        table[name] = np.broadcast_to(np.asarray(columns.pop(name, np.nan), dtype=np.float64), (len(masks),))
+    table["branch"] = branch
+    for name, value in columns.items():
+        table[name] = value
+    return table
+
+
+class MaskStore:
+    """Mask artifacts of one catalog."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.cat = catalog
+
+    def register_labeler(self, labeler_id: str, descriptor: dict[str, Any]) -> None:
+        """Record what a labeler id stands for (idempotent; the id already hashes the descriptor)."""
+        path = self.cat._path("labelers", f"{labeler_id}.json")
+        if not self.cat.fs.exists(path):
+            self.cat.fs.makedirs(self.cat._path("labelers"), exist_ok=True)
+            self.cat._put_bytes(path, json.dumps(descriptor, indent=2, sort_keys=True, default=str).encode())
+
+    def labeler(self, labeler_id: str) -> dict[str, Any]:
+        with self.cat.fs.open(self.cat._path("labelers", f"{labeler_id}.json"), "rb") as fh:
+            return json.loads(fh.read())
+
+    def index(self) -> pd.DataFrame:
+        """Every committed mask set (latest per image and labeler)."""
+        df = self.cat._read_table("masks/index", MASK_INDEX_SCHEMA)[0].to_pandas()
+        if not df.empty:
+            df = df.sort_values("created_at").drop_duplicates(["image_id", "labeler_id"], keep="last")
+        return df.reset_index(drop=True)
+
+    def missing(self, labeler_id: str, image_ids: list[str]) -> list[str]:
+        """The images among ``image_ids`` that have no committed masks for ``labeler_id``."""
+        df = self.index()
+        done = set(df.loc[df["labeler_id"] == labeler_id, "image_id"]) if not df.empty else set()
+        return [i for i in image_ids if i not in done]
+
+    def write(self, image_id: str, labeler_id: str, branch: str, masks: MaskSet, random_init: bool,
+              attrs: dict[str, Any] | None = None) -> str:
+        """Store one image's masks for one labeler and commit the index row; returns the location."""
+        n, h, w = masks.masks.shape
+        location = f"masks/{labeler_id}/{image_id}@{n}.zarr"
+        tmp = f"{location}.tmp-{uuid.uuid4().hex[:8]}" if self.cat.local else location
+        group = zarr.open_group(self.cat._zarr_store(tmp), mode="w", zarr_format=3)
+        packed = np.packbits(masks.masks, axis=-1) if n else np.zeros((0, h, (w + 7) // 8), np.uint8)
+        group.create_array("bits", data=packed, chunks=(max(1, min(CHUNK_N, n)), h, packed.shape[-1]),
+                           dimension_names=("mask", "y", "xbyte"),
+                           compressors=BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.bitshuffle))
+        buf = pa.BufferOutputStream()
+        pq.write_table(pa.Table.from_pandas(masks.table.reset_index(drop=True), preserve_index=False), buf)
+        self.cat._put_bytes(self.cat._path(tmp, "table.parquet"), buf.getvalue().to_pybytes())
+        group.attrs.update({**(attrs or {}), "image_id": image_id, "labeler_id": labeler_id, "branch": branch,
+                            "n": int(n), "height": int(h), "width": int(w), "random_init": bool(random_init),
+                            "weights": "random-init" if random_init else "checkpoint"})
+        if self.cat.local:
+            final = self.cat._path(location)
+            if os.path.exists(final):
+                self.cat.fs.rm(final, recursive=True)
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            os.replace(self.cat._path(tmp), final)
+        self.cat._write_part("masks/index", [{
+            "image_id": image_id, "labeler_id": labeler_id, "branch": branch, "n": int(n), "location": location,
+            "random_init": bool(random_init), "created_at": now_utc()}], MASK_INDEX_SCHEMA)
+        return location
+
+    def read(self, image_id: str, labeler_id: str | None = None, branch: str | None = None) -> MaskSet:
+        """The masks of one image, by labeler id or by branch (the latest labeler of that branch)."""
+        df = self.index()
+        sel = df[df["image_id"] == image_id] if not df.empty else df
+        if labeler_id is not None:
+            sel = sel[sel["labeler_id"] == labeler_id]
+        if branch is not None:
+            sel = sel[sel["branch"] == branch]
+        if sel.empty:
+            raise KeyError(f"no masks for image '{image_id}'" + (f" from labeler {labeler_id}" if labeler_id else "")
+                           + (f" of branch '{branch}'" if branch else "") + " (run `hvp label`)")
+        row = sel.sort_values("created_at").iloc[-1]
+        group = zarr.open_group(self.cat._zarr_store(row["location"]), mode="r", zarr_format=3)
+        attrs = dict(group.attrs)
+        packed = np.asarray(group["bits"][...])
+        masks = np.unpackbits(packed, axis=-1, count=int(attrs["width"])).astype(bool)
+        with self.cat.fs.open(self.cat._path(row["location"], "table.parquet"), "rb") as fh:
+            table = pq.read_table(fh).to_pandas()
+        return MaskSet(masks=masks, table=table, labeler_id=str(row["labeler_id"]), attrs=attrs)

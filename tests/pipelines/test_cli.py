@@ -1,0 +1,45 @@
+"""The `hvp` command line on fixtures: make, ingest (plain), list, show, verify, quarantine."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from pipelines.cli import app
+
+runner = CliRunner()
+
+
+def test_cli_round_trip(tmp_path: Path) -> None:
+    src, cat = tmp_path / "src", str(tmp_path / "cat")
+    res = runner.invoke(app, ["fixtures", "make", str(src)])
+    assert res.exit_code == 0, res.output
+    assert len([p for p in src.iterdir() if p.is_dir()]) == 32
+    res = runner.invoke(app, ["ingest", str(src), "--catalog", cat, "--plain", "--dataset", "cave",
+                              "--dataset", "my-lab-camera"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["catalog", "list", "--catalog", cat, "--json"])
+    rows = json.loads(res.output)
+    assert sorted({r["dataset"] for r in rows}) == ["cave", "my-lab-camera"] and len(rows) == 4
+    res = runner.invoke(app, ["catalog", "show", rows[0]["image_id"], "--catalog", cat])
+    assert res.exit_code == 0 and '"wavelength_nm"' in res.output and rows[0]["image_id"] in res.output
+    res = runner.invoke(app, ["catalog", "verify", "--catalog", cat])
+    assert res.exit_code == 0 and json.loads(res.output)["healthy"] is True
+    res = runner.invoke(app, ["catalog", "show", "cave/nothing", "--catalog", cat])
+    assert res.exit_code == 1 and "hvp catalog list" in res.output
+
+
+def test_cli_broken_set_goes_to_quarantine(tmp_path: Path) -> None:
+    src, cat = tmp_path / "broken", str(tmp_path / "cat")
+    assert runner.invoke(app, ["fixtures", "make", str(src), "--broken"]).exit_code == 0
+    res = runner.invoke(app, ["ingest", str(src), "--catalog", cat, "--plain"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["catalog", "quarantine", "--catalog", cat])
+    assert "quarantined" in res.output and "wavelength" in res.output
+
+
+def test_datasets_lists_31() -> None:
+    res = runner.invoke(app, ["datasets"])
+    assert res.exit_code == 0 and "hot-2024-rednir" in res.output and "virginia-tech-tree" in res.output

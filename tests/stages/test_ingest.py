@@ -1,0 +1,139 @@
+"""The ingest stage end to end on the fixtures of all 31 subsets: exact values, wavelengths, idempotency,
+quarantine of bad input without damage to what is stored."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from catalog.fixtures.broken import make_broken_fixtures
+from catalog.specs import builtin_specs
+from catalog.store import Catalog
+from catalog.specs import spec_for_folder
+from stages.ingest import ingest_item, item_for, plan, record_problems
+
+
+def _run(source: Path, catalog: Catalog, datasets: list[str] | None = None) -> list:
+    work = plan(source, catalog, datasets)
+    record_problems(catalog, work.problems)
+    results = []
+    for w in work.items:
+        spec = spec_for_folder(Path(w.folder))
+        results.append(ingest_item(catalog, spec, item_for(Path(w.folder), spec, w.primary), w.known_sha256))
+    catalog.compact()
+    return results
+
+
+@pytest.fixture(scope="module")
+def ingested(fixture_sources: tuple[Path, dict], tmp_path_factory: pytest.TempPathFactory) -> tuple[Catalog, dict, list]:
+    root, truth = fixture_sources
+    cat = Catalog(tmp_path_factory.mktemp("cat") / "catalog").init()
+    return cat, truth, _run(root, cat)
+
+
+def test_every_subset_ingests_exactly(ingested: tuple[Catalog, dict, list],
+                                      fixture_sources: tuple[Path, dict]) -> None:
+    cat, truth, results = ingested
+    quarantined = [r.message for r in results if r.status == "quarantined"]
+    assert quarantined == [] and cat.quarantine().empty
+    df = cat.images()
+    assert set(df["dataset"]) == set(builtin_specs()) | {"my-lab-camera"}
+    assert len(df) == sum(len(v) for v in truth.values())
+    for slug, images in truth.items():
+        for fx in images:
+            image_id = f"{slug}/{fx.key}"
+            da = cat.open(image_id)
+            assert da.dtype == fx.cube.dtype, image_id
+            np.testing.assert_array_equal(da.values, fx.cube, err_msg=image_id)
+            np.testing.assert_allclose(da["wavelength"].values, fx.wavelengths, rtol=1e-6, err_msg=image_id)
+            assert (cat.rgb(image_id) is not None) == fx.has_rgb, image_id
+            assert da.attrs["reader"] == spec_for_folder(fixture_sources[0] / slug).format
+
+
+def test_index_rows_and_attrs(ingested: tuple[Catalog, dict, list]) -> None:
+    cat, _, _ = ingested
+    df = cat.images()
+    assert (df["wl_min"] >= 300).all() and (df["wl_max"] <= 2600).all() and (df["wl_min"] < df["wl_max"]).all()
+    assert df["sha256"].str.len().eq(64).all() and df["image_id"].is_unique
+    row = df[df["dataset"] == "hot-2024-rednir"].iloc[0]
+    assert row["bands"] == 15
+    da = cat.open(row["image_id"])
+    for key in ("dataset", "image_id", "source_path", "source_sha256", "reader", "reader_version", "value_scale"):
+        assert key in da.attrs, key
+    assert cat.verify().healthy
+
+
+def test_sampling_keeps_one_frame_in_every_100(ingested: tuple[Catalog, dict, list]) -> None:
+    cat, truth, _ = ingested
+    ids = sorted(cat.images("hot-2024-vis")["image_id"])
+    assert ids == sorted(f"hot-2024-vis/{fx.key}" for fx in truth["hot-2024-vis"])
+    assert len(ids) >= 2 and all(i.endswith(("0000", "0100")) for i in ids)
+
+
+def test_second_run_writes_nothing(ingested: tuple[Catalog, dict, list], fixture_sources: tuple[Path, dict]) -> None:
+    cat, _, _ = ingested
+    cubes_before = sorted(p for p in Path(cat.root, "cubes").rglob("*.zarr"))
+    results = _run(fixture_sources[0], cat)
+    assert {r.status for r in results} == {"skipped"}
+    assert sorted(p for p in Path(cat.root, "cubes").rglob("*.zarr")) == cubes_before
+
+
+def test_changed_source_is_reingested_and_old_cube_kept(tmp_path: Path) -> None:
+    from catalog.fixtures import write_dataset
+
+    truth = write_dataset("harvard", tmp_path / "src")
+    cat = Catalog(tmp_path / "cat").init()
+    _run(tmp_path / "src", cat)
+    import scipy.io
+
+    target = tmp_path / "src" / "harvard" / f"{truth[0].key}.mat"
+    mat = scipy.io.loadmat(target)
+    mat["ref"] = mat["ref"] * 0 + 1
+    scipy.io.savemat(target, {"ref": mat["ref"]})
+    results = _run(tmp_path / "src", cat)
+    statuses = sorted(r.status for r in results)
+    assert statuses.count("ingested") == 1 and statuses.count("skipped") == len(truth) - 1
+    assert float(cat.open(f"harvard/{truth[0].key}").max()) == 1.0
+    report = cat.verify()
+    assert report.healthy and len(report.orphans) == 1
+
+
+def test_bad_input_is_quarantined_and_nothing_stored_is_damaged(tmp_path: Path) -> None:
+    from catalog.fixtures import write_dataset
+
+    write_dataset("cave", tmp_path / "good")
+    cat = Catalog(tmp_path / "cat").init()
+    _run(tmp_path / "good", cat)
+    before = {i: cat.open(i).values for i in cat.images()["image_id"]}
+
+    cases = make_broken_fixtures(tmp_path / "broken")
+    assert len(cases) >= 12
+    results = _run(tmp_path / "broken", cat)
+    q = cat.quarantine()
+    for case in cases:
+        folder = str(tmp_path / "broken" / case.folder)
+        target = str(Path(folder, case.file)) if case.file else folder
+        rows = q[q["source_path"] == target]
+        if case.rejected:
+            assert len(rows) == 1, f"{case.name}: not quarantined ({target})"
+            assert rows.iloc[0]["field"].startswith(case.field), (case.name, rows.iloc[0]["field"])
+            assert rows.iloc[0]["fix"], case.name
+        else:
+            assert rows.empty, case.name
+    ids = set(cat.images()["image_id"])
+    assert "good-camera/cube" in ids and "wl-micrometres/cube" in ids
+    assert "micrometres" in cat.open("wl-micrometres/cube").attrs["wavelength_note"]
+    np.testing.assert_allclose(cat.open("wl-micrometres/cube")["wavelength"].values, [450, 500, 550, 600, 650, 700])
+    for image_id, values in before.items():
+        np.testing.assert_array_equal(cat.open(image_id).values, values)
+    assert cat.verify().healthy
+    assert sum(r.status == "quarantined" for r in results) + 2 == sum(c.rejected for c in cases)  # 2 spec problems
+
+
+def test_unknown_source_root_is_a_clear_error(tmp_path: Path) -> None:
+    from catalog.errors import InputError
+
+    with pytest.raises(InputError, match="SOURCE_DIR"):
+        plan(tmp_path / "missing")
