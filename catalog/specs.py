@@ -73,7 +73,7 @@ class DatasetSpec(BaseModel):
     bands: int | None = Field(default=None, gt=0, description="band count after band_range")
     band_range: BandRange | None = None
     stem_suffix: str | None = Field(default=None, description="suffix of file stems dropped to give {base}")
-    rgb: str | None = Field(default=None, description="aligned RGB path; {dir}, {stem}, {base}, {path} expand")
+    rgb: str | None = Field(default=None, description="aligned RGB path; {dir}, {parent}, {stem}, {base}, {path} expand")
     images: int | None = Field(default=None, ge=0, description="image count of the full public dataset")
     gsd_m: float | None = Field(default=None, gt=0)
     sensor: str | None = None

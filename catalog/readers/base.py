@@ -116,11 +116,12 @@ class SourceItem:
     stem_suffix: str | None = None
 
     def template_vars(self) -> dict[str, str]:
-        """Values for ``{dir}``, ``{stem}``, ``{base}`` and ``{path}`` in a spec's path templates."""
+        """Values for ``{dir}``, ``{parent}``, ``{stem}``, ``{base}`` and ``{path}`` in a spec's path templates."""
         rel = self.primary.relative_to(self.root)
         stem = self.primary.stem
         base = stem[: -len(self.stem_suffix)] if self.stem_suffix and stem.endswith(self.stem_suffix) else stem
-        return {"dir": rel.parent.as_posix(), "stem": stem, "base": base, "path": rel.as_posix()}
+        return {"dir": rel.parent.as_posix(), "parent": rel.parent.name, "stem": stem, "base": base,
+                "path": rel.as_posix()}
 
     def resolve(self, template: str) -> Path | None:
         """The first file (sorted) matching a path template relative to the dataset folder, or None."""
