@@ -73,7 +73,7 @@ class DatasetSpec(BaseModel):
     bands: int | None = Field(default=None, gt=0, description="band count after band_range")
     band_range: BandRange | None = None
     stem_suffix: str | None = Field(default=None, description="suffix of file stems dropped to give {base}")
-    rgb: str | None = Field(default=None, description="aligned RGB path; {dir}, {parent}, {stem}, {base}, {path} expand")
+    rgb: str | None = Field(default=None, description="aligned RGB path; {dir} {parent} {stem} {base} {path} expand")
     images: int | None = Field(default=None, ge=0, description="image count of the full public dataset")
     gsd_m: float | None = Field(default=None, gt=0)
     sensor: str | None = None
@@ -105,12 +105,13 @@ class DatasetSpec(BaseModel):
 
     def reader_options(self, path: str | Path = "<spec>") -> ReaderOptions:
         """The reader's typed options, validated against the reader's own option model."""
+        reader = get_reader(self.format, path)
         try:
-            return self.reader.Options(**self.options)
+            return reader.Options(**self.options)
         except ValidationError as exc:
             raise InputError(path, _field_path("options", exc), _first_msg(exc),
                              f"see the '{self.format}' reader's options: "
-                             f"{', '.join(self.reader.Options.model_fields) or 'none'}") from None
+                             f"{', '.join(reader.Options.model_fields) or 'none'}") from None
 
     def wavelength_values(self) -> np.ndarray | None:
         """The spec's wavelengths as floats in the spec's unit, or None when the files carry them."""
@@ -121,9 +122,14 @@ class DatasetSpec(BaseModel):
         return np.asarray(self.wavelengths_nm, dtype=np.float64)
 
 
+def _loc(loc: tuple[Any, ...]) -> str:
+    """A field path from a pydantic error location, without union-member tags such as 'list[float]'."""
+    return ".".join(str(p) for p in loc if not (isinstance(p, str) and ("[" in p or p[:1].isupper())))
+
+
 def _field_path(prefix: str, exc: ValidationError) -> str:
-    loc = exc.errors()[0]["loc"]
-    return ".".join([prefix, *(str(p) for p in loc)]) if loc else prefix
+    loc = _loc(exc.errors()[0]["loc"])
+    return f"{prefix}.{loc}" if loc else prefix
 
 
 def _first_msg(exc: ValidationError) -> str:
@@ -146,7 +152,7 @@ def parse_spec(data: Any, path: str | Path) -> DatasetSpec:
         spec = DatasetSpec(**data)
     except ValidationError as exc:
         err = exc.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or "<spec>"
+        field = _loc(err["loc"]) or "<spec>"
         fix = _FIXES.get(err["type"], f"expected {err['msg'].lower()}" if err["type"] != "value_error"
                          else "correct the value as the message says")
         raise InputError(path, field, _first_msg(exc), fix) from None

@@ -14,6 +14,7 @@ row is the commit point (written last, as its own file), so a killed run leaves 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -193,10 +194,8 @@ class Catalog:
                 continue
             self._write_part(table_dir, table.to_pylist(), schema)
             for p in parts:
-                try:
+                with contextlib.suppress(FileNotFoundError):  # another compaction removed it first
                     self.fs.rm(p)
-                except FileNotFoundError:
-                    pass
             merged += len(parts)
         return merged
 

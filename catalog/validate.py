@@ -73,7 +73,8 @@ def cube_shape(shape: tuple[int, ...], dtype: np.dtype, path: str | Path, expect
     if np.dtype(dtype).kind not in "uif":
         raise InputError(path, "dtype", f"unsupported data type {dtype}", "store the cube as integers or floats")
     if h * w == 0 or b == 0:
-        raise InputError(path, "shape", f"the cube is empty (shape {shape})", "re-export the image; the file holds no data")
+        raise InputError(path, "shape", f"the cube is empty (shape {shape})",
+                         "re-export the image; the file holds no data")
     if h < 2 or w < 2:
         raise InputError(path, "shape", f"the cube is {h}x{w} pixels", "a spatial image of at least 2x2 pixels is "
                          "needed; check 'options.axes' (band and spatial axes may be swapped)")

@@ -56,4 +56,4 @@ def test_finite_block_locates_the_bad_pixel() -> None:
     block[2, 1, 3] = np.inf
     with pytest.raises(InputError, match="band 2, row 11, column 3"):
         finite_block(block, "/data/x.npy", y0=10)
-    finite_block(block.astype(np.uint16), "/data/x.npy", y0=0)  # integers cannot hold NaN
+    finite_block(np.zeros((3, 4, 5), np.uint16), "/data/x.npy", y0=0)  # integers cannot hold NaN

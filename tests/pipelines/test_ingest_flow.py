@@ -50,7 +50,8 @@ def test_flow_ingests_and_publishes_summary(prefect_server: None, tmp_path: Path
         async with get_client() as client:
             from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["ingest-summary"])))
+            key = ArtifactFilterKey(any_=["ingest-summary"])
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=key))
 
     artifacts = asyncio.run(latest_artifact())
     assert artifacts and artifacts[0].type == "table"

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 
 from catalog.fixtures.broken import make_broken_fixtures
-from catalog.specs import builtin_specs
+from catalog.specs import builtin_specs, spec_for_folder
 from catalog.store import Catalog
-from catalog.specs import spec_for_folder
 from stages.ingest import ingest_item, item_for, plan, record_problems
 
 
@@ -27,7 +26,8 @@ def _run(source: Path, catalog: Catalog, datasets: list[str] | None = None) -> l
 
 
 @pytest.fixture(scope="module")
-def ingested(fixture_sources: tuple[Path, dict], tmp_path_factory: pytest.TempPathFactory) -> tuple[Catalog, dict, list]:
+def ingested(fixture_sources: tuple[Path, dict],
+             tmp_path_factory: pytest.TempPathFactory) -> tuple[Catalog, dict, list]:
     root, truth = fixture_sources
     cat = Catalog(tmp_path_factory.mktemp("cat") / "catalog").init()
     return cat, truth, _run(root, cat)

@@ -1,0 +1,127 @@
+"""Generic HDF5 cubes (e.g. HSSOD's ``hypercube``), read lazily through h5py.
+
+The shared pieces (:func:`open_h5`, :class:`H5Array`) also serve MATLAB v7.3 files, which are HDF5 inside.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+import h5py
+import numpy as np
+from pydantic import model_validator
+
+from catalog.errors import InputError
+from catalog.readers.base import AxisView, RawCube, Reader, ReaderOptions, SourceItem, axes_for, register
+
+_UNREADABLE_FIX = "re-download or re-export the file (a truncated or partly copied file cannot be read)"
+
+
+@contextmanager
+def open_h5(path: Path) -> Iterator[h5py.File]:
+    """Open an HDF5 file read-only; any failure to open or read it becomes an InputError on field 'file'."""
+    try:
+        with h5py.File(path, "r") as f:
+            yield f
+    except OSError as exc:
+        raise InputError(path, "file", f"not a readable HDF5 file ({exc})", _UNREADABLE_FIX) from exc
+
+
+class H5Array:
+    """A lazy h5py dataset: it opens the file only for the duration of each slice, so it holds no handle and
+    pickles to workers; ``data[b0:b1, ...]`` reads only that region (chunk by chunk for chunked datasets)."""
+
+    def __init__(self, path: Path, key: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self.path, self.key = path, key
+        self._shape, self._dtype = tuple(shape), np.dtype(dtype)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self._shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._dtype
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        with open_h5(self.path) as f:
+            return np.asarray(f[self.key][key])
+
+
+def dataset_paths(f: h5py.File) -> list[str]:
+    """Every dataset's path inside an HDF5 file (for error messages that list what is there)."""
+    out: list[str] = []
+    f.visititems(lambda name, obj: out.append(name) if isinstance(obj, h5py.Dataset) else None)
+    return out
+
+
+def is_numeric(dtype: np.dtype) -> bool:
+    """True for integer and real floating dtypes (what a cube may hold)."""
+    return np.dtype(dtype).kind in "uif"
+
+
+class Hdf5Options(ReaderOptions):
+    """``key``: dataset path inside the file ('a/b' allowed); ``axes``: its axis order as h5py shows it (e.g.
+    'bxy'); ``wavelength_key``: optional 1-D dataset of band centres, in ``wavelength_units`` if stated."""
+
+    key: str
+    axes: str
+    wavelength_key: str | None = None
+    wavelength_units: Literal["nm", "um"] | None = None
+
+    @model_validator(mode="after")
+    def _units_need_key(self) -> Hdf5Options:
+        if self.wavelength_units is not None and self.wavelength_key is None:
+            raise ValueError("wavelength_units is set but wavelength_key is not: name the wavelength dataset")
+        return self
+
+
+@register
+class Hdf5Reader(Reader):
+    """One HDF5 file holding one 3-D cube dataset (plus, optionally, a 1-D dataset of its wavelengths)."""
+
+    name = "hdf5"
+    version = "1"
+    Options = Hdf5Options
+
+    def read(self, item: SourceItem, options: ReaderOptions) -> RawCube:
+        assert isinstance(options, Hdf5Options)
+        path = item.primary
+        perm = axes_for(options.axes, path)
+        with open_h5(path) as f:
+            dset = f.get(options.key)
+            if not isinstance(dset, h5py.Dataset):
+                what = "is a group, not a dataset" if dset is not None else "is not in the file"
+                present = ", ".join(dataset_paths(f)) or "none"
+                raise InputError(path, "options.key", f"'{options.key}' {what}",
+                                 f"set options.key to one of the datasets: {present}")
+            if not is_numeric(dset.dtype):
+                raise InputError(path, "options.key", f"'{options.key}' holds {dset.dtype}, not numbers",
+                                 "point options.key at the numeric cube dataset")
+            if dset.ndim != 3:
+                raise InputError(path, "options.axes", f"'{options.key}' has {dset.ndim} dimensions "
+                                 f"{dset.shape}, a cube needs 3 in the order options.axes='{options.axes}'",
+                                 "point options.key at the 3-D cube dataset")
+            data = AxisView(H5Array(path, options.key, dset.shape, dset.dtype), perm)
+            wavelengths = (self._wavelengths(f, path, options.wavelength_key, data.shape[0])
+                           if options.wavelength_key else None)
+        return RawCube(data=data, wavelengths=wavelengths,
+                       wavelength_units=options.wavelength_units if wavelengths is not None else None,
+                       attrs={"key": options.key, "axes": options.axes})
+
+    @staticmethod
+    def _wavelengths(f: h5py.File, path: Path, key: str, bands: int) -> np.ndarray:
+        """The 1-D band-centre dataset ``key``, checked against the cube's band count."""
+        dset = f.get(key)
+        if not isinstance(dset, h5py.Dataset) or not is_numeric(dset.dtype):
+            raise InputError(path, "options.wavelength_key", f"'{key}' is not a numeric dataset in the file",
+                             f"set it to one of: {', '.join(dataset_paths(f))}, or remove it and give the "
+                             "wavelengths in the spec")
+        values = np.asarray(dset[()], dtype=np.float64).ravel()
+        if values.size != bands:
+            raise InputError(path, "options.wavelength_key", f"'{key}' holds {values.size} values but the "
+                             f"cube has {bands} bands", "point it at the band centres or fix options.axes")
+        return values
