@@ -136,8 +136,8 @@ def _summary_rows(catalog: str | None) -> list[dict[str, Any]]:
         return []
     g = df.groupby("dataset").agg(images=("image_id", "count"), bands=("bands", "max"), wl_min=("wl_min", "min"),
                                   wl_max=("wl_max", "max"), rgb=("has_rgb", "sum"))
-    return [{"dataset": d, **{k: (round(v, 1) if isinstance(v, float) else v) for k, v in r.items()}}
-            for d, r in g.iterrows()]
+    g[["wl_min", "wl_max"]] = g[["wl_min", "wl_max"]].round(1)
+    return g.reset_index().to_dict("records")
 
 
 def _quarantine_rows(catalog: str | None) -> list[dict[str, Any]]:
