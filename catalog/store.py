@@ -26,13 +26,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 import fsspec
+import numcodecs.blosc
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import xarray as xr
 import zarr
-import numcodecs.blosc
 from zarr.codecs import BloscCodec, BloscShuffle, BytesCodec
 from zarr.codecs.bytes import Endian
 
