@@ -184,8 +184,11 @@ def builtin_specs() -> dict[str, DatasetSpec]:
 
 
 def spec_for_folder(folder: Path) -> DatasetSpec | None:
-    """The spec of a dataset folder: its own ``dataset.yaml`` first, else the built-in named like the folder."""
+    """The spec of a dataset folder: its own ``dataset.yaml`` first (its slug defaults to the folder's name, so
+    image ids and ``--dataset`` filters use what the user sees), else the built-in named like the folder."""
     own = folder / SPEC_FILENAME
     if own.is_file():
-        return load_spec_file(own)
+        spec = load_spec_file(own)
+        explicit = "slug" in (yaml.safe_load(own.read_text()) or {})
+        return spec if explicit else spec.model_copy(update={"slug": folder.name})
     return builtin_specs().get(folder.name)

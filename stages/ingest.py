@@ -222,6 +222,26 @@ def prepare(spec: DatasetSpec, item: SourceItem, sha: str) -> CubeWrite:
                      wavelength_nm=wl.nm, fwhm_nm=wl.fwhm_nm, rgb=rgb, extras=raw.extras, attrs=attrs)
 
 
+def new_dataset_folders(source_root: Path, catalog: Catalog) -> list[str]:
+    """Dataset folders under ``source_root`` with nothing in the catalog yet (neither images nor a quarantined
+    spec): what a scheduled relabel run should ingest."""
+    source_root = Path(source_root)
+    if not source_root.is_dir():
+        return []
+    known = set(catalog.images()["dataset"])
+    q = catalog.quarantine()
+    rejected = set(q["source_path"]) if not q.empty else set()
+    out = []
+    for folder in sorted(p for p in source_root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        try:
+            spec = spec_for_folder(folder)
+        except InputError:
+            spec = None
+        if (spec.slug if spec else folder.name) not in known and str(folder) not in rejected and str(folder / SPEC_FILENAME) not in rejected:
+            out.append(folder.name)
+    return out
+
+
 def summarize(results: list[IngestResult], problems: list[tuple[str, str, InputError]]) -> list[dict[str, Any]]:
     """Per-dataset counts of ingested / skipped / quarantined (spec problems count as quarantined)."""
     counts: dict[str, dict[str, int]] = defaultdict(lambda: {"ingested": 0, "skipped": 0, "quarantined": 0})

@@ -1,0 +1,107 @@
+"""Prefect wiring of pseudo-labelling, fusion and scheduled relabelling: ids in, ids out, logic in stages/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from catalog.store import Catalog
+from infra.settings import get_settings
+from stages import label as stage
+
+
+# The mask store is the cache (keyed by labeler id), so Prefect's own caching stays off. The "gpu" tag lets a
+# deployment cap concurrent model work: `prefect concurrency-limit create gpu 1`.
+@task(name="label-image", tags=["gpu"], retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE,
+      task_run_name="{branch} {image_id}")
+def label_task(catalog_uri: str, image_id: str, branch: str) -> dict[str, Any]:
+    """Label one image with one branch's labeler (built once per worker process)."""
+    return stage.label_image(Catalog(catalog_uri), image_id, stage.cached_labeler(branch))
+
+
+@task(name="fuse-image", cache_policy=NO_CACHE, task_run_name="fuse {image_id}")
+def fuse_task(catalog_uri: str, image_id: str, labeler_ids: list[str], tau: float) -> dict[str, Any]:
+    """Fuse one image's branch masks into its pseudo-target."""
+    return stage.fuse_image(Catalog(catalog_uri), image_id, labeler_ids, tau)
+
+
+@flow(name="label", log_prints=True)
+def label_flow(catalog: str | None = None, branches: list[str] | None = None, datasets: list[str] | None = None,
+               overlays: int = 4) -> list[dict[str, Any]]:
+    """Label every image lacking masks for each branch's current labeler id, fuse them, publish a report."""
+    cat = Catalog(catalog)
+    branches = list(branches or stage.BRANCHES)
+    labelers = {b: stage.cached_labeler(b) for b in branches}
+    ids = {b: lab.labeler_id for b, lab in labelers.items()}
+    futures = []
+    for b, lab in labelers.items():
+        todo = stage.pending(cat, lab.labeler_id, datasets)
+        print(f"{b}: {len(todo)} image(s) to label with {lab.labeler_id} ({lab.weights[:12]})")
+        futures += [label_task.submit(cat.uri, image_id, b) for image_id in todo]
+    for f in futures:
+        f.result()
+    summary = _fuse_and_report(cat, ids, datasets, overlays)
+    return summary
+
+
+def _fuse_and_report(cat: Catalog, ids: dict[str, str], datasets: list[str] | None,
+                     overlays: int) -> list[dict[str, Any]]:
+    tau = get_settings().fuse_tau
+    from stages.fuse import fusion_id
+
+    fid = fusion_id(list(ids.values()), tau)
+    todo = stage.pending(cat, fid, datasets)
+    fused = fuse_task.map(cat.uri, todo, [list(ids.values())] * len(todo), tau)
+    for f in fused:
+        f.result()
+    df = cat.images()
+    image_ids = list(df[df["dataset"].isin(datasets)]["image_id"]) if datasets else list(df["image_id"])
+    rows = stage.report(cat, image_ids, ids, tau)
+    random_init = [b for b, lab in ((b, stage.cached_labeler(b)) for b in ids) if lab.random_init]
+    note = f" Weights: random-init for {', '.join(random_init)}." if random_init else ""
+    create_table_artifact(key="label-report", table=rows or [{"image_id": "(none)"}],
+                          description=f"Masks per branch, fused sub-masks, coverage and agreement (tau={tau}).{note}")
+    out_dir = Path(cat.root) / "reports" / "overlays" if cat.local else None
+    if out_dir is not None and image_ids and overlays:
+        links = []
+        for image_id in image_ids[:: max(1, len(image_ids) // overlays)][:overlays]:
+            png = stage.overlay_png(cat, image_id, ids, tau, out_dir / f"{image_id.replace('/', '__')}.png")
+            links.append(f"- `{image_id}`: [{png.name}](file://{png})")
+        create_markdown_artifact(key="label-overlays", markdown="## Mask overlays" + (
+            " (random-init weights)" if random_init else "") + "\n\n" + "\n".join(links))
+    return rows
+
+
+@flow(name="fuse", log_prints=True)
+def fuse_flow(catalog: str | None = None, datasets: list[str] | None = None, overlays: int = 4) -> list[dict[str, Any]]:
+    """Fuse the current labelers' masks of every image that lacks a pseudo-target, and publish the report."""
+    ids = {b: stage.cached_labeler(b).labeler_id for b in stage.BRANCHES}
+    return _fuse_and_report(Catalog(catalog), ids, datasets, overlays)
+
+
+@flow(name="relabel-new", log_prints=True)
+def relabel_flow(source_root: str | None = None, catalog: str | None = None) -> list[dict[str, Any]]:
+    """Scheduled: ingest dataset folders that appeared under the watched root, then label and fuse only them."""
+    from pipelines.ingest import ingest_flow
+    from stages.ingest import new_dataset_folders
+
+    settings = get_settings()
+    root = Path(source_root or settings.source_root)
+    cat = Catalog(catalog).init()
+    new = new_dataset_folders(root, cat)
+    if not new:
+        print(f"no new dataset folder under {root}")
+        return []
+    print(f"new dataset folders: {', '.join(new)}")
+    ingest_flow(str(root), cat.uri, new)
+    return label_flow(cat.uri, None, new)
+
+
+def run_label(catalog: str | None, branches: list[str] | None, workers: int = 1) -> list[dict[str, Any]]:
+    """Run the label flow on a thread pool of ``workers`` (models are shared per process; 1 on small machines)."""
+    return label_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers))(catalog, branches)

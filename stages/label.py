@@ -1,0 +1,139 @@
+"""Labelling and fusion over the catalog: which images need work, one image at a time, and the run's report.
+
+Plain functions; pipelines/label.py maps them as Prefect tasks. A labeler labels only the images that lack masks
+for its current labeler id, so a changed parameter or checkpoint relabels everything and an unchanged one nothing.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from catalog.masks import MaskSet, MaskStore
+from catalog.store import Catalog
+from infra.settings import Settings, get_settings
+from stages import fuse as fusion
+from stages.labeling import ImageSample, Labeler
+
+BRANCHES = ("spatial", "spectral", "material")
+
+
+def build_labeler(branch: str, settings: Settings | None = None) -> Labeler:
+    """The labeler of one branch as the settings configure it (model config, checkpoint or random-init, params)."""
+    s = settings or get_settings()
+    if branch == "spatial":
+        from stages.spatial import SpatialLabeler
+
+        return SpatialLabeler(s.sam2_model, s.sam2_checkpoint, s.spatial_params)
+    if branch == "spectral":
+        from stages.spectral import SpectralLabeler
+
+        return SpectralLabeler(s.sam2_model, s.sam2_checkpoint, s.spectral_params)
+    if branch == "material":
+        from stages.material import MaterialLabeler
+
+        return MaterialLabeler(s.hyperfree_model, s.hyperfree_checkpoint, s.material_params)
+    raise ValueError(f"unknown branch '{branch}': choose from {', '.join(BRANCHES)}")
+
+
+@cache
+def cached_labeler(branch: str) -> Labeler:
+    """One labeler per branch and process (models are built once, not per image)."""
+    return build_labeler(branch)
+
+
+def pending(catalog: Catalog, labeler_id: str, datasets: list[str] | None = None) -> list[str]:
+    """Image ids with no committed masks for ``labeler_id`` (optionally only of some datasets)."""
+    df = catalog.images()
+    if datasets:
+        df = df[df["dataset"].isin(datasets)]
+    return MaskStore(catalog).missing(labeler_id, list(df["image_id"]))
+
+
+def label_image(catalog: Catalog, image_id: str, labeler: Labeler) -> dict[str, Any]:
+    """Label one image and commit its masks; returns a summary row."""
+    store = MaskStore(catalog)
+    store.register_labeler(labeler.labeler_id, labeler.descriptor())
+    sample = ImageSample.from_catalog(catalog, image_id)
+    masks = labeler.label(sample)
+    store.write(image_id, labeler.labeler_id, labeler.branch, masks, labeler.random_init,
+                attrs={"descriptor": labeler.descriptor()})
+    return {"image_id": image_id, "branch": labeler.branch, "labeler_id": labeler.labeler_id, "masks": len(masks),
+            "weights": labeler.weights if not labeler.random_init else "random-init"}
+
+
+def fuse_image(catalog: Catalog, image_id: str, labeler_ids: list[str], tau: float) -> dict[str, Any]:
+    """Fuse the given labelers' masks of one image (those present) and commit the pseudo-target."""
+    store = MaskStore(catalog)
+    sets = [catalog.masks(image_id, labeler_id=lid) for lid in labeler_ids if _has(store, image_id, lid)]
+    if not sets:
+        raise KeyError(f"image '{image_id}' has no masks from {labeler_ids}: run `hvp label` first")
+    fused = fusion.fuse(sets, tau)
+    fid = fusion.fusion_id(labeler_ids, tau)  # versioned by the configured inputs, present or not
+    random_init = any(bool(s.attrs and s.attrs.get("random_init")) for s in sets)
+    store.register_labeler(fid, {"branch": "fused", "inputs": sorted(labeler_ids), "tau": tau,
+                                 "stage_version": fusion.STAGE_VERSION, "random_init": random_init})
+    store.write(image_id, fid, "fused", fused, random_init, attrs={"inputs": [s.labeler_id for s in sets],
+                                                                   "tau": tau})
+    return {"image_id": image_id, "fusion_id": fid, "inputs": len(sets), "sub_masks": len(fused),
+            "coverage": float(fusion.pseudo_target(fused).mean()) if len(fused) else 0.0}
+
+
+def _has(store: MaskStore, image_id: str, labeler_id: str) -> bool:
+    return not store.missing(labeler_id, [image_id])
+
+
+def report(catalog: Catalog, image_ids: list[str], labeler_ids: dict[str, str], tau: float) -> list[dict[str, Any]]:
+    """Per image: masks per branch, fused sub-masks, coverage of the pseudo-target, and branch agreement (mean
+    best-IoU of each branch's masks against the other branches', a rough consistency signal)."""
+    rows = []
+    store = MaskStore(catalog)
+    for image_id in image_ids:
+        sets = {b: catalog.masks(image_id, labeler_id=lid) for b, lid in labeler_ids.items()
+                if _has(store, image_id, lid)}
+        row: dict[str, Any] = {"image_id": image_id}
+        row.update({f"{b}_masks": len(s) for b, s in sets.items()})
+        fid = fusion.fusion_id(list(labeler_ids.values()), tau)
+        if _has(store, image_id, fid):
+            fused = catalog.masks(image_id, labeler_id=fid)
+            row["fused_masks"] = len(fused)
+            row["coverage"] = round(float(fusion.pseudo_target(fused).mean()) if len(fused) else 0.0, 3)
+        row["agreement"] = round(branch_agreement(list(sets.values())), 3)
+        rows.append(row)
+    return rows
+
+
+def branch_agreement(sets: list[MaskSet]) -> float:
+    """Mean over masks of the best IoU with any mask of another branch (0 when fewer than two branches)."""
+    scores = []
+    for i, a in enumerate(sets):
+        others = [m for j, s in enumerate(sets) if j != i for m in s.masks]
+        if not others or not len(a):
+            continue
+        o = np.stack(others).reshape(len(others), -1)
+        for m in a.masks.reshape(len(a), -1):
+            inter = (o & m).sum(axis=1)
+            union = (o | m).sum(axis=1)
+            scores.append(float(np.max(np.where(union > 0, inter / np.maximum(union, 1), 0.0))))
+    return float(np.mean(scores)) if scores else 0.0
+
+
+def overlay_png(catalog: Catalog, image_id: str, labeler_ids: dict[str, str], tau: float, path: str | Path) -> Path:
+    """A PNG panel of the image's RGB with each branch's masks and the fused pseudo-target side by side."""
+    from stages.falsecolor import to_rgb
+    from stages.overlay import save_panel
+
+    sample = ImageSample.from_catalog(catalog, image_id)
+    rgb, method = to_rgb(sample.cube, sample.wavelengths, sample.rgb)
+    store = MaskStore(catalog)
+    sets = {b: catalog.masks(image_id, labeler_id=lid) for b, lid in labeler_ids.items()
+            if _has(store, image_id, lid)}
+    fid = fusion.fusion_id(list(labeler_ids.values()), tau)
+    if _has(store, image_id, fid):
+        sets["fused"] = catalog.masks(image_id, labeler_id=fid)
+    random_init = any(bool(s.attrs and s.attrs.get("random_init")) for s in sets.values())
+    note = f"{image_id} | rgb: {method}" + (" | random-init weights" if random_init else "")
+    return save_panel(rgb, sets, path, note)
