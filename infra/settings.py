@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from functools import cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -26,6 +26,16 @@ class Settings(BaseSettings):
                                                "(lz4 decodes ~3x faster; zstd packs a few % tighter)")
     compression_level: int = Field(default=5, ge=1, le=9, description="Blosc compression level of the cube store")
     dask_address: str | None = Field(default=None, description="scheduler address of a running Dask cluster")
+
+    # Pseudo-labelling. Without a checkpoint each model is built with random weights (tiny by default, so the
+    # pipeline runs anywhere) and every artifact says "random-init". JSON in the environment for dicts.
+    hyperfree_model: dict[str, Any] = Field(default_factory=lambda: {"model": "tiny"},
+                                            description='HyperFree config, e.g. {"model": "base"} for real weights')
+    hyperfree_checkpoint: Path | None = Field(default=None, description="local HyperFree .pth/.safetensors")
+    material_params: dict[str, Any] = Field(default_factory=dict, description="automatic-mask parameters "
+                                            "(default: Seg-Any-HSI's points_per_side 32, thresholds 0.6)")
+    fuse_tau: float = Field(default=0.7, gt=0, le=1, description="IoU threshold of the global NMS in fusion")
+    label_workers: int = Field(default=1, ge=1, description="images labelled at once per process")
 
 
 @cache

@@ -60,7 +60,7 @@ def label_image(catalog: Catalog, image_id: str, labeler: Labeler) -> dict[str, 
     sample = ImageSample.from_catalog(catalog, image_id)
     masks = labeler.label(sample)
     store.write(image_id, labeler.labeler_id, labeler.branch, masks, labeler.random_init,
-                attrs={"descriptor": labeler.descriptor()})
+                attrs={**(masks.attrs or {}), "descriptor": labeler.descriptor()})
     return {"image_id": image_id, "branch": labeler.branch, "labeler_id": labeler.labeler_id, "masks": len(masks),
             "weights": labeler.weights if not labeler.random_init else "random-init"}
 
