@@ -1,11 +1,15 @@
-"""TIFF reader: multi-band (samples per pixel) or multi-page (one page per band) TIFF through tifffile.
+"""TIFF reader: multi-band TIFF (bands as samples per pixel, contiguous or planar) or multi-page TIFF (one page per
+band), through tifffile.
 
-Uncompressed contiguous files are memory-mapped (a slice reads only its region); others are read page by page.
+Uncompressed contiguous files are memory-mapped per read, so a slice touches only its region; compressed
+multi-page files decode only the pages (bands) a slice asks for; a compressed single page is decoded when read.
+The band axis is the TIFF's own structure: samples per pixel, or pages, are bands (``options.axes`` overrides).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import tifffile
@@ -13,30 +17,58 @@ import tifffile
 from catalog.errors import InputError
 from catalog.readers.base import AxisView, RawCube, Reader, ReaderOptions, SourceItem, axes_for, register
 
+Layout = Literal["mapped", "pages", "page"]
+
 
 class TiffOptions(ReaderOptions):
-    """``axes``: order of the stored 3-D series ('byx' for pages-as-bands, 'yxb' for samples-as-bands);
-    None infers it from the TIFF's own layout: samples per pixel are bands, else pages are."""
+    """``axes``: order of the stored 3-D series as a permutation of 'b', 'y', 'x' (e.g. 'byx' for one page per
+    band, 'yxb' for bands as samples per pixel); None reads it from the TIFF: rows are y, columns x, the rest b."""
 
     axes: str | None = None
 
 
-class PagedCube:
-    """Lazy ``(band, y, x)`` view of a multi-page TIFF whose pages are compressed: reads only the pages asked."""
+class TiffArray:
+    """Lazy view of a TIFF's first series in its stored (3-axis, singletons dropped) order.
 
-    def __init__(self, path: Any, shape: tuple[int, int, int], dtype: np.dtype) -> None:
-        self.path, self.shape, self.dtype = path, shape, np.dtype(dtype)
+    Holds only the path and the layout found at read time, so it pickles cheaply; every slice opens the file
+    (a memory map of just the image bytes, or a tifffile handle for compressed pages) and closes it again.
+    """
+
+    def __init__(self, path: Path, shape: tuple[int, int, int], file_dtype: np.dtype, layout: Layout,
+                 offset: int | None = None) -> None:
+        self.path, self._shape, self.layout, self.offset = str(path), shape, layout, offset
+        self.file_dtype = np.dtype(file_dtype)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self._shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.file_dtype.newbyteorder("=")
 
     def __getitem__(self, key: Any) -> np.ndarray:
         if not isinstance(key, tuple):
             key = (key,)
+        if len(key) > 3 or any(not isinstance(k, slice) for k in key):
+            raise TypeError("TiffArray supports up to three slices")
         key = key + (slice(None),) * (3 - len(key))
-        bands = range(*key[0].indices(self.shape[0]))
+        if self.layout == "mapped":
+            mapped = np.memmap(self.path, dtype=self.file_dtype, mode="r", offset=self.offset or 0, shape=self._shape)
+            return np.array(mapped[key], dtype=self.dtype)
         with tifffile.TiffFile(self.path) as tif:
-            pages = [tif.pages[i].asarray()[key[1], key[2]] for i in bands]  # type: ignore[union-attr]
-        if not pages:
-            return np.zeros((0, *np.zeros(self.shape[1:])[key[1], key[2]].shape), self.dtype)
-        return np.stack(pages).astype(self.dtype, copy=False)
+            if self.layout == "page":
+                block = tif.series[0].asarray().reshape(self._shape)[key]
+            else:  # one page per entry of the first axis: decode only the pages asked for
+                pages = list(range(*key[0].indices(self._shape[0])))
+                if not pages:
+                    return np.empty((0, *np.empty(self._shape[1:], np.bool_)[key[1:]].shape), self.dtype)
+                block = tif.asarray(key=pages, series=0).reshape(len(pages), *self._shape[1:])[:, key[1], key[2]]
+        return np.asarray(block, dtype=self.dtype)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self[:, :, :]
+        return out.astype(dtype) if dtype is not None else out
 
 
 @register
@@ -52,22 +84,38 @@ class TiffReader(Reader):
         path = item.primary
         try:
             with tifffile.TiffFile(path) as tif:
+                if not tif.series:
+                    raise InputError(path, "file", "the TIFF holds no image", "re-export the cube as TIFF")
                 series = tif.series[0]
-                shape, dtype, series_axes = tuple(series.shape), np.dtype(series.dtype), series.axes
-                n_pages = len(tif.pages)
-                compressed = any(getattr(p, "compression", 1) not in (1, None) for p in tif.pages)  # type: ignore[union-attr]
-        except (tifffile.TiffFileError, ValueError, IndexError, OSError) as exc:
-            raise InputError(path, "file", f"not a readable TIFF ({exc})", "re-export the image as TIFF") from None
-        if len(shape) != 3:
-            raise InputError(path, "shape", f"the TIFF holds a {len(shape)}-D image {shape}, not a cube",
-                             "give a multi-band or multi-page TIFF (one band per sample or page)")
-        order = options.axes or ("yxb" if series_axes.endswith("S") else "byx")
+                axes, shape, offset = series.axes, tuple(series.shape), series.dataoffset
+                file_dtype = np.dtype(series.dtype).newbyteorder(tif.byteorder)
+                pages = [p for p in series.pages if p is not None]
+                end = max((o + c for p in pages for o, c in zip(p.dataoffsets, p.databytecounts, strict=True)),
+                          default=0)
+        except (tifffile.TiffFileError, ValueError, OSError, IndexError, KeyError) as exc:
+            raise InputError(path, "file", f"not a readable TIFF ({type(exc).__name__}: {exc})",
+                             "re-export or copy the file again; it is not a valid TIFF") from None
+        size = path.stat().st_size
+        if end > size:
+            raise InputError(path, "file", f"truncated: {size} bytes, but the image data runs to byte {end}",
+                             "copy the file again from the source")
+        kept = [i for i, (a, n) in enumerate(zip(axes, shape, strict=True)) if a in "YX" or n != 1]
+        stored_axes = "".join(axes[i] for i in kept)
+        stored_shape = tuple(shape[i] for i in kept)
+        if len(kept) != 3:
+            raise InputError(path, "shape", f"the TIFF holds a {len(kept)}-D image {stored_shape} (axes "
+                             f"{stored_axes!r}), not a (band, y, x) cube",
+                             "give a multi-band TIFF (bands as samples per pixel) or a multi-page TIFF (one page "
+                             "per band)")
+        order = options.axes or "".join({"Y": "y", "X": "x"}.get(a, "b") for a in stored_axes)
+        if options.axes is None and sorted(order) != ["b", "x", "y"]:
+            raise InputError(path, "options.axes", f"cannot tell the band axis of the stored axes {stored_axes!r}",
+                             "set 'options.axes' in the spec, e.g. 'byx' or 'yxb'")
         perm = axes_for(order, path, "options.axes")
-        if n_pages > 1 and compressed and order == "byx":
-            return RawCube(data=PagedCube(path, shape, dtype), attrs={"tiff_layout": "pages", "compressed": True})
-        try:
-            mm = tifffile.memmap(path, mode="r")
-            source: Any = mm
-        except ValueError:  # compressed or not contiguous: read it whole (single-page multi-sample images are small)
-            source = tifffile.imread(path)
-        return RawCube(data=AxisView(source, perm), attrs={"tiff_layout": "pages" if n_pages > 1 else "samples"})
+        layout: Layout = "mapped" if offset is not None else "pages" if len(pages) > 1 else "page"
+        if layout == "pages" and len(pages) != stored_shape[0]:
+            raise InputError(path, "shape", f"{len(pages)} pages for a series of shape {stored_shape}",
+                             "store one page per band, or the whole cube in one page")
+        array = TiffArray(path, stored_shape, file_dtype, layout, offset)  # type: ignore[arg-type]
+        data = array if perm == (0, 1, 2) else AxisView(array, perm)
+        return RawCube(data=data, attrs={"axes": order, "tiff_layout": layout})
