@@ -91,6 +91,7 @@ class MaskStore:
 
     def __init__(self, catalog: Catalog) -> None:
         self.cat = catalog
+        self._index: pd.DataFrame | None = None  # read once per store; writes through this store append to it
 
     def register_labeler(self, labeler_id: str, descriptor: dict[str, Any]) -> None:
         """Record what a labeler id stands for (idempotent; the id already hashes the descriptor)."""
@@ -103,12 +104,18 @@ class MaskStore:
         with self.cat.fs.open(self.cat._path("labelers", f"{labeler_id}.json"), "rb") as fh:
             return json.loads(fh.read())
 
-    def index(self) -> pd.DataFrame:
-        """Every committed mask set (latest per image and labeler)."""
-        df = self.cat._read_table("masks/index", MASK_INDEX_SCHEMA)[0].to_pandas()
-        if not df.empty:
-            df = df.sort_values("created_at").drop_duplicates(["image_id", "labeler_id"], keep="last")
-        return df.reset_index(drop=True)
+    def index(self, refresh: bool = False) -> pd.DataFrame:
+        """Every committed mask set (latest per image and labeler); read once, then kept (``refresh`` re-reads)."""
+        if self._index is None or refresh:
+            df = self.cat._read_table("masks/index", MASK_INDEX_SCHEMA)[0].to_pandas()
+            if not df.empty:
+                df = df.sort_values("created_at").drop_duplicates(["image_id", "labeler_id"], keep="last")
+            self._index = df.reset_index(drop=True)
+        return self._index
+
+    def compact(self) -> int:
+        """Merge the mask index's part files (one per committed mask set) into one."""
+        return self.cat.compact_table("masks/index", MASK_INDEX_SCHEMA)
 
     def missing(self, labeler_id: str, image_ids: list[str]) -> list[str]:
         """The images among ``image_ids`` that have no committed masks for ``labeler_id``."""
@@ -139,9 +146,12 @@ class MaskStore:
                 self.cat.fs.rm(final, recursive=True)
             os.makedirs(os.path.dirname(final), exist_ok=True)
             os.replace(self.cat._path(tmp), final)
-        self.cat._write_part("masks/index", [{
-            "image_id": image_id, "labeler_id": labeler_id, "branch": branch, "n": int(n), "location": location,
-            "random_init": bool(random_init), "created_at": now_utc()}], MASK_INDEX_SCHEMA)
+        row = {"image_id": image_id, "labeler_id": labeler_id, "branch": branch, "n": int(n), "location": location,
+               "random_init": bool(random_init), "created_at": now_utc()}
+        self.cat._write_part("masks/index", [row], MASK_INDEX_SCHEMA)
+        if self._index is not None:
+            self._index = pd.concat([self._index, pd.DataFrame([row])], ignore_index=True).drop_duplicates(
+                ["image_id", "labeler_id"], keep="last").reset_index(drop=True)
         return location
 
     def read(self, image_id: str, labeler_id: str | None = None, branch: str | None = None) -> MaskSet:

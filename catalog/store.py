@@ -89,6 +89,7 @@ class Catalog:
         self.compression_level = settings.compression_level if compression_level is None else compression_level
         self.codec_name = settings.cube_codec
         self._arrays: dict[str, zarr.Array] = {}
+        self._rows: pd.DataFrame | None = None
 
     # ------------------------------------------------------------------ paths and low-level I/O
     def _path(self, *parts: str) -> str:
@@ -168,11 +169,13 @@ class Catalog:
         return df
 
     def row(self, image_id: str) -> pd.Series:
-        df = self.images()
-        hit = df[df["image_id"] == image_id]
-        if hit.empty:
-            raise KeyError(f"image '{image_id}' is not in the catalog at {self.uri} (see `hvp catalog list`)")
-        return hit.iloc[0]
+        """One image's index row; the index is read once per Catalog and re-read when an id is not found."""
+        for fresh in (False, True):
+            if fresh or self._rows is None:
+                self._rows = self.images().set_index("image_id", drop=False)
+            if image_id in self._rows.index:
+                return self._rows.loc[image_id]
+        raise KeyError(f"image '{image_id}' is not in the catalog at {self.uri} (see `hvp catalog list`)")
 
     def add_quarantine(self, dataset: str, source_path: str, error_class: str, field_name: str, message: str,
                        fix: str) -> None:
@@ -187,20 +190,21 @@ class Catalog:
         Safe beside writers (their new parts are not listed, so not removed) and beside another compaction
         (duplicates are dropped on read).
         """
-        merged = 0
-        for table_dir, schema in (("index", INDEX_SCHEMA), ("quarantine", QUARANTINE_SCHEMA)):
-            try:
-                table, parts = self._read_table(table_dir, schema)
-            except CatalogError:
-                continue
-            if len(parts) < 2:
-                continue
-            self._write_part(table_dir, table.to_pylist(), schema)
-            for p in parts:
-                with contextlib.suppress(FileNotFoundError):  # another compaction removed it first
-                    self.fs.rm(p)
-            merged += len(parts)
-        return merged
+        return self.compact_table("index", INDEX_SCHEMA) + self.compact_table("quarantine", QUARANTINE_SCHEMA)
+
+    def compact_table(self, table_dir: str, schema: pa.Schema) -> int:
+        """Merge one part-file table (see ``compact``); returns the number of parts merged."""
+        try:
+            table, parts = self._read_table(table_dir, schema)
+        except CatalogError:
+            return 0
+        if len(parts) < 2:
+            return 0
+        self._write_part(table_dir, table.to_pylist(), schema)
+        for p in parts:
+            with contextlib.suppress(FileNotFoundError):  # another compaction removed it first
+                self.fs.rm(p)
+        return len(parts)
 
     # ------------------------------------------------------------------ cubes
     def location_for(self, dataset: str, key: str, sha256: str) -> str:
@@ -248,6 +252,7 @@ class Catalog:
             "reader": f"{cw.attrs.get('reader', '')}",
         }
         self._write_part("index", [row], INDEX_SCHEMA)
+        self._rows = None  # this image's row changed
         return row
 
     def _write_group(self, rel: str, cw: CubeWrite, shape: tuple[int, int, int], dtype: np.dtype,

@@ -29,6 +29,13 @@ class Settings(BaseSettings):
 
     # Pseudo-labelling. Without a checkpoint each model is built with random weights (tiny by default, so the
     # pipeline runs anywhere) and every artifact says "random-init". JSON in the environment for dicts.
+    sam2_model: dict[str, Any] = Field(
+        default_factory=lambda: {"config": "configs/sam2.1/sam2.1_hiera_t.yaml", "image_size": 128},
+        description="SAM2 config name and input size (1024 with real weights; 128 keeps the CPU demo fast)")
+    sam2_checkpoint: Path | None = Field(default=None, description="local SAM2 checkpoint (.pt with a 'model' key)")
+    spatial_params: dict[str, Any] = Field(default_factory=dict, description="SAM2 automatic-mask parameters")
+    spectral_params: dict[str, Any] = Field(default_factory=dict, description="stride, vote, nms_thresh, "
+                                            "max_objects and the seed generator's parameters")
     hyperfree_model: dict[str, Any] = Field(default_factory=lambda: {"model": "tiny"},
                                             description='HyperFree config, e.g. {"model": "base"} for real weights')
     hyperfree_checkpoint: Path | None = Field(default=None, description="local HyperFree .pth/.safetensors")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -18,6 +19,15 @@ fixtures_app = typer.Typer(help="Tiny seeded fixtures of every dataset, in nativ
 app.add_typer(catalog_app, name="catalog")
 app.add_typer(fixtures_app, name="fixtures")
 console = Console()
+
+#: What `hvp demo` runs with unless the environment says otherwise: tiny models (the settings' defaults) and
+#: permissive thresholds, since random-init models score every mask low.
+DEMO_SETTINGS = {
+    "HVP_SPATIAL_PARAMS": json.dumps({"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}),
+    "HVP_SPECTRAL_PARAMS": json.dumps({"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0,
+                                       "stride": 4, "max_objects": 4}),
+    "HVP_MATERIAL_PARAMS": json.dumps({"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}),
+}
 
 CatalogOpt = Annotated[str | None, typer.Option("--catalog", help="catalog URI (default: $HVP_CATALOG or "
                                                 "./hvp-data/catalog)")]
@@ -191,26 +201,74 @@ def catalog_compact(catalog: CatalogOpt = None) -> None:
     console.print(f"merged {Catalog(catalog).compact()} part files")
 
 
+@app.command("label")
+def label(catalog: CatalogOpt = None,
+          branch: Annotated[list[str] | None, typer.Option("--branch", help="spatial, spectral, material")] = None,
+          workers: Annotated[int, typer.Option(help="images labelled at once")] = 1) -> None:
+    """Label every image lacking masks for the current labeler ids, then fuse (Prefect flow)."""
+    from pipelines.label import run_label
+
+    rows = run_label(catalog, branch, workers)
+    console.print(_table(f"labelled {len(rows)} images", rows[:40]))
+
+
+@app.command("fuse")
+def fuse(catalog: CatalogOpt = None) -> None:
+    """Fuse the current branch masks into pseudo-targets where missing (Prefect flow)."""
+    from pipelines.label import fuse_flow
+
+    rows = fuse_flow(catalog)
+    console.print(_table(f"fused {len(rows)} images", rows[:40]))
+
+
+@app.command("show")
+def show(image_id: str, catalog: CatalogOpt = None,
+         out: Annotated[Path | None, typer.Option(help="PNG path (default: <image id>.png here)")] = None) -> None:
+    """Write an overlay PNG of one image: its RGB with each branch's masks and the fused pseudo-target."""
+    from catalog.store import Catalog
+    from infra.settings import get_settings
+    from stages import label as stage
+
+    ids = {b: stage.cached_labeler(b).labeler_id for b in stage.BRANCHES}
+    path = out or Path(image_id.replace("/", "__") + ".png")
+    console.print(f"wrote {stage.overlay_png(Catalog(catalog), image_id, ids, get_settings().fuse_tau, path)}")
+
+
 @app.command("demo")
 def demo(workdir: Annotated[Path, typer.Option(help="where sources and the catalog go")] = Path("hvp-data"),
          plain: Annotated[bool, typer.Option(help="skip Prefect (run the stages directly)")] = False) -> None:
-    """The main job end to end on fixture data: make fixtures, ingest them all, summarise and verify the catalog."""
+    """The main job end to end on fixture data with tiny random-init models: make fixtures, ingest them all, verify
+    the catalog, label with the three branches, fuse; every step is a Prefect flow on a temporary local server."""
     from catalog.fixtures import make_fixtures
     from catalog.store import Catalog
+    from infra.settings import get_settings
 
+    for key, value in DEMO_SETTINGS.items():  # the user's own settings win
+        os.environ.setdefault(key, value)
+    get_settings.cache_clear()
     sources, catalog = workdir / "sources", str(workdir / "catalog")
     written = make_fixtures(sources)
-    console.print(f"[bold]1/3 fixtures[/bold]: {sum(map(len, written.values()))} images of {len(written)} "
+    console.print(f"[bold]1/4 fixtures[/bold]: {sum(map(len, written.values()))} images of {len(written)} "
                   f"datasets under {sources}")
-    console.print("[bold]2/3 ingest[/bold] (Prefect flow on a temporary local server)" if not plain else
-                  "[bold]2/3 ingest[/bold]")
+    console.print("[bold]2/4 ingest[/bold] (Prefect flow on a temporary local server)" if not plain else
+                  "[bold]2/4 ingest[/bold]")
     console.print(_table("ingest", _ingest(sources, catalog, None, None, None, plain)))
     console.print(_table("catalog", _summary_rows(catalog)))
     report = Catalog(catalog).verify()
-    console.print(f"[bold]3/3 verify[/bold]: {report.ok} cubes ok, healthy={report.healthy}, "
+    console.print(f"[bold]3/4 verify[/bold]: {report.ok} cubes ok, healthy={report.healthy}, "
                   f"orphans={len(report.orphans)}")
     if not report.healthy:
         raise typer.Exit(1)
+    from pipelines.label import run_label
+    from stages.label import cached_labeler
+
+    weights = {b: cached_labeler(b).weights for b in ("spatial", "spectral", "material")}
+    console.print(f"[bold]4/4 label + fuse[/bold] with tiny models, weights: {weights}")
+    rows = run_label(catalog, None)
+    console.print(_table(f"pseudo-labels of {len(rows)} images (random-init weights: masks show the "
+                         "plumbing, not quality)" if "random-init" in weights.values() else "pseudo-labels",
+                         rows[:12]))
+    console.print(f"overlays: {Path(catalog) / 'reports' / 'overlays'}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from catalog.masks import MaskStore
 from catalog.store import Catalog
 from infra.settings import get_settings
 from stages import label as stage
@@ -45,8 +46,8 @@ def label_flow(catalog: str | None = None, branches: list[str] | None = None, da
         futures += [label_task.submit(cat.uri, image_id, b) for image_id in todo]
     for f in futures:
         f.result()
-    summary = _fuse_and_report(cat, ids, datasets, overlays)
-    return summary
+    MaskStore(cat).compact()
+    return _fuse_and_report(cat, ids, datasets, overlays)
 
 
 def _fuse_and_report(cat: Catalog, ids: dict[str, str], datasets: list[str] | None,
@@ -59,6 +60,7 @@ def _fuse_and_report(cat: Catalog, ids: dict[str, str], datasets: list[str] | No
     fused = fuse_task.map(cat.uri, todo, [list(ids.values())] * len(todo), tau)
     for f in fused:
         f.result()
+    MaskStore(cat).compact()
     df = cat.images()
     image_ids = list(df[df["dataset"].isin(datasets)]["image_id"]) if datasets else list(df["image_id"])
     rows = stage.report(cat, image_ids, ids, tau)

@@ -68,7 +68,7 @@ def label_image(catalog: Catalog, image_id: str, labeler: Labeler) -> dict[str, 
 def fuse_image(catalog: Catalog, image_id: str, labeler_ids: list[str], tau: float) -> dict[str, Any]:
     """Fuse the given labelers' masks of one image (those present) and commit the pseudo-target."""
     store = MaskStore(catalog)
-    sets = [catalog.masks(image_id, labeler_id=lid) for lid in labeler_ids if _has(store, image_id, lid)]
+    sets = [store.read(image_id, labeler_id=lid) for lid in labeler_ids if _has(store, image_id, lid)]
     if not sets:
         raise KeyError(f"image '{image_id}' has no masks from {labeler_ids}: run `hvp label` first")
     fused = fusion.fuse(sets, tau)
@@ -92,13 +92,13 @@ def report(catalog: Catalog, image_ids: list[str], labeler_ids: dict[str, str], 
     rows = []
     store = MaskStore(catalog)
     for image_id in image_ids:
-        sets = {b: catalog.masks(image_id, labeler_id=lid) for b, lid in labeler_ids.items()
+        sets = {b: store.read(image_id, labeler_id=lid) for b, lid in labeler_ids.items()
                 if _has(store, image_id, lid)}
         row: dict[str, Any] = {"image_id": image_id}
         row.update({f"{b}_masks": len(s) for b, s in sets.items()})
         fid = fusion.fusion_id(list(labeler_ids.values()), tau)
         if _has(store, image_id, fid):
-            fused = catalog.masks(image_id, labeler_id=fid)
+            fused = store.read(image_id, labeler_id=fid)
             row["fused_masks"] = len(fused)
             row["coverage"] = round(float(fusion.pseudo_target(fused).mean()) if len(fused) else 0.0, 3)
         row["agreement"] = round(branch_agreement(list(sets.values())), 3)
@@ -129,11 +129,11 @@ def overlay_png(catalog: Catalog, image_id: str, labeler_ids: dict[str, str], ta
     sample = ImageSample.from_catalog(catalog, image_id)
     rgb, method = to_rgb(sample.cube, sample.wavelengths, sample.rgb)
     store = MaskStore(catalog)
-    sets = {b: catalog.masks(image_id, labeler_id=lid) for b, lid in labeler_ids.items()
+    sets = {b: store.read(image_id, labeler_id=lid) for b, lid in labeler_ids.items()
             if _has(store, image_id, lid)}
     fid = fusion.fusion_id(list(labeler_ids.values()), tau)
     if _has(store, image_id, fid):
-        sets["fused"] = catalog.masks(image_id, labeler_id=fid)
+        sets["fused"] = store.read(image_id, labeler_id=fid)
     random_init = any(bool(s.attrs and s.attrs.get("random_init")) for s in sets.values())
     note = f"{image_id} | rgb: {method}" + (" | random-init weights" if random_init else "")
     return save_panel(rgb, sets, path, note)

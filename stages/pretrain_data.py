@@ -1,0 +1,326 @@
+"""Pretraining data: random crops of catalogued cubes with their fused sub-masks, one prompt each, and the RGB
+of the same crop for the distillation teacher.
+
+Everything is read through the Catalog API (``read_crop`` for pixels, ``fused`` for masks, ``rgb``/``open`` for
+the aligned RGB and wavelengths); the catalog is opened lazily in each DataLoader worker. Images without an
+aligned RGB get the false-colour stage's RGB of the crop (``stages.falsecolor.to_rgb``). Randomness is keyed by
+(seed, image, draw id), never by worker state, so a batch is the same whatever the worker count, and a resumed run
+sees the batches an uninterrupted one would.
+
+A batch shares one wavelength set: the channel-adaptive embedding picks bank kernels from the band wavelengths
+once per forward, so ``BandSignatureBatchSampler`` groups images by their band signature. Groups are drawn in
+proportion to their size at every step, so 15-band and 420-band datasets mix in one run, across batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from catalog.masks import MaskSet, MaskStore
+from catalog.store import Catalog
+from stages.falsecolor import to_rgb
+
+DEFAULT_GSD_M = 0.01
+"""GSD (m/pixel) assumed where the catalog does not know it: HyperVision's example value for ground scenes."""
+
+
+def band_signature(wavelengths_nm: np.ndarray) -> str:
+    """Identity of a wavelength set (rounded to 1 pm): images with equal signatures can share a batch."""
+    wl = np.round(np.asarray(wavelengths_nm, dtype=np.float64), 3)
+    return hashlib.sha1(wl.tobytes()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What the dataset needs to know about one image, gathered once in the main process (picklable)."""
+
+    image_id: str
+    dataset: str
+    location: str
+    height: int
+    width: int
+    wavelengths: np.ndarray
+    gsd_m: float
+    has_rgb: bool
+    signature: str
+
+
+def scan_catalog(catalog: Catalog, datasets: Sequence[str] | None = None) -> list[ImageInfo]:
+    """Every catalogued image that has a fused mask set (optionally of the given datasets), sorted by id."""
+    index = MaskStore(catalog).index()
+    fused = set(index.loc[index["branch"] == "fused", "image_id"]) if not index.empty else set()
+    images = catalog.images()
+    out: list[ImageInfo] = []
+    for row in images.itertuples(index=False):
+        if row.image_id not in fused or (datasets and row.dataset not in datasets):
+            continue
+        da = catalog.open(row.image_id)
+        wl = np.asarray(da["wavelength"].values, dtype=np.float64)
+        gsd = da.attrs.get("gsd_m")
+        out.append(ImageInfo(
+            image_id=row.image_id, dataset=row.dataset, location=row.location, height=int(row.height),
+            width=int(row.width), wavelengths=wl, gsd_m=float(gsd) if gsd else DEFAULT_GSD_M,
+            has_rgb=bool(row.has_rgb), signature=band_signature(wl),
+        ))
+    if not out:
+        raise ValueError(
+            f"No image of catalog {catalog.uri}" + (f" in datasets {list(datasets)}" if datasets else "")
+            + " has fused masks; run the label and fuse stages (`hvp label`, `hvp fuse`) before pretraining."
+        )
+    return out
+
+
+@dataclass
+class PretrainSample:
+    """One crop: the cube (C, S, S) float32 divided by the crop's global max, zero-padded bottom/right to S; its
+    wavelengths; the RGB (3, S, S) in [0, 1]; sub-masks (n, S, S) bool with one prompt point (n, 2) xy each."""
+
+    image_id: str
+    cube: torch.Tensor
+    wavelengths: torch.Tensor
+    gsd_m: float
+    rgb: torch.Tensor
+    masks: torch.Tensor
+    points: torch.Tensor
+    origin: tuple[int, int]
+    """(y0, x0) of the crop in the image."""
+
+
+@dataclass
+class PretrainBatch:
+    """B crops sharing one wavelength set; masks and points stay per image (their counts differ)."""
+
+    image_ids: list[str]
+    cube: torch.Tensor
+    wavelengths: torch.Tensor
+    gsd_m: torch.Tensor
+    rgb: torch.Tensor
+    masks: list[torch.Tensor]
+    points: list[torch.Tensor]
+    origins: list[tuple[int, int]] = field(default_factory=list)
+
+    def to(self, device: torch.device | str) -> PretrainBatch:
+        """The batch on `device` (wavelengths stay on the CPU: band matching reads them there)."""
+        non_blocking = torch.device(device).type == "cuda"
+        return PretrainBatch(
+            self.image_ids, self.cube.to(device, non_blocking=non_blocking), self.wavelengths,
+            self.gsd_m.to(device), self.rgb.to(device, non_blocking=non_blocking),
+            [m.to(device, non_blocking=non_blocking) for m in self.masks],
+            [p.to(device, non_blocking=non_blocking) for p in self.points], self.origins,
+        )
+
+    def pin_memory(self) -> PretrainBatch:
+        """Page-locked copies for fast host-to-GPU transfer (called by DataLoader(pin_memory=True))."""
+        return PretrainBatch(
+            self.image_ids, self.cube.pin_memory(), self.wavelengths, self.gsd_m, self.rgb.pin_memory(),
+            [m.pin_memory() for m in self.masks], [p.pin_memory() for p in self.points], self.origins,
+        )
+
+
+def collate(samples: Sequence[PretrainSample]) -> PretrainBatch:
+    """Stack crops that share a wavelength set (to 1 pm, as band_signature); refuses mixed sets."""
+    first = samples[0].wavelengths
+    for s in samples[1:]:
+        if s.wavelengths.shape != first.shape or not torch.allclose(s.wavelengths, first, rtol=0, atol=1e-3):
+            raise ValueError(
+                f"Batch mixes wavelength sets ({samples[0].image_id}: {first.numel()} bands, {s.image_id}: "
+                f"{s.wavelengths.numel()} bands); build the DataLoader with BandSignatureBatchSampler."
+            )
+    return PretrainBatch(
+        image_ids=[s.image_id for s in samples],
+        cube=torch.stack([s.cube for s in samples]),
+        wavelengths=first,
+        gsd_m=torch.tensor([s.gsd_m for s in samples], dtype=torch.float32),
+        rgb=torch.stack([s.rgb for s in samples]),
+        masks=[s.masks for s in samples],
+        points=[s.points for s in samples],
+        origins=[s.origin for s in samples],
+    )
+
+
+class PretrainDataset(Dataset[PretrainSample]):
+    """Random crops over the catalogued images that have fused masks; indexed by (image index, draw id).
+
+    A crop is drawn at most `crop_attempts` times until it holds a sub-mask of at least `min_mask_pixels` pixels
+    (a crop may still end up with none: it then trains the distillation term only). At most `max_masks` sub-masks
+    are kept per crop, chosen at random.
+    """
+
+    def __init__(self, catalog_uri: str, crop_size: int, images: Sequence[ImageInfo] | None = None,
+                 max_masks: int = 16, min_mask_pixels: int = 16, crop_attempts: int = 8, seed: int = 0,
+                 mask_cache: int = 4) -> None:
+        if crop_size < 8:
+            raise ValueError(f"crop_size={crop_size} is too small; use at least one 8 px patch.")
+        self.catalog_uri = catalog_uri
+        self.crop_size = crop_size
+        self.images = list(images) if images is not None else scan_catalog(Catalog(catalog_uri))
+        self.max_masks = max_masks
+        self.min_mask_pixels = min_mask_pixels
+        self.crop_attempts = crop_attempts
+        self.seed = seed
+        self.mask_cache = mask_cache
+        self._catalog: Catalog | None = None
+        self._masks: OrderedDict[str, MaskSet] = OrderedDict()
+
+    def __getstate__(self) -> dict[str, object]:
+        """Workers get the configuration, not the open catalog or the cache (each opens its own)."""
+        state = dict(self.__dict__)
+        state["_catalog"] = None
+        state["_masks"] = OrderedDict()
+        return state
+
+    @property
+    def catalog(self) -> Catalog:
+        """The catalog, opened on first use in this process."""
+        if self._catalog is None:
+            self._catalog = Catalog(self.catalog_uri)
+        return self._catalog
+
+    @property
+    def signatures(self) -> list[str]:
+        """Band signature of each image, in dataset order (for BandSignatureBatchSampler)."""
+        return [info.signature for info in self.images]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def fused(self, image_id: str) -> MaskSet:
+        """The fused set of an image, through a small per-process LRU cache."""
+        if image_id in self._masks:
+            self._masks.move_to_end(image_id)
+            return self._masks[image_id]
+        masks = self.catalog.fused(image_id)
+        self._masks[image_id] = masks
+        while len(self._masks) > self.mask_cache:
+            self._masks.popitem(last=False)
+        return masks
+
+    def __getitem__(self, key: int | tuple[int, int]) -> PretrainSample:
+        """The crop of `key` = (image index, draw id); a bare index means draw 0. Same key, same crop."""
+        index, draw = (key, 0) if isinstance(key, int) else key
+        info = self.images[index]
+        rng = np.random.default_rng([self.seed, index, draw])
+        fused = self.fused(info.image_id)
+        size = self.crop_size
+        y0 = x0 = 0
+        keep = np.zeros(0, dtype=np.int64)
+        for _ in range(self.crop_attempts):
+            y0 = int(rng.integers(0, max(info.height - size, 0) + 1))
+            x0 = int(rng.integers(0, max(info.width - size, 0) + 1))
+            areas = fused.masks[:, y0:y0 + size, x0:x0 + size].sum(axis=(1, 2))
+            keep = np.flatnonzero(areas >= self.min_mask_pixels)
+            if keep.size:
+                break
+        if keep.size > self.max_masks:
+            keep = np.sort(rng.choice(keep, self.max_masks, replace=False))
+        crop = self.catalog.read_crop(info.location, y0, x0, size)
+        h, w = crop.shape[1:]
+        masks = fused.masks[keep, y0:y0 + h, x0:x0 + w]
+        points = self._prompts(fused, keep, masks, (y0, x0), rng)
+        return PretrainSample(
+            image_id=info.image_id,
+            cube=torch.from_numpy(_pad(_normalise(crop), size)),
+            wavelengths=torch.from_numpy(info.wavelengths),
+            gsd_m=info.gsd_m,
+            rgb=torch.from_numpy(_pad(self._rgb(info, crop, y0, x0), size)),
+            masks=torch.from_numpy(_pad(masks, size)),
+            points=torch.from_numpy(points),
+            origin=(y0, x0),
+        )
+
+    def _rgb(self, info: ImageInfo, crop: np.ndarray, y0: int, x0: int) -> np.ndarray:
+        """The crop's RGB (3, h, w) in [0, 1] for the teacher: the catalog's aligned RGB when there is one, else
+        the false-colour stage's RGB of the crop (CIE 1931 synthesis or band pick, as the spatial branch sees)."""
+        h, w = crop.shape[1:]
+        aligned = self.catalog.rgb(info.image_id) if info.has_rgb else None
+        rgb = aligned[y0:y0 + h, x0:x0 + w] if aligned is not None else to_rgb(crop, info.wavelengths)[0]
+        return np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32) / 255.0
+
+    @staticmethod
+    def _prompts(fused: MaskSet, keep: np.ndarray, masks: np.ndarray, origin: tuple[int, int],
+                 rng: np.random.Generator) -> np.ndarray:
+        """One point (x, y) per kept sub-mask in crop pixels: the stored prompt when it lies inside the cropped
+        mask, else a pixel of the cropped mask drawn uniformly."""
+        y0, x0 = origin
+        points = np.zeros((len(keep), 2), dtype=np.float32)
+        xs = fused.table["prompt_x"].to_numpy()
+        ys = fused.table["prompt_y"].to_numpy()
+        for j, i in enumerate(keep):
+            px, py = int(xs[i]) - x0, int(ys[i]) - y0
+            if not (0 <= py < masks.shape[1] and 0 <= px < masks.shape[2] and masks[j, py, px]):
+                yy, xx = np.nonzero(masks[j])
+                pick = int(rng.integers(yy.size))
+                px, py = int(xx[pick]), int(yy[pick])
+            points[j] = (px, py)
+        return points
+
+
+def _normalise(crop: np.ndarray) -> np.ndarray:
+    """HyperFree's preprocessing on a crop: float32 divided by the crop's global max (an all-zero crop stays 0)."""
+    x = crop.astype(np.float32)
+    peak = float(x.max()) if x.size else 0.0
+    return x / peak if peak > 0 else x
+
+
+def _pad(x: np.ndarray, size: int) -> np.ndarray:
+    """Zero-pad the last two axes bottom/right to size x size (the official padding side)."""
+    h, w = x.shape[-2:]
+    if (h, w) == (size, size):
+        return np.ascontiguousarray(x)
+    out = np.zeros((*x.shape[:-2], size, size), dtype=x.dtype)
+    out[..., :h, :w] = x
+    return out
+
+
+class BandSignatureBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Batches of (image index, draw id) whose images share one band signature, for steps [start_step, steps).
+
+    At each step a signature group is drawn with probability proportional to its image count (the same group on
+    every rank), then the group is permuted (cycled when smaller than world_size x batch_size) and rank r takes
+    the r-th slice: DistributedSampler's sharding, per step. Draw ids are unique per (step, rank, slot), so every
+    crop is a fresh random crop, and the stream depends only on (seed, step, rank): resuming at step k yields
+    what an uninterrupted run yields from k on.
+    """
+
+    def __init__(self, signatures: Sequence[str], batch_size: int, steps: int, seed: int = 0, start_step: int = 0,
+                 rank: int = 0, world_size: int = 1) -> None:
+        if batch_size < 1 or not signatures:
+            raise ValueError(f"Need batch_size >= 1 and at least one image; got {batch_size}, {len(signatures)}.")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}.")
+        groups: dict[str, list[int]] = {}
+        for i, sig in enumerate(signatures):
+            groups.setdefault(sig, []).append(i)
+        self.groups = [np.asarray(groups[k]) for k in sorted(groups)]
+        sizes = np.asarray([g.size for g in self.groups], dtype=np.float64)
+        self.weights = sizes / sizes.sum()
+        self.batch_size = batch_size
+        self.steps = steps
+        self.seed = seed
+        self.start_step = start_step
+        self.rank = rank
+        self.world_size = world_size
+
+    def batch(self, step: int) -> list[tuple[int, int]]:
+        """This rank's batch at `step`."""
+        rng = np.random.default_rng([self.seed, step])
+        members = self.groups[int(rng.choice(len(self.groups), p=self.weights))]
+        need = self.world_size * self.batch_size
+        order = np.concatenate([rng.permutation(members) for _ in range(-(-need // members.size))])
+        start = self.rank * self.batch_size
+        base = step * need + start
+        return [(int(order[start + j]), base + j) for j in range(self.batch_size)]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for step in range(self.start_step, self.steps):
+            yield self.batch(step)
+
+    def __len__(self) -> int:
+        return max(self.steps - self.start_step, 0)
