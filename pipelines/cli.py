@@ -234,11 +234,39 @@ def show(image_id: str, catalog: CatalogOpt = None,
     console.print(f"wrote {stage.overlay_png(Catalog(catalog), image_id, ids, get_settings().fuse_tau, path)}")
 
 
+@app.command("pretrain")
+def pretrain(catalog: CatalogOpt = None,
+             model: Annotated[str, typer.Option(help="tiny | base | large | huge")] = "tiny",
+             steps: Annotated[int, typer.Option(help="optimizer steps")] = 1000,
+             out: Annotated[Path, typer.Option(help="run folder (config, metrics, checkpoints)")] = Path(
+                 "hvp-data/runs/pretrain"),
+             batch_size: int = 4,
+             nproc: Annotated[int | None, typer.Option(help="processes under torchrun (default: GPUs, or 1)")] = None,
+             teacher_checkpoint: Annotated[str | None, typer.Option(help="local RGB teacher weights")] = None,
+             student_checkpoint: Annotated[str | None, typer.Option(help="HyperFree/HyperVision weights")] = None,
+             resume: Annotated[bool, typer.Option(help="continue the run in OUT")] = False) -> None:
+    """Pretrain the HyperVision backbone on the fused pseudo-targets (Prefect flow; torchrun when nproc > 1)."""
+    from pipelines.pretrain import pretrain_flow
+
+    result = pretrain_flow(catalog, model, steps, str(out), batch_size, teacher_checkpoint=teacher_checkpoint,
+                           student_checkpoint=student_checkpoint, nproc=nproc, resume=resume)
+    _print_pretrain(result)
+
+
+def _print_pretrain(result: dict[str, Any]) -> None:
+    final = {k: round(v, 4) if isinstance(v, float) else v for k, v in result["final"].items()}
+    console.print(f"pretrained {result['steps_done']} steps ({result['steps_per_s']:.2f} steps/s), "
+                  f"student {result['student_weights'][:12]}, teacher {result['teacher_weights'][:12]}")
+    console.print(f"final: {final}")
+    console.print(f"checkpoint: {result['checkpoint']}  plot: {result['plot_png']}")
+
+
 @app.command("demo")
 def demo(workdir: Annotated[Path, typer.Option(help="where sources and the catalog go")] = Path("hvp-data"),
          plain: Annotated[bool, typer.Option(help="skip Prefect (run the stages directly)")] = False) -> None:
     """The main job end to end on fixture data with tiny random-init models: make fixtures, ingest them all, verify
-    the catalog, label with the three branches, fuse; every step is a Prefect flow on a temporary local server."""
+    the catalog, label with the three branches, fuse, pretrain a few steps; each step is a Prefect flow on a
+    temporary local server."""
     from catalog.fixtures import make_fixtures
     from catalog.store import Catalog
     from infra.settings import get_settings
@@ -248,14 +276,14 @@ def demo(workdir: Annotated[Path, typer.Option(help="where sources and the catal
     get_settings.cache_clear()
     sources, catalog = workdir / "sources", str(workdir / "catalog")
     written = make_fixtures(sources)
-    console.print(f"[bold]1/4 fixtures[/bold]: {sum(map(len, written.values()))} images of {len(written)} "
+    console.print(f"[bold]1/5 fixtures[/bold]: {sum(map(len, written.values()))} images of {len(written)} "
                   f"datasets under {sources}")
-    console.print("[bold]2/4 ingest[/bold] (Prefect flow on a temporary local server)" if not plain else
-                  "[bold]2/4 ingest[/bold]")
+    console.print("[bold]2/5 ingest[/bold] (Prefect flow on a temporary local server)" if not plain else
+                  "[bold]2/5 ingest[/bold]")
     console.print(_table("ingest", _ingest(sources, catalog, None, None, None, plain)))
     console.print(_table("catalog", _summary_rows(catalog)))
     report = Catalog(catalog).verify()
-    console.print(f"[bold]3/4 verify[/bold]: {report.ok} cubes ok, healthy={report.healthy}, "
+    console.print(f"[bold]3/5 verify[/bold]: {report.ok} cubes ok, healthy={report.healthy}, "
                   f"orphans={len(report.orphans)}")
     if not report.healthy:
         raise typer.Exit(1)
@@ -263,12 +291,21 @@ def demo(workdir: Annotated[Path, typer.Option(help="where sources and the catal
     from stages.label import cached_labeler
 
     weights = {b: cached_labeler(b).weights for b in ("spatial", "spectral", "material")}
-    console.print(f"[bold]4/4 label + fuse[/bold] with tiny models, weights: {weights}")
+    console.print(f"[bold]4/5 label + fuse[/bold] with tiny models, weights: {weights}")
     rows = run_label(catalog, None)
     console.print(_table(f"pseudo-labels of {len(rows)} images (random-init weights: masks show the "
                          "plumbing, not quality)" if "random-init" in weights.values() else "pseudo-labels",
                          rows[:12]))
     console.print(f"overlays: {Path(catalog) / 'reports' / 'overlays'}")
+    from pipelines.pretrain import pretrain_flow
+
+    console.print("[bold]5/5 pretrain[/bold]: tiny HyperVision, random-init student and teacher, a few steps")
+    result = pretrain_flow(catalog, "tiny", 6, str(workdir / "runs" / "pretrain-demo"), 2, checkpoint_every=3)
+    _print_pretrain(result)
+    from model import create_model, load_checkpoint
+
+    report = load_checkpoint(create_model("tiny"), Path(result["checkpoint"]) / "model.safetensors")
+    console.print(f"checkpoint loads back: {len(report.missing)} missing, {len(report.unexpected)} unexpected keys")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ def fuse_task(catalog_uri: str, image_id: str, labeler_ids: list[str], tau: floa
     return stage.fuse_image(Catalog(catalog_uri), image_id, labeler_ids, tau)
 
 
-@flow(name="label", log_prints=True)
+@flow(name="label", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
 def label_flow(catalog: str | None = None, branches: list[str] | None = None, datasets: list[str] | None = None,
                overlays: int = 4) -> list[dict[str, Any]]:
     """Label every image lacking masks for each branch's current labeler id, fuse them, publish a report."""

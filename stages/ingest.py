@@ -237,7 +237,8 @@ def new_dataset_folders(source_root: Path, catalog: Catalog) -> list[str]:
             spec = spec_for_folder(folder)
         except InputError:
             spec = None
-        if (spec.slug if spec else folder.name) not in known and str(folder) not in rejected and str(folder / SPEC_FILENAME) not in rejected:
+        seen = (spec.slug if spec else folder.name) in known
+        if not seen and not {str(folder), str(folder / SPEC_FILENAME)} & rejected:
             out.append(folder.name)
     return out
 

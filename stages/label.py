@@ -6,6 +6,8 @@ for its current labeler id, so a changed parameter or checkpoint relabels everyt
 
 from __future__ import annotations
 
+import threading
+from collections import defaultdict
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from stages import fuse as fusion
 from stages.labeling import ImageSample, Labeler
 
 BRANCHES = ("spatial", "spectral", "material")
+_LOCKS: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
 
 
 def build_labeler(branch: str, settings: Settings | None = None) -> Labeler:
@@ -58,7 +61,8 @@ def label_image(catalog: Catalog, image_id: str, labeler: Labeler) -> dict[str, 
     store = MaskStore(catalog)
     store.register_labeler(labeler.labeler_id, labeler.descriptor())
     sample = ImageSample.from_catalog(catalog, image_id)
-    masks = labeler.label(sample)
+    with _LOCKS[labeler.labeler_id]:  # predictors keep per-image state: one image at a time per labeler
+        masks = labeler.label(sample)
     store.write(image_id, labeler.labeler_id, labeler.branch, masks, labeler.random_init,
                 attrs={**(masks.attrs or {}), "descriptor": labeler.descriptor()})
     return {"image_id": image_id, "branch": labeler.branch, "labeler_id": labeler.labeler_id, "masks": len(masks),

@@ -1,0 +1,119 @@
+"""Label, fuse and relabel flows on tiny fixture catalogs with tiny random-init models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from catalog.fixtures import write_dataset
+from catalog.masks import MaskStore
+from catalog.store import Catalog
+from infra.settings import get_settings
+from stages import label as stage
+from stages.fuse import fusion_id
+
+FAST = {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def tiny_settings(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("HVP_SPATIAL_PARAMS", json.dumps(FAST))
+    monkeypatch.setenv("HVP_SPECTRAL_PARAMS", json.dumps({**FAST, "stride": 3, "max_objects": 3}))
+    monkeypatch.setenv("HVP_MATERIAL_PARAMS", json.dumps(FAST))
+    get_settings.cache_clear()
+    stage.cached_labeler.cache_clear()
+    yield
+    get_settings.cache_clear()
+    stage.cached_labeler.cache_clear()
+
+
+def _ingest(root: Path, catalog: str, slugs: list[str]) -> None:
+    from pipelines.cli import _ingest as ingest
+
+    for slug in slugs:
+        write_dataset(slug, root)
+    ingest(root, catalog, None, None, None, True)
+
+
+def test_label_then_relabel_only_what_changed(prefect_server: None, tiny_settings: None, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipelines.label import label_flow
+
+    catalog = str(tmp_path / "cat")
+    _ingest(tmp_path / "src", catalog, ["cave", "hot-2024-rednir"])
+    cat = Catalog(catalog)
+    images = list(cat.images()["image_id"])
+    rows = label_flow(catalog)
+    assert sorted(r["image_id"] for r in rows) == sorted(images)
+    ids = {b: stage.cached_labeler(b).labeler_id for b in stage.BRANCHES}
+    store = MaskStore(cat)
+    for image_id in images:
+        for lid in ids.values():
+            ms = store.read(image_id, labeler_id=lid)
+            assert ms.attrs["weights"] == "random-init" and ms.masks.shape[1:] == cat.open(image_id).shape[1:]
+        fused = cat.fused(image_id)
+        assert fused.labeler_id == fusion_id(list(ids.values()), get_settings().fuse_tau)
+    assert all(r["fused_masks"] >= 1 for r in rows)
+    overlays = list((Path(catalog) / "reports" / "overlays").glob("*.png"))
+    assert overlays
+
+    # unchanged inputs relabel nothing
+    assert all(stage.pending(cat, lid) == [] for lid in ids.values())
+    parts_before = len(MaskStore(cat).index(refresh=True))
+    label_flow(catalog)
+    assert len(MaskStore(cat).index(refresh=True)) == parts_before
+
+    # a changed parameter gives a new labeler id: that branch relabels every image, the others nothing
+    monkeypatch.setenv("HVP_SPATIAL_PARAMS", json.dumps({**FAST, "points_per_side": 3}))
+    get_settings.cache_clear()
+    stage.cached_labeler.cache_clear()
+    new_id = stage.cached_labeler("spatial").labeler_id
+    assert new_id != ids["spatial"] and sorted(stage.pending(cat, new_id)) == sorted(images)
+    label_flow(catalog, ["spatial"])
+    assert stage.pending(cat, new_id) == [] and stage.pending(cat, ids["material"]) == []
+
+
+def test_relabel_flow_ingests_and_labels_only_new_folders(prefect_server: None, tiny_settings: None,
+                                                         tmp_path: Path) -> None:
+    from pipelines.label import label_flow, relabel_flow
+
+    root, catalog = tmp_path / "src", str(tmp_path / "cat")
+    _ingest(root, catalog, ["harvard"])
+    label_flow(catalog)
+    assert relabel_flow(str(root), catalog) == []  # nothing new
+    write_dataset("hssod", root)
+    rows = relabel_flow(str(root), catalog)
+    assert rows and {r["image_id"].split("/")[0] for r in rows} == {"hssod"}
+    cat = Catalog(catalog)
+    assert set(cat.images()["dataset"]) == {"harvard", "hssod"}
+    for image_id in cat.images("hssod")["image_id"]:
+        assert len(cat.fused(image_id)) >= 1
+
+
+def test_show_writes_an_overlay(prefect_server: None, tiny_settings: None, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+    from pipelines.label import label_flow
+
+    catalog = str(tmp_path / "cat")
+    _ingest(tmp_path / "src", catalog, ["hsi-road"])
+    label_flow(catalog, overlays=0)
+    image_id = Catalog(catalog).images()["image_id"][0]
+    out = tmp_path / "show.png"
+    res = CliRunner().invoke(app, ["show", image_id, "--catalog", catalog, "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    from PIL import Image
+
+    with Image.open(out) as im:
+        assert im.width > 4 * 18 and im.height > 14
