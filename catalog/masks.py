@@ -155,13 +155,17 @@ class MaskStore:
         return location
 
     def read(self, image_id: str, labeler_id: str | None = None, branch: str | None = None) -> MaskSet:
-        """The masks of one image, by labeler id or by branch (the latest labeler of that branch)."""
-        df = self.index()
-        sel = df[df["image_id"] == image_id] if not df.empty else df
-        if labeler_id is not None:
-            sel = sel[sel["labeler_id"] == labeler_id]
-        if branch is not None:
-            sel = sel[sel["branch"] == branch]
+        """The masks of one image, by labeler id or by branch (the latest labeler of that branch); the kept index
+        is re-read once when it has nothing for the image (another process may have written since)."""
+        for refresh in (False, True):
+            df = self.index(refresh=refresh)
+            sel = df[df["image_id"] == image_id] if not df.empty else df
+            if labeler_id is not None:
+                sel = sel[sel["labeler_id"] == labeler_id]
+            if branch is not None:
+                sel = sel[sel["branch"] == branch]
+            if not sel.empty:
+                break
         if sel.empty:
             raise KeyError(f"no masks for image '{image_id}'" + (f" from labeler {labeler_id}" if labeler_id else "")
                            + (f" of branch '{branch}'" if branch else "") + " (run `hvp label`)")

@@ -90,6 +90,7 @@ class Catalog:
         self.codec_name = settings.cube_codec
         self._arrays: dict[str, zarr.Array] = {}
         self._rows: pd.DataFrame | None = None
+        self._mask_store: Any = None
 
     # ------------------------------------------------------------------ paths and low-level I/O
     def _path(self, *parts: str) -> str:
@@ -352,9 +353,11 @@ class Catalog:
     # ------------------------------------------------------------------ masks
     def masks(self, image_id: str, branch: str | None = None, labeler_id: str | None = None) -> Any:
         """The pseudo-label masks of one image (a MaskSet), by branch or labeler id; see catalog/masks.py."""
-        from catalog.masks import MaskStore
+        if self._mask_store is None:
+            from catalog.masks import MaskStore
 
-        return MaskStore(self).read(image_id, labeler_id=labeler_id, branch=branch)
+            self._mask_store = MaskStore(self)  # its index is read once and refreshed on a miss
+        return self._mask_store.read(image_id, labeler_id=labeler_id, branch=branch)
 
     def fused(self, image_id: str) -> Any:
         """The fused pseudo-target of one image: its retained sub-masks with their prompts (a MaskSet)."""

@@ -42,7 +42,7 @@ class Settings(BaseSettings):
     material_params: dict[str, Any] = Field(default_factory=dict, description="automatic-mask parameters "
                                             "(default: Seg-Any-HSI's points_per_side 32, thresholds 0.6)")
     fuse_tau: float = Field(default=0.7, gt=0, le=1, description="IoU threshold of the global NMS in fusion")
-    label_workers: int = Field(default=1, ge=1, description="images labelled at once per process")
+    label_batch: int = Field(default=8, ge=1, description="images per labelling task (amortises task overhead)")
 
 
 @cache

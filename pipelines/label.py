@@ -18,11 +18,14 @@ from stages import label as stage
 
 # The mask store is the cache (keyed by labeler id), so Prefect's own caching stays off. The "gpu" tag lets a
 # deployment cap concurrent model work: `prefect concurrency-limit create gpu 1`.
-@task(name="label-image", tags=["gpu"], retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE,
-      task_run_name="{branch} {image_id}")
-def label_task(catalog_uri: str, image_id: str, branch: str) -> dict[str, Any]:
-    """Label one image with one branch's labeler (built once per worker process)."""
-    return stage.label_image(Catalog(catalog_uri), image_id, stage.cached_labeler(branch))
+@task(name="label-images", tags=["gpu"], retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE,
+      task_run_name="{branch} {image_ids[0]} (+{extra})")
+def label_task(catalog_uri: str, image_ids: list[str], branch: str, extra: int = 0) -> list[dict[str, Any]]:
+    """Label a few images with one branch's labeler (built once per worker process); a retry redoes only the
+    images still lacking masks."""
+    cat, labeler = Catalog(catalog_uri), stage.cached_labeler(branch)
+    todo = set(stage.pending(cat, labeler.labeler_id)) & set(image_ids)
+    return [stage.label_image(cat, i, labeler) for i in image_ids if i in todo]
 
 
 @task(name="fuse-image", cache_policy=NO_CACHE, task_run_name="fuse {image_id}")
@@ -33,21 +36,24 @@ def fuse_task(catalog_uri: str, image_id: str, labeler_ids: list[str], tau: floa
 
 @flow(name="label", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
 def label_flow(catalog: str | None = None, branches: list[str] | None = None, datasets: list[str] | None = None,
-               overlays: int = 4) -> list[dict[str, Any]]:
-    """Label every image lacking masks for each branch's current labeler id, fuse them, publish a report."""
+               overlays: int = 4, fuse: bool = True) -> list[dict[str, Any]]:
+    """Label every image lacking masks for each branch's current labeler id, then (``fuse``) fuse them and
+    publish a report; returns the report rows (or the labelled images' rows without fusion)."""
     cat = Catalog(catalog)
     branches = list(branches or stage.BRANCHES)
     labelers = {b: stage.cached_labeler(b) for b in branches}
     ids = {b: lab.labeler_id for b, lab in labelers.items()}
     futures = []
+    size = get_settings().label_batch
     for b, lab in labelers.items():
         todo = stage.pending(cat, lab.labeler_id, datasets)
         print(f"{b}: {len(todo)} image(s) to label with {lab.labeler_id} ({lab.weights[:12]})")
-        futures += [label_task.submit(cat.uri, image_id, b) for image_id in todo]
-    for f in futures:
-        f.result()
+        for k in range(0, len(todo), size):  # a few images per task: Prefect's per-task cost is amortised
+            chunk = todo[k:k + size]
+            futures.append(label_task.submit(cat.uri, chunk, b, len(chunk) - 1))
+    labelled = [row for f in futures for row in f.result()]
     MaskStore(cat).compact()
-    return _fuse_and_report(cat, ids, datasets, overlays)
+    return _fuse_and_report(cat, ids, datasets, overlays) if fuse else labelled
 
 
 def _fuse_and_report(cat: Catalog, ids: dict[str, str], datasets: list[str] | None,
