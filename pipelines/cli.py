@@ -304,8 +304,8 @@ def demo(workdir: Annotated[Path, typer.Option(help="where sources and the catal
     _print_pretrain(result)
     from model import create_model, load_checkpoint
 
-    report = load_checkpoint(create_model("tiny"), Path(result["checkpoint"]) / "model.safetensors")
-    console.print(f"checkpoint loads back: {len(report.missing)} missing, {len(report.unexpected)} unexpected keys")
+    loaded = load_checkpoint(create_model("tiny"), Path(result["checkpoint"]) / "model.safetensors")
+    console.print(f"checkpoint loads back: {len(loaded.missing)} missing, {len(loaded.unexpected)} unexpected keys")
 
 
 if __name__ == "__main__":

@@ -93,4 +93,4 @@ def _fused_table(masks: np.ndarray, source: pd.DataFrame) -> pd.DataFrame:
 
 def pseudo_target(fused: MaskSet) -> np.ndarray:
     """The pixel-wise OR of the fused sub-masks: the image's pseudo-target."""
-    return fused.masks.any(axis=0)
+    return np.asarray(fused.masks.any(axis=0), dtype=bool)

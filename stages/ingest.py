@@ -93,7 +93,7 @@ def item_for(folder: Path, spec: DatasetSpec, primary_rel: str) -> SourceItem:
                       stem_suffix=spec.stem_suffix)
 
 
-def plan(source_root: Path, catalog: Catalog | None = None, datasets: list[str] | None = None) -> Plan:
+def plan(source_root: str | Path, catalog: Catalog | None = None, datasets: list[str] | None = None) -> Plan:
     """List the work under ``source_root`` (one folder per dataset), with the sha256 already catalogued per image
     so unchanged images are skipped cheaply. A folder with no usable spec becomes a problem, not a crash."""
     source_root = Path(source_root)

@@ -29,7 +29,7 @@ def overlay(rgb: np.ndarray, masks: MaskSet, alpha: float = 0.5, scale: int = 1)
         img[m] = (1 - alpha) * img[m] + alpha * colours[i]
     out = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
     if scale > 1:
-        out = out.resize((out.width * scale, out.height * scale), Image.NEAREST)
+        out = out.resize((out.width * scale, out.height * scale), Image.Resampling.NEAREST)
     draw = ImageDraw.Draw(out)
     r = max(1, scale // 2)
     for i, row in masks.table.reset_index(drop=True).iterrows():

@@ -73,3 +73,13 @@ def test_deployments_point_at_real_flows() -> None:
         params = inspect.signature(flow.fn).parameters
         assert set(dep.get("parameters", {})) <= set(params), dep["name"]
         assert dep["work_pool"]["name"] == "local"
+
+
+def test_flow_on_a_local_dask_cluster(prefect_server: None, tmp_path: Path) -> None:
+    from pipelines.ingest import run_ingest
+
+    for slug in ("harvard", "hyperspectral-city-v2"):
+        write_dataset(slug, tmp_path / "src")
+    summary = run_ingest(str(tmp_path / "src"), str(tmp_path / "cat"), workers=2)
+    assert {r["dataset"]: r["ingested"] for r in summary} == {"harvard": 2, "hyperspectral-city-v2": 2}
+    assert Catalog(str(tmp_path / "cat")).verify().healthy
