@@ -139,8 +139,8 @@ def build_sam2_model(config_name: str, checkpoint: str | Path | None = None, dev
 
 
 def load_checkpoint(model: torch.nn.Module, checkpoint: str | Path, limit: int = 20) -> None:
-    """Load ``torch.load(checkpoint)["model"]`` strictly; on a mismatch the error lists the missing and unexpected
-    keys (the first ``limit`` of each, all of them in the log)."""
+    """Load the checkpoint's ``"model"`` state dict (weights only) strictly; on a mismatch the error lists the
+    missing and unexpected keys (the first ``limit`` of each, all of them in the log)."""
     path = Path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"SAM2 checkpoint {path} does not exist: fix the path in settings "

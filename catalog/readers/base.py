@@ -29,6 +29,22 @@ class ArrayLike(Protocol):
     def __getitem__(self, key: Any) -> Any: ...
 
 
+class LazyArray:
+    """Base of lazy source arrays: a fixed shape and dtype; subclasses read only the region a slice asks for."""
+
+    def __init__(self, shape: Sequence[int], dtype: Any) -> None:
+        self._shape = tuple(int(s) for s in shape)
+        self._dtype = np.dtype(dtype)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self._shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._dtype
+
+
 class AxisView:
     """A lazy view of a source array in another axis order, e.g. an HWC memmap or h5py dataset seen as CHW.
 

@@ -21,7 +21,7 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.windows import Window
 
 from catalog.errors import InputError
-from catalog.readers.base import AxisView, RawCube, Reader, ReaderOptions, SourceItem, register
+from catalog.readers.base import AxisView, LazyArray, RawCube, Reader, ReaderOptions, SourceItem, register
 
 # Ground-based cameras are never georeferenced: GDAL's warning about it says nothing useful here.
 warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
@@ -185,7 +185,7 @@ def _vrt(header: EnviHeader, data: Path) -> str:
     return f'<VRTDataset rasterXSize="{header.samples}" rasterYSize="{header.lines}">{bands}</VRTDataset>'
 
 
-class EnviArray:
+class EnviArray(LazyArray):
     """Lazy ``(band, line, sample)`` view of an ENVI data file: each slice is one windowed GDAL read.
 
     It holds only a GDAL source string (the data file's path, or a VRT for an oddly named data file) and opens
@@ -193,17 +193,8 @@ class EnviArray:
     """
 
     def __init__(self, source: str, shape: tuple[int, int, int], dtype: np.dtype) -> None:
+        super().__init__(shape, dtype)
         self.source = source
-        self._shape = shape
-        self._dtype = np.dtype(dtype)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self._shape
-
-    @property
-    def dtype(self) -> np.dtype:
-        return self._dtype
 
     def __getitem__(self, key: Any) -> np.ndarray:
         if not isinstance(key, tuple):

@@ -15,7 +15,7 @@ import numpy as np
 from pydantic import model_validator
 
 from catalog.errors import InputError
-from catalog.readers.base import AxisView, RawCube, Reader, ReaderOptions, SourceItem, axes_for, register
+from catalog.readers.base import AxisView, LazyArray, RawCube, Reader, ReaderOptions, SourceItem, axes_for, register
 
 _UNREADABLE_FIX = "re-download or re-export the file (a truncated or partly copied file cannot be read)"
 
@@ -30,21 +30,13 @@ def open_h5(path: Path) -> Iterator[h5py.File]:
         raise InputError(path, "file", f"not a readable HDF5 file ({exc})", _UNREADABLE_FIX) from exc
 
 
-class H5Array:
+class H5Array(LazyArray):
     """A lazy h5py dataset: it opens the file only for the duration of each slice, so it holds no handle and
     pickles to workers; ``data[b0:b1, ...]`` reads only that region (chunk by chunk for chunked datasets)."""
 
     def __init__(self, path: Path, key: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        super().__init__(shape, dtype)
         self.path, self.key = path, key
-        self._shape, self._dtype = tuple(shape), np.dtype(dtype)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self._shape
-
-    @property
-    def dtype(self) -> np.dtype:
-        return self._dtype
 
     def __getitem__(self, key: Any) -> np.ndarray:
         with open_h5(self.path) as f:
