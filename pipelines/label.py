@@ -67,21 +67,17 @@ def _fuse_and_report(cat: Catalog, ids: dict[str, str], datasets: list[str] | No
     for f in fused:
         f.result()
     MaskStore(cat).compact()
-    df = cat.images()
-    image_ids = list(df[df["dataset"].isin(datasets)]["image_id"]) if datasets else list(df["image_id"])
+    image_ids = stage.image_ids(cat, datasets)
     rows = stage.report(cat, image_ids, ids, tau)
-    random_init = [b for b, lab in ((b, stage.cached_labeler(b)) for b in ids) if lab.random_init]
+    random_init = [b for b in ids if stage.cached_labeler(b).random_init]
     note = f" Weights: random-init for {', '.join(random_init)}." if random_init else ""
     create_table_artifact(key="label-report", table=rows or [{"image_id": "(none)"}],
                           description=f"Masks per branch, fused sub-masks, coverage and agreement (tau={tau}).{note}")
-    out_dir = Path(cat.root) / "reports" / "overlays" if cat.local else None
-    if out_dir is not None and image_ids and overlays:
-        links = []
-        for image_id in image_ids[:: max(1, len(image_ids) // overlays)][:overlays]:
-            png = stage.overlay_png(cat, image_id, ids, tau, out_dir / f"{image_id.replace('/', '__')}.png")
-            links.append(f"- `{image_id}`: [{png.name}](file://{png})")
+    pngs = stage.write_overlays(cat, image_ids, ids, tau, overlays)
+    if pngs:
+        links = "\n".join(f"- `{image_id}`: [{png.name}]({png.as_uri()})" for image_id, png in pngs.items())
         create_markdown_artifact(key="label-overlays", markdown="## Mask overlays" + (
-            " (random-init weights)" if random_init else "") + "\n\n" + "\n".join(links))
+            " (random-init weights)" if random_init else "") + "\n\n" + links)
     return rows
 
 

@@ -50,10 +50,7 @@ def cached_labeler(branch: str) -> Labeler:
 
 def pending(catalog: Catalog, labeler_id: str, datasets: list[str] | None = None) -> list[str]:
     """Image ids with no committed masks for ``labeler_id`` (optionally only of some datasets)."""
-    df = catalog.images()
-    if datasets:
-        df = df[df["dataset"].isin(datasets)]
-    return MaskStore(catalog).missing(labeler_id, list(df["image_id"]))
+    return MaskStore(catalog).missing(labeler_id, image_ids(catalog, datasets))
 
 
 def label_image(catalog: Catalog, image_id: str, labeler: Labeler) -> dict[str, Any]:
@@ -123,6 +120,23 @@ def branch_agreement(sets: list[MaskSet]) -> float:
             union = (o | m).sum(axis=1)
             scores.append(float(np.max(np.where(union > 0, inter / np.maximum(union, 1), 0.0))))
     return float(np.mean(scores)) if scores else 0.0
+
+
+def image_ids(catalog: Catalog, datasets: list[str] | None = None) -> list[str]:
+    """The catalogued image ids, optionally of some datasets only."""
+    df = catalog.images()
+    return list(df[df["dataset"].isin(datasets)]["image_id"] if datasets else df["image_id"])
+
+
+def write_overlays(catalog: Catalog, image_ids: list[str], labeler_ids: dict[str, str], tau: float,
+                   count: int) -> dict[str, Path]:
+    """Overlay PNGs of ``count`` images spread over ``image_ids``, under <catalog>/reports/overlays (local
+    catalogs only); returns image id -> PNG path."""
+    if not (catalog.local and image_ids and count):
+        return {}
+    out_dir = Path(catalog.root) / "reports" / "overlays"
+    picked = image_ids[:: max(1, len(image_ids) // count)][:count]
+    return {i: overlay_png(catalog, i, labeler_ids, tau, out_dir / f"{i.replace('/', '__')}.png") for i in picked}
 
 
 def overlay_png(catalog: Catalog, image_id: str, labeler_ids: dict[str, str], tau: float, path: str | Path) -> Path:
