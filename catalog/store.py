@@ -18,11 +18,14 @@ import contextlib
 import hashlib
 import json
 import os
+import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from queue import Empty, Queue
 from typing import Any
 
 import fsspec
@@ -277,22 +280,42 @@ class Catalog:
             for name, arr in cw.extras.items():
                 extras.create_array(name, data=np.ascontiguousarray(arr))
         hasher = hashlib.sha256()
-        for y0, block in self._strips(cw.data, shape, dtype):
-            check(block, cw.attrs.get("source_path", rel), y0)
-            cube[:, y0:y0 + block.shape[1], :] = block
-            hasher.update(memoryview(block).cast("B"))
-            if on_strip is not None:
-                on_strip(block.shape[1])
+        # Three stages overlap on separate threads (numpy copies, hashing and Blosc release the GIL): reading and
+        # transposing the next tile, hashing the current one, compressing and writing it.
+        cols = self._tile_cols(shape, dtype)
+        with ThreadPoolExecutor(1, thread_name_prefix="hvp-hash") as hashing:
+            hashed: Future[None] | None = None
+            for y0, x0, block in _prefetch(self._tiles(cw.data, shape, dtype, cols)):
+                check(block, cw.attrs.get("source_path", rel), y0)
+                if hashed is not None:
+                    hashed.result()
+                hashed = hashing.submit(hasher.update, memoryview(block).cast("B"))
+                cube[:, y0:y0 + block.shape[1], x0:x0 + block.shape[2]] = block
+                if on_strip is not None and x0 + block.shape[2] == w:
+                    on_strip(block.shape[1])
+            if hashed is not None:
+                hashed.result()
         group.attrs.update({**_jsonable(cw.attrs), "dataset": cw.dataset, "image_id": cw.image_id,
-                            "source_sha256": cw.sha256, "strip_rows": c, "complete": False})
+                            "source_sha256": cw.sha256, "hash_tile": [c, cols], "complete": False})
         return hasher.hexdigest()
 
-    def _strips(self, data: Any, shape: tuple[int, int, int], dtype: np.dtype) -> Iterator[tuple[int, np.ndarray]]:
-        """(y0, block) strips of ``chunk_xy`` rows over all bands and columns, in the native dtype."""
-        _, h, _ = shape
+    #: Upper bound on one tile in flight: memory stays flat whatever the cube's width and band count.
+    TILE_BYTES = 16 * 2**20
+
+    def _tile_cols(self, shape: tuple[int, int, int], dtype: np.dtype) -> int:
+        """Tile width: whole chunks, as many as fit TILE_BYTES (at least one)."""
+        b, _, w = shape
+        per_chunk_col = b * self.chunk_xy * self.chunk_xy * dtype.itemsize
+        return min(w, max(1, self.TILE_BYTES // per_chunk_col) * self.chunk_xy)
+
+    def _tiles(self, data: Any, shape: tuple[int, int, int], dtype: np.dtype,
+               cols: int) -> Iterator[tuple[int, int, np.ndarray]]:
+        """(y0, x0, block) tiles of ``chunk_xy`` rows by ``cols`` columns over all bands, row-major, native dtype;
+        chunk-aligned, so each write fills whole chunks."""
+        _, h, w = shape
         for y0 in range(0, h, self.chunk_xy):
-            block = np.ascontiguousarray(np.asarray(data[:, y0:y0 + self.chunk_xy, :]), dtype=dtype)
-            yield y0, block
+            for x0 in range(0, w, cols):
+                yield y0, x0, np.ascontiguousarray(np.asarray(data[:, y0:y0 + self.chunk_xy, x0:x0 + cols]), dtype)
 
     def _array(self, location: str, name: str = "cube") -> zarr.Array:
         key = f"{location}/{name}"
@@ -383,9 +406,11 @@ class Catalog:
             if checksums:
                 hasher = hashlib.sha256()
                 arr = group["cube"]
-                rows = int(group.attrs.get("strip_rows", self.chunk_xy))
+                rows, cols = (int(v) for v in group.attrs["hash_tile"])
                 for y0 in range(0, arr.shape[1], rows):
-                    hasher.update(memoryview(np.ascontiguousarray(arr[:, y0:y0 + rows, :])).cast("B"))
+                    for x0 in range(0, arr.shape[2], cols):
+                        tile = np.ascontiguousarray(arr[:, y0:y0 + rows, x0:x0 + cols])
+                        hasher.update(memoryview(tile).cast("B"))
                 if hasher.hexdigest() != group.attrs.get("content_sha256"):
                     report.corrupt.append(row["image_id"])
                     continue
@@ -416,6 +441,37 @@ class VerifyReport:
     def as_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, "missing": self.missing, "corrupt": self.corrupt, "partial": self.partial,
                 "orphans": self.orphans, "healthy": self.healthy}
+
+
+def _prefetch(items: Iterator[Any], depth: int = 1) -> Iterator[Any]:
+    """Yield ``items`` while a background thread already produces the next ``depth`` of them (errors re-raised)."""
+    queue: Queue[Any] = Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                queue.put(item)
+            queue.put(done)
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            queue.put(exc)
+
+    thread = threading.Thread(target=produce, name="hvp-prefetch", daemon=True)
+    thread.start()
+    try:
+        while (item := queue.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue, then let it finish
+            with contextlib.suppress(Empty):
+                queue.get_nowait()
+            thread.join(0.01)
 
 
 def _direct_readable(arr: zarr.Array) -> bool:

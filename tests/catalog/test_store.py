@@ -121,3 +121,16 @@ def test_open_unknown_image_says_how_to_find_ids(tmp_path: Path) -> None:
     cat = Catalog(tmp_path / "cat").init()
     with pytest.raises(KeyError, match="hvp catalog list"):
         cat.open("nope/nothing")
+
+
+def test_tiled_writes_round_trip_and_verify(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Catalog, "TILE_BYTES", 12 * 8 * 8 * 2)  # one 8x8 chunk column per tile: many tiles
+    cat = Catalog(tmp_path / "cat", chunk_xy=8).init()
+    data = _cube(3, (12, 30, 45))
+    row = _write(cat, "wide", data)
+    assert zarr.open_group(str(tmp_path / "cat" / row["location"]), mode="r").attrs["hash_tile"] == [8, 8]
+    np.testing.assert_array_equal(cat.open("ds/wide").values, data)
+    assert cat.verify().ok == 1
+    arr = zarr.open_group(str(tmp_path / "cat" / row["location"]), mode="r+")["cube"]
+    arr[5, 29, 44] = arr[5, 29, 44] + 1
+    assert cat.verify().corrupt == ["ds/wide"]
