@@ -16,12 +16,14 @@ Table: ``score`` = ``predicted_iou`` = the seed mask's predicted IoU, ``stabilit
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
+import sam2.sam2_video_predictor as _sam2_video
 import torch
 import torch.nn.functional as F
 from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
@@ -39,6 +41,9 @@ from stages.sam2_models import (
     mask_generator,
     model_spec,
 )
+
+# sam2 draws a progress bar per propagation: one per object per image would flood the flow logs.
+_sam2_video.tqdm = functools.partial(_sam2_video.tqdm, disable=True)
 
 #: Parameters of this branch beyond the seed generator's (sam2_models.AMG_DEFAULTS), with their defaults.
 SPECTRAL_DEFAULTS: dict[str, Any] = {"stride": 2, "vote": 0.5, "nms_thresh": 0.7, "max_objects": 32}
