@@ -6,6 +6,7 @@ whose slices read only the requested region, so ingest can stream a cube larger 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,7 +170,7 @@ class ReaderOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class Reader:
+class Reader(ABC):
     """A native format family. Subclasses set ``name``, ``version``, ``Options`` and implement ``read``."""
 
     name: ClassVar[str]
@@ -180,8 +181,9 @@ class Reader:
         """Other files that belong to the image (e.g. the ENVI data file beside its header). Default: none."""
         return []
 
+    @abstractmethod
     def read(self, item: SourceItem, options: ReaderOptions) -> RawCube:
-        raise NotImplementedError
+        """The image as a lazy ``(band, y, x)`` cube plus what the file says about it; InputError on bad input."""
 
 
 READERS: dict[str, Reader] = {}
