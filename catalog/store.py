@@ -367,6 +367,10 @@ class Catalog:
                 out[:, ys - y:ye - y, xs - x:xe - x] = chunk[:, ys - y0:ye - y0, xs - x0:xe - x0]
         return out
 
+    def read_rgb_crop(self, location: str, y: int, x: int, size: int) -> np.ndarray:
+        """The aligned RGB ``(h, w, 3)`` of the same window as ``read_crop`` (only its chunks are read)."""
+        return np.asarray(self._array(location, "rgb")[y:y + size, x:x + size])
+
     def rgb(self, image_id: str) -> np.ndarray | None:
         """The aligned RGB ``(y, x, 3)`` uint8 stored beside the cube, or None."""
         row = self.row(image_id)

@@ -238,9 +238,10 @@ class PretrainDataset(Dataset[PretrainSample]):
     def _rgb(self, info: ImageInfo, crop: np.ndarray, y0: int, x0: int) -> np.ndarray:
         """The crop's RGB (3, h, w) in [0, 1] for the teacher: the catalog's aligned RGB when there is one, else
         the false-colour stage's RGB of the crop (CIE 1931 synthesis or band pick, as the spatial branch sees)."""
-        h, w = crop.shape[1:]
-        aligned = self.catalog.rgb(info.image_id) if info.has_rgb else None
-        rgb = aligned[y0:y0 + h, x0:x0 + w] if aligned is not None else to_rgb(crop, info.wavelengths)[0]
+        if info.has_rgb:
+            rgb = self.catalog.read_rgb_crop(info.location, y0, x0, self.crop_size)
+        else:
+            rgb = to_rgb(crop, info.wavelengths)[0]
         return np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32) / 255.0
 
     @staticmethod
