@@ -308,5 +308,17 @@ def demo(workdir: Annotated[Path, typer.Option(help="where sources and the catal
     console.print(f"checkpoint loads back: {len(loaded.missing)} missing, {len(loaded.unexpected)} unexpected keys")
 
 
+def main() -> None:
+    """The `hvp` entry point: bad input and missing files print one clear line (file, field, fix), not a
+    traceback, and exit with status 2."""
+    from catalog.errors import InputError
+
+    try:
+        app()
+    except (InputError, FileNotFoundError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise SystemExit(2) from None
+
+
 if __name__ == "__main__":
-    app()
+    main()

@@ -43,3 +43,13 @@ def test_cli_broken_set_goes_to_quarantine(tmp_path: Path) -> None:
 def test_datasets_lists_31() -> None:
     res = runner.invoke(app, ["datasets"])
     assert res.exit_code == 0 and "hot-2024-rednir" in res.output and "virginia-tech-tree" in res.output
+
+
+def test_bad_input_is_one_clear_line_and_exit_2(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "pipelines.cli", "ingest", str(tmp_path / "missing"), "--plain",
+                          "--catalog", str(tmp_path / "cat")], capture_output=True, text=True, check=False)
+    assert out.returncode == 2
+    assert "SOURCE_DIR" in out.stdout and "Traceback" not in out.stdout + out.stderr
