@@ -92,6 +92,7 @@ class MaskStore:
     def __init__(self, catalog: Catalog) -> None:
         self.cat = catalog
         self._index: pd.DataFrame | None = None  # read once per store; writes through this store append to it
+        self._lookup: dict[tuple[str, str, str], dict[str, Any]] = {}
 
     def register_labeler(self, labeler_id: str, descriptor: dict[str, Any]) -> None:
         """Record what a labeler id stands for (idempotent; the id already hashes the descriptor)."""
@@ -111,7 +112,24 @@ class MaskStore:
             if not df.empty:
                 df = df.sort_values("created_at").drop_duplicates(["image_id", "labeler_id"], keep="last")
             self._index = df.reset_index(drop=True)
+            self._lookup = {}
+            for row in self._index.to_dict("records"):  # in created_at order: the latest per branch wins
+                self._remember(row)
         return self._index
+
+    def _remember(self, row: dict[str, Any]) -> None:
+        """Index one row for O(1) reads by (image, labeler) and by (image, branch)."""
+        self._lookup[(row["image_id"], "labeler", row["labeler_id"])] = row
+        self._lookup[(row["image_id"], "branch", row["branch"])] = row
+        self._lookup[(row["image_id"], "any", "")] = row
+
+    def _find(self, image_id: str, labeler_id: str | None, branch: str | None) -> dict[str, Any] | None:
+        if labeler_id is not None:
+            row = self._lookup.get((image_id, "labeler", labeler_id))
+            return row if row is not None and branch in (None, row["branch"]) else None
+        if branch is not None:
+            return self._lookup.get((image_id, "branch", branch))
+        return self._lookup.get((image_id, "any", ""))
 
     def compact(self) -> int:
         """Merge the mask index's part files (one per committed mask set) into one."""
@@ -152,24 +170,20 @@ class MaskStore:
         if self._index is not None:
             self._index = pd.concat([self._index, pd.DataFrame([row])], ignore_index=True).drop_duplicates(
                 ["image_id", "labeler_id"], keep="last").reset_index(drop=True)
+            self._remember(row)
         return location
 
     def read(self, image_id: str, labeler_id: str | None = None, branch: str | None = None) -> MaskSet:
         """The masks of one image, by labeler id or by branch (the latest labeler of that branch); the kept index
         is re-read once when it has nothing for the image (another process may have written since)."""
+        row = None
         for refresh in (False, True):
-            df = self.index(refresh=refresh)
-            sel = df[df["image_id"] == image_id] if not df.empty else df
-            if labeler_id is not None:
-                sel = sel[sel["labeler_id"] == labeler_id]
-            if branch is not None:
-                sel = sel[sel["branch"] == branch]
-            if not sel.empty:
+            self.index(refresh=refresh)
+            if (row := self._find(image_id, labeler_id, branch)) is not None:
                 break
-        if sel.empty:
+        if row is None:
             raise KeyError(f"no masks for image '{image_id}'" + (f" from labeler {labeler_id}" if labeler_id else "")
                            + (f" of branch '{branch}'" if branch else "") + " (run `hvp label`)")
-        row = sel.sort_values("created_at").iloc[-1]
         group = zarr.open_group(self.cat._zarr_store(row["location"]), mode="r", zarr_format=3)
         attrs = dict(group.attrs)
         packed = np.asarray(group["bits"][...])
