@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
-from catalog.store import Catalog, now_utc
+from catalog.store import Catalog, member, now_utc
 
 MASK_INDEX_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("labeler_id", pa.string()), ("branch", pa.string()), ("n", pa.int32()),
@@ -69,7 +69,7 @@ def table_from_masks(masks: np.ndarray, branch: str, **columns: Any) -> pd.DataF
         ys, xs = np.nonzero(m)
         if ys.size:
             dist = ndimage.distance_transform_edt(np.pad(m, 1))[1:-1, 1:-1]
-            py, px = np.unravel_index(int(np.argmax(dist)), m.shape)
+            py, px = (int(v) for v in np.unravel_index(int(np.argmax(dist)), m.shape))
             box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
         else:
             py = px = -1
@@ -186,8 +186,8 @@ class MaskStore:
                            + (f" of branch '{branch}'" if branch else "") + " (run `hvp label`)")
         group = zarr.open_group(self.cat._zarr_store(row["location"]), mode="r", zarr_format=3)
         attrs = dict(group.attrs)
-        packed = np.asarray(group["bits"][...])
-        masks = np.unpackbits(packed, axis=-1, count=int(attrs["width"])).astype(bool)
+        packed = np.asarray(member(group, "bits")[...])
+        masks = np.unpackbits(packed, axis=-1, count=int(str(attrs["width"]))).astype(bool)
         with self.cat.fs.open(self.cat._path(row["location"], "table.parquet"), "rb") as fh:
             table = pq.read_table(fh).to_pandas()
         return MaskSet(masks=masks, table=table, labeler_id=str(row["labeler_id"]), attrs=attrs)

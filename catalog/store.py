@@ -322,7 +322,7 @@ class Catalog:
         arr = self._arrays.get(key)
         if arr is None:
             group = zarr.open_group(self._zarr_store(location), mode="r", zarr_format=3)
-            arr = self._arrays[key] = group[name]
+            arr = self._arrays[key] = member(group, name)
         return arr
 
     def open(self, image_id: str) -> xr.DataArray:
@@ -346,7 +346,7 @@ class Catalog:
         """
         arr = self._array(location)
         if not self.local or not _direct_readable(arr):
-            return arr[:, y:y + size, x:x + size]
+            return np.asarray(arr[:, y:y + size, x:x + size])
         b, h, w = arr.shape
         y1, x1 = min(y + size, h), min(x + size, w)
         _, cy, cx = arr.chunks
@@ -375,7 +375,7 @@ class Catalog:
         """The aligned RGB ``(y, x, 3)`` uint8 stored beside the cube, or None."""
         row = self.row(image_id)
         group = zarr.open_group(self._zarr_store(row["location"]), mode="r", zarr_format=3)
-        return np.asarray(group["rgb"][...]) if "rgb" in group else None
+        return np.asarray(member(group, "rgb")[...]) if "rgb" in group else None
 
     # ------------------------------------------------------------------ masks
     def masks(self, image_id: str, branch: str | None = None, labeler_id: str | None = None) -> Any:
@@ -409,12 +409,14 @@ class Catalog:
                 continue
             if checksums:
                 hasher = hashlib.sha256()
-                arr = group["cube"]
-                rows, cols = (int(v) for v in group.attrs["hash_tile"])
+                arr = member(group, "cube")
+                tile_shape = group.attrs["hash_tile"]
+                assert isinstance(tile_shape, list)
+                rows, cols = (int(v) for v in tile_shape)
                 for y0 in range(0, arr.shape[1], rows):
                     for x0 in range(0, arr.shape[2], cols):
                         tile = np.ascontiguousarray(arr[:, y0:y0 + rows, x0:x0 + cols])
-                        hasher.update(memoryview(tile).cast("B"))
+                        hasher.update(memoryview(tile.data).cast("B"))
                 if hasher.hexdigest() != group.attrs.get("content_sha256"):
                     report.corrupt.append(row["image_id"])
                     continue
@@ -476,6 +478,14 @@ def _prefetch(items: Iterator[Any], depth: int = 1) -> Iterator[Any]:
             with contextlib.suppress(Empty):
                 queue.get_nowait()
             thread.join(0.01)
+
+
+def member(group: zarr.Group, name: str) -> zarr.Array:
+    """The array ``name`` of a group (an error if it is a sub-group: the layout is fixed)."""
+    arr = group[name]
+    if not isinstance(arr, zarr.Array):
+        raise CatalogError(f"{group.store_path}/{name} is a group, expected an array: the catalog is damaged")
+    return arr
 
 
 def _direct_readable(arr: zarr.Array) -> bool:

@@ -34,7 +34,12 @@ def fuse_task(catalog_uri: str, image_id: str, labeler_ids: list[str], tau: floa
     return stage.fuse_image(Catalog(catalog_uri), image_id, labeler_ids, tau)
 
 
-@flow(name="label", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
+def _threads(workers: int) -> Any:
+    """A thread-pool task runner (typed loosely: Prefect's generic runner types do not unify here)."""
+    return ThreadPoolTaskRunner(max_workers=workers)
+
+
+@flow(name="label", log_prints=True, task_runner=_threads(1))
 def label_flow(catalog: str | None = None, branches: list[str] | None = None, datasets: list[str] | None = None,
                overlays: int = 4, fuse: bool = True) -> list[dict[str, Any]]:
     """Label every image lacking masks for each branch's current labeler id, then (``fuse``) fuse them and
@@ -108,4 +113,4 @@ def relabel_flow(source_root: str | None = None, catalog: str | None = None) -> 
 
 def run_label(catalog: str | None, branches: list[str] | None, workers: int = 1) -> list[dict[str, Any]]:
     """Run the label flow on a thread pool of ``workers`` (models are shared per process; 1 on small machines)."""
-    return label_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers))(catalog, branches)
+    return label_flow.with_options(task_runner=_threads(workers))(catalog, branches)
