@@ -410,9 +410,10 @@ class Catalog:
             if checksums:
                 hasher = hashlib.sha256()
                 arr = member(group, "cube")
-                tile_shape = group.attrs["hash_tile"]
+                # catalogs written before tiling hashed whole-width strips of `strip_rows` rows
+                tile_shape = group.attrs.get("hash_tile") or [group.attrs.get("strip_rows"), arr.shape[2]]
                 assert isinstance(tile_shape, list)
-                rows, cols = (int(v) for v in tile_shape)
+                rows, cols = (int(str(v)) for v in tile_shape)
                 for y0 in range(0, arr.shape[1], rows):
                     for x0 in range(0, arr.shape[2], cols):
                         tile = np.ascontiguousarray(arr[:, y0:y0 + rows, x0:x0 + cols])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -300,7 +301,9 @@ def demo(workdir: Annotated[Path, typer.Option(help="where sources and the catal
     from pipelines.pretrain import pretrain_flow
 
     console.print("[bold]5/5 pretrain[/bold]: tiny HyperVision, random-init student and teacher, a few steps")
-    result = pretrain_flow(catalog, "tiny", 6, str(workdir / "runs" / "pretrain-demo"), 2, checkpoint_every=3)
+    run_dir = workdir / "runs" / "pretrain-demo"
+    shutil.rmtree(run_dir, ignore_errors=True)  # the demo's own previous run: start it afresh
+    result = pretrain_flow(catalog, "tiny", 6, str(run_dir), 2, checkpoint_every=3)
     _print_pretrain(result)
     from model import create_model, load_checkpoint
 

@@ -134,3 +134,14 @@ def test_tiled_writes_round_trip_and_verify(tmp_path: Path, monkeypatch: pytest.
     arr = zarr.open_group(str(tmp_path / "cat" / row["location"]), mode="r+")["cube"]
     arr[5, 29, 44] = arr[5, 29, 44] + 1
     assert cat.verify().corrupt == ["ds/wide"]
+
+
+def test_verify_reads_catalogs_written_before_tiling(tmp_path: Path) -> None:
+    cat = Catalog(tmp_path / "cat", chunk_xy=16).init()
+    row = _write(cat, "old", _cube(4))
+    group = zarr.open_group(str(tmp_path / "cat" / row["location"]), mode="r+")
+    attrs = dict(group.attrs)
+    assert attrs.pop("hash_tile") == [16, 50]  # one tile spans the width here, as the old strips did
+    group.attrs.clear()
+    group.attrs.update({**attrs, "strip_rows": 16})
+    assert cat.verify().ok == 1
