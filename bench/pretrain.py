@@ -25,11 +25,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def make_catalog(root: Path, images: int = 8, size: int = 96) -> str:
-    """A catalog of ``images`` 31-band cubes with synthetic fused masks (rectangles) standing in for labels."""
+    """A catalog of ``images`` 31-band cubes with synthetic fused masks (rectangles) standing in for labels and
+    the stored false colour that labelling leaves."""
     from catalog.fixtures.synth import scene, to_dtype
     from catalog.masks import MaskSet, MaskStore, table_from_masks
     from catalog.specs import parse_spec
     from catalog.store import Catalog
+    from stages.falsecolor import ensure_falsecolor
     from stages.ingest import ingest_item, item_for
 
     rng = np.random.default_rng(0)
@@ -51,6 +53,7 @@ def make_catalog(root: Path, images: int = 8, size: int = 96) -> str:
             masks[k, y:y + 24, x:x + 24] = True
         store.write(res.image_id, "fused-bench", "fused", MaskSet(masks, table_from_masks(masks, "fused", score=1.0)),
                     random_init=True)
+        ensure_falsecolor(cat, res.image_id)  # as the spatial labelling stage leaves it
     return cat.uri
 
 

@@ -94,6 +94,7 @@ class Catalog:
         self._arrays: dict[str, zarr.Array] = {}
         self._rows: pd.DataFrame | None = None
         self._mask_store: Any = None
+        self._missing: set[str] = set()  # derived arrays looked for and not found
 
     # ------------------------------------------------------------------ paths and low-level I/O
     def _path(self, *parts: str) -> str:
@@ -370,6 +371,43 @@ class Catalog:
     def read_rgb_crop(self, location: str, y: int, x: int, size: int) -> np.ndarray:
         """The aligned RGB ``(h, w, 3)`` of the same window as ``read_crop`` (only its chunks are read)."""
         return np.asarray(self._array(location, "rgb")[y:y + size, x:x + size])
+
+    # ------------------------------------------------------------------ derived false colour
+    def falsecolor_location(self, location: str) -> str:
+        """Where the false-colour RGB derived from the cube at ``location`` lives (content-addressed with it)."""
+        return "derived/falsecolor/" + location.removeprefix("cubes/")
+
+    def write_falsecolor(self, location: str, rgb: np.ndarray, method: str) -> str:
+        """Store the whole image's false-colour RGB (y, x, 3) uint8, so crops need not recompute it; idempotent."""
+        rel = self.falsecolor_location(location)
+        target = f"{rel}.tmp-{uuid.uuid4().hex[:8]}" if self.local else rel
+        group = zarr.open_group(self._zarr_store(target), mode="w", zarr_format=3)
+        group.create_array("rgb", data=np.ascontiguousarray(rgb, dtype=np.uint8),
+                           chunks=(self.chunk_xy, self.chunk_xy, 3), dimension_names=("y", "x", "channel"))
+        group.attrs.update({"method": method, "source": location})
+        self._missing.discard(f"{rel}/rgb")
+        if self.local:
+            final = self._path(rel)
+            if os.path.exists(final):
+                self.fs.rm(final, recursive=True)
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            os.replace(self._path(target), final)
+        return rel
+
+    def read_falsecolor_crop(self, location: str, y: int, x: int, size: int) -> np.ndarray | None:
+        """The stored false-colour RGB of a window, or None when it was never derived (remembered per Catalog)."""
+        key = f"{self.falsecolor_location(location)}/rgb"
+        if key in self._missing:
+            return None
+        if key not in self._arrays:
+            try:
+                group = zarr.open_group(self._zarr_store(self.falsecolor_location(location)), mode="r",
+                                        zarr_format=3)
+            except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+                self._missing.add(key)
+                return None
+            self._arrays[key] = member(group, "rgb")
+        return np.asarray(self._arrays[key][y:y + size, x:x + size])
 
     def rgb(self, image_id: str) -> np.ndarray | None:
         """The aligned RGB ``(y, x, 3)`` uint8 stored beside the cube, or None."""

@@ -17,9 +17,13 @@ dead pixels do not set the contrast.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import colour
 import numpy as np
+
+if TYPE_CHECKING:
+    from catalog.store import Catalog
 
 VISIBLE_NM = (400.0, 700.0)
 MIN_VISIBLE_BANDS = 3
@@ -169,3 +173,17 @@ def spectral_sequence(cube: np.ndarray, wavelengths: np.ndarray, stride: int) ->
         frames.append(Frame(rgb=stretch_bands(cube, (b2, b1, b0)), bands=(b0, b1, b2),
                             wavelengths=(float(wl[b0]), float(wl[b1]), float(wl[b2]))))
     return frames
+
+
+def ensure_falsecolor(catalog: Catalog, image_id: str) -> str:
+    """Derive and store the image's false-colour RGB once (images with a native aligned RGB need none), so that
+    training crops read it instead of recomputing it; returns the method used."""
+    row = catalog.row(image_id)
+    if bool(row["has_rgb"]):
+        return "native"
+    if catalog.read_falsecolor_crop(row["location"], 0, 0, 1) is not None:
+        return "stored"
+    da = catalog.open(image_id)
+    rgb, method = to_rgb(np.asarray(da.values), np.asarray(da["wavelength"].values))
+    catalog.write_falsecolor(row["location"], rgb, method)
+    return method

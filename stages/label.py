@@ -18,6 +18,7 @@ from catalog.masks import MaskSet, MaskStore
 from catalog.store import Catalog
 from infra.settings import Settings, get_settings
 from stages import fuse as fusion
+from stages.falsecolor import ensure_falsecolor
 from stages.labeling import ImageSample, Labeler
 
 BRANCHES = ("spatial", "spectral", "material")
@@ -60,6 +61,8 @@ def label_image(catalog: Catalog, image_id: str, labeler: Labeler) -> dict[str, 
     sample = ImageSample.from_catalog(catalog, image_id)
     with _LOCKS[labeler.labeler_id]:  # predictors keep per-image state: one image at a time per labeler
         masks = labeler.label(sample)
+    if labeler.branch == "spatial":  # keep the RGB SAM2 saw: pretraining's teacher reads crops of it
+        ensure_falsecolor(catalog, image_id)
     store.write(image_id, labeler.labeler_id, labeler.branch, masks, labeler.random_init,
                 attrs={**(masks.attrs or {}), "descriptor": labeler.descriptor()})
     return {"image_id": image_id, "branch": labeler.branch, "labeler_id": labeler.labeler_id, "masks": len(masks),

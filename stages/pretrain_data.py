@@ -240,8 +240,9 @@ class PretrainDataset(Dataset[PretrainSample]):
         the false-colour stage's RGB of the crop (CIE 1931 synthesis or band pick, as the spatial branch sees)."""
         if info.has_rgb:
             rgb = self.catalog.read_rgb_crop(info.location, y0, x0, self.crop_size)
-        else:
-            rgb = to_rgb(crop, info.wavelengths)[0]
+        else:  # the spatial stage's stored false colour; computed on the crop if it was never derived
+            stored = self.catalog.read_falsecolor_crop(info.location, y0, x0, self.crop_size)
+            rgb = stored if stored is not None else to_rgb(crop, info.wavelengths)[0]
         return np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32) / 255.0
 
     @staticmethod

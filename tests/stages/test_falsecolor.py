@@ -143,3 +143,26 @@ def test_nan_cube_raises_naming_nan() -> None:
         to_rgb(cube, wl)
     with pytest.raises(ValueError, match="NaN"):
         spectral_sequence(cube, wl, 2)
+
+
+def test_ensure_falsecolor_stores_the_rgb_once(tmp_path) -> None:
+    from catalog.fixtures import write_dataset
+    from catalog.specs import spec_for_folder
+    from catalog.store import Catalog
+    from stages.falsecolor import ensure_falsecolor, to_rgb
+    from stages.ingest import ingest_item, item_for, plan
+
+    write_dataset("harvard", tmp_path / "src")  # no aligned RGB
+    write_dataset("hssod", tmp_path / "src")  # aligned RGB
+    cat = Catalog(tmp_path / "cat").init()
+    for w in plan(tmp_path / "src", cat).items:
+        spec = spec_for_folder(tmp_path / "src" / w.dataset)
+        ingest_item(cat, spec, item_for(tmp_path / "src" / w.dataset, spec, w.primary))
+    harvard = cat.images("harvard").iloc[0]
+    assert cat.read_falsecolor_crop(harvard.location, 0, 0, 8) is None
+    assert ensure_falsecolor(cat, harvard.image_id) == "cie1931"
+    da = cat.open(harvard.image_id)
+    expected, _ = to_rgb(da.values, da["wavelength"].values)
+    np.testing.assert_array_equal(cat.read_falsecolor_crop(harvard.location, 2, 3, 8), expected[2:10, 3:11])
+    assert ensure_falsecolor(cat, harvard.image_id) == "stored"
+    assert ensure_falsecolor(cat, cat.images("hssod").iloc[0].image_id) == "native"
