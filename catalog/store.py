@@ -416,17 +416,20 @@ class Catalog:
         return np.asarray(member(group, "rgb")[...]) if "rgb" in group else None
 
     # ------------------------------------------------------------------ masks
-    def masks(self, image_id: str, branch: str | None = None, labeler_id: str | None = None) -> Any:
-        """The pseudo-label masks of one image (a MaskSet), by branch or labeler id; see catalog/masks.py."""
+    def masks(self, image_id: str, branch: str | None = None, labeler_id: str | None = None,
+              packed: bool = False) -> Any:
+        """The pseudo-label masks of one image (a MaskSet, or PackedMasks with ``packed``), by branch or labeler
+        id; see catalog/masks.py."""
         if self._mask_store is None:
             from catalog.masks import MaskStore
 
             self._mask_store = MaskStore(self)  # its index is read once and refreshed on a miss
-        return self._mask_store.read(image_id, labeler_id=labeler_id, branch=branch)
+        read = self._mask_store.read_packed if packed else self._mask_store.read
+        return read(image_id, labeler_id=labeler_id, branch=branch)
 
-    def fused(self, image_id: str) -> Any:
+    def fused(self, image_id: str, packed: bool = False) -> Any:
         """The fused pseudo-target of one image: its retained sub-masks with their prompts (a MaskSet)."""
-        return self.masks(image_id, branch="fused")
+        return self.masks(image_id, branch="fused", packed=packed)
 
     # ------------------------------------------------------------------ verification
     def verify(self, checksums: bool = True) -> VerifyReport:

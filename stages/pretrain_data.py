@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from catalog.masks import MaskSet, MaskStore
+from catalog.masks import MaskStore, PackedMasks
 from catalog.store import Catalog
 from stages.falsecolor import to_rgb
 
@@ -155,7 +155,7 @@ class PretrainDataset(Dataset[PretrainSample]):
 
     def __init__(self, catalog_uri: str, crop_size: int, images: Sequence[ImageInfo] | None = None,
                  max_masks: int = 16, min_mask_pixels: int = 16, crop_attempts: int = 8, seed: int = 0,
-                 mask_cache: int = 4) -> None:
+                 mask_cache_mb: float = 256.0) -> None:
         if crop_size < 8:
             raise ValueError(f"crop_size={crop_size} is too small; use at least one 8 px patch.")
         self.catalog_uri = catalog_uri
@@ -165,9 +165,9 @@ class PretrainDataset(Dataset[PretrainSample]):
         self.min_mask_pixels = min_mask_pixels
         self.crop_attempts = crop_attempts
         self.seed = seed
-        self.mask_cache = mask_cache
+        self.mask_cache_bytes = int(mask_cache_mb * 2**20)
         self._catalog: Catalog | None = None
-        self._masks: OrderedDict[str, MaskSet] = OrderedDict()
+        self._masks: OrderedDict[str, PackedMasks] = OrderedDict()
 
     def __getstate__(self) -> dict[str, object]:
         """Workers get the configuration, not the open catalog or the cache (each opens its own)."""
@@ -191,14 +191,14 @@ class PretrainDataset(Dataset[PretrainSample]):
     def __len__(self) -> int:
         return len(self.images)
 
-    def fused(self, image_id: str) -> MaskSet:
-        """The fused set of an image, through a small per-process LRU cache."""
+    def fused(self, image_id: str) -> PackedMasks:
+        """The fused set of an image, bit-packed, through a per-process LRU cache bounded in bytes."""
         if image_id in self._masks:
             self._masks.move_to_end(image_id)
             return self._masks[image_id]
-        masks = self.catalog.fused(image_id)
+        masks = self.catalog.fused(image_id, packed=True)
         self._masks[image_id] = masks
-        while len(self._masks) > self.mask_cache:
+        while len(self._masks) > 1 and sum(m.nbytes for m in self._masks.values()) > self.mask_cache_bytes:
             self._masks.popitem(last=False)
         return masks
 
@@ -214,7 +214,7 @@ class PretrainDataset(Dataset[PretrainSample]):
         for _ in range(self.crop_attempts):
             y0 = int(rng.integers(0, max(info.height - size, 0) + 1))
             x0 = int(rng.integers(0, max(info.width - size, 0) + 1))
-            areas = fused.masks[:, y0:y0 + size, x0:x0 + size].sum(axis=(1, 2))
+            areas = fused.window(y0, y0 + size, x0, x0 + size).sum(axis=(1, 2))
             keep = np.flatnonzero(areas >= self.min_mask_pixels)
             if keep.size:
                 break
@@ -222,7 +222,7 @@ class PretrainDataset(Dataset[PretrainSample]):
             keep = np.sort(rng.choice(keep, self.max_masks, replace=False))
         crop = self.catalog.read_crop(info.location, y0, x0, size)
         h, w = crop.shape[1:]
-        masks = fused.masks[keep, y0:y0 + h, x0:x0 + w]
+        masks = fused.window(y0, y0 + h, x0, x0 + w, keep)
         points = self._prompts(fused, keep, masks, (y0, x0), rng)
         return PretrainSample(
             image_id=info.image_id,
@@ -246,7 +246,7 @@ class PretrainDataset(Dataset[PretrainSample]):
         return np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32) / 255.0
 
     @staticmethod
-    def _prompts(fused: MaskSet, keep: np.ndarray, masks: np.ndarray, origin: tuple[int, int],
+    def _prompts(fused: PackedMasks, keep: np.ndarray, masks: np.ndarray, origin: tuple[int, int],
                  rng: np.random.Generator) -> np.ndarray:
         """One point (x, y) per kept sub-mask in crop pixels: the stored prompt when it lies inside the cropped
         mask, else a pixel of the cropped mask drawn uniformly."""

@@ -48,3 +48,15 @@ def test_empty_mask_set(tmp_path: Path) -> None:
     empty = np.zeros((0, 8, 9), bool)
     MaskStore(cat).write("ds/img", "lab", "spatial", MaskSet(empty, table_from_masks(empty, "spatial")), True)
     assert cat.masks("ds/img").masks.shape == (0, 8, 9)
+
+
+def test_packed_windows_match_the_unpacked_masks(tmp_path: Path) -> None:
+    cat = Catalog(tmp_path / "cat").init()
+    m = _masks(4, 17, 29)
+    MaskStore(cat).write("ds/img", "lab", "fused", MaskSet(m, table_from_masks(m, "fused")), True)
+    packed = cat.fused("ds/img", packed=True)
+    assert packed.nbytes == 4 * 17 * 4  # 29 columns -> 4 bytes per row
+    np.testing.assert_array_equal(packed.unpack().masks, m)
+    for y0, y1, x0, x1 in [(0, 17, 0, 29), (3, 9, 5, 22), (10, 40, 13, 29), (0, 1, 7, 9)]:
+        np.testing.assert_array_equal(packed.window(y0, y1, x0, x1), m[:, y0:y1, x0:x1])
+    np.testing.assert_array_equal(packed.window(2, 8, 9, 17, np.array([3, 1])), m[[3, 1], 2:8, 9:17])
