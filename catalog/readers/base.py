@@ -204,13 +204,6 @@ def get_reader(name: str, path: str | Path = "<spec>") -> Reader:
                          f"use one of: {', '.join(sorted(READERS))}") from None
 
 
-def require_file(path: Path, field_name: str, fix: str) -> Path:
-    """Return ``path`` if it exists, else an InputError naming it."""
-    if not path.exists():
-        raise InputError(path, field_name, "file does not exist", fix)
-    return path
-
-
 def load_rgb(path: Path) -> np.ndarray:
     """Read an aligned RGB image (JPEG/PNG/BMP) as ``(y, x, 3)`` uint8."""
     from PIL import Image
