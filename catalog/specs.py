@@ -162,12 +162,14 @@ def parse_spec(data: Any, path: str | Path) -> DatasetSpec:
 
 def load_spec_file(path: str | Path) -> DatasetSpec:
     """Read and validate a user's ``dataset.yaml``."""
-    path = Path(path)
+    return parse_spec(_read_yaml(Path(path)), path)
+
+
+def _read_yaml(path: Path) -> Any:
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise InputError(path, "<yaml>", f"not valid YAML ({exc})", "fix the YAML syntax") from None
-    return parse_spec(data, path)
 
 
 @cache
@@ -188,7 +190,7 @@ def spec_for_folder(folder: Path) -> DatasetSpec | None:
     image ids and ``--dataset`` filters use what the user sees), else the built-in named like the folder."""
     own = folder / SPEC_FILENAME
     if own.is_file():
-        spec = load_spec_file(own)
-        explicit = "slug" in (yaml.safe_load(own.read_text()) or {})
-        return spec if explicit else spec.model_copy(update={"slug": folder.name})
+        data = _read_yaml(own)
+        spec = parse_spec(data, own)
+        return spec if "slug" in data else spec.model_copy(update={"slug": folder.name})
     return builtin_specs().get(folder.name)
