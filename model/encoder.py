@@ -167,32 +167,19 @@ class HyperFreeImageEncoder(SpectralPatchEmbed):
         self.feature_indexes = frozenset(config.feature_indexes or ())
         grid = (config.grid_size, config.grid_size)
         norm = partial(nn.LayerNorm, eps=1e-6)
+
+        def block(dim: int, heads: int, window: int) -> Block:
+            return Block(dim=dim, num_heads=heads, mlp_ratio=config.mlp_ratio, qkv_bias=True, norm_layer=norm,
+                         use_rel_pos=True, window_size=window, input_size=grid)
+
         self.pos_embed_mlp = MLP(config.embed_dim, config.embed_dim // 2, config.embed_dim, 3)
         self.blocks = nn.ModuleList(
-            Block(
-                dim=config.embed_dim,
-                num_heads=config.num_heads,
-                mlp_ratio=config.mlp_ratio,
-                qkv_bias=True,
-                norm_layer=norm,
-                use_rel_pos=True,
-                window_size=0 if i in config.global_attn_indexes else config.window_size,
-                input_size=grid,
-            )
+            block(config.embed_dim, config.num_heads, 0 if i in config.global_attn_indexes else config.window_size)
             for i in range(config.depth)
         )
         # Kept for checkpoint compatibility: HyperFree's `convert_semantic_feature` blocks on the neck output.
         self.contras_modules = nn.ModuleList(
-            Block(
-                dim=config.out_chans,
-                num_heads=config.contrast_heads,
-                mlp_ratio=config.mlp_ratio,
-                qkv_bias=True,
-                norm_layer=norm,
-                use_rel_pos=True,
-                window_size=config.contrast_window,
-                input_size=grid,
-            )
+            block(config.out_chans, config.contrast_heads, config.contrast_window)
             for _ in range(config.contrast_depth)
         )
         self.neck = nn.Sequential(
