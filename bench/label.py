@@ -51,8 +51,8 @@ def main() -> None:
     from catalog.store import Catalog
     from pipelines.cli import _ingest
     from pipelines.label import label_flow, relabel_flow
-    from stages import label as stage
-    from stages.labeling import ImageSample
+    from stages.labelling import label as stage
+    from stages.labelling.labeler import ImageSample
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -31,8 +31,8 @@ def make_catalog(root: Path, images: int = 8, size: int = 96) -> str:
     from catalog.masks import MaskSet, MaskStore, table_from_masks
     from catalog.specs import parse_spec
     from catalog.store import Catalog
-    from stages.falsecolor import ensure_falsecolor
     from stages.ingest import ingest_item, item_for
+    from stages.labelling.falsecolor import ensure_falsecolor
 
     rng = np.random.default_rng(0)
     folder = root / "src" / "bench"
@@ -62,8 +62,10 @@ def loader_vs_memory(catalog: str, steps: int, workers: int) -> None:
     from torch.utils.data import DataLoader
 
     from catalog.store import Catalog
-    from stages.pretrain import PretrainConfig, Trainer, setup_runtime
-    from stages.pretrain_data import BandSignatureBatchSampler, PretrainDataset, collate, scan_catalog
+    from stages.pretraining import PretrainConfig
+    from stages.pretraining.data import BandSignatureBatchSampler, PretrainDataset, collate, scan_catalog
+    from stages.pretraining.runtime import setup_runtime
+    from stages.pretraining.trainer import Trainer
 
     config = PretrainConfig.preset("tiny", catalog=catalog, steps=steps + 2, batch_size=4, crop_size=64,
                                    device="cpu")

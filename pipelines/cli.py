@@ -228,7 +228,7 @@ def show(image_id: str, catalog: CatalogOpt = None,
     """Write an overlay PNG of one image: its RGB with each branch's masks and the fused pseudo-target."""
     from catalog.store import Catalog
     from infra.settings import get_settings
-    from stages import label as stage
+    from stages.labelling import label as stage
 
     ids = {b: stage.cached_labeler(b).labeler_id for b in stage.BRANCHES}
     path = out or Path(image_id.replace("/", "__") + ".png")
@@ -289,7 +289,7 @@ def demo(workdir: Annotated[Path, typer.Option(help="where sources and the catal
     if not report.healthy:
         raise typer.Exit(1)
     from pipelines.label import run_label
-    from stages.label import cached_labeler
+    from stages.labelling.label import cached_labeler
 
     weights = {b: cached_labeler(b).weights for b in ("spatial", "spectral", "material")}
     console.print(f"[bold]4/5 label + fuse[/bold] with tiny models, weights: {weights}")

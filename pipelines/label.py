@@ -13,7 +13,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from catalog.masks import MaskStore
 from catalog.store import Catalog
 from infra.settings import get_settings
-from stages import label as stage
+from stages.labelling import label as stage
 
 
 # The mask store is the cache (keyed by labeler id), so Prefect's own caching stays off. The "gpu" tag lets a
@@ -64,7 +64,7 @@ def label_flow(catalog: str | None = None, branches: list[str] | None = None, da
 def _fuse_and_report(cat: Catalog, ids: dict[str, str], datasets: list[str] | None,
                      overlays: int) -> list[dict[str, Any]]:
     tau = get_settings().fuse_tau
-    from stages.fuse import fusion_id
+    from stages.labelling.fuse import fusion_id
 
     fid = fusion_id(list(ids.values()), tau)
     todo = stage.pending(cat, fid, datasets)

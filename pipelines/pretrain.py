@@ -1,5 +1,6 @@
 """Prefect wiring of the pretraining stage: one task runs the trainer (in-process, or torchrun with several
-devices), then the loss plot and the final metrics are published as artifacts. Logic lives in stages.pretrain."""
+devices), then the loss plot and the final metrics are published as artifacts. Logic lives in
+stages.pretraining."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from stages import pretrain as stage
+from stages import pretraining as stage
 
 
 # The run directory is the cache: `resume` continues a stopped run from its latest checkpoint.

@@ -11,8 +11,8 @@ from catalog.fixtures import write_dataset
 from catalog.masks import MaskStore
 from catalog.store import Catalog
 from infra.settings import get_settings
-from stages import label as stage
-from stages.fuse import fusion_id
+from stages.labelling import label as stage
+from stages.labelling.fuse import fusion_id
 
 FAST = {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
 

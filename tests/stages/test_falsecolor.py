@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import pytest
 
-from stages.falsecolor import (
+from stages.labelling.falsecolor import (
     band_pick_bands,
     covers_visible,
     percentile_stretch,
@@ -149,8 +149,8 @@ def test_ensure_falsecolor_stores_the_rgb_once(tmp_path) -> None:
     from catalog.fixtures import write_dataset
     from catalog.specs import spec_for_folder
     from catalog.store import Catalog
-    from stages.falsecolor import ensure_falsecolor, to_rgb
     from stages.ingest import ingest_item, item_for, plan
+    from stages.labelling.falsecolor import ensure_falsecolor, to_rgb
 
     write_dataset("harvard", tmp_path / "src")  # no aligned RGB
     write_dataset("hssod", tmp_path / "src")  # aligned RGB

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from catalog.masks import MaskSet, table_from_masks
-from stages.fuse import fuse, fusion_id, mask_nms, pseudo_target
+from stages.labelling.fuse import fuse, fusion_id, mask_nms, pseudo_target
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:

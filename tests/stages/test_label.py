@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from catalog.masks import MaskSet, table_from_masks
-from stages.label import branch_agreement
+from stages.labelling.label import branch_agreement
 
 
 def _set(masks: np.ndarray, branch: str) -> MaskSet:

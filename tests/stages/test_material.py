@@ -16,8 +16,8 @@ from catalog.masks import MASK_FIELDS, MaskSet, MaskStore
 from catalog.store import Catalog
 from model import create_model, extract_features
 from model.hyperfree import file_sha256
-from stages.labeling import RANDOM_INIT, ImageSample
-from stages.material import (
+from stages.labelling.labeler import RANDOM_INIT, ImageSample
+from stages.labelling.material import (
     DEFAULT_GSD_M,
     HyperFreeAutomaticMaskGenerator,
     HyperFreePredictor,
@@ -160,7 +160,7 @@ def test_labeler_id_changes_with_params_and_checkpoint(tmp_path: Path, caplog: p
     assert tiny_labeler(points_per_side=5).labeler_id != base.labeler_id
     assert tiny_labeler(default_gsd_m=1.0).labeler_id != base.labeler_id
 
-    caplog.set_level(logging.INFO, logger="stages.material")
+    caplog.set_level(logging.INFO, logger="stages.labelling.material")
     from_pth, from_st = tiny_labeler(pth), tiny_labeler(st)
     assert len({base.labeler_id, from_pth.labeler_id, from_st.labeler_id}) == 3
     assert from_pth.descriptor()["weights"] == file_sha256(pth)
@@ -256,7 +256,7 @@ def test_labels_a_catalogued_image_into_the_mask_store(tmp_path: Path) -> None:
     from catalog.fixtures import write_dataset
     from catalog.specs import spec_for_folder
     from stages.ingest import ingest_item, item_for, plan
-    from stages.label import label_image
+    from stages.labelling.label import label_image
 
     write_dataset("cave", tmp_path / "src")
     cat = Catalog(str(tmp_path / "cat"))

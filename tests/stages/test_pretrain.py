@@ -19,18 +19,11 @@ from catalog.specs import spec_for_folder
 from catalog.store import Catalog
 from model import create_model, load_checkpoint
 from stages.ingest import ingest_item, item_for, plan
-from stages.pretrain import (
-    PretrainConfig,
-    Trainer,
-    latest_checkpoint,
-    launch,
-    lr_factor,
-    rng_state,
-    set_rng_state,
-    setup_runtime,
-    train,
-)
-from stages.pretrain_data import BandSignatureBatchSampler, PretrainDataset, collate, scan_catalog
+from stages.pretraining import PretrainConfig, launch, train
+from stages.pretraining.checkpoints import latest_checkpoint, rng_state, set_rng_state
+from stages.pretraining.data import BandSignatureBatchSampler, PretrainDataset, collate, scan_catalog
+from stages.pretraining.runtime import setup_runtime
+from stages.pretraining.trainer import Trainer, lr_factor
 
 DATASETS = ("cave", "hot-2024-rednir", "hyperspectral-city-v2", "virginia-tech-tree")  # 31, 15, 128, 420 bands
 CROP = 16
@@ -125,7 +118,7 @@ def test_small_images_are_padded_and_small_masks_dropped(catalog_uri: str) -> No
 
 
 def test_rgb_is_the_aligned_rgb_else_the_false_colour_of_the_crop(catalog_uri: str) -> None:
-    from stages.falsecolor import to_rgb
+    from stages.labelling.falsecolor import to_rgb
 
     ds = PretrainDataset(catalog_uri, CROP, min_mask_pixels=4)
     cat = Catalog(catalog_uri)

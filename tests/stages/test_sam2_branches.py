@@ -15,9 +15,9 @@ from PIL import Image
 from sam2.sam2_video_predictor import SAM2VideoPredictor
 
 from catalog.masks import MaskSet
-from stages.falsecolor import spectral_sequence
-from stages.labeling import ImageSample
-from stages.sam2_models import (
+from stages.labelling.falsecolor import spectral_sequence
+from stages.labelling.labeler import ImageSample
+from stages.labelling.sam2_models import (
     TINY_MODEL_CONFIG,
     SAM2CheckpointError,
     automatic_masks,
@@ -25,8 +25,8 @@ from stages.sam2_models import (
     mask_generator,
     remove_small_regions,
 )
-from stages.spatial import SpatialLabeler
-from stages.spectral import InMemoryVideoPredictor, SpectralLabeler
+from stages.labelling.spatial import SpatialLabeler
+from stages.labelling.spectral import InMemoryVideoPredictor, SpectralLabeler
 
 CONFIG, SIZE = TINY_MODEL_CONFIG["config"], TINY_MODEL_CONFIG["image_size"]
 #: Random weights score low: keep every mask so the synthetic scenes give at least one.

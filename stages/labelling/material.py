@@ -8,7 +8,7 @@ Three layers, as segment-anything separates them:
   wavelength-matched patch embedding; `predict` / `predict_torch` are SAM's, on HyperFree's prompt encoder and
   mask decoder.
 - `hyperfree_automatic_masks`: SAM's `SamAutomaticMaskGenerator` with that predictor and the Seg-Any-HSI defaults.
-- `MaterialLabeler`: the "material" branch of the labeler contract (stages.labeling).
+- `MaterialLabeler`: the "material" branch of the labeler contract (stages.labelling.labeler).
 
 Input scaling: the official *task* demos min-max the cube to uint8 when its max is <= 500; this branch does not.
 HyperFree's own automatic-segmentation script (Seg_Any_HSI.py, whose AMG defaults are used here) feeds the raw
@@ -33,7 +33,7 @@ from catalog.masks import MaskSet, table_from_masks
 from model import HyperFree, LoadReport, create_model, extract_features, get_config, load_checkpoint
 from model.hyperfree import effective_gsd, prepare_cube
 from model.spectral import match_bands
-from stages.labeling import ImageSample, Labeler
+from stages.labelling.labeler import ImageSample, Labeler
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ DEFAULT_GSD_M = 0.456
 """GSD (m/pixel) used when an image's GSD is unknown: the value of HyperFree's automatic-segmentation example
 (Seg_Any_HSI.py, WHU-Hi-LongKou). The HyperFree checkpoint was trained on remote-sensing scenes, so a GSD of that
 order keeps its scale-aware position embedding in distribution for scenes of unknown scale; override it with the
-labeler parameter ``default_gsd_m`` (stages.pretrain_data uses HyperVision's 0.01 for its own student)."""
+labeler parameter ``default_gsd_m`` (stages.pretraining.data uses HyperVision's 0.01 for its own student)."""
 
 AMG_DEFAULTS: dict[str, Any] = {
     # Seg_Any_HSI.py

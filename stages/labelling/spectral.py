@@ -30,10 +30,10 @@ from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
 from sam2.sam2_video_predictor import SAM2VideoPredictor
 
 from catalog.masks import MaskSet, table_from_masks
-from stages.falsecolor import spectral_sequence
-from stages.fuse import mask_nms
-from stages.labeling import ImageSample, Labeler
-from stages.sam2_models import (
+from stages.labelling.falsecolor import spectral_sequence
+from stages.labelling.fuse import mask_nms
+from stages.labelling.labeler import ImageSample, Labeler
+from stages.labelling.sam2_models import (
     amg_params,
     automatic_masks,
     build_sam2_model,

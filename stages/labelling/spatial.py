@@ -13,9 +13,9 @@ from typing import Any
 from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
 
 from catalog.masks import MaskSet, table_from_masks
-from stages.falsecolor import check_cube, to_rgb
-from stages.labeling import ImageSample, Labeler
-from stages.sam2_models import (
+from stages.labelling.falsecolor import check_cube, to_rgb
+from stages.labelling.labeler import ImageSample, Labeler
+from stages.labelling.sam2_models import (
     amg_params,
     automatic_masks,
     build_sam2_model,

@@ -3,9 +3,9 @@ of the same crop for the distillation teacher.
 
 Everything is read through the Catalog API (``read_crop`` for pixels, ``fused`` for masks, ``rgb``/``open`` for
 the aligned RGB and wavelengths); the catalog is opened lazily in each DataLoader worker. Images without an
-aligned RGB get the false-colour stage's RGB of the crop (``stages.falsecolor.to_rgb``). Randomness is keyed by
-(seed, image, draw id), never by worker state, so a batch is the same whatever the worker count, and a resumed run
-sees the batches an uninterrupted one would.
+aligned RGB get the false-colour stage's RGB of the crop (``stages.labelling.falsecolor.to_rgb``). Randomness is
+keyed by (seed, image, draw id), never by worker state, so a batch is the same whatever the worker count, and a
+resumed run sees the batches an uninterrupted one would.
 
 A batch shares one wavelength set: the channel-adaptive embedding picks bank kernels from the band wavelengths
 once per forward, so ``BandSignatureBatchSampler`` groups images by their band signature. Groups are drawn in
@@ -25,7 +25,7 @@ from torch.utils.data import Dataset, Sampler
 
 from catalog.masks import MaskStore, PackedMasks
 from catalog.store import Catalog
-from stages.falsecolor import to_rgb
+from stages.labelling.falsecolor import to_rgb
 
 DEFAULT_GSD_M = 0.01
 """GSD (m/pixel) assumed where the catalog does not know it: HyperVision's example value for ground scenes."""

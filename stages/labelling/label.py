@@ -17,9 +17,9 @@ import numpy as np
 from catalog.masks import MaskSet, MaskStore
 from catalog.store import Catalog
 from infra.settings import Settings, get_settings
-from stages import fuse as fusion
-from stages.falsecolor import ensure_falsecolor
-from stages.labeling import ImageSample, Labeler
+from stages.labelling import fuse as fusion
+from stages.labelling.falsecolor import ensure_falsecolor
+from stages.labelling.labeler import ImageSample, Labeler
 
 BRANCHES = ("spatial", "spectral", "material")
 _LOCKS: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
@@ -29,15 +29,15 @@ def build_labeler(branch: str, settings: Settings | None = None) -> Labeler:
     """The labeler of one branch as the settings configure it (model config, checkpoint or random-init, params)."""
     s = settings or get_settings()
     if branch == "spatial":
-        from stages.spatial import SpatialLabeler
+        from stages.labelling.spatial import SpatialLabeler
 
         return SpatialLabeler(s.sam2_model, s.sam2_checkpoint, s.spatial_params)
     if branch == "spectral":
-        from stages.spectral import SpectralLabeler
+        from stages.labelling.spectral import SpectralLabeler
 
         return SpectralLabeler(s.sam2_model, s.sam2_checkpoint, s.spectral_params)
     if branch == "material":
-        from stages.material import MaterialLabeler
+        from stages.labelling.material import MaterialLabeler
 
         return MaterialLabeler(s.hyperfree_model, s.hyperfree_checkpoint, s.material_params)
     raise ValueError(f"unknown branch '{branch}': choose from {', '.join(BRANCHES)}")
@@ -144,8 +144,8 @@ def write_overlays(catalog: Catalog, image_ids: list[str], labeler_ids: dict[str
 
 def overlay_png(catalog: Catalog, image_id: str, labeler_ids: dict[str, str], tau: float, path: str | Path) -> Path:
     """A PNG panel of the image's RGB with each branch's masks and the fused pseudo-target side by side."""
-    from stages.falsecolor import to_rgb
-    from stages.overlay import save_panel
+    from stages.labelling.falsecolor import to_rgb
+    from stages.labelling.overlay import save_panel
 
     sample = ImageSample.from_catalog(catalog, image_id)
     rgb, method = to_rgb(sample.cube, sample.wavelengths, sample.rgb)

@@ -1,0 +1,1 @@
+"""Downstream evaluation on the frozen backbone: features, task heads, metrics and reports."""

@@ -1,0 +1,1 @@
+"""Pseudo-labelling: false colour, the spatial / sequential-spectral / material branches, fusion, overlays."""

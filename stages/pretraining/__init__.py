@@ -1,0 +1,10 @@
+"""HyperVision pretraining: catalog crops with fused prompts (data), the restartable trainer, checkpoints, launcher.
+
+The public entry points are re-exported here: `PretrainConfig`, `launch`, `train`, `PretrainResult`.
+"""
+
+from stages.pretraining.config import RANDOM_INIT, PretrainConfig, PretrainResult
+from stages.pretraining.launch import launch
+from stages.pretraining.trainer import train
+
+__all__ = ["RANDOM_INIT", "PretrainConfig", "PretrainResult", "launch", "train"]

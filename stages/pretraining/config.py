@@ -1,0 +1,114 @@
+"""Pretraining run configuration (saved, resolved, beside every run) and the result a run returns."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from model.distill import DistillConfig, TeacherConfig
+from model.losses import SegLossConfig
+
+RANDOM_INIT = "random-init"
+STAGE_VERSION = "1"
+# Fields that may differ between a run and its resumption without changing what it computes.
+RUNTIME_FIELDS = {"device", "num_workers", "catalog", "out_dir", "keep_checkpoints"}
+
+@dataclass
+class PretrainConfig:
+    """Everything that defines a pretraining run; saved, resolved, as config.json beside the run."""
+
+    catalog: str | None = None
+    """Catalog URI (None: the settings' HVP_CATALOG)."""
+    out_dir: str = "./hvp-data/runs/pretrain"
+    model: str = "tiny"
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    student_checkpoint: str | None = None
+    """Initial student weights (e.g. HyperFree-b); None starts from random-init."""
+    steps: int = 1000
+    batch_size: int = 4
+    """Crops per rank and step."""
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    min_lr: float = 1e-6
+    grad_clip: float = 1.0
+    lambda_distill: float = 1.0
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    seg_loss: SegLossConfig = field(default_factory=SegLossConfig)
+    multimask: bool = True
+    """Three candidate masks per prompt, the best one trained (SAM's ambiguity-aware training)."""
+    crop_size: int | None = None
+    """Crop side in pixels; None uses the model's input size. Crops are resized to the input size when different."""
+    max_masks: int = 16
+    min_mask_pixels: int = 16
+    grid_samples: int | None = 40
+    """Training-mode random grid-bank subset size (HyperFree's 40); None uses every matched band."""
+    datasets: list[str] | None = None
+    seed: int = 0
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    num_workers: int = 0
+    device: str = "auto"
+    """"auto" (CUDA when available), "cpu" or "cuda"."""
+
+    @classmethod
+    def preset(cls, model: str, **overrides: Any) -> PretrainConfig:
+        """Defaults for a model size: the tiny model gets the tiny teacher and head (CPU tests), others the
+        ViT-S/14 DINOv2 teacher and the DINO head."""
+        small = model == "tiny"
+        base: dict[str, Any] = {"model": model}
+        if small:
+            base.update(teacher=TeacherConfig.tiny(), distill=DistillConfig.tiny(), warmup_steps=10, lr=1e-3,
+                        checkpoint_every=50)
+        return cls(**{**base, **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-friendly dict; `from_dict` inverts it."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PretrainConfig:
+        """Rebuild from `to_dict` output (a saved config.json's "config" entry)."""
+        values = dict(data)
+        nested = {"teacher": TeacherConfig, "distill": DistillConfig, "seg_loss": SegLossConfig}
+        for name, kind in nested.items():
+            if isinstance(values.get(name), dict):
+                values[name] = kind(**values[name])
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"Unknown PretrainConfig field(s) {sorted(unknown)}; valid: "
+                             f"{sorted(f.name for f in dataclasses.fields(cls))}.")
+        return cls(**values)
+
+    @classmethod
+    def load(cls, path: str | Path) -> PretrainConfig:
+        """Read a config JSON: either a bare config dict or a run's config.json (its "config" entry)."""
+        data = json.loads(Path(path).read_text())
+        return cls.from_dict(data.get("config", data))
+
+
+@dataclass
+class PretrainResult:
+    """What a run produced (paths as strings, so it crosses process and task boundaries)."""
+
+    out_dir: str
+    steps_done: int
+    final: dict[str, float]
+    metrics_csv: str
+    plot_png: str
+    checkpoint: str
+    steps_per_s: float
+    student_weights: str
+    teacher_weights: str
+    world_size: int
+
+    @property
+    def random_init(self) -> bool:
+        """True when the student or the teacher started from random weights."""
+        return RANDOM_INIT in (self.student_weights, self.teacher_weights)
+
+

@@ -1,0 +1,54 @@
+"""Where a training process runs: device, rank and world size; bf16 autocast on CUDA; the torchrun process group."""
+
+from __future__ import annotations
+
+import os
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where this process runs: device, rank and world size (1 without torchrun)."""
+
+    device: torch.device
+    rank: int
+    world_size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def autocast(self) -> AbstractContextManager[Any]:
+        """bf16 autocast on CUDA; fp32 on the CPU."""
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else nullcontext()
+
+
+def setup_runtime(device: str) -> Runtime:
+    """Pick the device and, under torchrun (WORLD_SIZE > 1), join the process group (NCCL on CUDA, else gloo)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("PretrainConfig.device is 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'.")
+    if device not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"PretrainConfig.device must be 'auto', 'cuda' or 'cpu', got {device!r}.")
+    dev = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return Runtime(dev, rank, world)
+
+
