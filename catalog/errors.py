@@ -22,3 +22,23 @@ class InputError(ValueError):
 
 class CatalogError(RuntimeError):
     """The catalog itself is inconsistent or unreachable (not the fault of one source file)."""
+
+
+class CorruptChunkError(CatalogError):
+    """A stored chunk failed its checksum or could not be decoded: the catalog would return wrong bytes.
+
+    Names the image, the array, the chunk (its grid index) and the file, and says how to repair it
+    (`hvp catalog verify --repair` re-ingests the image when its source is unchanged).
+    """
+
+    def __init__(self, image_id: str, array: str, chunk: tuple[int, ...], path: str, problem: str) -> None:
+        self.image_id = image_id
+        self.array = array
+        self.chunk = tuple(int(c) for c in chunk)
+        self.path = path
+        self.problem = problem
+        super().__init__(
+            f"{image_id}: chunk {self.chunk} of array '{array}' ({path}) is corrupt: {problem}. "
+            "Fix: run `hvp catalog verify --repair` to re-ingest the image from its unchanged source "
+            "(or re-ingest it after restoring the source file)."
+        )
