@@ -114,7 +114,7 @@ def centre_prior(height: int, width: int, sigma: float = 0.25) -> np.ndarray:
 
 def evaluate_centre_prior(masks: Sequence[np.ndarray], sigma: float = 0.25) -> SaliencyEval:
     """Salient-object scores of the centre prior against each mask."""
-    predictions = [centre_prior(*np.shape(m), sigma=sigma) for m in masks]
+    predictions = [centre_prior(np.shape(m)[0], np.shape(m)[1], sigma=sigma) for m in masks]
     return SaliencyEval(saliency_metrics(predictions, [np.asarray(m) for m in masks]), predictions)
 
 
