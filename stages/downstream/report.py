@@ -1,0 +1,294 @@
+"""The downstream report of a run: report.json, a Parquet table, a markdown table laid out like the paper's
+Tables 2-4 (the paper's figures beside this run's), and PNG plots (OTB curves, confusion matrix, examples).
+
+Every output carries the backbone's weight provenance and the preprocessing contract; a random-init backbone is
+named as such in each of them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from stages.downstream.metrics import TrackingCurves  # noqa: E402
+
+TASKS = ("segmentation", "saliency", "tracking")
+PRIMARY: dict[str, tuple[str, bool]] = {
+    "segmentation": ("miou", True),
+    "saliency": ("cc", True),
+    "tracking": ("success_auc", True),
+}
+"""Primary metric and whether higher is better, per task."""
+HEAD_NAMES = {
+    "segmentation": "RU-Net-style head (frozen backbone)",
+    "saliency": "BA-SAM-style head (frozen backbone)",
+    "tracking": "SiamHYPER-style head (frozen backbone)",
+}
+BASELINE_NAMES = {
+    "segmentation": "per-pixel spectral classifier",
+    "saliency": "centre prior",
+    "tracking": "first-frame box held",
+}
+
+# Columns of the paper's tables: (label, metric key or None for a paper-only column, scale for display).
+COLUMNS: dict[str, list[tuple[str, str | None, float]]] = {
+    "segmentation": [("Acc_μ %", "oa", 100.0), ("Acc_M %", "macc", 100.0), ("F1_M %", "mf1", 100.0),
+                     ("mIoU %", "miou", 100.0)],
+    "tracking": [("AUC", "success_auc", 1.0), ("DP@20", "precision_20", 1.0)],
+    "saliency": [("AUC", "auc", 1.0), ("CC", "cc", 1.0), ("MAE", "mae", 1.0),
+                 ("4th column (name lost in the paper's text)", None, 1.0), ("max F", "max_f", 1.0),
+                 ("S-measure", "s_measure", 1.0), ("E-measure", "e_measure", 1.0)],
+}
+# The paper's figures (Tables 2-4), per task and dataset key, in the order of the paper's columns.
+PAPER: dict[str, dict[str, dict[str, tuple[float, ...]]]] = {
+    "segmentation": {
+        "hsidrive": {"RU-Net (task-specific)": (95.53, 77.09, 79.36, 68.61),
+                     "HyperFree (head-only)": (96.56, 87.52, 88.22, 79.75),
+                     "HyperVision (head-only)": (97.44, 89.67, 90.70, 83.51)},
+        "hcity": {"RU-Net (task-specific)": (93.30, 63.13, 66.45, 56.11),
+                  "HyperFree (head-only)": (90.14, 58.88, 60.56, 49.07),
+                  "HyperVision (head-only)": (93.41, 66.05, 67.87, 57.04)},
+    },
+    "tracking": {"hot2023": {"SENSE": (0.559, 0.766), "SiamBAG": (0.512, 0.739), "HyperVision": (0.571, 0.785)}},
+    "saliency": {"hssod": {"BA-SAM": (0.938, 0.665, 0.070, 0.681), "HyperFree": (0.959, 0.735, 0.052, 0.728),
+                           "HyperVision": (0.959, 0.762, 0.049, 0.742)}},
+}
+PAPER_NAMES = {"hsidrive": "HSI Drive v2.0", "hcity": "Hyperspectral City v2", "hot2023": "HOT-2023",
+               "hssod": "HSSOD"}
+
+
+def paper_dataset(task: str, dataset: str) -> str | None:
+    """Key of the paper's figures for a catalog dataset name (HSI Drive, H-City, HOT-2023, HSSOD), or None."""
+    key = re.sub(r"[^a-z0-9]", "", dataset.lower())
+    aliases = {"hsidrive": ("hsidrive",), "hcity": ("hyperspectralcity", "hcity"), "hot2023": ("hot2023",),
+               "hssod": ("hssod",)}
+    for name, prefixes in aliases.items():
+        if name in PAPER.get(task, {}) and key.startswith(prefixes):
+            return name
+    return None
+
+
+@dataclass(frozen=True)
+class Overlay:
+    """One qualitative example: an RGB / false-colour image (H, W, 3) in [0, 1] with its label and prediction
+    (class maps or saliency maps), or, for tracking, named (x, y, w, h) boxes."""
+
+    image: np.ndarray
+    title: str = ""
+    target: np.ndarray | None = None
+    prediction: np.ndarray | None = None
+    boxes: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TaskReport:
+    """One task's results on one dataset: head and baseline scores plus what the plots need."""
+
+    task: str
+    dataset: str
+    head: dict[str, float]
+    baseline: dict[str, float]
+    confusion: np.ndarray | None = None
+    """Pooled confusion matrix of the head (rows = target), segmentation only."""
+    class_names: Sequence[str] = ()
+    head_curves: TrackingCurves | None = None
+    baseline_curves: TrackingCurves | None = None
+    overlays: Sequence[Overlay] = ()
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"TaskReport.task={self.task!r}; choose one of {TASKS}.")
+        primary = PRIMARY[self.task][0]
+        for side, scores in (("head", self.head), ("baseline", self.baseline)):
+            if primary not in scores:
+                raise ValueError(f"TaskReport {self.task}: {side} scores lack the primary metric {primary!r}; "
+                                 f"pass the dict the {self.task}_metrics function returns.")
+
+
+@dataclass(frozen=True)
+class ReportPaths:
+    """Where the report's files went."""
+
+    json: Path
+    parquet: Path
+    markdown: Path
+    plots: tuple[Path, ...]
+
+
+def report_json(tasks: Sequence[TaskReport], weights: str, preprocessing: str, model: str) -> dict[str, Any]:
+    """The report.json document: per task the dataset, head and baseline scores, primary metric and its sense;
+    the backbone's provenance beside it."""
+    out: dict[str, Any] = {"tasks": {}}
+    for t in tasks:
+        if t.task in out["tasks"]:
+            raise ValueError(f"Two {t.task} results in one report; write one report per dataset of a task.")
+        primary, higher = PRIMARY[t.task]
+        out["tasks"][t.task] = {"dataset": t.dataset, "head": {k: float(v) for k, v in t.head.items()},
+                                "baseline": {k: float(v) for k, v in t.baseline.items()}, "primary": primary,
+                                "higher_is_better": higher}
+    out["provenance"] = {"weights": weights, "preprocessing": preprocessing, "model": model}
+    return out
+
+
+def results_table(tasks: Sequence[TaskReport], weights: str, preprocessing: str, model: str) -> pd.DataFrame:
+    """Long table: one row per (task, method, metric)."""
+    rows = []
+    for t in tasks:
+        primary, higher = PRIMARY[t.task]
+        for method, scores in (("head", t.head), ("baseline", t.baseline)):
+            for metric, value in scores.items():
+                rows.append({"task": t.task, "dataset": t.dataset, "method": method, "metric": metric,
+                             "value": float(value), "primary": metric == primary, "higher_is_better": higher,
+                             "weights": weights, "preprocessing": preprocessing, "model": model})
+    return pd.DataFrame(rows)
+
+
+def _cell(value: float | None, scale: float) -> str:
+    if value is None or not np.isfinite(value):
+        return "—"
+    return f"{value * scale:.2f}" if scale != 1.0 else f"{value:.3f}"
+
+
+def markdown_table(t: TaskReport, weights: str) -> str:
+    """The task's table as in the paper: methods as rows, the paper's columns, a `source` column marking the
+    paper's figures ("paper") and this run's ("this run")."""
+    columns = COLUMNS[t.task]
+    key = paper_dataset(t.task, t.dataset)
+    title = f"### {t.task.capitalize()} — {t.dataset}"
+    header = "| method | source | " + " | ".join(label for label, _, _ in columns) + " |"
+    lines = [title, "", header, "|" + "---|" * (len(columns) + 2)]
+    for method, figures in (PAPER[t.task].get(key, {}) if key else {}).items():
+        cells = [_cell(v / scale, scale) for v, (_, _, scale) in zip(figures, columns, strict=False)]
+        lines.append(f"| {method} | paper | " + " | ".join(cells + ["—"] * (len(columns) - len(cells))) + " |")
+    for name, scores in ((HEAD_NAMES[t.task], t.head), (BASELINE_NAMES[t.task], t.baseline)):
+        cells = [_cell(scores.get(metric) if metric else None, scale) for _, metric, scale in columns]
+        lines.append(f"| {name} | this run ({weights}) | " + " | ".join(cells) + " |")
+    lines.append("")
+    if key is None:
+        lines.append(f"The paper reports no figures for {t.dataset}.")
+    else:
+        lines.append(f"Paper figures: {PAPER_NAMES[key]}, head-only adaptation of a pretrained backbone.")
+    return "\n".join(lines)
+
+
+def _plot_curves(t: TaskReport, out_dir: Path, weights: str) -> list[Path]:
+    if t.head_curves is None or t.baseline_curves is None:
+        return []
+    paths = []
+    for name, x_of, y_of, xlabel, score in (
+        ("success", lambda c: c.iou_thresholds, lambda c: c.success, "IoU threshold", "success_auc"),
+        ("precision", lambda c: c.error_thresholds, lambda c: c.precision, "centre error threshold (px)",
+         "precision_20"),
+    ):
+        fig, ax = plt.subplots(figsize=(5, 4))
+        for label, curves, scores in (("head", t.head_curves, t.head), ("baseline", t.baseline_curves,
+                                                                          t.baseline)):
+            ax.plot(x_of(curves), y_of(curves), label=f"{label} [{score} {scores.get(score, float('nan')):.3f}]")
+        ax.set(xlabel=xlabel, ylabel=f"{name} rate", ylim=(0, 1.02),
+               title=f"{t.dataset}: {name} plot\nbackbone {weights}")
+        ax.legend(loc="best", fontsize=8)
+        path = out_dir / f"tracking_{name}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _plot_confusion(t: TaskReport, out_dir: Path, weights: str) -> list[Path]:
+    if t.confusion is None:
+        return []
+    cm = np.asarray(t.confusion, dtype=np.float64)
+    shown = np.flatnonzero((cm.sum(1) + cm.sum(0)) > 0)
+    cm = cm[np.ix_(shown, shown)]
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    names = [t.class_names[int(i)] if i < len(t.class_names) else str(i) for i in shown]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.5 * len(shown), 1 + 0.5 * len(shown)))
+    image = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(shown)), names, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(shown)), names, fontsize=7)
+    for i in range(len(shown)):
+        for j in range(len(shown)):
+            ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                    color="white" if norm[i, j] > 0.5 else "black")
+    ax.set(xlabel="predicted", ylabel="target", title=f"{t.dataset} (row-normalised)\nbackbone {weights}")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    path = out_dir / "segmentation_confusion.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return [path]
+
+
+def _plot_overlays(t: TaskReport, out_dir: Path, weights: str) -> list[Path]:
+    if not t.overlays:
+        return []
+    n_cols = 1 if t.task == "tracking" else 3
+    fig, axes = plt.subplots(len(t.overlays), n_cols, figsize=(3.2 * n_cols, 3 * len(t.overlays)), squeeze=False)
+    colours = ("lime", "red", "deepskyblue", "orange")
+    for row, overlay in zip(axes, t.overlays, strict=True):
+        row[0].imshow(np.clip(overlay.image, 0, 1))
+        row[0].set_title(overlay.title or "image", fontsize=8)
+        for (name, box), colour in zip(overlay.boxes.items(), colours, strict=False):
+            x, y, w, h = np.asarray(box, dtype=float)
+            row[0].add_patch(plt.Rectangle((x, y), w, h, fill=False, color=colour, lw=1.5, label=name))
+        if overlay.boxes:
+            row[0].legend(loc="lower right", fontsize=6)
+        if n_cols == 3:
+            kwargs: dict[str, Any] = ({"cmap": "tab20", "interpolation": "nearest"} if t.task == "segmentation"
+                                      else {"cmap": "gray", "vmin": 0, "vmax": 1})
+            for ax, data, label in ((row[1], overlay.target, "label"), (row[2], overlay.prediction, "head")):
+                if data is not None:
+                    ax.imshow(data, **kwargs)
+                ax.set_title(label, fontsize=8)
+        for ax in row:
+            ax.axis("off")
+    fig.suptitle(f"{t.dataset}: {t.task} examples (backbone {weights})", fontsize=9)
+    path = out_dir / f"{t.task}_examples.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return [path]
+
+
+def write_report(out_dir: Path, tasks: Sequence[TaskReport], *, weights: str, preprocessing: str,
+                 model: str = "") -> ReportPaths:
+    """Write report.json, results.parquet, report.md and the plots under `out_dir`.
+
+    `weights` is the backbone's provenance (a checkpoint sha256, or "random-init"), `preprocessing` the input
+    contract's name and `model` the registry name; all three are recorded in every file.
+    """
+    if not tasks:
+        raise ValueError("write_report: no task results to report.")
+    out_dir = Path(out_dir)
+    plots_dir = out_dir / "plots"
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    doc = report_json(tasks, weights, preprocessing, model)
+    json_path = out_dir / "report.json"
+    json_path.write_text(json.dumps(doc, indent=2))
+    parquet_path = out_dir / "results.parquet"
+    results_table(tasks, weights, preprocessing, model).to_parquet(parquet_path, index=False)
+    plots: list[Path] = []
+    for t in tasks:
+        plots += _plot_curves(t, plots_dir, weights) + _plot_confusion(t, plots_dir, weights)
+        plots += _plot_overlays(t, plots_dir, weights)
+    warning = ("\n**The backbone is random-init: these figures measure the pipeline, not a trained backbone, and "
+               "are not comparable to the paper's.**\n" if "random-init" in weights else "")
+    md = [f"# Downstream report\n\nBackbone `{model or 'unnamed'}`, weights `{weights}`, preprocessing "
+          f"`{preprocessing}`. Heads train on the frozen backbone's features (head-only adaptation).\n{warning}"]
+    md += [markdown_table(t, weights) + "\n" for t in tasks]
+    md += ["Plots: " + ", ".join(f"[{p.name}](plots/{p.name})" for p in plots) + "\n"] if plots else []
+    md_path = out_dir / "report.md"
+    md_path.write_text("\n".join(md))
+    return ReportPaths(json_path, parquet_path, md_path, tuple(plots))
