@@ -36,7 +36,8 @@ def test_feature_layout_matches_what_the_tiny_encoder_returns() -> None:
     layout = feature_layout(model.config.encoder)
     size = model.config.encoder.img_size
     with torch.no_grad():
-        feats = model.image_encoder.forward_intermediates(torch.rand(1, 6, size, size), [450 + 40 * i for i in range(6)])
+        feats = model.image_encoder.forward_intermediates(torch.rand(1, 6, size, size),
+                                                          [450 + 40 * i for i in range(6)])
     assert [f.shape[1] for f in feats] == list(layout.channels)
     assert [size // f.shape[-1] for f in feats] == list(layout.strides)
 
