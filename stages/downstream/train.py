@@ -67,7 +67,8 @@ class HeadTrainConfig:
 
 
 RESUME_FREE = frozenset({"steps", "device", "checkpoint_every", "keep_checkpoints"})
-"""Settings a resumed run may change; any other difference would make the resumed run a different run."""
+"""Settings a resumed run may change (a longer `steps` extends the run: the cosine decay continues towards the new
+end); any other difference would make the resumed run a different run."""
 
 
 @dataclass(frozen=True)
@@ -190,6 +191,8 @@ def train_head(
         scheduler.load_state_dict(state["scheduler"])
         restore_rng(state["rng"])
         start = int(state["step"])
+        for group in optimizer.param_groups:  # a longer run continues on its own (new) cosine horizon
+            group["lr"] = group["initial_lr"] * lr_factor(start, config)
     else:
         torch.manual_seed(config.seed)
     resumed_from = start
