@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,6 +24,15 @@ from model.registry import create_model, get_config
 # The released HyperVision-B layout at 512 px: global attention at 5, 8, 11, patch merge after block 3.
 B_CONFIG = {"global_attn_indexes": (5, 8, 11), "merge_indexes": (3, 12), "img_size": 512}
 TARGETS = {"segmentation": 15.7e6, "saliency": 4.1e6, "tracking": 25.9e6}  # the paper's head sizes
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny tensors on a shared 2-core machine: one intra-op thread is ~10x faster than two fighting for cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def test_feature_layout_of_the_released_b_layout() -> None:

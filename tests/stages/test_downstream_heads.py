@@ -3,6 +3,7 @@ trivial baseline by a margin, checkpoints and resumes exactly, and never touches
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,15 @@ from stages.downstream.tracker import TrackerConfig, make_tracking_pairs
 from stages.downstream.train import HeadTrainConfig, train_head
 
 IGNORE = 255
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny tensors on a shared 2-core machine: one intra-op thread is ~10x faster than two fighting for cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------------------------------------ segmentation
