@@ -178,7 +178,7 @@ def markdown_table(t: TaskReport, weights: str) -> str:
     if key is None:
         lines.append(f"The paper reports no figures for {t.dataset}.")
     else:
-        lines.append(f"Paper figures: {PAPER_NAMES[key]}, head-only adaptation of a pretrained backbone.")
+        lines.append(f"Rows marked paper: the published figures on {PAPER_NAMES[key]}, not measured by this run.")
     return "\n".join(lines)
 
 
@@ -214,7 +214,7 @@ def _plot_confusion(t: TaskReport, out_dir: Path, weights: str) -> list[Path]:
     cm = cm[np.ix_(shown, shown)]
     norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     names = [t.class_names[int(i)] if i < len(t.class_names) else str(i) for i in shown]
-    fig, ax = plt.subplots(figsize=(1.2 + 0.5 * len(shown), 1 + 0.5 * len(shown)))
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.5 + 0.55 * len(shown)), max(4.0, 1.2 + 0.5 * len(shown))))
     image = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(len(shown)), names, rotation=60, ha="right", fontsize=7)
     ax.set_yticks(range(len(shown)), names, fontsize=7)
@@ -231,12 +231,22 @@ def _plot_confusion(t: TaskReport, out_dir: Path, weights: str) -> list[Path]:
     return [path]
 
 
+def _class_colours(classes: np.ndarray, n_classes: int) -> np.ndarray:
+    """RGB image of a class map: tab20 colours, ids outside [0, n_classes) (ignored pixels) black."""
+    rgb = np.zeros((*classes.shape, 3))
+    valid = (classes >= 0) & (classes < n_classes)
+    rgb[valid] = plt.get_cmap("tab20")(classes[valid] % 20)[:, :3]
+    return rgb
+
+
 def _plot_overlays(t: TaskReport, out_dir: Path, weights: str) -> list[Path]:
     if not t.overlays:
         return []
     n_cols = 1 if t.task == "tracking" else 3
-    fig, axes = plt.subplots(len(t.overlays), n_cols, figsize=(3.2 * n_cols, 3 * len(t.overlays)), squeeze=False)
+    fig, axes = plt.subplots(len(t.overlays), n_cols, figsize=(max(5.0, 3.2 * n_cols), 3 * len(t.overlays)),
+                             squeeze=False)
     colours = ("lime", "red", "deepskyblue", "orange")
+    n_classes = t.confusion.shape[0] if t.confusion is not None else max(len(t.class_names), 20)
     for row, overlay in zip(axes, t.overlays, strict=True):
         row[0].imshow(np.clip(overlay.image, 0, 1))
         row[0].set_title(overlay.title or "image", fontsize=8)
@@ -246,11 +256,11 @@ def _plot_overlays(t: TaskReport, out_dir: Path, weights: str) -> list[Path]:
         if overlay.boxes:
             row[0].legend(loc="lower right", fontsize=6)
         if n_cols == 3:
-            kwargs: dict[str, Any] = ({"cmap": "tab20", "interpolation": "nearest"} if t.task == "segmentation"
-                                      else {"cmap": "gray", "vmin": 0, "vmax": 1})
             for ax, data, label in ((row[1], overlay.target, "label"), (row[2], overlay.prediction, "head")):
-                if data is not None:
-                    ax.imshow(data, **kwargs)
+                if data is not None and t.task == "segmentation":
+                    ax.imshow(_class_colours(np.asarray(data), n_classes), interpolation="nearest")
+                elif data is not None:
+                    ax.imshow(data, cmap="gray", vmin=0, vmax=1)
                 ax.set_title(label, fontsize=8)
         for ax in row:
             ax.axis("off")
