@@ -18,7 +18,7 @@ from stages.downstream.metrics import (
     tracking_curves,
     tracking_metrics,
 )
-from stages.downstream.samples import SaliencySample, SegmentationSample, TrackingSequence, stack_features, to_native
+from stages.downstream.samples import SaliencySample, SegmentationSample, TrackingSequence, stack_features
 from stages.downstream.tracker import FeatureFn, TrackerConfig, track_sequence
 from stages.downstream.train import autocast
 
@@ -63,8 +63,7 @@ def _native_outputs(head: nn.Module, samples: Sequence[SegmentationSample | Sali
         with autocast(device):
             logits = head(stack_features([s.features for s in batch], device))
         for i, sample in enumerate(batch):
-            size = sample.target.shape if isinstance(sample, SegmentationSample) else sample.mask.shape
-            outputs.append(to_native(logits[i: i + 1].float(), sample.input_size, size)[0].cpu())
+            outputs.append(sample.restore(logits[i: i + 1].float())[0].cpu())
     return outputs
 
 

@@ -52,6 +52,8 @@ class SegmentationSample:
     input_size: tuple[int, int] | None = None
     """(h, w) of the resized image inside the padded frame (released preprocessing); None: it fills the frame."""
     image_id: str = ""
+    frame_size: int | None = None
+    """Side of the square model frame; None: max(input_size), as when the longest side is resized to the frame."""
 
     def __post_init__(self) -> None:
         what = f"SegmentationSample {self.image_id!r}"
@@ -61,6 +63,10 @@ class SegmentationSample:
             raise ValueError(f"{what}: target has shape {tuple(target.shape)}; expected a (H, W) class map.")
         object.__setattr__(self, "target", target.long())
         object.__setattr__(self, "input_size", _input_size(self.input_size, what))
+
+    def restore(self, logits: torch.Tensor) -> torch.Tensor:
+        """Frame logits (1, K, h, w) -> (1, K, H, W) over this image's class map."""
+        return to_native(logits, self.input_size, self.target.shape, self.frame_size)
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,8 @@ class SaliencySample:
     input_size: tuple[int, int] | None = None
     """(h, w) of the resized image inside the padded frame; None: it fills the frame."""
     image_id: str = ""
+    frame_size: int | None = None
+    """Side of the square model frame; None: max(input_size), as when the longest side is resized to the frame."""
 
     def __post_init__(self) -> None:
         what = f"SaliencySample {self.image_id!r}"
@@ -81,6 +89,10 @@ class SaliencySample:
             raise ValueError(f"{what}: mask has shape {tuple(mask.shape)}; expected (H, W).")
         object.__setattr__(self, "mask", (mask.float() > 0.5).float())
         object.__setattr__(self, "input_size", _input_size(self.input_size, what))
+
+    def restore(self, logits: torch.Tensor) -> torch.Tensor:
+        """Frame logits (1, 1, h, w) -> (1, 1, H, W) over this image's mask."""
+        return to_native(logits, self.input_size, self.mask.shape, self.frame_size)
 
 
 @dataclass(frozen=True)
@@ -134,11 +146,13 @@ def stack_features(items: Sequence[Features], device: torch.device) -> list[torc
             for i in range(len(items[0]))]
 
 
-def to_native(logits: torch.Tensor, input_size: tuple[int, int] | None, size: Sequence[int]) -> torch.Tensor:
-    """Map frame logits (B, K, h, w) back to an image of `size` (H, W): upsample to the frame, drop the padding
-    beyond `input_size`, resize to the image (SAM's postprocess_masks)."""
+def to_native(logits: torch.Tensor, input_size: tuple[int, int] | None, size: Sequence[int],
+              frame_size: int | None = None) -> torch.Tensor:
+    """Map frame logits (B, K, h, w) back to an image of `size` (H, W): upsample to the frame (`frame_size`, by
+    default the longest side of `input_size`), drop the padding beyond `input_size`, resize to the image (SAM's
+    postprocess_masks)."""
     if input_size is not None:
-        side = max(input_size)
+        side = frame_size or max(input_size)
         logits = F.interpolate(logits, (side, side), mode="bilinear", align_corners=False)
         logits = logits[..., : input_size[0], : input_size[1]]
     if tuple(logits.shape[-2:]) != tuple(size):

@@ -16,7 +16,7 @@ from torch import nn
 from torchvision.ops import generalized_box_iou_loss
 
 from model.losses import dice_loss
-from stages.downstream.samples import SaliencySample, SegmentationSample, TrackingPair, stack_features, to_native
+from stages.downstream.samples import SaliencySample, SegmentationSample, TrackingPair, stack_features
 
 
 class HeadTask(Protocol):
@@ -45,7 +45,7 @@ class SegmentationTask:
         count = 0
         for i, sample in enumerate(batch):
             target = sample.target.to(device)
-            native = to_native(logits[i: i + 1], sample.input_size, tuple(target.shape))
+            native = sample.restore(logits[i: i + 1])
             total = total + F.cross_entropy(native.float(), target[None], ignore_index=ignore, reduction="sum")
             count += int((target != ignore).sum())
         return total / max(count, 1)
@@ -63,7 +63,7 @@ class SaliencyTask:
         losses = []
         for i, sample in enumerate(batch):
             mask = sample.mask.to(device)
-            native = to_native(logits[i: i + 1], sample.input_size, tuple(mask.shape))[0, 0].float()
+            native = sample.restore(logits[i: i + 1])[0, 0].float()
             losses.append(F.binary_cross_entropy_with_logits(native, mask) + dice_loss(native, mask))
         return torch.stack(losses).mean()
 

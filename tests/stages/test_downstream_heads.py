@@ -252,3 +252,14 @@ def test_the_backbone_stays_frozen_with_a_real_tiny_backbone_in_the_loop(tmp_pat
         assert torch.equal(param, before[name]), name
     for name, buffer in backbone.named_buffers():
         assert torch.equal(buffer, before[name]), name
+
+
+def test_predictions_drop_the_frame_padding() -> None:
+    rows = torch.arange(8, dtype=torch.float32).repeat_interleave(4)  # frame of 32 px, one value per 4-px row
+    logits = rows[None, None, :, None].expand(1, 1, 32, 32).clone()
+    sample = SaliencySample([torch.zeros(1, 8, 8)], np.zeros((12, 16)), input_size=(24, 32))
+    restored = sample.restore(logits)
+    assert restored.shape == (1, 1, 12, 16)
+    assert restored[0, 0, 0, 0] == 0 and restored[0, 0, -1, 0] == 5  # rows 24-31 of the frame are padding
+    small = SaliencySample([torch.zeros(1, 8, 8)], np.zeros((12, 16)), input_size=(12, 16), frame_size=32)
+    assert small.restore(logits)[0, 0, -1, 0] == 2  # the image fills only the frame's top-left 12 x 16
