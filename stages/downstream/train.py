@@ -177,6 +177,8 @@ def train_head(
     resolved = {"task": dataclasses.asdict(task),  # type: ignore[call-overload]
                 "head": getattr(head, "hparams", {}), "train": dataclasses.asdict(config), "weights": weights,
                 "preprocessing": preprocessing, "trainable_parameters": count_trainable_parameters(head)}
+    logger.info("%s head: %d trainable parameters; backbone weights %s", task.name,
+                resolved["trainable_parameters"], weights)
     optimizer = torch.optim.AdamW(param_groups(head, config.weight_decay), lr=config.lr,
                                   fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
