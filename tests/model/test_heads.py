@@ -131,3 +131,17 @@ def test_head_rebuilds_from_its_hparams(task: str) -> None:
     out = head(feats) if task != "tracking" else head(feats, feats)[0]
     again = copy(feats) if task != "tracking" else copy(feats, feats)[0]
     assert torch.equal(out, again)
+
+
+@pytest.mark.slow
+def test_heads_run_on_real_b_layout_features() -> None:
+    """The -B layout the heads are sized for is what the encoder returns at 512 px."""
+    model = create_model("base", **B_CONFIG).eval()
+    layout = feature_layout(model.config.encoder)
+    with torch.no_grad():
+        feats = model.image_encoder.forward_intermediates(torch.rand(1, 8, 512, 512), [500 + 50 * i for i in range(8)])
+        assert [tuple(f.shape[1:]) for f in feats] == [(768, 32, 32), (768, 16, 16), (768, 16, 16), (256, 16, 16)]
+        assert build_head("segmentation", layout, num_classes=11).eval()(feats, (216, 409)).shape == (1, 11, 216, 409)
+        assert build_head("saliency", layout).eval()(feats).shape == (1, 1, 64, 64)
+        cls, box = build_head("tracking", layout).eval()(feats, feats)
+        assert cls.shape == (1, 1, 32, 32) and box.shape == (1, 4, 32, 32)
