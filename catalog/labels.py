@@ -278,8 +278,8 @@ def write_label_group(catalog: Catalog, location: str, array: np.ndarray, attrs:
         group = zarr.open_group(catalog._zarr_store(target), mode="w", zarr_format=3)
         group.create_array("label", data=np.ascontiguousarray(array), chunks=(chunk, chunk),
                            dimension_names=("y", "x"))
-        group.attrs.update({**attrs, "chunk": chunk, "chunk_sha256": chunk_checksums(array, chunk),
-                            "complete": True})
+        group.update_attributes({**attrs, "chunk": chunk, "chunk_sha256": chunk_checksums(array, chunk),
+                                 "complete": True})  # one metadata write (attrs.update writes once per key)
         if catalog.local:
             final = catalog._path(location)
             if os.path.exists(final):  # an incomplete leftover of a killed run
