@@ -196,6 +196,11 @@ def check_dataset_labels(spec: Any) -> None:
                              f"({', '.join(spec.splits.names())}): list the splits pretraining may use")
 
 
+def default_roles() -> list[Role]:
+    """What a spec that says nothing about roles serves: pretraining only."""
+    return ["pretraining"]
+
+
 def may_pretrain(roles: list[str], pretraining_splits: list[str], split: str | None) -> bool:
     """Whether pretraining may use an image: its dataset serves pretraining and, if it also serves evaluation,
     the image has no split or one of ``pretraining_splits``."""

@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from catalog.errors import InputError
-from catalog.labels import LabelSpec, Role, SplitSpec, check_dataset_labels
+from catalog.labels import LabelSpec, Role, SplitSpec, check_dataset_labels, default_roles
 from catalog.readers import get_reader
 from catalog.readers.base import Reader, ReaderOptions
 
@@ -82,7 +82,7 @@ class DatasetSpec(BaseModel):
     source_url: str | None = None
     licence: str | None = None
     notes: str | None = None
-    roles: list[Role] = Field(default_factory=lambda: ["pretraining"], min_length=1,
+    roles: list[Role] = Field(default_factory=default_roles, min_length=1,
                               description="pretraining, evaluation (labelled downstream data) or both")
     labels: LabelSpec | None = None
     splits: SplitSpec | None = None

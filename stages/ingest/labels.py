@@ -20,8 +20,14 @@ from typing import Any
 import numpy as np
 
 from catalog.errors import InputError
-from catalog.labels import (declaration_json, label_attrs, label_location, may_pretrain, write_label_group,
-                            write_track_row)
+from catalog.labels import (
+    declaration_json,
+    label_attrs,
+    label_location,
+    may_pretrain,
+    write_label_group,
+    write_track_row,
+)
 from catalog.readers.base import SourceItem
 from catalog.readers.labels import class_ids, read_boxes, read_label_map, saliency_mask
 from catalog.specs import DatasetSpec
