@@ -189,7 +189,8 @@ def check_dataset_labels(spec: Any) -> None:
                          "train a head and which evaluate it)")
     if spec.labels is not None and spec.labels.kind == "track" and spec.sample_every != 1:
         raise ValueError("track labels need every frame of a sequence: remove 'sample_every'")
-    if set(roles) == {"pretraining", "evaluation"} and spec.splits is not None:
+    if set(roles) == {"pretraining", "evaluation"} and spec.splits is not None and "pretraining_splits" in \
+            spec.model_fields_set:  # the default (train) may name no split: then only unsplit images pretrain
         unknown = [s for s in spec.pretraining_splits if s not in spec.splits.names()]
         if unknown:
             raise ValueError(f"'pretraining_splits' names {unknown}, which 'splits' never assigns "

@@ -114,11 +114,10 @@ def _read_image(path: Path, gray: bool) -> np.ndarray:
     try:
         with Image.open(path) as im:
             mode = im.mode
-            if mode in _SINGLE:
-                return np.asarray(im)  # palette images: the indices are the class ids
-            return _one_channel(path, np.asarray(im.convert("RGB")), gray, f"mode {mode}")
+            array = np.asarray(im if mode in _SINGLE else im.convert("RGB"))  # palette: the indices are the ids
     except (OSError, SyntaxError, ValueError) as exc:
         raise InputError(path, "labels.files", f"cannot read the image ({exc})", _REEXPORT) from exc
+    return _one_channel(path, array, gray, f"mode {mode}")
 
 
 def _one_channel(path: Path, array: np.ndarray, gray: bool, mode: str) -> np.ndarray:
