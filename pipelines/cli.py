@@ -69,13 +69,17 @@ def fixtures_make(out: Path, seed: int = 0,
 
 @app.command("datasets")
 def datasets() -> None:
-    """List the built-in dataset subsets (their slug is the folder name under a source root)."""
+    """List the built-in dataset subsets (their slug is the folder name under a source root) and, for the labelled
+    downstream ones, whether they also serve pretraining, their label kind and their splits."""
     from catalog.specs import builtin_specs
 
-    rows = [{"slug": s.slug, "name": s.name, "format": s.format, "bands": s.bands, "images": s.images,
-             "roles": "+".join(s.roles), "labels": s.labels.kind if s.labels else ""}
-            for s in builtin_specs().values()]
+    specs = builtin_specs().values()
+    rows = [{"slug": s.slug, "name": s.name, "format": s.format, "bands": s.bands, "images": s.images}
+            for s in specs]
     console.print(_table("built-in datasets", rows))
+    console.print(_table("labelled (downstream) datasets", [
+        {"slug": s.slug, "serves": " + ".join(s.roles), "labels": s.labels.kind,
+         "splits": ", ".join(s.splits.names()) if s.splits else ""} for s in specs if s.labels]))
 
 
 @app.command("ingest")
