@@ -6,6 +6,7 @@ Layout under the catalog URI (a directory or any fsspec URL)::
     cubes/<dataset>/<key>@<sha12>.zarr         group: cube (band, y, x) native dtype, wavelength, [fwhm, rgb, extras/]
     index/part-*.parquet                       one row per image (a part per writer, merged by compact())
     quarantine/part-*.parquet                  one row per rejected source file
+    labels/..., tracks/...                     labels of downstream datasets (see catalog/labels.py)
 
 Cube paths are content-addressed by the source sha256, so a re-ingest never overwrites a stored cube; the index
 row is the commit point (written last, as its own file), so a killed run leaves at most an orphan that
