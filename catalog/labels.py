@@ -363,7 +363,8 @@ def read_labels(catalog: Catalog, image_id: str, variant: str | None = None) -> 
         seq = row.get("sequence_id")
         hint = (f"; it is frame {row.get('frame_index')} of sequence '{seq}', whose boxes "
                 f"`Catalog.sequence('{seq}')` gives" if isinstance(seq, str) and seq else
-                "; its dataset declares no segmentation or saliency labels (see `Catalog.labelled`)")
+                "; it was stored without one (its dataset declares none, or its label file was absent and not "
+                "required; `Catalog.labelled` lists the labelled images)")
         raise KeyError(f"image '{image_id}' has no label map{hint}")
     array, attrs = read_label_array(catalog, image_id, location)
     kind = str(attrs["kind"])
