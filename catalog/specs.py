@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from catalog.errors import InputError
+from catalog.labels import LabelSpec, Role, SplitSpec, check_dataset_labels, default_roles
 from catalog.readers import get_reader
 from catalog.readers.base import Reader, ReaderOptions
 
@@ -81,6 +82,12 @@ class DatasetSpec(BaseModel):
     source_url: str | None = None
     licence: str | None = None
     notes: str | None = None
+    roles: list[Role] = Field(default_factory=default_roles, min_length=1,
+                              description="pretraining, evaluation (labelled downstream data) or both")
+    labels: LabelSpec | None = None
+    splits: SplitSpec | None = None
+    pretraining_splits: list[str] = Field(default_factory=lambda: ["train"],
+                                          description="with both roles: the splits pretraining may use")
 
     @field_validator("files", "exclude", mode="before")
     @classmethod
@@ -97,6 +104,7 @@ class DatasetSpec(BaseModel):
         wl = self.wavelength_values()
         if wl is not None and self.bands is not None and len(wl) != self.bands:
             raise ValueError(f"'wavelengths_nm' has {len(wl)} values but 'bands' is {self.bands}")
+        check_dataset_labels(self)
         return self
 
     @property

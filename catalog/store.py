@@ -6,6 +6,7 @@ Layout under the catalog URI (a directory or any fsspec URL)::
     cubes/<dataset>/<key>@<sha12>.zarr         group: cube (band, y, x) native dtype, wavelength, [fwhm, rgb, extras/]
     index/part-*.parquet                       one row per image (a part per writer, merged by compact())
     quarantine/part-*.parquet                  one row per rejected source file
+    labels/..., tracks/...                     labels of downstream datasets (see catalog/labels.py)
 
 Cube paths are content-addressed by the source sha256, so a re-ingest never overwrites a stored cube; the index
 row is the commit point (written last, as its own file), so a killed run leaves at most an orphan that
@@ -39,6 +40,7 @@ import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, BytesCodec
 from zarr.codecs.bytes import Endian
 
+from catalog import labels as label_store
 from catalog.errors import CatalogError
 
 FORMAT = {"format": "hvp-catalog", "version": 1}
@@ -48,6 +50,7 @@ INDEX_SCHEMA = pa.schema([
     ("wl_max", pa.float64()), ("height", pa.int32()), ("width", pa.int32()), ("dtype", pa.string()),
     ("sha256", pa.string()), ("location", pa.string()), ("ingested_at", pa.timestamp("us", tz="UTC")),
     ("source_path", pa.string()), ("has_rgb", pa.bool_()), ("reader", pa.string()),
+    *label_store.INDEX_FIELDS,  # split, pretraining, label and sequence columns (catalog/labels.py)
 ])
 QUARANTINE_SCHEMA = pa.schema([
     ("dataset", pa.string()), ("source_path", pa.string()), ("error_class", pa.string()), ("field", pa.string()),
@@ -73,6 +76,8 @@ class CubeWrite:
     fwhm_nm: np.ndarray | None = None
     rgb: np.ndarray | None = None
     extras: dict[str, np.ndarray] = field(default_factory=dict)
+    index_fields: dict[str, Any] = field(default_factory=dict)
+    """Split, pretraining, label and sequence columns of the index row (see catalog/labels.py)."""
 
 
 class Catalog:
@@ -155,12 +160,16 @@ class Catalog:
 
     # ------------------------------------------------------------------ tables
     def images(self, dataset: str | None = None) -> pd.DataFrame:
-        """The index: one row per image (latest ingest wins), sorted by image id."""
+        """The index: one row per image (latest ingest wins), sorted by image id. Besides the cube's facts it
+        says each image's ``split`` (None: none declared), whether ``pretraining`` may use it, its label
+        (``label_kind``, ``label_location``) and, for frames of a sequence, ``sequence_id`` / ``frame_index``."""
         table, _ = self._read_table("index", INDEX_SCHEMA)
         df = table.to_pandas()
         if not df.empty:
             df = df.sort_values("ingested_at").drop_duplicates("image_id", keep="last")
             df = df.sort_values("image_id").reset_index(drop=True)
+        df["pretraining"] = df["pretraining"].astype(object).fillna(True).astype(bool)  # rows from before roles
+        df["frame_index"] = df["frame_index"].astype("Int64")
         if dataset is not None:
             df = df[df["dataset"] == dataset].reset_index(drop=True)
         return df
@@ -195,7 +204,8 @@ class Catalog:
         Safe beside writers (their new parts are not listed, so not removed) and beside another compaction
         (duplicates are dropped on read).
         """
-        return self.compact_table("index", INDEX_SCHEMA) + self.compact_table("quarantine", QUARANTINE_SCHEMA)
+        return (self.compact_table("index", INDEX_SCHEMA) + self.compact_table("quarantine", QUARANTINE_SCHEMA)
+                + label_store.compact_tracks(self))
 
     def compact_table(self, table_dir: str, schema: pa.Schema) -> int:
         """Merge one part-file table (see ``compact``); returns the number of parts merged."""
@@ -254,7 +264,7 @@ class Catalog:
             "wl_max": float(cw.wavelength_nm[-1]), "height": h, "width": w, "dtype": dtype.str.lstrip("<>|="),
             "sha256": cw.sha256, "location": location, "ingested_at": now_utc(),
             "source_path": str(cw.attrs.get("source_path", "")), "has_rgb": cw.rgb is not None,
-            "reader": f"{cw.attrs.get('reader', '')}",
+            "reader": f"{cw.attrs.get('reader', '')}", **cw.index_fields,
         }
         self._write_part("index", [row], INDEX_SCHEMA)
         self._rows = None  # this image's row changed
@@ -415,6 +425,26 @@ class Catalog:
         group = zarr.open_group(self._zarr_store(row["location"]), mode="r", zarr_format=3)
         return np.asarray(member(group, "rgb")[...]) if "rgb" in group else None
 
+    # ------------------------------------------------------------------ labels (catalog/labels.py)
+    def labels(self, image_id: str, variant: str | None = None) -> label_store.LabelMap:
+        """The segmentation class map or saliency mask of one image, aligned with its cube; ``variant`` applies a
+        relabelling its dataset declares (e.g. HSI Drive's 'hs3bench'). KeyError naming the image if it has none;
+        every chunk is checked against its ingest checksum."""
+        return label_store.read_labels(self, image_id, variant)
+
+    def sequence(self, seq_id: str) -> label_store.TrackSequence:
+        """One tracking sequence: its frames' image ids in order and one (x, y, w, h) box per frame in 0-based
+        pixels of the stored cube. KeyError if unknown; CatalogError if some frame is not catalogued."""
+        return label_store.read_sequence(self, seq_id)
+
+    def sequences(self, dataset: str | None = None, split: str | None = None) -> list[str]:
+        """Ids of the complete tracking sequences (optionally of one dataset and split), sorted."""
+        return label_store.list_sequences(self, dataset, split)
+
+    def labelled(self, dataset: str, split: str | None = None) -> list[str]:
+        """Ids of a dataset's labelled images (optionally of one split; track frames included), sorted."""
+        return label_store.labelled_images(self, dataset, split)
+
     # ------------------------------------------------------------------ masks
     def masks(self, image_id: str, branch: str | None = None, labeler_id: str | None = None,
               packed: bool = False) -> Any:
@@ -469,6 +499,7 @@ class Catalog:
                 report.partial.append(rel)
             elif rel.endswith(".zarr") and rel not in indexed:
                 report.orphans.append(rel)
+        label_store.verify_labels(self, df, report)
         return report
 
 

@@ -52,7 +52,8 @@ def _table(title: str, rows: list[dict[str, Any]]) -> Table:
 def fixtures_make(out: Path, seed: int = 0,
                   broken: Annotated[bool, typer.Option(help="write the broken-file fixture set instead")] = False
                   ) -> None:
-    """Write tiny seeded fixtures of all 31 built-in subsets (plus a user dataset.yaml example) into OUT."""
+    """Write tiny seeded fixtures of every built-in dataset, labelled downstream ones included (plus two user
+    dataset.yaml examples, one with labels and splits), into OUT."""
     from catalog.fixtures import make_fixtures
 
     if broken:
@@ -68,12 +69,17 @@ def fixtures_make(out: Path, seed: int = 0,
 
 @app.command("datasets")
 def datasets() -> None:
-    """List the built-in dataset subsets (their slug is the folder name under a source root)."""
+    """List the built-in dataset subsets (their slug is the folder name under a source root) and, for the labelled
+    downstream ones, whether they also serve pretraining, their label kind and their splits."""
     from catalog.specs import builtin_specs
 
+    specs = builtin_specs().values()
     rows = [{"slug": s.slug, "name": s.name, "format": s.format, "bands": s.bands, "images": s.images}
-            for s in builtin_specs().values()]
+            for s in specs]
     console.print(_table("built-in datasets", rows))
+    console.print(_table("labelled (downstream) datasets", [
+        {"slug": s.slug, "serves": " + ".join(s.roles), "labels": s.labels.kind,
+         "splits": ", ".join(s.splits.names()) if s.splits else ""} for s in specs if s.labels]))
 
 
 @app.command("ingest")
@@ -126,7 +132,7 @@ def catalog_list(catalog: CatalogOpt = None, as_json: Annotated[bool, typer.Opti
     if as_json:
         sys.stdout.write(df.to_json(orient="records", date_format="iso") + "\n")
         return
-    cols = ["image_id", "bands", "wl_min", "wl_max", "height", "width", "dtype", "has_rgb"]
+    cols = ["image_id", "bands", "wl_min", "wl_max", "height", "width", "dtype", "has_rgb", "split", "label_kind"]
     console.print(_table(f"{len(df)} images", df[cols].to_dict("records") if not df.empty else []))
 
 

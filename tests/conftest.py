@@ -15,8 +15,29 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 @pytest.fixture(scope="session")
 def fixture_sources(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    """All 31 built-in subsets plus the user example, written once: (root, {slug: [FixtureImage]})."""
+    """Every built-in dataset plus the two user examples, written once: (root, {slug: [FixtureImage]})."""
     from catalog.fixtures import make_fixtures
 
     root = tmp_path_factory.mktemp("sources")
     return root, make_fixtures(root, seed=0)
+
+
+@pytest.fixture(scope="session")
+def ingested_sources(fixture_sources: tuple[Path, dict], tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    """The whole fixture tree ingested once with plain stage calls: (Catalog, {slug: [FixtureImage]}, results).
+    Tests that share it must not change it."""
+    from catalog.specs import spec_for_folder
+    from catalog.store import Catalog
+    from stages.ingest import ingest_item, item_for, plan, record_problems
+
+    root, truth = fixture_sources
+    cat = Catalog(tmp_path_factory.mktemp("cat") / "catalog").init()
+    work = plan(root, cat)
+    record_problems(cat, work.problems)
+    results = []
+    for w in work.items:
+        spec = spec_for_folder(Path(w.folder))
+        assert spec is not None
+        results.append(ingest_item(cat, spec, item_for(Path(w.folder), spec, w.primary), w.known_sha256))
+    cat.compact()
+    return cat, truth, results

@@ -17,10 +17,12 @@ from typing import Any, Literal
 import numpy as np
 
 from catalog.errors import InputError
+from catalog.labels import ingest_fingerprint, stored_fingerprints
 from catalog.readers.base import BandSubset, SourceItem, load_rgb
 from catalog.specs import SPEC_FILENAME, DatasetSpec, spec_for_folder
 from catalog.store import Catalog, CubeWrite
 from catalog.validate import cube_shape, wavelengths_nm
+from stages.ingest import labels as item_labels
 
 STAGE_VERSION = "1"
 Status = Literal["ingested", "skipped", "quarantined"]
@@ -34,6 +36,7 @@ class WorkItem:
     folder: str
     primary: str
     known_sha256: str | None = None
+    """The stored image's ingest fingerprint: its source sha256, plus its label sha256 where it has labels."""
 
 
 @dataclass
@@ -100,10 +103,7 @@ def plan(source_root: str | Path, catalog: Catalog | None = None, datasets: list
     if not source_root.is_dir():
         raise InputError(source_root, "SOURCE_DIR", "not a directory", "pass the folder that holds one folder per "
                          "dataset (e.g. the output of `hvp fixtures make`)")
-    known: dict[str, str] = {}
-    if catalog is not None:
-        df = catalog.images()
-        known = dict(zip(df["image_id"], df["sha256"], strict=True)) if not df.empty else {}
+    known = stored_fingerprints(catalog.images()) if catalog is not None else {}
     out = Plan()
     for folder in sorted(p for p in source_root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         if datasets and folder.name not in datasets:
@@ -143,14 +143,18 @@ def source_sha256(item: SourceItem, block: int = 1 << 20) -> str:
 def ingest_item(catalog: Catalog, spec: DatasetSpec, item: SourceItem, known_sha256: str | None = None,
                 on_strip: Any = None) -> IngestResult:
     """Read, validate and store one image; bad input is quarantined (never raised), I/O errors propagate so the
-    caller can retry. An unchanged source (same sha256 as catalogued) writes nothing."""
+    caller can retry. An unchanged image (same source sha256 and labels as catalogued) writes nothing; a bad
+    label quarantines the image before anything of it is written (stages/ingest/labels.py)."""
     src = str(item.primary)
     try:
         sha = source_sha256(item)
         image_id = f"{spec.slug}/{item.key}"
-        if known_sha256 == sha and catalog.is_complete(catalog.location_for(spec.slug, item.key, sha)):
-            return IngestResult(spec.slug, src, "skipped", image_id, "unchanged (same source sha256)")
+        labels = item_labels.resolve(spec, item)
+        if (known_sha256 == ingest_fingerprint(sha, labels.label_sha256)
+                and catalog.is_complete(catalog.location_for(spec.slug, item.key, sha))):
+            return IngestResult(spec.slug, src, "skipped", image_id, "unchanged (same source sha256 and labels)")
         cw = prepare(spec, item, sha)
+        item_labels.attach(catalog, spec, item, labels, cw)
         catalog.write_cube(cw, on_strip=on_strip)
         return IngestResult(spec.slug, src, "ingested", image_id, cw.attrs.get("note", ""))
     except InputError as exc:

@@ -126,8 +126,10 @@ def branch_agreement(sets: list[MaskSet]) -> float:
 
 
 def image_ids(catalog: Catalog, datasets: list[str] | None = None) -> list[str]:
-    """The catalogued image ids, optionally of some datasets only."""
+    """The catalogued image ids pretraining may use (evaluation images get no pseudo-labels), optionally of some
+    datasets only."""
     df = catalog.images()
+    df = df[df["pretraining"]]
     return list(df[df["dataset"].isin(datasets)]["image_id"] if datasets else df["image_id"])
 
 

@@ -53,13 +53,14 @@ class ImageInfo:
 
 
 def scan_catalog(catalog: Catalog, datasets: Sequence[str] | None = None) -> list[ImageInfo]:
-    """Every catalogued image that has a fused mask set (optionally of the given datasets), sorted by id."""
+    """Every catalogued image that pretraining may use (not an evaluation image, see catalog/labels.py) and that
+    has a fused mask set (optionally of the given datasets), sorted by id."""
     index = MaskStore(catalog).index()
     fused = set(index.loc[index["branch"] == "fused", "image_id"]) if not index.empty else set()
     images = catalog.images()
     out: list[ImageInfo] = []
     for row in images.itertuples(index=False):
-        if row.image_id not in fused or (datasets and row.dataset not in datasets):
+        if not row.pretraining or row.image_id not in fused or (datasets and row.dataset not in datasets):
             continue
         da = catalog.open(row.image_id)
         wl = np.asarray(da["wavelength"].values, dtype=np.float64)

@@ -15,10 +15,12 @@ REFERENCE = Path(__file__).resolve().parents[3] / "shared" / "reference" / "pret
 
 def test_all_31_subsets_declared_with_format_and_wavelengths() -> None:
     specs = builtin_specs()
-    assert len(specs) == 31
+    pretraining = {k for k, s in specs.items() if "pretraining" in s.roles}
+    assert len(pretraining) == 31
+    assert set(specs) - pretraining == {"hot-2023-vis", "hot-2023-nir", "hot-2023-rednir"}  # evaluation only
     for spec in specs.values():
         assert spec.reader.name == spec.format
-        assert spec.bands and spec.images
+        assert spec.bands and (spec.images or "pretraining" not in spec.roles)
         wl = spec.wavelength_values()
         assert (wl is None) == (spec.wavelengths_from == "file")
         if wl is not None:
@@ -74,3 +76,67 @@ def test_user_spec_errors_name_field_and_fix(tmp_path: Path, text: str, field: s
     assert err.value.field == field
     assert err.value.path == str(path)
     assert fix_word in err.value.fix + err.value.problem
+
+
+def test_downstream_builtins_declare_labels_splits_and_roles() -> None:
+    specs = builtin_specs()
+    drive = specs["hsi-drive-v2-0"]
+    assert drive.roles == ["pretraining", "evaluation"] and drive.pretraining_splits == ["train"]
+    assert drive.labels.kind == "segmentation" and drive.labels.ignore_index == 0
+    assert len(drive.labels.class_names) == 11 and drive.labels.class_names[8] == "water"
+    assert drive.labels.variants["hs3bench"].drop == ["water"]
+    assert set(drive.splits.lists) == {"train", "val", "test"}
+    city = specs["hyperspectral-city-v2"]
+    assert len(city.labels.class_names) == 19 and city.labels.ignore_index == 255 and not city.labels.required
+    hssod = specs["hssod"]
+    assert hssod.labels.kind == "saliency" and hssod.splits.ordered == {"train": 0.8, "test": 0.2}
+    for slug in ("hot-2023-vis", "hot-2023-nir", "hot-2023-rednir"):
+        assert specs[slug].roles == ["evaluation"] and specs[slug].labels.kind == "track"
+        assert specs[slug].sample_every == 1 and specs[slug].labels.options.one_based
+    assert specs["hot-2024-vis"].roles == ["pretraining"] and specs["hot-2024-vis"].labels is None
+
+
+LABELLED = ("name: Lab\nformat: npy\nfiles: '*.npy'\nwavelengths_nm: [500, 600, 700]\n"
+            "roles: [pretraining, evaluation]\n")
+SEG = "labels: {kind: segmentation, files: 'gt/{stem}.png', class_names: [bg, leaf], ignore_index: 255}\n"
+SPLITS = "splits: {globs: {train: 'a*', test: 'b*'}}\n"
+
+
+def test_user_spec_with_labels_and_splits(tmp_path: Path) -> None:
+    text = (LABELLED + "labels:\n  kind: segmentation\n  files: ['gt/{stem}.mat', 'gt/{stem}.png']\n"
+            "  options: {key: gt, transpose: true}\n  class_names: [bg, leaf, stem]\n  ignore_index: 255\n"
+            "  variants: {no-stem: {drop: [stem]}}\n"
+            "splits: {lists: {train: train.txt, val: val.txt}, default: test}\npretraining_splits: [train, val]\n")
+    spec = load_spec_file(_write(tmp_path, text))
+    assert spec.labels.files == ["gt/{stem}.mat", "gt/{stem}.png"] and spec.labels.options.key == "gt"
+    assert spec.labels.options.transpose and spec.labels.names() == ["bg", "leaf", "stem"]
+    assert spec.splits.names() == ["train", "val", "test"] and spec.pretraining_splits == ["train", "val"]
+
+
+@pytest.mark.parametrize(("text", "field", "word"), [
+    (LABELLED + SPLITS, "<spec>", "labels"),  # evaluation needs labels
+    (LABELLED + SEG, "<spec>", "splits"),  # ... and splits
+    (LABELLED + SEG + SPLITS + "pretraining_splits: [training]\n", "<spec>", "pretraining_splits"),
+    (LABELLED + SPLITS + "labels: {kind: segmentation, files: x.png}\n", "labels", "class_names"),
+    (LABELLED + SPLITS + "labels: {kind: outline, files: x.png}\n", "labels.kind", "expected"),
+    (LABELLED + SPLITS + "labels: {kind: saliency, files: x.png, ignore_index: 3}\n", "labels", "segmentation"),
+    (LABELLED + SPLITS + "labels: {kind: track, files: gt.txt, format: image}\n", "labels", "boxes"),
+    (LABELLED + SPLITS + "labels: {kind: track, files: gt.txt}\nsample_every: 10\n", "<spec>", "sample_every"),
+    (LABELLED + SPLITS + "labels: {kind: segmentation, files: x.png, class_names: [a, b], ignore_index: 255, "
+     "variants: {v: {drop: [c]}}}\n", "labels", "not in 'class_names'"),
+    (LABELLED + SPLITS + "labels: {kind: segmentation, files: x.png, class_names: [a, a]}\n", "labels", "dupl"),
+    (LABELLED + SEG + "labels_file: x\n" + SPLITS, "labels_file", "remove"),
+    (LABELLED + SEG + "splits: {lists: {train: a.txt}, globs: {test: 'b*'}}\n", "splits", "one of"),
+    (LABELLED + SEG + "splits: {ordered: {train: 0.5, test: 0.4}}\n", "splits", "sum"),
+    (LABELLED + SEG + "splits: {}\n", "splits", "default"),
+    (LABELLED + SEG + SPLITS + "roles: [teaching]\n", "roles.0", "expected"),
+    (LABELLED.replace("[pretraining, evaluation]", "[evaluation, evaluation]") + SEG + SPLITS, "<spec>", "twice"),
+    (LABELLED + SEG.replace("}\n", ", options: {mat_key: gt}}\n") + SPLITS, "labels.options.mat_key", "remove"),
+])
+def test_user_label_spec_errors_name_field_and_fix(tmp_path: Path, text: str, field: str, word: str) -> None:
+    path = _write(tmp_path, text)
+    with pytest.raises(InputError) as err:
+        load_spec_file(path)
+    assert err.value.field == field, str(err.value)
+    assert err.value.path == str(path) and err.value.fix
+    assert word in err.value.fix + err.value.problem, str(err.value)

@@ -16,13 +16,17 @@ def test_cli_round_trip(tmp_path: Path) -> None:
     src, cat = tmp_path / "src", str(tmp_path / "cat")
     res = runner.invoke(app, ["fixtures", "make", str(src)])
     assert res.exit_code == 0, res.output
-    assert len([p for p in src.iterdir() if p.is_dir()]) == 32
+    assert len([p for p in src.iterdir() if p.is_dir()]) == 36  # 34 built-in datasets, 2 user examples
     res = runner.invoke(app, ["ingest", str(src), "--catalog", cat, "--plain", "--dataset", "cave",
-                              "--dataset", "my-lab-camera"])
+                              "--dataset", "my-lab-camera", "--dataset", "my-lab-labels"])
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["catalog", "list", "--catalog", cat, "--json"])
     rows = json.loads(res.output)
-    assert sorted({r["dataset"] for r in rows}) == ["cave", "my-lab-camera"] and len(rows) == 4
+    assert sorted({r["dataset"] for r in rows}) == ["cave", "my-lab-camera", "my-lab-labels"] and len(rows) == 10
+    labelled = [r for r in rows if r["dataset"] == "my-lab-labels"]
+    assert sorted(r["split"] for r in labelled) == ["test"] * 2 + ["train"] * 4
+    assert {r["label_kind"] for r in labelled} == {"segmentation"}
+    rows = [r for r in rows if r["dataset"] != "my-lab-labels"]
     res = runner.invoke(app, ["catalog", "show", rows[0]["image_id"], "--catalog", cat])
     assert res.exit_code == 0 and '"wavelength_nm"' in res.output and rows[0]["image_id"] in res.output
     res = runner.invoke(app, ["catalog", "verify", "--catalog", cat])
@@ -40,9 +44,10 @@ def test_cli_broken_set_goes_to_quarantine(tmp_path: Path) -> None:
     assert "quarantined" in res.output and "wavelength" in res.output
 
 
-def test_datasets_lists_31() -> None:
+def test_datasets_lists_31_and_the_evaluation_only_ones() -> None:
     res = runner.invoke(app, ["datasets"])
     assert res.exit_code == 0 and "hot-2024-rednir" in res.output and "virginia-tech-tree" in res.output
+    assert "hot-2023-vis" in res.output and "evaluation" in res.output and "segmentation" in res.output
 
 
 def test_bad_input_is_one_clear_line_and_exit_2(tmp_path: Path) -> None:

@@ -91,12 +91,12 @@ def test_relabel_flow_ingests_and_labels_only_new_folders(prefect_server: None, 
     _ingest(root, catalog, ["harvard"])
     label_flow(catalog)
     assert relabel_flow(str(root), catalog) == []  # nothing new
-    write_dataset("hssod", root)
+    write_dataset("hsi-road", root)
     rows = relabel_flow(str(root), catalog)
-    assert rows and {r["image_id"].split("/")[0] for r in rows} == {"hssod"}
+    assert rows and {r["image_id"].split("/")[0] for r in rows} == {"hsi-road"}
     cat = Catalog(catalog)
-    assert set(cat.images()["dataset"]) == {"harvard", "hssod"}
-    for image_id in cat.images("hssod")["image_id"]:
+    assert set(cat.images()["dataset"]) == {"harvard", "hsi-road"}
+    for image_id in cat.images("hsi-road")["image_id"]:
         assert len(cat.fused(image_id)) >= 1
 
 

@@ -26,11 +26,8 @@ def _run(source: Path, catalog: Catalog, datasets: list[str] | None = None) -> l
 
 
 @pytest.fixture(scope="module")
-def ingested(fixture_sources: tuple[Path, dict],
-             tmp_path_factory: pytest.TempPathFactory) -> tuple[Catalog, dict, list]:
-    root, truth = fixture_sources
-    cat = Catalog(tmp_path_factory.mktemp("cat") / "catalog").init()
-    return cat, truth, _run(root, cat)
+def ingested(ingested_sources: tuple[Catalog, dict, list]) -> tuple[Catalog, dict, list]:
+    return ingested_sources
 
 
 def test_every_subset_ingests_exactly(ingested: tuple[Catalog, dict, list],
@@ -39,7 +36,7 @@ def test_every_subset_ingests_exactly(ingested: tuple[Catalog, dict, list],
     quarantined = [r.message for r in results if r.status == "quarantined"]
     assert quarantined == [] and cat.quarantine().empty
     df = cat.images()
-    assert set(df["dataset"]) == set(builtin_specs()) | {"my-lab-camera"}
+    assert set(df["dataset"]) == set(builtin_specs()) | {"my-lab-camera", "my-lab-labels"}
     assert len(df) == sum(len(v) for v in truth.values())
     for slug, images in truth.items():
         for fx in images:

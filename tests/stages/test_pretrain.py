@@ -76,6 +76,8 @@ def test_scan_finds_every_image_with_its_band_signature(catalog_uri: str) -> Non
     bands = {i.dataset: i.wavelengths.size for i in images}
     assert bands == {"cave": 31, "hot-2024-rednir": 15, "hyperspectral-city-v2": 128, "virginia-tech-tree": 420}
     assert len({i.signature for i in images}) == 4
+    city = [i for i in images if i.dataset == "hyperspectral-city-v2"]
+    assert len(city) == 7  # its 6 train images and the unsplit one: val and test images stay out of pretraining
     with pytest.raises(ValueError, match="fused masks"):
         scan_catalog(Catalog(catalog_uri), datasets=["no-such-dataset"])
 
@@ -261,7 +263,7 @@ def test_checkpoint_round_trip_and_run_records(catalog_uri: str, tmp_path: Path)
     saved = json.loads((run / "config.json").read_text())
     assert PretrainConfig.load(run / "config.json") == cfg
     assert saved["student_weights"] == saved["teacher_weights"] == "random-init"
-    assert saved["images"] == 7 and saved["band_signatures"] == 4
+    assert saved["images"] == 12 and saved["band_signatures"] == 4  # H-City: 6 train + 1 unsplit of its 13
     rows = _rows(run)
     assert len(rows) == 4 and all("random-init" in r["weights"] for r in rows)
     assert all(np.isfinite(float(r["loss"])) for r in rows)
