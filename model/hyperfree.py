@@ -261,18 +261,18 @@ def load_checkpoint(
 
     Strict (the default): every key must exist on both sides with the same shape; only the global blocks'
     relative-position tables may differ, interpolated as the released loader does when the image size differs from
-    the checkpoint's (reported in `resized`). Anything else raises an InputError that lists the keys, names the registered layouts
-    the checkpoint matches, and says how to load it anyway. Non-strict: loads what matches, interpolates pos_embed,
-    rel_pos and weight banks where the released loader does, keeps the model's own values for missing keys, and
-    logs what was dropped or resized.
+    the checkpoint's (reported in `resized`). Anything else raises an InputError that lists the keys, names the
+    registered layouts the checkpoint matches, and says how to load it anyway. Non-strict: loads what matches,
+    interpolates pos_embed, rel_pos and weight banks where the released loader does, keeps the model's own values
+    for missing keys, and logs what was dropped or resized.
     """
     if isinstance(path_or_state_dict, Mapping):
-        state, source, sha = dict(path_or_state_dict), "<state_dict>", state_dict_sha256(path_or_state_dict)
+        state, source = dict(path_or_state_dict), "<state_dict>"
     else:
         path = Path(path_or_state_dict)
         if not path.is_file():
             raise FileNotFoundError(f"Checkpoint {path} does not exist; check the path (or the setting naming it).")
-        state, source, sha = read_state_dict(path), str(path), file_sha256(path)
+        state, source = read_state_dict(path), str(path)
     own = model.state_dict()
     to_load: dict[str, torch.Tensor] = {}
     resized: list[str] = []
@@ -304,6 +304,7 @@ def load_checkpoint(
                          f"{hint}; or load non-strictly (strict=False, --non-strict) to keep what matches and list "
                          "what is dropped or resized")
     model.load_state_dict(to_load, strict=False)
+    sha = state_dict_sha256(state) if source == "<state_dict>" else file_sha256(Path(source))
     report = LoadReport(source=source, sha256=sha, loaded=len(to_load), missing=missing, unexpected=unexpected,
                         resized=tuple(resized), mismatched=tuple(mismatched), strict=strict)
     for kind, keys in (("missing (model values kept)", missing), ("dropped: unexpected", unexpected),

@@ -222,10 +222,11 @@ class MaterialLabeler(Labeler):
     """The material branch: HyperFree automatic masks on the full cube.
 
     `model_config` = {"model": any registry name ("hyperfree_b" for HyperFree-b weights, a "hypervision_*" layout
-    for released HyperVision weights, "tiny" for tests), plus create_model overrides}; `checkpoint` = a
-    .pth/.pt/.safetensors state_dict of that layout, loaded strictly, or None (random-init, seeded by
-    ``init_seed``); `params` = `LABELER_DEFAULTS` overrides (``preprocessing`` names the contract). The table's ``score`` is the model's
-    predicted IoU (SAM's own quality estimate, which fusion ranks by); ``stability`` is SAM's stability score.
+    for released HyperVision weights, "tiny" for tests), optionally "strict": false, plus create_model overrides};
+    `checkpoint` = a .pth/.pt/.safetensors state_dict of that layout, loaded strictly unless "strict" is false, or
+    None (random-init, seeded by ``init_seed``); `params` = `LABELER_DEFAULTS` overrides (``preprocessing`` names
+    the contract). The table's ``score`` is the model's predicted IoU (SAM's own quality estimate, which fusion
+    ranks by); ``stability`` is SAM's stability score.
     """
 
     branch = "material"
@@ -251,14 +252,15 @@ class MaterialLabeler(Labeler):
             )
         super().__init__(model_config, checkpoint, {**LABELER_DEFAULTS, **params})
         check_contract(self.params["preprocessing"])
-        overrides = {k: v for k, v in self.model_config.items() if k != "model"}
+        overrides = {k: v for k, v in self.model_config.items() if k not in ("model", "strict")}
         self.resolved_config = get_config(self.model_config["model"], **overrides)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(self.params["init_seed"]))
             model = create_model(self.model_config["model"], **overrides)
         self.load_report: LoadReport | None = None
         if self.checkpoint is not None:
-            self.load_report = load_checkpoint(model, self.checkpoint)
+            self.load_report = load_checkpoint(model, self.checkpoint,
+                                               strict=bool(self.model_config.get("strict", True)))
             self._log_load(self.load_report)
         else:
             logger.warning(

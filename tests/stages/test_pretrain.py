@@ -90,12 +90,14 @@ def test_dataset_crops_hold_masks_that_contain_their_prompts(catalog_uri: str) -
             s = ds[(index, draw)]
             c = info.wavelengths.size
             assert s.cube.shape == (c, CROP, CROP) and s.cube.dtype == torch.float32
-            assert s.cube.max().item() == pytest.approx(1.0)  # divided by the crop's global max
             assert s.rgb.shape == (3, CROP, CROP) and s.rgb.min() >= 0.0 and s.rgb.max() <= 1.0
             assert torch.equal(s.wavelengths, torch.from_numpy(info.wavelengths))
             assert 1 <= s.masks.shape[0] <= 3 and s.points.shape == (s.masks.shape[0], 2)
             y0, x0 = s.origin
             h, w = min(CROP, info.height - y0), min(CROP, info.width - x0)
+            assert s.size == (h, w)  # stored values, scaled later by the trainer's preprocessing contract
+            stored_crop = cat.read_crop(info.location, y0, x0, CROP).astype(np.float32)
+            assert torch.equal(s.cube[:, :h, :w], torch.from_numpy(stored_crop))
             assert not s.masks[:, h:, :].any() and not s.masks[:, :, w:].any()  # padding is background
             assert (s.masks.flatten(1).sum(1) >= 4).all()
             for m, (px, py) in zip(s.masks, s.points.long().tolist(), strict=True):
