@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 
 from catalog.errors import InputError
-
 from model import create_model, feature_info, get_config, load_checkpoint
 from model.hyperfree import HyperFree
 from model.preprocess import extract_features, prepare
