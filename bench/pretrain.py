@@ -130,23 +130,23 @@ print(json.dumps({"params_m": params / 1e6, "tokens_per_s": tokens / dt, "peak_m
 def by_size(sizes: list[str], img: int, bands: int, peak_tflops: float | None) -> None:
     print(f"encoder forward+backward, batch 1, {img}x{img} px, {bands} bands (peak = GPU allocated on CUDA, "
           "else process RSS)")
-    print(f"{'model':6s} {'params M':>9s} {'tokens/s':>9s} {'peak MB':>8s} {'TFLOP/s':>8s}")
+    print(f"{'model':13s} {'params M':>9s} {'tokens/s':>9s} {'peak MB':>8s} {'TFLOP/s':>8s}")
     for name in sizes:
         out = subprocess.run([sys.executable, "-c", CHILD, name, str(img), str(bands)], capture_output=True,
                              text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, check=False)
         if out.returncode != 0:
-            print(f"{name:6s} failed: {out.stderr.strip().splitlines()[-1:]}")
+            print(f"{name:13s} failed: {out.stderr.strip().splitlines()[-1:]}")
             continue
         r = json.loads(out.stdout.strip().splitlines()[-1])
         mfu = f"  MFU {r['tflops'] / peak_tflops:.1%}" if peak_tflops else ""
-        print(f"{name:6s} {r['params_m']:9.1f} {r['tokens_per_s']:9.0f} {r['peak_mb']:8.0f} {r['tflops']:8.3f}{mfu}")
+        print(f"{name:13s} {r['params_m']:9.1f} {r['tokens_per_s']:9.0f} {r['peak_mb']:8.0f} {r['tflops']:8.3f}{mfu}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--sizes", default="tiny,base,large")
+    ap.add_argument("--sizes", default="tiny,hypervision_b,hypervision_l")
     ap.add_argument("--img", type=int, default=256, help="encoder input side for the size sweep")
     ap.add_argument("--peak-tflops", type=float, default=None,
                     help="the device's dense bf16 peak (e.g. 989 for an H100 SXM) to print MFU")

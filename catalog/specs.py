@@ -56,6 +56,25 @@ class BandRange(BaseModel):
         return self
 
 
+class ReleasedInput(BaseModel):
+    """How the released HyperVision reader fed this dataset to the released checkpoints, where that differs from the
+    catalogued cube (kept lossless and as the dataset documents it). `released_input` applies it, to reproduce the
+    released inputs exactly (e.g. when matching released features); the catalog itself never does."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    key: str = Field(min_length=1, description="the released reader's dataset key")
+    drop_rows: dict[int, list[int]] = Field(default_factory=dict,
+                                            description="image height -> rows it removes from images of that height")
+    bands: BandRange | None = Field(default=None, description="the catalogued bands [start, stop) it keeps")
+    keep_wavelengths_nm: list[float] | None = Field(
+        default=None, description="it keeps the catalogued bands at these wavelengths (within 0.01 nm)")
+    orientation: Literal["as_stored", "transpose", "rot90_cw"] = Field(
+        default="as_stored", description="how it turns the image: transpose (swap x and y) or rotate 90 deg clockwise")
+    wavelengths_nm: list[float] | LinearWavelengths | None = Field(
+        default=None, description="the wavelengths it assigns to the kept bands, where they differ from ours")
+    notes: str | None = None
+
+
 class DatasetSpec(BaseModel):
     """One dataset (or subset): how to find and read its images and the facts its files do not carry."""
 
@@ -88,6 +107,7 @@ class DatasetSpec(BaseModel):
     splits: SplitSpec | None = None
     pretraining_splits: list[str] = Field(default_factory=lambda: ["train"],
                                           description="with both roles: the splits pretraining may use")
+    released: ReleasedInput | None = Field(default=None, description="the released HyperVision reader's handling")
 
     @field_validator("files", "exclude", mode="before")
     @classmethod
@@ -202,3 +222,37 @@ def spec_for_folder(folder: Path) -> DatasetSpec | None:
         spec = parse_spec(data, own)
         return spec if "slug" in data else spec.model_copy(update={"slug": folder.name})
     return builtin_specs().get(folder.name)
+
+
+def released_input(spec: DatasetSpec, cube: np.ndarray, wavelengths_nm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A catalogued cube (band, y, x) and its wavelengths as the released reader hands them to the released
+    checkpoints (`spec.released`: rows dropped, bands kept, orientation, assigned wavelengths); unchanged when the
+    spec records no difference."""
+    rel = spec.released
+    wl = np.asarray(wavelengths_nm, dtype=np.float64)
+    if rel is None:
+        return cube, wl
+    field = f"{spec.slug}.released"
+    out = np.delete(cube, rel.drop_rows.get(int(cube.shape[1]), []), axis=1)
+    keep = np.arange(out.shape[0])
+    if rel.bands is not None:
+        keep = keep[rel.bands.start:rel.bands.stop]
+    if rel.keep_wavelengths_nm is not None:
+        near = np.abs(wl[keep, None] - np.asarray(rel.keep_wavelengths_nm)[None, :]) <= 0.01
+        keep = keep[near.any(axis=1)]
+    if not keep.size:
+        raise InputError("catalog/specs/builtin.yaml", field, f"no band of this {out.shape[0]}-band cube is kept",
+                         "check 'bands' and 'keep_wavelengths_nm' against the catalogued wavelengths")
+    out, wl = out[keep], wl[keep]
+    if rel.orientation == "transpose":
+        out = out.transpose(0, 2, 1)
+    elif rel.orientation == "rot90_cw":
+        out = np.rot90(out, k=-1, axes=(1, 2))
+    if rel.wavelengths_nm is not None:
+        assigned = (rel.wavelengths_nm.values() if isinstance(rel.wavelengths_nm, LinearWavelengths)
+                    else np.asarray(rel.wavelengths_nm, dtype=np.float64))
+        if assigned.size != keep.size:
+            raise InputError("catalog/specs/builtin.yaml", f"{field}.wavelengths_nm",
+                             f"{assigned.size} wavelengths for {keep.size} kept bands", "give one per kept band")
+        wl = assigned
+    return np.ascontiguousarray(out), wl

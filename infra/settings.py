@@ -36,8 +36,9 @@ class Settings(BaseSettings):
     spatial_params: dict[str, Any] = Field(default_factory=dict, description="SAM2 automatic-mask parameters")
     spectral_params: dict[str, Any] = Field(default_factory=dict, description="stride, vote, nms_thresh, "
                                             "max_objects and the seed generator's parameters")
-    hyperfree_model: dict[str, Any] = Field(default_factory=lambda: {"model": "tiny"},
-                                            description='HyperFree config, e.g. {"model": "base"} for real weights')
+    hyperfree_model: dict[str, Any] = Field(
+        default_factory=lambda: {"model": "tiny"},
+        description='material labeller layout (any registry name), e.g. {"model": "hyperfree_b"} for HyperFree-b')
     hyperfree_checkpoint: Path | None = Field(default=None, description="local HyperFree .pth/.safetensors")
     material_params: dict[str, Any] = Field(default_factory=dict, description="automatic-mask parameters "
                                             "(default: Seg-Any-HSI's points_per_side 32, thresholds 0.6)")

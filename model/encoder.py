@@ -1,6 +1,7 @@
 """The HyperFree / HyperVision image encoder: spectral patch embedding, GSD-aware position embedding, ViT.
 
-Module tree and maths follow the official HyperFree `ImageEncoderViT`, so its checkpoints load key for key.
+Module tree and maths follow the released `ImageEncoderViT` (HyperFree's, as HyperVision ships it), so the
+released checkpoints load key for key.
 The transformer blocks are segment_anything's `Block` (window attention, decomposed relative position): its
 state_dict keys and maths are identical to the HyperFree copy.
 """
@@ -103,6 +104,20 @@ class EncoderConfig:
         """Token grid side at the neck (after the merges that run)."""
         return self.grid_size >> len(self.effective_merges)
 
+    @property
+    def feature_info(self) -> list[dict[str, Any]]:
+        """timm-style description of what `forward_intermediates` returns, in order: per map its channels
+        (``num_chs``), its stride in input pixels (``reduction``) and the ``module`` that produces it."""
+        info: list[dict[str, Any]] = []
+        reduction = self.patch_size
+        for i in range(self.depth):
+            if i in (self.feature_indexes or ()):
+                info.append({"num_chs": self.embed_dim, "reduction": reduction, "module": f"blocks.{i}"})
+            if i in self.merge_indexes:
+                reduction *= 2
+        info.append({"num_chs": self.out_chans, "reduction": reduction, "module": "neck"})
+        return info
+
     def to_dict(self) -> dict[str, Any]:
         """Plain (JSON-friendly) dict of the resolved config."""
         out = asdict(self)
@@ -165,6 +180,7 @@ class HyperFreeImageEncoder(SpectralPatchEmbed):
         self.config = config
         self.img_size = config.img_size
         self.feature_indexes = frozenset(config.feature_indexes or ())
+        self.feature_info = config.feature_info
         grid = (config.grid_size, config.grid_size)
         norm = partial(nn.LayerNorm, eps=1e-6)
 
@@ -204,7 +220,7 @@ class HyperFreeImageEncoder(SpectralPatchEmbed):
         if x.shape[-2:] != (cfg.img_size, cfg.img_size):
             raise ValueError(
                 f"Expected (B, C, {cfg.img_size}, {cfg.img_size}) input, got {tuple(x.shape)}; "
-                "resize and pad with model.hyperfree.prepare_cube first."
+                "resize and pad with model.preprocess.prepare (or prepare_batch) first."
             )
         tokens, _ = self.embed_patches(x, wavelengths_nm, grid_samples, generator)
         pos = self.pos_embed_mlp(

@@ -1,20 +1,21 @@
 """HyperFree: channel-adaptive image encoder + SAM prompt encoder and mask decoder; checkpoint loading.
 
-One implementation serves the material pseudo-labeller (HyperFree-b weights) and the HyperVision backbone.
-Preprocessing follows the official `HyperFree_Predictor.set_image`; the loader follows the official
-`load_and_resize_params` but reports the missing, unexpected and skipped keys instead of hiding them.
+One implementation serves the material pseudo-labeller (HyperFree-b weights) and the HyperVision backbone
+(the released B/L/H layouts, see model.registry). Preprocessing lives in model.preprocess. The loader applies the
+released `load_and_resize_params` interpolation rules, but is strict by default and reports every key that did not
+load as stored instead of hiding it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import pickle
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling.mask_decoder import MaskDecoder
@@ -22,6 +23,7 @@ from segment_anything.modeling.prompt_encoder import PromptEncoder
 from segment_anything.modeling.transformer import TwoWayTransformer
 from torch import nn
 
+from catalog.errors import InputError
 from model.encoder import EncoderConfig, HyperFreeImageEncoder
 
 logger = logging.getLogger(__name__)
@@ -133,90 +135,32 @@ class HyperFree(nn.Module):
 
 
 @dataclass(frozen=True)
-class PreparedCube:
-    """A cube in the model's input frame, with the sizes needed to map prompts and masks back."""
-
-    image: torch.Tensor
-    """(1, C, img_size, img_size) float: resized, divided by its global max, zero-padded bottom/right."""
-    input_size: tuple[int, int]
-    """(h, w) after the resize, before padding."""
-    original_size: tuple[int, int]
-    """(H, W) of the cube as given."""
-
-
-def preprocess_shape(height: int, width: int, long_side: int) -> tuple[int, int]:
-    """Size after resizing the longest side to `long_side` (SAM `ResizeLongestSide.get_preprocess_shape`)."""
-    scale = long_side * 1.0 / max(height, width)
-    return int(height * scale + 0.5), int(width * scale + 0.5)
-
-
-def prepare_cube(
-    cube_hwc: np.ndarray | torch.Tensor, img_size: int, device: torch.device | str = "cpu"
-) -> PreparedCube:
-    """Official predictor preprocessing: HWC -> (1, C, H, W) float; bilinear antialiased resize of the longest
-    side to `img_size`; x / x.max() (one global max); zero-pad bottom/right to img_size x img_size."""
-    if cube_hwc.ndim != 3:
-        raise ValueError(f"Expected an (H, W, C) cube, got shape {tuple(cube_hwc.shape)}.")
-    x = torch.as_tensor(cube_hwc, device=device).permute(2, 0, 1).unsqueeze(0).float()
-    original_size = (int(x.shape[-2]), int(x.shape[-1]))
-    target = preprocess_shape(*original_size, img_size)
-    x = F.interpolate(x, target, mode="bilinear", align_corners=False, antialias=True)
-    peak = x.max()
-    if not torch.isfinite(peak) or peak <= 0:
-        raise ValueError(
-            f"Cannot normalise the cube by its global max ({peak.item()}): it must be finite and positive; "
-            "fill NaN/inf values and check the cube is not empty before labelling."
-        )
-    x = x / peak
-    x = F.pad(x, (0, img_size - target[1], 0, img_size - target[0]))
-    return PreparedCube(image=x, input_size=target, original_size=original_size)
-
-
-def effective_gsd(gsd_m: float, height: int, width: int, img_size: int) -> float:
-    """GSD of the resized image, as the official scripts: GSD * max(H, W) / img_size."""
-    return gsd_m * max(height, width) / img_size
-
-
-@torch.no_grad()
-def extract_features(
-    model: HyperFree,
-    cube_hwc: np.ndarray | torch.Tensor,
-    wavelengths_nm: Sequence[float] | np.ndarray,
-    gsd_m: float,
-) -> list[torch.Tensor]:
-    """Multi-stage backbone features of one cube, the official feature-extraction use
-    (`predictor.set_image(...)` then `predictor.multi_scale_features`).
-
-    Preprocesses as the official predictor, rescales the GSD to the resized image, and runs the deterministic
-    inference path (all matched bands). Returns the `feature_indexes` block outputs (1, D, h, w) followed by
-    the neck output (1, out_chans, h, w).
-    """
-    enc = model.image_encoder
-    prepared = prepare_cube(cube_hwc, enc.img_size, device=model.device)
-    gsd = effective_gsd(gsd_m, *prepared.original_size, enc.img_size)
-    image = prepared.image.to(enc.point_spectral_weight_bank_w.dtype)
-    return enc.forward_intermediates(image, wavelengths_nm, gsd)
-
-
-@dataclass(frozen=True)
 class LoadReport:
-    """What a checkpoint load did; every key that did not load as is appears here."""
+    """What a checkpoint load did; every key that did not load as stored appears here."""
 
     source: str
     sha256: str
     """Of the file's bytes; for an in-memory state_dict, of its keys, dtypes, shapes and tensor bytes."""
     loaded: int
     missing: tuple[str, ...]
+    """Model keys the checkpoint lacks (they keep the model's own values; non-strict loads only)."""
     unexpected: tuple[str, ...]
+    """Checkpoint keys the model lacks (dropped; non-strict loads only)."""
     resized: tuple[str, ...]
-    """Keys interpolated to the model's shape (pos_embed, rel_pos, weight banks) as the official loader."""
+    """Keys interpolated to the model's shape as the released loader does (strict: relative positions only)."""
     mismatched: tuple[str, ...]
-    """Keys skipped because their shape differs and no interpolation rule applies."""
+    """Keys dropped because their shape differs and no interpolation rule applies (non-strict loads only)."""
+    strict: bool = True
 
     @property
     def is_exact(self) -> bool:
         """True when every key loaded with its stored shape."""
         return not (self.missing or self.unexpected or self.resized or self.mismatched)
+
+    @property
+    def dropped(self) -> tuple[str, ...]:
+        """Checkpoint keys that did not load: unexpected or with a shape no rule could fit."""
+        return self.unexpected + self.mismatched
 
 
 def file_sha256(path: Path) -> str:
@@ -239,23 +183,33 @@ def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Raw state_dict from a .safetensors file or a torch .pth/.pt file (weights_only)."""
+    """Raw state_dict from a .safetensors file or a torch .pth/.pt file, read with weights_only=True.
+
+    A pickle that needs more than tensors and plain containers (a whole pickled module, an optimizer with custom
+    classes) is refused: unpickling it would run code from the file.
+    """
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         return load_file(str(path), device="cpu")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(
+            path, "<pickle>", f"the file pickles objects other than tensors, which weights_only=True refuses ({first})",
+            "re-save only its weights where the file is trusted: torch.save(obj.state_dict(), 'weights.pth'), or "
+            "safetensors.torch.save_file(obj.state_dict(), 'weights.safetensors')") from None
     if not isinstance(state, Mapping) or not all(torch.is_tensor(v) for v in state.values()):
         keys = list(state)[:5] if isinstance(state, Mapping) else type(state).__name__
-        raise ValueError(
-            f"{path}: expected a raw state_dict (name -> tensor) like HyperFree checkpoints; found {keys}. "
-            "If the weights sit under a key such as 'model', save that inner dict."
-        )
+        raise InputError(
+            path, "<top level>", f"expected a raw state_dict (name -> tensor) like the released checkpoints; "
+            f"found {keys}", "if the weights sit under a key such as 'model', save that inner dict")
     return dict(state)
 
 
 def _resize(key: str, value: torch.Tensor, shape: torch.Size) -> torch.Tensor | None:
-    """The official loader's interpolation for a shape mismatch, or None when no rule applies."""
+    """The released loader's interpolation for a shape mismatch, or None when no rule applies."""
     if "pos_embed" in key and value.ndim == 4 and value.shape[::3] == shape[::3]:
         out = F.interpolate(value.permute(0, 3, 1, 2), size=(shape[1], shape[2]), mode="nearest")
         return out.permute(0, 2, 3, 1)
@@ -266,24 +220,59 @@ def _resize(key: str, value: torch.Tensor, shape: torch.Size) -> torch.Tensor | 
     return None
 
 
+def _image_size_dependent(model: nn.Module, key: str, stored: torch.Size) -> bool:
+    """True for the relative-position table of a global-attention block whose stored table is not window-sized:
+    its length is 2 * grid - 1, so it differs whenever the image size does (an override every layout allows), and
+    a strict load may resize it as the released loader does. Windowed blocks' tables never depend on the size."""
+    if ".attn.rel_pos_" not in key:
+        return False
+    block = model.get_submodule(key.split(".attn.")[0])
+    window = getattr(getattr(getattr(model, "config", None), "encoder", None), "window_size", None)
+    return getattr(block, "window_size", None) == 0 and stored[0] != (2 * window - 1 if window else -1)
+
+
+def _listed(keys: Sequence[str], limit: int = 12) -> str:
+    """At most `limit` keys, then how many more."""
+    more = f" ... ({len(keys) - limit} more)" if len(keys) > limit else ""
+    return f"{list(keys[:limit])}{more}"
+
+
+def matching_layouts(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Registered layouts that load the checkpoint strictly (at some image size): same keys, same shapes except
+    the global blocks' relative-position tables."""
+    from model.registry import create_model, list_models
+
+    found = []
+    for name in list_models():
+        with torch.device("meta"):
+            candidate = create_model(name)
+        own = candidate.state_dict()
+        if set(own) == set(state) and all(
+            own[k].shape == v.shape or _image_size_dependent(candidate, k, v.shape) for k, v in state.items()
+        ):
+            found.append(name)
+    return found
+
+
 def load_checkpoint(
-    model: nn.Module, path_or_state_dict: str | Path | Mapping[str, torch.Tensor], strict: bool = False
+    model: nn.Module, path_or_state_dict: str | Path | Mapping[str, torch.Tensor], strict: bool = True
 ) -> LoadReport:
     """Load a raw state_dict (.pth/.pt or .safetensors path, or a mapping) into `model` and report every key.
 
-    Keys absent from the model are not loaded (unexpected); shape mismatches are interpolated where the
-    official loader does (pos_embed, rel_pos, weight banks), else skipped (mismatched). With `strict`, any
-    missing, unexpected or mismatched key raises; otherwise they are logged as warnings and returned.
+    Strict (the default): every key must exist on both sides with the same shape; only the global blocks'
+    relative-position tables may differ, interpolated as the released loader does when the image size differs from
+    the checkpoint's (reported in `resized`). Anything else raises an InputError that lists the keys, names the
+    registered layouts the checkpoint matches, and says how to load it anyway. Non-strict: loads what matches,
+    interpolates pos_embed, rel_pos and weight banks where the released loader does, keeps the model's own values
+    for missing keys, and logs what was dropped or resized.
     """
     if isinstance(path_or_state_dict, Mapping):
-        state, source, sha = dict(path_or_state_dict), "<state_dict>", state_dict_sha256(path_or_state_dict)
+        state, source = dict(path_or_state_dict), "<state_dict>"
     else:
         path = Path(path_or_state_dict)
         if not path.is_file():
-            raise FileNotFoundError(
-                f"Checkpoint {path} does not exist; set the checkpoint path in the settings."
-            )
-        state, source, sha = read_state_dict(path), str(path), file_sha256(path)
+            raise FileNotFoundError(f"Checkpoint {path} does not exist; check the path (or the setting naming it).")
+        state, source = read_state_dict(path), str(path)
     own = model.state_dict()
     to_load: dict[str, torch.Tensor] = {}
     resized: list[str] = []
@@ -292,7 +281,8 @@ def load_checkpoint(
         if key not in own:
             continue
         if value.shape != own[key].shape:
-            new = _resize(key, value, own[key].shape)
+            allowed = not strict or _image_size_dependent(model, key, value.shape)
+            new = _resize(key, value, own[key].shape) if allowed else None
             if new is None:
                 mismatched.append(key)
                 continue
@@ -301,24 +291,28 @@ def load_checkpoint(
         to_load[key] = value
     unexpected = tuple(k for k in state if k not in own)
     missing = tuple(k for k in own if k not in state)
-    report = LoadReport(
-        source=source,
-        sha256=sha,
-        loaded=len(to_load),
-        missing=missing,
-        unexpected=unexpected,
-        resized=tuple(resized),
-        mismatched=tuple(mismatched),
-    )
-    problems = {"missing": missing, "unexpected": unexpected, "mismatched": tuple(mismatched)}
-    if strict and any(problems.values()):
-        raise RuntimeError(
-            f"Strict load of {source} failed: "
-            + "; ".join(f"{k}: {list(v)}" for k, v in problems.items() if v)
-        )
+    name = getattr(getattr(model, "config", None), "name", type(model).__name__)
+    if strict and (missing or unexpected or mismatched):
+        shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in mismatched]
+        problem = "; ".join(f"{kind} {len(keys)}: {_listed(keys)}" for kind, keys in (
+            ("missing", missing), ("unexpected", unexpected), ("shape differs (checkpoint vs model)", shapes),
+        ) if keys)
+        layouts = [n for n in matching_layouts(state) if n != name]
+        hint = (f"the checkpoint's keys and shapes match layout {' / '.join(repr(n) for n in layouts)}: build that "
+                "(create_model(name), --model name)") if layouts else "build the layout the checkpoint was saved from"
+        raise InputError(source, "state_dict", f"does not match model {name!r} key for key ({problem})",
+                         f"{hint}; or load non-strictly (strict=False, --non-strict) to keep what matches and list "
+                         "what is dropped or resized")
     model.load_state_dict(to_load, strict=False)
-    for kind, keys in {**problems, "resized": tuple(resized)}.items():
+    sha = state_dict_sha256(state) if source == "<state_dict>" else file_sha256(Path(source))
+    report = LoadReport(source=source, sha256=sha, loaded=len(to_load), missing=missing, unexpected=unexpected,
+                        resized=tuple(resized), mismatched=tuple(mismatched), strict=strict)
+    for kind, keys in (("missing (model values kept)", missing), ("dropped: unexpected", unexpected),
+                       ("dropped: shape differs", tuple(mismatched))):
         if keys:
-            logger.warning("Checkpoint %s: %d %s keys: %s", source, len(keys), kind, list(keys))
-    logger.info("Loaded %d tensors from %s (sha256 %s)", len(to_load), source, sha)
+            logger.warning("Checkpoint %s into %r: %d %s keys: %s", source, name, len(keys), kind, list(keys))
+    if resized:
+        logger.log(logging.WARNING if not strict else logging.INFO, "Checkpoint %s into %r: %d keys resized as the "
+                   "released loader does: %s", source, name, len(resized), resized)
+    logger.info("Loaded %d tensors from %s into %r (sha256 %s)", len(to_load), source, name, sha)
     return report

@@ -1,12 +1,30 @@
-"""Named model configs and `create_model`, timm style: `create_model("base")` is HyperFree-b."""
+"""Named model layouts and `create_model`, timm style. A name says what it builds:
+
+- ``hypervision_b`` / ``hypervision_l`` / ``hypervision_h``: the released HyperVision -B/-L/-H layouts, key for key
+  (`build_HyperVision_b/l/h` defaults: global attention and patch merging where the builders put them), at the
+  released example's image size 512 (override ``img_size``; a strict load resizes the relative-position tables
+  the way the released loader does);
+- ``hyperfree_b``: HyperFree-b as its tuning-free scripts build it (1024 px, global attention at 2, 5, 8, 11, no
+  merging): the material pseudo-labeller's layout;
+- ``tiny``: CPU-sized, for tests and demos.
+
+``base`` and ``huge`` are kept as aliases of the layouts they always were (``hyperfree_b``, ``hypervision_h``) and
+log what they resolve to.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
 
 from model.encoder import EncoderConfig
 from model.hyperfree import HyperFree, ModelConfig
+
+logger = logging.getLogger(__name__)
+
+RELEASED_IMG_SIZE = 512
+"""Image size of the released HyperVision example (the builders' own default is 1024)."""
 
 _CONFIGS: dict[str, ModelConfig] = {
     # CPU-sized for tests: a forward pass takes milliseconds.
@@ -29,25 +47,29 @@ _CONFIGS: dict[str, ModelConfig] = {
         mask_in_chans=4,
         iou_head_hidden_dim=32,
     ),
-    # HyperFree-b as the tuning-free scripts build it (global [2, 5, 8, 11], no merge): official checkpoint.
-    "base": ModelConfig(name="base"),
-    # ViT-L body with the builder's "-1" global indexes and no merge.
-    "large": ModelConfig(
-        name="large",
-        encoder=EncoderConfig(embed_dim=1024, depth=24, num_heads=16, global_attn_indexes=(5, 11, 17, 23)),
+    "hyperfree_b": ModelConfig(name="hyperfree_b"),
+    "hypervision_b": ModelConfig(
+        name="hypervision_b",
+        encoder=EncoderConfig(img_size=RELEASED_IMG_SIZE, global_attn_indexes=(5, 8, 11), merge_indexes=(3, 12)),
     ),
-    # As the released HyperVision-H example builds it.
-    "huge": ModelConfig(
-        name="huge",
-        encoder=EncoderConfig(
-            img_size=512,
-            embed_dim=1280,
-            depth=32,
-            num_heads=16,
-            global_attn_indexes=(15, 23, 31),
-            merge_indexes=(8, 32),
-        ),
+    "hypervision_l": ModelConfig(
+        name="hypervision_l",
+        encoder=EncoderConfig(img_size=RELEASED_IMG_SIZE, embed_dim=1024, depth=24, num_heads=16,
+                              global_attn_indexes=(11, 17, 23), merge_indexes=(6, 24)),
     ),
+    "hypervision_h": ModelConfig(
+        name="hypervision_h",
+        encoder=EncoderConfig(img_size=RELEASED_IMG_SIZE, embed_dim=1280, depth=32, num_heads=16,
+                              global_attn_indexes=(15, 23, 31), merge_indexes=(8, 32)),
+    ),
+}
+
+ALIASES: dict[str, str] = {"base": "hyperfree_b", "huge": "hypervision_h"}
+"""Former names, kept for the layouts they always built."""
+
+_RETIRED: dict[str, str] = {
+    "large": "'large' (a ViT-L without patch merging) matched no released checkpoint and is gone; the released "
+             "-L layout is 'hypervision_l'",
 }
 
 _ENCODER_FIELDS = {f.name for f in dataclasses.fields(EncoderConfig)}
@@ -55,14 +77,25 @@ _MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)} - {"name", "en
 
 
 def list_models() -> list[str]:
-    """Names accepted by `create_model`."""
+    """Layout names accepted by `create_model` (aliases aside)."""
     return sorted(_CONFIGS)
+
+
+def resolve_name(name: str) -> str:
+    """The layout a name builds: itself, or (logged) the layout an alias stands for."""
+    if name in ALIASES:
+        logger.warning("Model name %r is an alias: it builds %r.", name, ALIASES[name])
+        return ALIASES[name]
+    if name not in _CONFIGS:
+        retired = f"{_RETIRED[name]}. " if name in _RETIRED else ""
+        raise ValueError(f"Unknown model {name!r}. {retired}Choose one of {list_models()} "
+                         f"(aliases: {sorted(ALIASES)}).")
+    return name
 
 
 def get_config(name: str, **overrides: Any) -> ModelConfig:
     """The named config with flat overrides (encoder or decoder field names) applied and validated."""
-    if name not in _CONFIGS:
-        raise ValueError(f"Unknown model {name!r}; choose one of {list_models()}.")
+    name = resolve_name(name)
     unknown = set(overrides) - _ENCODER_FIELDS - _MODEL_FIELDS
     if unknown:
         raise ValueError(
@@ -79,6 +112,11 @@ def get_config(name: str, **overrides: Any) -> ModelConfig:
     )
 
 
+def feature_info(name: str, **overrides: Any) -> list[dict[str, Any]]:
+    """The encoder's `feature_info` for a registry name, without building the model (to size heads)."""
+    return get_config(name, **overrides).encoder.feature_info
+
+
 def create_model(name: str, **overrides: Any) -> HyperFree:
-    """Build a randomly initialised model; load weights with `model.load_checkpoint`."""
+    """Build a randomly initialised model; load weights with `model.load_checkpoint` (strict by default)."""
     return HyperFree(get_config(name, **overrides))

@@ -243,20 +243,30 @@ def show(image_id: str, catalog: CatalogOpt = None,
 
 @app.command("pretrain")
 def pretrain(catalog: CatalogOpt = None,
-             model: Annotated[str, typer.Option(help="tiny | base | large | huge")] = "tiny",
+             model: Annotated[str, typer.Option(help="tiny | hypervision_b | hypervision_l | hypervision_h | "
+                                                    "hyperfree_b (released layouts by name)")] = "tiny",
              steps: Annotated[int, typer.Option(help="optimizer steps")] = 1000,
              out: Annotated[Path, typer.Option(help="run folder (config, metrics, checkpoints)")] = Path(
                  "hvp-data/runs/pretrain"),
              batch_size: int = 4,
              nproc: Annotated[int | None, typer.Option(help="processes under torchrun (default: GPUs, or 1)")] = None,
              teacher_checkpoint: Annotated[str | None, typer.Option(help="local RGB teacher weights")] = None,
-             student_checkpoint: Annotated[str | None, typer.Option(help="HyperFree/HyperVision weights")] = None,
+             init: Annotated[str | None, typer.Option(
+                 "--init", "--student-checkpoint",
+                 help="start from these weights: a released HyperVision checkpoint of --model's layout or any "
+                      "compatible .pth/.safetensors, loaded strictly")] = None,
+             non_strict: Annotated[bool, typer.Option(
+                 "--non-strict", help="load --init even where keys or shapes differ; lists what is dropped or "
+                                      "resized")] = False,
+             preprocessing: Annotated[str, typer.Option(
+                 help="preprocessing contract: released (as the released checkpoints) | crop_max")] = "released",
              resume: Annotated[bool, typer.Option(help="continue the run in OUT")] = False) -> None:
     """Pretrain the HyperVision backbone on the fused pseudo-targets (Prefect flow; torchrun when nproc > 1)."""
     from pipelines.pretrain import pretrain_flow
 
     result = pretrain_flow(catalog, model, steps, str(out), batch_size, teacher_checkpoint=teacher_checkpoint,
-                           student_checkpoint=student_checkpoint, nproc=nproc, resume=resume)
+                           student_checkpoint=init, init_strict=not non_strict, preprocessing=preprocessing,
+                           nproc=nproc, resume=resume)
     _print_pretrain(result)
 
 

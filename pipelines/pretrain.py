@@ -36,6 +36,8 @@ def pretrain_flow(
     lambda_distill: float = 1.0,
     teacher_checkpoint: str | None = None,
     student_checkpoint: str | None = None,
+    init_strict: bool = True,
+    preprocessing: str = "released",
     checkpoint_every: int | None = None,
     nproc: int | None = None,
     resume: bool = False,
@@ -43,10 +45,12 @@ def pretrain_flow(
 ) -> dict[str, Any]:
     """Pretrain the HyperVision backbone on the catalog's fused pseudo-labels; publishes the loss plot and the
     final metrics. `nproc` defaults to the number of visible GPUs (1 on the CPU); `resume` continues the run in
-    `out` from its latest checkpoint."""
+    `out` from its latest checkpoint; `student_checkpoint` (`--init`) starts from released or compatible weights,
+    loaded strictly unless `init_strict` is off."""
     overrides: dict[str, Any] = {
         "catalog": catalog, "out_dir": out, "steps": steps, "batch_size": batch_size, "crop_size": crop_size,
-        "lambda_distill": lambda_distill, "student_checkpoint": student_checkpoint, "device": device,
+        "lambda_distill": lambda_distill, "student_checkpoint": student_checkpoint, "init_strict": init_strict,
+        "preprocessing": preprocessing, "device": device,
     }
     if lr is not None:
         overrides["lr"] = lr

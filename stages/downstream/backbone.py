@@ -8,7 +8,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from model.hyperfree import HyperFree, extract_features
+from model.hyperfree import HyperFree
+from model.preprocess import extract_features
 from stages.downstream.tracker import FeatureFn
 
 

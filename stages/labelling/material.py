@@ -3,18 +3,19 @@
 Three layers, as segment-anything separates them:
 
 - `HyperFreePredictor`: SAM's `SamPredictor` driven by the channel-adaptive HyperFree model. `set_image` takes the
-  cube (H, W, C), its wavelengths (nm) and GSD (m/pixel), applies the official preprocessing
-  (`model.hyperfree.prepare_cube`: resize the longest side, divide by the global max, pad) and encodes it with the
-  wavelength-matched patch embedding; `predict` / `predict_torch` are SAM's, on HyperFree's prompt encoder and
-  mask decoder.
+  cube (H, W, C), its wavelengths (nm) and GSD (m/pixel), prepares it under a preprocessing contract
+  (`model.preprocess.prepare`) and encodes it with the wavelength-matched patch embedding; `predict` /
+  `predict_torch` are SAM's, on HyperFree's prompt encoder and mask decoder.
 - `hyperfree_automatic_masks`: SAM's `SamAutomaticMaskGenerator` with that predictor and the Seg-Any-HSI defaults.
 - `MaterialLabeler`: the "material" branch of the labeler contract (stages.labelling.labeler).
 
-Input scaling: the official *task* demos min-max the cube to uint8 when its max is <= 500; this branch does not.
-HyperFree's own automatic-segmentation script (Seg_Any_HSI.py, whose AMG defaults are used here) feeds the raw
-cube, and the predictor's division by the global max already removes the value scale. What the demo rule adds is
-an 8-bit quantisation (losing the precision of 12-16 bit sensors) and a global offset removal that switches on a
-units threshold, so one scene stored as reflectance and as digital numbers would be labelled differently.
+Input scaling is the labeler parameter ``preprocessing`` (a `model.preprocess` contract, recorded in the labeler
+id). The default, ``released``, is the HyperVision release's: a per-image float min-max to [0, 255] before the
+predictor divides by the maximum, so a sensor's dark offset does not compress the signal and one scene stored as
+reflectance or as digital numbers is labelled alike. ``crop_max`` is HyperFree's own automatic-segmentation script
+(Seg_Any_HSI.py, whose AMG defaults are used here): the raw cube divided by its maximum, the GSD rescaled to the
+resized image. (HyperFree's *task* demos min-max to uint8 only when the max is <= 500; neither contract copies
+that units-dependent switch or its 8-bit quantisation.)
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ import torch
 from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 
 from catalog.masks import MaskSet, table_from_masks
-from model import HyperFree, LoadReport, create_model, extract_features, get_config, load_checkpoint
-from model.hyperfree import effective_gsd, prepare_cube
+from model import HyperFree, LoadReport, create_model, get_config, load_checkpoint
+from model.preprocess import DEFAULT_CONTRACT, check_contract, describe, extract_features, prepare
 from model.spectral import match_bands
 from stages.labelling.labeler import ImageSample, Labeler
 
@@ -64,9 +65,10 @@ LABELER_DEFAULTS: dict[str, Any] = {
     **AMG_DEFAULTS,
     "default_gsd_m": DEFAULT_GSD_M,
     "init_seed": 0,
+    "preprocessing": DEFAULT_CONTRACT,
 }
-"""Labeler parameters: the AMG's, the GSD assumed when unknown, and the seed of random-init weights (so that one
-random-init labeler id always means the same weights)."""
+"""Labeler parameters: the AMG's, the GSD assumed when unknown, the seed of random-init weights (so that one
+random-init labeler id always means the same weights) and the preprocessing contract (model.preprocess)."""
 
 
 class HyperFreePredictor(SamPredictor):
@@ -79,8 +81,9 @@ class HyperFreePredictor(SamPredictor):
 
     model: HyperFree
 
-    def __init__(self, model: HyperFree) -> None:
+    def __init__(self, model: HyperFree, contract: str = DEFAULT_CONTRACT) -> None:
         super().__init__(model)
+        self.contract = check_contract(contract)
         self._sensor: tuple[np.ndarray, float] | None = None
 
     @contextmanager
@@ -100,11 +103,12 @@ class HyperFreePredictor(SamPredictor):
         wavelengths_nm: Sequence[float] | np.ndarray | None = None,
         gsd_m: float | None = None,
     ) -> None:
-        """Compute the image embedding of a cube (H, W, C), any numeric dtype.
+        """Compute the image embedding of a cube (H, W, C), any numeric dtype, prepared under the predictor's
+        contract.
 
-        `gsd_m` is the GSD of `image` as given; the encoder receives it rescaled to the resized image
-        (`effective_gsd`), as the official scripts do. For an AMG crop this is the crop's own effective GSD
-        (the official generator reuses the whole image's, which differs only when crop_n_layers > 0).
+        `gsd_m` is the GSD of `image` as given; the encoder receives it as the contract says (as given under
+        ``released``; rescaled to the resized image under ``crop_max``, where an AMG crop gets its own effective
+        GSD, while HyperFree's generator reuses the whole image's: they differ only when crop_n_layers > 0).
         """
         if wavelengths_nm is None or gsd_m is None:
             if self._sensor is None:
@@ -115,8 +119,8 @@ class HyperFreePredictor(SamPredictor):
             wavelengths_nm = self._sensor[0] if wavelengths_nm is None else wavelengths_nm
             gsd_m = self._sensor[1] if gsd_m is None else gsd_m
         enc = self.model.image_encoder
-        prepared = prepare_cube(image, enc.img_size, device=self.device)
-        gsd = effective_gsd(gsd_m, *prepared.original_size, enc.img_size)
+        prepared = prepare(image, enc.img_size, self.contract, device=self.device)
+        gsd = prepared.effective_gsd(gsd_m)
         self.reset_image()
         self.original_size = prepared.original_size
         self.input_size = prepared.input_size
@@ -136,7 +140,7 @@ class HyperFreeAutomaticMaskGenerator(SamAutomaticMaskGenerator):
 
     predictor: HyperFreePredictor
 
-    def __init__(self, model: HyperFree, **amg_params: Any) -> None:
+    def __init__(self, model: HyperFree, contract: str = DEFAULT_CONTRACT, **amg_params: Any) -> None:
         params = {**AMG_DEFAULTS, **amg_params}
         if params["min_mask_region_area"] > 0:
             try:
@@ -147,7 +151,7 @@ class HyperFreeAutomaticMaskGenerator(SamAutomaticMaskGenerator):
                     "installed: install opencv-python-headless or set min_mask_region_area to 0."
                 ) from exc
         super().__init__(model, output_mode="binary_mask", **params)  # type: ignore[arg-type]
-        self.predictor = HyperFreePredictor(model)
+        self.predictor = HyperFreePredictor(model, contract)
 
     @torch.no_grad()
     def generate(  # type: ignore[override]  # the cube needs its wavelengths and GSD
@@ -163,14 +167,15 @@ def hyperfree_automatic_masks(
     cube_hwc: np.ndarray,
     wavelengths: Sequence[float] | np.ndarray,
     gsd: float,
+    contract: str = DEFAULT_CONTRACT,
     **amg_params: Any,
 ) -> list[dict[str, Any]]:
     """HyperFree automatic masks of one cube (H, W, C), as Seg_Any_HSI: SAM's AMG records at the cube's size.
 
     Defaults: `AMG_DEFAULTS` (points_per_side 32, pred_iou_thresh 0.6, stability_score_thresh 0.6, SAM's others);
-    `gsd` is the cube's GSD in m/pixel.
+    `gsd` is the cube's GSD in m/pixel; `contract` the preprocessing (model.preprocess).
     """
-    return HyperFreeAutomaticMaskGenerator(model, **amg_params).generate(cube_hwc, wavelengths, gsd)
+    return HyperFreeAutomaticMaskGenerator(model, contract, **amg_params).generate(cube_hwc, wavelengths, gsd)
 
 
 def _checked_cube_hwc(sample: ImageSample) -> np.ndarray:
@@ -199,16 +204,16 @@ def _sample_gsd(sample: ImageSample, default_gsd_m: float) -> tuple[float, str]:
 
 
 def material_features(
-    model: HyperFree, sample: ImageSample, default_gsd_m: float = DEFAULT_GSD_M
+    model: HyperFree, sample: ImageSample, default_gsd_m: float = DEFAULT_GSD_M, contract: str = DEFAULT_CONTRACT
 ) -> list[torch.Tensor]:
-    """HyperFree's multi-stage features of one catalogued image (the official feature-extraction use).
+    """Multi-stage features of one catalogued image (the released feature-extraction use), any registered layout.
 
-    Returns `model.extract_features`: the selected block outputs (1, D, h, w), then the neck (1, out_chans, h, w).
-    The GSD is the sample's, else `default_gsd_m`.
+    Returns `model.preprocess.extract_features` under `contract`: the selected block outputs (1, D, h, w), then the
+    neck (1, out_chans, h, w). The GSD is the sample's, else `default_gsd_m`.
     """
     gsd, _ = _sample_gsd(sample, default_gsd_m)
     try:
-        return extract_features(model, _checked_cube_hwc(sample), sample.wavelengths, gsd)
+        return extract_features(model, _checked_cube_hwc(sample), sample.wavelengths, gsd, contract)
     except ValueError as exc:
         raise ValueError(f"image {sample.image_id!r}: {exc}") from exc
 
@@ -216,10 +221,12 @@ def material_features(
 class MaterialLabeler(Labeler):
     """The material branch: HyperFree automatic masks on the full cube.
 
-    `model_config` = {"model": a registry name ("tiny" for tests, "base" = HyperFree-b for real use), plus
-    create_model overrides}; `checkpoint` = a HyperFree .pth/.pt/.safetensors state_dict or None (random-init,
-    seeded by ``init_seed``); `params` = `LABELER_DEFAULTS` overrides. The table's ``score`` is the model's
-    predicted IoU (SAM's own quality estimate, which fusion ranks by); ``stability`` is SAM's stability score.
+    `model_config` = {"model": any registry name ("hyperfree_b" for HyperFree-b weights, a "hypervision_*" layout
+    for released HyperVision weights, "tiny" for tests), optionally "strict": false, plus create_model overrides};
+    `checkpoint` = a .pth/.pt/.safetensors state_dict of that layout, loaded strictly unless "strict" is false, or
+    None (random-init, seeded by ``init_seed``); `params` = `LABELER_DEFAULTS` overrides (``preprocessing`` names
+    the contract). The table's ``score`` is the model's predicted IoU (SAM's own quality estimate, which fusion
+    ranks by); ``stability`` is SAM's stability score.
     """
 
     branch = "material"
@@ -241,17 +248,19 @@ class MaterialLabeler(Labeler):
         if "model" not in model_config:
             raise ValueError(
                 f"material model_config {model_config} lacks 'model': give a registry name, e.g. "
-                "{'model': 'base'} for HyperFree-b (or 'tiny' for tests)."
+                "{'model': 'hyperfree_b'} for HyperFree-b (or 'tiny' for tests)."
             )
         super().__init__(model_config, checkpoint, {**LABELER_DEFAULTS, **params})
-        overrides = {k: v for k, v in self.model_config.items() if k != "model"}
+        check_contract(self.params["preprocessing"])
+        overrides = {k: v for k, v in self.model_config.items() if k not in ("model", "strict")}
         self.resolved_config = get_config(self.model_config["model"], **overrides)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(self.params["init_seed"]))
             model = create_model(self.model_config["model"], **overrides)
         self.load_report: LoadReport | None = None
         if self.checkpoint is not None:
-            self.load_report = load_checkpoint(model, self.checkpoint)
+            self.load_report = load_checkpoint(model, self.checkpoint,
+                                               strict=bool(self.model_config.get("strict", True)))
             self._log_load(self.load_report)
         else:
             logger.warning(
@@ -262,7 +271,7 @@ class MaterialLabeler(Labeler):
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = model.eval().to(device)
         amg_params = {k: v for k, v in self.params.items() if k in AMG_DEFAULTS}
-        self.generator = HyperFreeAutomaticMaskGenerator(self.model, **amg_params)
+        self.generator = HyperFreeAutomaticMaskGenerator(self.model, self.params["preprocessing"], **amg_params)
 
     @staticmethod
     def _log_load(report: LoadReport) -> None:
@@ -281,9 +290,11 @@ class MaterialLabeler(Labeler):
             )
 
     def descriptor(self) -> dict[str, Any]:
-        """The base descriptor plus the resolved model config and what the checkpoint load did."""
+        """The base descriptor plus the resolved model config, the preprocessing contract and what the checkpoint
+        load did."""
         out = super().descriptor()
         out["resolved_model_config"] = self.resolved_config.to_dict()
+        out["preprocessing"] = describe(self.params["preprocessing"])
         if self.load_report is not None:
             r = self.load_report
             out["checkpoint_load"] = {
@@ -292,6 +303,7 @@ class MaterialLabeler(Labeler):
                 "unexpected": len(r.unexpected),
                 "mismatched": len(r.mismatched),
                 "resized": len(r.resized),
+                "resized_keys": list(r.resized),
                 "missing_keys": list(r.missing),
                 "unexpected_keys": list(r.unexpected),
                 "mismatched_keys": list(r.mismatched),
@@ -332,5 +344,6 @@ class MaterialLabeler(Labeler):
             "bands": len(band_match.wavelengths_nm),
             "bands_unused": len(band_match.unused),
             "unmatched_wavelengths_nm": list(band_match.unmatched_wavelengths_nm),
+            "preprocessing": self.params["preprocessing"],
         }
         return MaskSet(masks=masks, table=table, labeler_id=self.labeler_id, attrs=attrs)

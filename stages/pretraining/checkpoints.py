@@ -57,7 +57,8 @@ def save_checkpoint(run_dir: Path, step: int, module: PretrainModule, optimizer:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     meta = {"step": str(step), "student_weights": resolved["student_weights"],
-            "teacher_weights": resolved["teacher_weights"], "model": resolved["config"]["model"]}
+            "teacher_weights": resolved["teacher_weights"], "model": resolved["model_config"]["name"],
+            "preprocessing": json.dumps(resolved["preprocessing"], sort_keys=True)}
     save_file(_tensors(module.student), str(tmp / "model.safetensors"), metadata=meta)
     save_file(_tensors(module.head), str(tmp / "distill.safetensors"), metadata=meta)
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),

@@ -10,6 +10,7 @@ from typing import Any
 
 from model.distill import DistillConfig, TeacherConfig
 from model.losses import SegLossConfig
+from model.preprocess import DEFAULT_CONTRACT
 
 RANDOM_INIT = "random-init"
 STAGE_VERSION = "1"
@@ -24,9 +25,15 @@ class PretrainConfig:
     """Catalog URI (None: the settings' HVP_CATALOG)."""
     out_dir: str = "./hvp-data/runs/pretrain"
     model: str = "tiny"
+    """A registry name (model.registry): "hypervision_b" / "_l" / "_h" are the released layouts."""
     model_overrides: dict[str, Any] = field(default_factory=dict)
     student_checkpoint: str | None = None
-    """Initial student weights (e.g. HyperFree-b); None starts from random-init."""
+    """Initial student weights (`hvp pretrain --init`): a released HyperVision checkpoint of the model's layout, or
+    any compatible state_dict (.pth/.safetensors, e.g. a previous run's model.safetensors); None: random-init."""
+    init_strict: bool = True
+    """Load `student_checkpoint` strictly (every key and shape must match; see model.load_checkpoint)."""
+    preprocessing: str = DEFAULT_CONTRACT
+    """The preprocessing contract of the crops (model.preprocess): "released" matches the released checkpoints."""
     steps: int = 1000
     batch_size: int = 4
     """Crops per rank and step."""
@@ -59,7 +66,7 @@ class PretrainConfig:
     def preset(cls, model: str, **overrides: Any) -> PretrainConfig:
         """Defaults for a model size: the tiny model gets the tiny teacher and head (CPU tests), others the
         ViT-S/14 DINOv2 teacher and the DINO head."""
-        small = model == "tiny"
+        small = model == "tiny"  # model names are resolved (and checked) when the trainer builds the student
         base: dict[str, Any] = {"model": model}
         if small:
             base.update(teacher=TeacherConfig.tiny(), distill=DistillConfig.tiny(), warmup_steps=10, lr=1e-3,

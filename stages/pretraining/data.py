@@ -80,11 +80,14 @@ def scan_catalog(catalog: Catalog, datasets: Sequence[str] | None = None) -> lis
 
 @dataclass
 class PretrainSample:
-    """One crop: the cube (C, S, S) float32 divided by the crop's global max, zero-padded bottom/right to S; its
+    """One crop: the cube (C, S, S) float32 with its stored values, zero-padded bottom/right from its valid `size`
+    (the trainer scales it under the run's preprocessing contract, model.preprocess.prepare_batch); its
     wavelengths; the RGB (3, S, S) in [0, 1]; sub-masks (n, S, S) bool with one prompt point (n, 2) xy each."""
 
     image_id: str
     cube: torch.Tensor
+    size: tuple[int, int]
+    """(h, w) of the crop inside the image, before padding."""
     wavelengths: torch.Tensor
     gsd_m: float
     rgb: torch.Tensor
@@ -100,6 +103,7 @@ class PretrainBatch:
 
     image_ids: list[str]
     cube: torch.Tensor
+    sizes: list[tuple[int, int]]
     wavelengths: torch.Tensor
     gsd_m: torch.Tensor
     rgb: torch.Tensor
@@ -111,7 +115,7 @@ class PretrainBatch:
         """The batch on `device` (wavelengths stay on the CPU: band matching reads them there)."""
         non_blocking = torch.device(device).type == "cuda"
         return PretrainBatch(
-            self.image_ids, self.cube.to(device, non_blocking=non_blocking), self.wavelengths,
+            self.image_ids, self.cube.to(device, non_blocking=non_blocking), self.sizes, self.wavelengths,
             self.gsd_m.to(device), self.rgb.to(device, non_blocking=non_blocking),
             [m.to(device, non_blocking=non_blocking) for m in self.masks],
             [p.to(device, non_blocking=non_blocking) for p in self.points], self.origins,
@@ -120,7 +124,7 @@ class PretrainBatch:
     def pin_memory(self) -> PretrainBatch:
         """Page-locked copies for fast host-to-GPU transfer (called by DataLoader(pin_memory=True))."""
         return PretrainBatch(
-            self.image_ids, self.cube.pin_memory(), self.wavelengths, self.gsd_m, self.rgb.pin_memory(),
+            self.image_ids, self.cube.pin_memory(), self.sizes, self.wavelengths, self.gsd_m, self.rgb.pin_memory(),
             [m.pin_memory() for m in self.masks], [p.pin_memory() for p in self.points], self.origins,
         )
 
@@ -137,6 +141,7 @@ def collate(samples: Sequence[PretrainSample]) -> PretrainBatch:
     return PretrainBatch(
         image_ids=[s.image_id for s in samples],
         cube=torch.stack([s.cube for s in samples]),
+        sizes=[s.size for s in samples],
         wavelengths=first,
         gsd_m=torch.tensor([s.gsd_m for s in samples], dtype=torch.float32),
         rgb=torch.stack([s.rgb for s in samples]),
@@ -227,7 +232,8 @@ class PretrainDataset(Dataset[PretrainSample]):
         points = self._prompts(fused, keep, masks, (y0, x0), rng)
         return PretrainSample(
             image_id=info.image_id,
-            cube=torch.from_numpy(_pad(_normalise(crop), size)),
+            cube=torch.from_numpy(_pad(crop.astype(np.float32), size)),
+            size=(h, w),
             wavelengths=torch.from_numpy(info.wavelengths),
             gsd_m=info.gsd_m,
             rgb=torch.from_numpy(_pad(self._rgb(info, crop, y0, x0), size)),
@@ -263,13 +269,6 @@ class PretrainDataset(Dataset[PretrainSample]):
                 px, py = int(xx[pick]), int(yy[pick])
             points[j] = (px, py)
         return points
-
-
-def _normalise(crop: np.ndarray) -> np.ndarray:
-    """HyperFree's preprocessing on a crop: float32 divided by the crop's global max (an all-zero crop stays 0)."""
-    x = crop.astype(np.float32)
-    peak = float(x.max()) if x.size else 0.0
-    return x / peak if peak > 0 else x
 
 
 def _pad(x: np.ndarray, size: int) -> np.ndarray:

@@ -1,9 +1,11 @@
 """HyperVision pretraining: prompt-driven segmentation on fused pseudo-labels + DINO-style RGB distillation.
 
-Per step, a batch of crops that share one wavelength set goes through the student encoder (the channel-adaptive
-HyperFree/HyperVision encoder); its neck embedding feeds the SAM prompt encoder and mask decoder once per image
-with that image's sub-mask prompts, and its last block's tokens feed the distillation head. The loss is
-L_seg (focal:dice:IoU-MSE = 20:1:1) + lambda_distill * L_distill.
+Per step, a batch of crops that share one wavelength set is prepared under the run's preprocessing contract
+(model.preprocess.prepare_batch) and goes through the student encoder (the channel-adaptive HyperFree/HyperVision
+encoder: any registered layout, from random-init or from a released or compatible checkpoint); its neck
+embedding feeds the SAM prompt encoder and mask decoder once per image with that image's sub-mask prompts, and its
+last block's tokens feed the distillation head. The loss is L_seg (focal:dice:IoU-MSE = 20:1:1) +
+lambda_distill * L_distill.
 
 The trainer is restartable (dinov2 style): the resolved config is saved beside the run; periodic checkpoints hold
 the model as safetensors (loadable by `model.load_checkpoint`), the distillation head and centre as safetensors,
@@ -28,15 +30,15 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from catalog.store import Catalog
-from model import create_model, load_checkpoint
+from model import LoadReport, create_model, load_checkpoint
 from model.distill import DistillHead, RGBTeacher
 from model.losses import segmentation_loss
+from model.preprocess import check_contract, describe, prepare_batch
 from model.pretraining import PretrainModule, StudentOutput, student_token_dim
 from stages.pretraining.checkpoints import config_diff, latest_checkpoint, load_training_state, save_checkpoint
 from stages.pretraining.config import RANDOM_INIT, STAGE_VERSION, PretrainConfig, PretrainResult
@@ -80,17 +82,23 @@ class Trainer:
     student_weights: str
     train_module: nn.Module
     """`module`, or its DDP wrapper under torchrun."""
+    init_report: LoadReport | None = None
+    """What loading the initial student weights did (None: random-init)."""
 
     @classmethod
     def build(cls, config: PretrainConfig, rt: Runtime) -> Trainer:
-        """Seed, build student (optionally from a checkpoint), teacher, head, AdamW and the lr schedule."""
+        """Seed, build student (optionally from a checkpoint, strictly unless `init_strict` is off), teacher, head,
+        AdamW and the lr schedule."""
+        check_contract(config.preprocessing)
         torch.manual_seed(config.seed)
         np.random.seed(config.seed)
         random.seed(config.seed)
         student = create_model(config.model, **config.model_overrides)
         student_weights = RANDOM_INIT
+        report = None
         if config.student_checkpoint:
-            student_weights = load_checkpoint(student, config.student_checkpoint).sha256
+            report = load_checkpoint(student, config.student_checkpoint, strict=config.init_strict)
+            student_weights = report.sha256
         # HyperFree's semantic-contrast blocks are not part of this objective: frozen, kept for checkpoint keys.
         student.image_encoder.contras_modules.requires_grad_(False)
         teacher = RGBTeacher(config.teacher).to(rt.device)
@@ -104,7 +112,7 @@ class Trainer:
             # Some parameters get no gradient on some steps (grid bank with < 20 bands, box/mask prompt embeddings).
             train_module = DistributedDataParallel(module, device_ids=[rt.device.index] if rt.cuda else None,
                                                    find_unused_parameters=True, forward_sync_buffers=False)
-        return cls(config, rt, module, teacher, optimizer, scheduler, student_weights, train_module)
+        return cls(config, rt, module, teacher, optimizer, scheduler, student_weights, train_module, report)
 
     @property
     def img_size(self) -> int:
@@ -124,13 +132,11 @@ class Trainer:
     def step(self, step: int, batch: PretrainBatch) -> dict[str, Any]:
         """One optimisation step on a batch already on the device; returns its metrics (no step/seconds)."""
         config, crop, img_size = self.config, self.crop_size, self.img_size
-        image = batch.cube
-        if crop != img_size:
-            image = F.interpolate(image, (img_size, img_size), mode="bilinear", align_corners=False, antialias=True)
+        prepared = prepare_batch(batch.cube, batch.sizes, img_size, batch.gsd_m, config.preprocessing)
+        image, gsd = prepared.image, prepared.gsd
         scale = img_size / crop
         # Pixel (x, y) of the crop -> input pixels, so that the prompt encoder's +0.5 lands on the pixel centre.
         points = [(p + 0.5) * scale - 0.5 for p in batch.points]
-        gsd = batch.gsd_m * crop / img_size  # effective GSD of the resized crop, as the official scripts
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step * 1009 + self.runtime.rank)
         head = self.module.head
         with self.runtime.autocast():
@@ -174,6 +180,15 @@ def train(config: PretrainConfig, resume: bool = False, until_step: int | None =
             dist.destroy_process_group()
 
 
+def _init_record(config: PretrainConfig, report: LoadReport | None) -> dict[str, Any] | None:
+    """What the run started from: the checkpoint, its sha256 and every key that did not load as stored."""
+    if report is None:
+        return None
+    return {"checkpoint": config.student_checkpoint, "sha256": report.sha256, "strict": report.strict,
+            "loaded": report.loaded, "resized": list(report.resized), "missing": list(report.missing),
+            "dropped": list(report.dropped)}
+
+
 def _train(config: PretrainConfig, rt: Runtime, resume: bool, until_step: int | None) -> PretrainResult:
     run_dir = Path(config.out_dir)
     trainer = Trainer.build(config, rt)
@@ -186,6 +201,7 @@ def _train(config: PretrainConfig, rt: Runtime, resume: bool, until_step: int | 
         "config": config.to_dict(), "model_config": module.student.config.to_dict(), "crop_size": trainer.crop_size,
         "student_weights": trainer.student_weights, "teacher": teacher.provenance(),
         "teacher_weights": teacher.identity, "world_size": rt.world_size, "catalog_uri": catalog.uri,
+        "preprocessing": describe(config.preprocessing), "init": _init_record(config, trainer.init_report),
         "images": len(images), "band_signatures": len(set(dataset.signatures)),
         "datasets": sorted({i.dataset for i in images}), "torch": torch.__version__,
         "stage_version": STAGE_VERSION,

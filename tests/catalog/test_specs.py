@@ -5,10 +5,11 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from catalog.errors import InputError
-from catalog.specs import builtin_specs, load_spec_file, slugify
+from catalog.specs import builtin_specs, load_spec_file, released_input, slugify
 
 REFERENCE = Path(__file__).resolve().parents[3] / "shared" / "reference" / "pretraining-datasets.csv"
 
@@ -140,3 +141,39 @@ def test_user_label_spec_errors_name_field_and_fix(tmp_path: Path, text: str, fi
     assert err.value.field == field, str(err.value)
     assert err.value.path == str(path) and err.value.fix
     assert word in err.value.fix + err.value.problem, str(err.value)
+
+# ---------------------------------------------------------------- the released reader's handling (spec.released)
+HYPERBLOOD_NOISY_NM = [376.82, 381.7583, 386.7018, 391.6505, 396.6044, 619.7518, 624.9409, 630.1353, 1012.2913,
+                       1017.8618, 1023.4377, 1029.0188, 1034.605, 1040.1965, 1045.7932]
+
+
+def test_released_hyperblood_keeps_the_113_shared_bands_and_drops_the_damaged_row() -> None:
+    spec = builtin_specs()["hyperblood"]
+    assert spec.released is not None and spec.released.keep_wavelengths_nm is not None
+    full = np.sort(np.array(spec.released.keep_wavelengths_nm + HYPERBLOOD_NOISY_NM))
+    assert full.size == 128
+    cube = np.arange(128 * 520 * 2, dtype=np.float32).reshape(128, 520, 2)
+    out, wl = released_input(spec, cube, full)
+    assert out.shape == (113, 519, 2) and wl.tolist() == spec.released.keep_wavelengths_nm
+    assert out[0, 445, 0] == cube[5, 446, 0]  # band 5 is the first kept; row 445 is gone
+    f2k = cube[5:121, :10]  # F(2k): 116 bands starting at 401.56 nm, another height, no damaged row
+    out, wl = released_input(spec, f2k, full[5:121])
+    assert out.shape == (113, 10, 2) and np.array_equal(out[43], f2k[46])  # 619.8-630.1 nm dropped
+
+
+def test_released_orientation_band_range_and_assigned_wavelengths() -> None:
+    specs = builtin_specs()
+    cube = np.random.default_rng(0).random((249, 3, 5)).astype(np.float32)
+    hwc = cube.transpose(1, 2, 0)
+    rotated, _ = released_input(specs["lib-hsi"], cube, np.linspace(397, 1004, 249))
+    np.testing.assert_array_equal(rotated.transpose(1, 2, 0), np.rot90(hwc, -1, axes=(0, 1)))  # the release's call
+    transposed, _ = released_input(specs["hsodbit-v2"], cube, np.linspace(401.5, 998.5, 249))
+    np.testing.assert_array_equal(transposed, cube.transpose(0, 2, 1))
+    viscor, wl = released_input(specs["deephs-viscor"], cube, np.linspace(408.03, 901.26, 249))
+    assert viscor.shape == (224, 3, 5) and wl[0] == 400 and wl[-1] == 1000
+    umos, wl = released_input(specs["um-os"], cube[:33], np.linspace(400, 720, 33))
+    assert umos.shape[0] == 31 and wl[-1] == 700
+    same, wl = released_input(specs["cave"], cube[:31], np.linspace(400, 700, 31))  # no recorded difference
+    assert np.array_equal(same, cube[:31]) and wl[-1] == 700
+    with pytest.raises(InputError, match=r"hyperblood.released.*no band"):
+        released_input(specs["hyperblood"], cube[:3], np.array([2000.0, 2100.0, 2200.0]))

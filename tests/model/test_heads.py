@@ -22,7 +22,6 @@ from model.heads.tracking import depthwise_xcorr
 from model.registry import create_model, get_config
 
 # The released HyperVision-B layout at 512 px: global attention at 5, 8, 11, patch merge after block 3.
-B_CONFIG = {"global_attn_indexes": (5, 8, 11), "merge_indexes": (3, 12), "img_size": 512}
 TARGETS = {"segmentation": 15.7e6, "saliency": 4.1e6, "tracking": 25.9e6}  # the paper's head sizes
 
 
@@ -36,7 +35,7 @@ def one_thread() -> Iterator[None]:
 
 
 def test_feature_layout_of_the_released_b_layout() -> None:
-    layout = feature_layout(get_config("base", **B_CONFIG).encoder)
+    layout = feature_layout(get_config("hypervision_b").encoder)
     assert layout == FeatureLayout(channels=(768, 768, 768, 256), strides=(16, 32, 32, 32))
     assert layout.levels == (32, 16)
     assert layout.channels_at(32) == 1792
@@ -55,7 +54,7 @@ def test_feature_layout_matches_what_the_tiny_encoder_returns() -> None:
 
 @pytest.mark.parametrize("task", sorted(TARGETS))
 def test_head_sizes_at_b_match_the_paper_within_3_percent(task: str) -> None:
-    layout = feature_layout(get_config("base", **B_CONFIG).encoder)
+    layout = feature_layout(get_config("hypervision_b").encoder)
     head = build_head(task, layout, **({"num_classes": 11} if task == "segmentation" else {}))
     count = count_trainable_parameters(head)
     print(f"{task} head at -B: {count:,} trainable parameters (paper: {TARGETS[task]:,.0f})")
@@ -136,7 +135,7 @@ def test_head_rebuilds_from_its_hparams(task: str) -> None:
 @pytest.mark.slow
 def test_heads_run_on_real_b_layout_features() -> None:
     """The -B layout the heads are sized for is what the encoder returns at 512 px."""
-    model = create_model("base", **B_CONFIG).eval()
+    model = create_model("hypervision_b").eval()
     layout = feature_layout(model.config.encoder)
     with torch.no_grad():
         feats = model.image_encoder.forward_intermediates(torch.rand(1, 8, 512, 512), [500 + 50 * i for i in range(8)])

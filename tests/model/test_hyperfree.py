@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from model import create_model, extract_features, get_config, list_models, load_checkpoint
-from model.hyperfree import HyperFree, ModelConfig, effective_gsd, prepare_cube
+from catalog.errors import InputError
+from model import create_model, get_config, list_models, load_checkpoint
+from model.hyperfree import HyperFree, ModelConfig
 from model.spectral import (
     GRID_WAVELENGTHS_NM,
     KEY_WAVELENGTHS_NM,
@@ -202,7 +203,7 @@ def test_grad_checkpointing_gives_the_same_gradients(tiny: HyperFree) -> None:
 
 
 def test_encoder_input_must_be_padded_to_img_size(tiny: HyperFree) -> None:
-    with pytest.raises(ValueError, match="prepare_cube"):
+    with pytest.raises(ValueError, match="model.preprocess.prepare"):
         tiny.image_encoder(torch.rand(1, 20, 48, 64), spread(20))
 
 
@@ -216,16 +217,11 @@ def test_patch_merging_config_shapes() -> None:
     assert "image_encoder.multi_scale_convs.0.reduction.weight" in model.state_dict()
 
 
-@pytest.mark.parametrize(
-    ("name", "keys", "params"),
-    [("base", 349, 150.5e6), ("large", 517, 387.85e6), ("huge", 635, 748.57e6)],
-)
-def test_configs_on_meta_device_match_official_counts(name: str, keys: int, params: float) -> None:
+@pytest.mark.parametrize("name", ["hyperfree_b", "hypervision_b", "hypervision_l", "hypervision_h"])
+def test_configs_on_meta_device_have_the_official_module_tree(name: str) -> None:
     with torch.device("meta"):
         model = create_model(name)
-    state = model.state_dict()
-    assert len(state) == keys
-    assert sum(p.numel() for p in model.parameters()) == pytest.approx(params, rel=0.01)
+    state = model.state_dict()  # counts and exact key lists: tests/model/test_released.py
     assert {k.split(".")[0] for k in state} == {"image_encoder", "prompt_encoder", "mask_decoder"}
     dim, patch = model.config.encoder.embed_dim, model.config.encoder.patch_size
     assert state["image_encoder.point_spectral_weight_bank_w"].shape == (dim, 85, patch, patch)
@@ -233,21 +229,22 @@ def test_configs_on_meta_device_match_official_counts(name: str, keys: int, para
     assert state["image_encoder.point_spectral_weight_bank_b"].shape == (dim,)
 
 
-def test_base_has_official_rel_pos_shapes() -> None:
+def test_hyperfree_b_has_official_rel_pos_shapes() -> None:
     with torch.device("meta"):
-        state = create_model("base").state_dict()
+        state = create_model("hyperfree_b").state_dict()
     assert state["image_encoder.blocks.0.attn.rel_pos_h"].shape == (27, 64)
     assert state["image_encoder.blocks.2.attn.rel_pos_h"].shape == (127, 64)
     assert state["image_encoder.pos_embed_mlp.layers.1.weight"].shape == (384, 384)
 
 
 def test_registry_and_config_round_trip() -> None:
-    assert list_models() == ["base", "huge", "large", "tiny"]
+    assert list_models() == ["hyperfree_b", "hypervision_b", "hypervision_h", "hypervision_l", "tiny"]
     cfg = get_config("tiny", patch_size=16, decoder_depth=1)
     assert cfg.encoder.patch_size == 16 and cfg.decoder_depth == 1
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
     # The official rule with patch merging: (merge[0], global[0], global[2]).
-    assert get_config("huge").encoder.feature_indexes == (8, 15, 31)
+    assert get_config("hypervision_h").encoder.feature_indexes == (8, 15, 31)
+    assert get_config("hypervision_b", img_size=1024).encoder.img_size == 1024
     with pytest.raises(ValueError, match="Unknown override"):
         get_config("tiny", embed_dims=32)
     with pytest.raises(ValueError, match="Unknown model"):
@@ -282,21 +279,29 @@ def test_load_report_lists_missing_and_unexpected_keys(tiny: HyperFree) -> None:
     del state[removed]
     state["image_encoder.not_a_layer.weight"] = torch.zeros(3)
     fresh = create_model("tiny")
-    report = load_checkpoint(fresh, state)
-    assert report.missing == (removed,)
-    assert report.unexpected == ("image_encoder.not_a_layer.weight",)
+    kept = fresh.state_dict()[removed].clone()
+    report = load_checkpoint(fresh, state, strict=False)
+    assert report.missing == (removed,) and not report.strict
+    assert report.unexpected == report.dropped == ("image_encoder.not_a_layer.weight",)
     assert report.resized == () and report.mismatched == ()
     assert len(report.sha256) == 64 and report.source == "<state_dict>"
     assert torch.equal(
         fresh.state_dict()["mask_decoder.iou_token.weight"], state["mask_decoder.iou_token.weight"]
     )
-    with pytest.raises(RuntimeError, match="not_a_layer"):
-        load_checkpoint(create_model("tiny"), state, strict=True)
+    assert torch.equal(fresh.state_dict()[removed], kept)  # missing keys keep the model's values
+    untouched = create_model("tiny")
+    before = {k: v.clone() for k, v in untouched.state_dict().items()}
+    with pytest.raises(InputError, match=r"missing 1: \['image_encoder.neck.0.weight'\]; unexpected 1: "
+                                         r"\['image_encoder.not_a_layer.weight'\].*--non-strict"):
+        load_checkpoint(untouched, state)  # strict by default
+    assert all(torch.equal(v, before[k]) for k, v in untouched.state_dict().items())  # nothing half-loaded
 
 
 def test_loader_resizes_banks_and_rel_pos_for_another_patch_size(tiny: HyperFree) -> None:
+    with pytest.raises(InputError, match=r"point_spectral_weight_bank_w \(64, 85, 8, 8\) vs \(64, 85, 16, 16\)"):
+        load_checkpoint(create_model("tiny", patch_size=16), tiny.state_dict())
     model = create_model("tiny", patch_size=16)
-    report = load_checkpoint(model, tiny.state_dict())
+    report = load_checkpoint(model, tiny.state_dict(), strict=False)
     assert "image_encoder.point_spectral_weight_bank_w" in report.resized
     assert "image_encoder.blocks.1.attn.rel_pos_h" in report.resized  # global block: 15 -> 7 positions
     assert not report.missing and not report.unexpected and not report.mismatched
@@ -304,53 +309,26 @@ def test_loader_resizes_banks_and_rel_pos_for_another_patch_size(tiny: HyperFree
     assert torch.equal(model.state_dict()["image_encoder.block_spectral_weight_bank_w"], expected)
 
 
+def test_strict_load_resizes_only_global_rel_pos_for_another_image_size(tiny: HyperFree) -> None:
+    model = create_model("tiny", img_size=128)  # global block 1: 2 * 16 - 1 = 31 positions instead of 15
+    report = load_checkpoint(model, tiny.state_dict())
+    assert report.strict and report.resized == ("image_encoder.blocks.1.attn.rel_pos_h",
+                                                "image_encoder.blocks.1.attn.rel_pos_w")
+    wider = create_model("tiny", window_size=5)  # windowed block 0: a layout change, not an image size
+    with pytest.raises(InputError, match=r"blocks.0.attn.rel_pos_h \(7, 32\) vs \(9, 32\)"):
+        load_checkpoint(wider, tiny.state_dict())
+
+
+class NotATensor:
+    """A pickled object that weights_only=True refuses."""
+
+
 def test_non_state_dict_checkpoint_is_rejected(tmp_path: Path) -> None:
     path = tmp_path / "wrapped.pth"
     torch.save({"model": {"a": torch.zeros(1)}}, path)
-    with pytest.raises(ValueError, match="raw state_dict"):
+    with pytest.raises(InputError, match="raw state_dict"):
         load_checkpoint(create_model("tiny"), path)
-
-
-# ---------------------------------------------------------------- preprocessing and GSD
-
-
-def test_preprocessing_matches_direct_computation() -> None:
-    rng = np.random.default_rng(0)
-    cube = rng.uniform(0, 900, (6, 10, 3)).astype(np.float32)
-    prepared = prepare_cube(cube, 16)
-    # Longest side 10 -> 16: scale 1.6, height 6 * 1.6 = 9.6 -> 10.
-    resized = F.interpolate(
-        torch.from_numpy(cube).permute(2, 0, 1)[None],
-        (10, 16),
-        mode="bilinear",
-        align_corners=False,
-        antialias=True,
-    )
-    expected = torch.zeros(1, 3, 16, 16)
-    expected[..., :10, :16] = resized / resized.max()
-    assert prepared.input_size == (10, 16) and prepared.original_size == (6, 10)
-    assert torch.equal(prepared.image, expected)
-    assert prepared.image.max() == 1.0 and not prepared.image[..., 10:, :].any()
-    as_uint16 = prepare_cube((cube * 10).astype(np.uint16), 16).image
-    assert as_uint16.dtype == torch.float32 and as_uint16.max() == 1.0
-
-
-def test_preprocessing_rejects_empty_or_nan_cube() -> None:
-    with pytest.raises(ValueError, match="global max"):
-        prepare_cube(np.zeros((4, 4, 3)), 8)
-    with pytest.raises(ValueError, match="NaN"):
-        prepare_cube(np.full((4, 4, 3), np.nan), 8)
-
-
-def test_gsd_is_rescaled_to_the_resized_image(tiny: HyperFree) -> None:
-    assert effective_gsd(0.456, 300, 400, 1024) == pytest.approx(0.456 * 400 / 1024)
-    cube = np.random.default_rng(1).uniform(0, 1, (20, 32, 25)).astype(np.float32)
-    wl = spread(25)
-    feats = extract_features(tiny, cube, wl, gsd_m=0.6)
-    prepared = prepare_cube(cube, 64)
-    with torch.no_grad():
-        direct = tiny.image_encoder(prepared.image, wl, 0.6 * 32 / 64)
-        unscaled = tiny.image_encoder(prepared.image, wl, 0.6)
-    assert [tuple(f.shape) for f in feats] == [(1, 64, 8, 8), (1, 32, 8, 8)]
-    assert all(torch.equal(a, b) for a, b in zip(feats, direct, strict=True))
-    assert not torch.allclose(feats[-1], unscaled[-1])
+    pickled = tmp_path / "pickled.pth"
+    torch.save({"image_encoder.neck.0.weight": torch.zeros(1), "extra": NotATensor()}, pickled)
+    with pytest.raises(InputError, match=r"pickled.pth: field '<pickle>'.*weights_only=True.*state_dict\(\)"):
+        load_checkpoint(create_model("tiny"), pickled)

@@ -11,10 +11,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from catalog.errors import InputError
 from catalog.fixtures.synth import scene
 from catalog.masks import MASK_FIELDS, MaskSet, MaskStore
 from catalog.store import Catalog
-from model import create_model, extract_features
+from model import create_model, describe, extract_features
 from model.hyperfree import file_sha256
 from stages.labelling.labeler import RANDOM_INIT, ImageSample
 from stages.labelling.material import (
@@ -180,16 +181,19 @@ def test_labeler_id_changes_with_params_and_checkpoint(tmp_path: Path, caplog: p
     assert a.attrs is not None and a.attrs["random_init"] is False and a.attrs["weights"] == file_sha256(pth)
 
 
-def test_missing_and_unexpected_keys_are_reported(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_missing_and_unexpected_keys_are_refused_unless_non_strict(tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
     state = seeded_state_dict(2)
     dropped = "mask_decoder.iou_prediction_head.layers.0.weight"
     del state[dropped]
     state["image_encoder.extra_head.weight"] = torch.zeros(2)
     path = tmp_path / "partial.pth"
     torch.save(state, path)
+    with pytest.raises(InputError, match=r"missing 1: \['mask_decoder.iou_prediction_head.*unexpected 1"):
+        tiny_labeler(path)
     caplog.set_level(logging.WARNING)
-    labeler = tiny_labeler(path)
-    assert labeler.load_report is not None
+    labeler = MaterialLabeler({"model": "tiny", "strict": False}, path, TEST_PARAMS, device="cpu")
+    assert labeler.load_report is not None and not labeler.load_report.strict
     assert labeler.load_report.missing == (dropped,)
     assert labeler.load_report.unexpected == ("image_encoder.extra_head.weight",)
     load = labeler.descriptor()["checkpoint_load"]
@@ -209,6 +213,36 @@ def test_material_features_is_extract_features_with_the_sample_gsd() -> None:
     unknown = material_features(model, make_sample(25))
     default = extract_features(model, np.moveaxis(sample.cube, 0, -1), sample.wavelengths, DEFAULT_GSD_M)
     torch.testing.assert_close(unknown[-1], default[-1], rtol=0, atol=0)
+
+
+def test_preprocessing_contract_is_a_parameter_recorded_in_the_labeler_id() -> None:
+    released, crop_max = tiny_labeler(), tiny_labeler(preprocessing="crop_max")
+    assert released.params["preprocessing"] == "released"
+    assert released.descriptor()["preprocessing"] == describe("released")
+    assert crop_max.descriptor()["preprocessing"] == describe("crop_max")
+    assert released.labeler_id != crop_max.labeler_id
+    sample = make_sample(31, gsd_m=0.3)
+    sample.cube = sample.cube * 4095 + 1000  # 12-bit counts over a dark offset
+    cube_hwc = np.moveaxis(sample.cube, 0, -1)
+    for labeler, contract in ((released, "released"), (crop_max, "crop_max")):
+        labeler.generator.predictor.set_image(cube_hwc, sample.wavelengths, 0.3)
+        expected = extract_features(labeler.model, cube_hwc, sample.wavelengths, 0.3, contract)[-1]
+        torch.testing.assert_close(labeler.generator.predictor.get_image_embedding(), expected, rtol=0, atol=0)
+    assert labeler.label(sample).attrs["preprocessing"] == "crop_max"  # type: ignore[index]
+    with pytest.raises(ValueError, match="Unknown preprocessing contract 'raw'"):
+        tiny_labeler(preprocessing="raw")
+
+
+def test_any_registered_layout_labels_including_patch_merging() -> None:
+    # A hypervision_b-shaped layout (global attention and patch merging as released) shrunk to CPU size: the mask
+    # decoder reads the merged 4 x 4 neck grid.
+    small = {"img_size": 64, "patch_size": 8, "embed_dim": 32, "depth": 4, "num_heads": 2, "window_size": 3,
+             "global_attn_indexes": (1, 2, 3), "merge_indexes": (0, 4), "decoder_mlp_dim": 64}
+    labeler = MaterialLabeler({"model": "hypervision_b", **small}, None, TEST_PARAMS, device="cpu")
+    assert labeler.resolved_config.name == "hypervision_b"
+    assert labeler.resolved_config.encoder.output_grid_size == 4
+    out = labeler.label(make_sample(31))
+    assert out.masks.shape[1:] == (HEIGHT, WIDTH) and len(out) >= 1
 
 
 # ---------------------------------------------------------------- bad input

@@ -11,13 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
+from catalog.errors import InputError
 from catalog.fixtures import write_dataset
 from catalog.masks import MaskSet, MaskStore, table_from_masks
 from catalog.specs import spec_for_folder
 from catalog.store import Catalog
-from model import create_model, load_checkpoint
+from model import create_model, describe, load_checkpoint
+from model.hyperfree import file_sha256
+from model.preprocess import prepare_batch
 from stages.ingest import ingest_item, item_for, plan
 from stages.pretraining import PretrainConfig, launch, train
 from stages.pretraining.checkpoints import latest_checkpoint, rng_state, set_rng_state
@@ -92,12 +96,14 @@ def test_dataset_crops_hold_masks_that_contain_their_prompts(catalog_uri: str) -
             s = ds[(index, draw)]
             c = info.wavelengths.size
             assert s.cube.shape == (c, CROP, CROP) and s.cube.dtype == torch.float32
-            assert s.cube.max().item() == pytest.approx(1.0)  # divided by the crop's global max
             assert s.rgb.shape == (3, CROP, CROP) and s.rgb.min() >= 0.0 and s.rgb.max() <= 1.0
             assert torch.equal(s.wavelengths, torch.from_numpy(info.wavelengths))
             assert 1 <= s.masks.shape[0] <= 3 and s.points.shape == (s.masks.shape[0], 2)
             y0, x0 = s.origin
             h, w = min(CROP, info.height - y0), min(CROP, info.width - x0)
+            assert s.size == (h, w)  # stored values, scaled later by the trainer's preprocessing contract
+            stored_crop = cat.read_crop(info.location, y0, x0, CROP).astype(np.float32)
+            assert torch.equal(s.cube[:, :h, :w], torch.from_numpy(stored_crop))
             assert not s.masks[:, h:, :].any() and not s.masks[:, :, w:].any()  # padding is background
             assert (s.masks.flatten(1).sum(1) >= 4).all()
             for m, (px, py) in zip(s.masks, s.points.long().tolist(), strict=True):
@@ -256,6 +262,7 @@ def test_checkpoint_round_trip_and_run_records(catalog_uri: str, tmp_path: Path)
     with safe_open(str(ckpt / "model.safetensors"), "pt") as fh:
         assert fh.metadata()["student_weights"] == "random-init"
         assert fh.metadata()["teacher_weights"] == "random-init"
+        assert json.loads(fh.metadata()["preprocessing"]) == describe("released")
     state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
     assert state["step"] == 4 and state["scheduler"]["last_epoch"] == 4
     assert len(state["optimizer"]["state"]) > 0
@@ -263,12 +270,51 @@ def test_checkpoint_round_trip_and_run_records(catalog_uri: str, tmp_path: Path)
     saved = json.loads((run / "config.json").read_text())
     assert PretrainConfig.load(run / "config.json") == cfg
     assert saved["student_weights"] == saved["teacher_weights"] == "random-init"
+    assert saved["preprocessing"] == describe("released") and saved["init"] is None
     assert saved["images"] == 12 and saved["band_signatures"] == 4  # H-City: 6 train + 1 unsplit of its 13
     rows = _rows(run)
     assert len(rows) == 4 and all("random-init" in r["weights"] for r in rows)
     assert all(np.isfinite(float(r["loss"])) for r in rows)
     assert (run / "loss.png").stat().st_size > 1000
     assert json.loads((run / "result.json").read_text())["steps_done"] == 4
+
+
+def test_init_from_a_checkpoint_is_strict_unless_asked_and_recorded(catalog_uri: str, tmp_path: Path) -> None:
+    torch.manual_seed(7)
+    same = tmp_path / "same.safetensors"
+    save_file(create_model("tiny").state_dict(), str(same))
+    result = train(tiny_config(catalog_uri, tmp_path / "same", steps=1, student_checkpoint=str(same)))
+    saved = json.loads((tmp_path / "same" / "config.json").read_text())
+    assert result.student_weights == file_sha256(same) == saved["init"]["sha256"]
+    assert saved["init"]["strict"] and saved["init"]["dropped"] == [] and saved["init"]["resized"] == []
+
+    merged = tmp_path / "merged.pth"  # another layout: patch merging after block 0 adds a PatchMerging module
+    torch.save(create_model("tiny", merge_indexes=(0,), feature_indexes=(0, 1)).state_dict(), merged)
+    with pytest.raises(InputError, match=r"unexpected 3: \['image_encoder.multi_scale_convs.0.*--non-strict"):
+        train(tiny_config(catalog_uri, tmp_path / "strict", steps=1, student_checkpoint=str(merged)))
+    train(tiny_config(catalog_uri, tmp_path / "loose", steps=1, student_checkpoint=str(merged), init_strict=False))
+    init = json.loads((tmp_path / "loose" / "config.json").read_text())["init"]
+    assert not init["strict"] and init["dropped"] == ["image_encoder.multi_scale_convs.0.reduction.weight",
+                                                      "image_encoder.multi_scale_convs.0.norm.weight",
+                                                      "image_encoder.multi_scale_convs.0.norm.bias"]
+
+
+def test_crops_are_prepared_under_the_configured_contract(catalog_uri: str, tmp_path: Path) -> None:
+    ds = PretrainDataset(catalog_uri, CROP, min_mask_pixels=4)
+    batch = collate([ds[(i, 0)] for i, info in enumerate(ds.images) if info.dataset == "cave"])
+    seen: dict[str, torch.Tensor] = {}
+    for contract in ("released", "crop_max"):
+        trainer = Trainer.build(tiny_config(catalog_uri, tmp_path, preprocessing=contract), setup_runtime("cpu"))
+        def keep(_: torch.nn.Module, args: tuple, name: str = contract) -> None:
+            seen[name] = args[0].detach().clone()  # the encoder input PretrainModule.forward receives
+
+        trainer.module.register_forward_pre_hook(keep)
+        trainer.step(0, batch)
+    expected = prepare_batch(batch.cube, batch.sizes, 64, batch.gsd_m, "released").image
+    assert torch.equal(seen["released"], expected)
+    assert (seen["released"] - seen["crop_max"]).abs().max() > 0.01
+    with pytest.raises(ValueError, match="Unknown preprocessing contract"):
+        Trainer.build(tiny_config(catalog_uri, tmp_path, preprocessing="raw"), setup_runtime("cpu"))
 
 
 def test_rng_state_round_trips_through_weights_only_load(tmp_path: Path) -> None:

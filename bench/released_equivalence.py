@@ -1,0 +1,199 @@
+"""Equivalence with the released HyperVision code, measured side by side in one run on identical random weights.
+
+For each released layout (-B, -L): the released builder at the given image size, every parameter except the two
+weight banks perturbed (so the zero-initialised relative-position tables and unit norms are exercised), its
+state_dict loaded strictly into our registry layout. Then, per band count (16, 31, 128) and GSD, one 12-bit cube
+with a dark offset goes through the released path (the released reader's per-image min-max to [0, 255],
+`HyperVision_Predictor.set_image(..., test_mode=True)` then `predict` with one point) and through ours
+(`model.preprocess.extract_features` and the material `HyperFreePredictor`, contract ``released``). The table
+gives the max abs difference per multi-scale feature map, the neck, and the mask decoder's outputs. -H is
+compared at the key/shape level (meta device). All weights are random-init.
+
+Needs the released repository on disk (never part of this project):
+
+    .venv/bin/python bench/released_equivalence.py --released /path/to/HyperVision [--layouts b,l] [--json]
+
+Adjustments made to run the released code here, printed with the results: a stand-in for `osgeo` (GDAL, imported
+but unused by the model), and the released prompt encoder's grid set to the neck's (the released builder sizes it
+img_size / patch, which does not fit the mask decoder once patch merging has run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+import types
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+BUILDERS = {"b": "build_HyperVision_b", "l": "build_HyperVision_l", "h": "build_HyperVision_h"}
+WAVELENGTHS = {
+    16: np.linspace(400, 1000, 16),  # ARAD-1K 16-band grid
+    31: np.linspace(400, 700, 31),  # CAVE / ICVL / ARAD-1K 31-band grid
+    128: np.linspace(450, 950, 128),  # Hyperspectral City v2
+}
+GSDS = (0.01, 0.5)
+TARGET = 1e-4
+"""Max abs difference accepted as equal (float32 reductions may reorder; exact equality is the expected case)."""
+
+
+def import_released(path: str | Path) -> types.ModuleType:
+    """The released `HyperVision` package from a checkout at `path` (a GDAL stand-in first: it is imported by
+    the released spectral utilities but not used by the model)."""
+    if "osgeo" not in sys.modules:
+        stub = types.ModuleType("osgeo")
+        stub.gdal = None  # type: ignore[attr-defined]
+        sys.modules["osgeo"] = stub
+    root = str(Path(path).resolve())
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    return importlib.import_module("HyperVision")
+
+
+def released_model(pkg: types.ModuleType, layout: str, img_size: int, seed: int = 0) -> torch.nn.Module:
+    """The released builder's model at `img_size`, every parameter but the weight banks perturbed (seeded)."""
+    torch.manual_seed(seed)
+    model = getattr(pkg, BUILDERS[layout])(image_size=img_size).eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "weight_bank" not in name:
+                param.add_(torch.randn(param.shape, generator=gen) * 0.02)
+    grid = img_size // model.image_encoder.patch_size
+    merges = [i for i in model.image_encoder.merge_indexs if i < model.image_encoder.depth]
+    model.prompt_encoder.image_embedding_size = (grid >> len(merges),) * 2
+    return model
+
+
+def twelve_bit_cube(bands: int, height: int, width: int, seed: int) -> np.ndarray:
+    """(H, W, C) uint16 12-bit counts over a dark offset of 1000."""
+    rng = np.random.default_rng(seed)
+    return (1000 + rng.integers(0, 3096, (height, width, bands))).astype(np.uint16)
+
+
+def reader_min_max(cube: np.ndarray) -> np.ndarray:
+    """The released reader's per-image scaling: float32, 255 * (x - min) / (max - min)."""
+    img = cube.astype(np.float32)
+    low, high = img.min(), img.max()
+    return 255.0 * (img - low) / (high - low)
+
+
+def max_diff(a: Any, b: Any) -> float:
+    """Max abs difference of two arrays/tensors of the same shape."""
+    ta, tb = torch.as_tensor(np.asarray(a.detach() if torch.is_tensor(a) else a)), torch.as_tensor(
+        np.asarray(b.detach() if torch.is_tensor(b) else b))
+    if ta.shape != tb.shape:
+        raise AssertionError(f"shapes differ: {tuple(ta.shape)} vs {tuple(tb.shape)}")
+    return float((ta.double() - tb.double()).abs().max())
+
+
+def compare_layout(pkg: types.ModuleType, layout: str, img_size: int, bands: tuple[int, ...],
+                   gsds: tuple[float, ...], size: tuple[int, int]) -> list[dict[str, Any]]:
+    """Rows (layout, bands, gsd, output, shape, max_abs_diff) for one layout, released vs ours."""
+    from model import create_model, load_checkpoint
+    from model.preprocess import extract_features
+    from stages.labelling.material import HyperFreePredictor
+
+    released = released_model(pkg, layout, img_size)
+    ours = create_model(f"hypervision_{layout}", img_size=img_size).eval()
+    report = load_checkpoint(ours, released.state_dict(), strict=True)
+    assert report.is_exact, report
+    names = [f"block {i}" for i in ours.config.encoder.feature_indexes or ()] + ["neck"]
+    rows: list[dict[str, Any]] = []
+    point = np.array([[size[1] // 3, size[0] // 2]])
+    for c in bands:
+        wl = WAVELENGTHS[c]
+        cube = twelve_bit_cube(c, *size, seed=c)
+        for gsd in gsds:
+            ref = pkg.HyperVision_Predictor(released)
+            with torch.no_grad():
+                ref.set_image(reader_min_max(cube), test_mode=True, spectral_lengths=wl.tolist(), GSD=[gsd])
+                ref_masks, ref_iou, ref_low = ref.predict(point_coords=point, point_labels=np.array([1]),
+                                                          return_logits=True)
+            feats = extract_features(ours, cube, wl, gsd, "released")
+            pred = HyperFreePredictor(ours, "released")
+            pred.set_image(cube, wl, gsd)
+            masks, iou, low = pred.predict(point_coords=point, point_labels=np.array([1]), return_logits=True)
+            outputs = [*zip(names, feats, ref.multi_scale_features, strict=True),
+                       ("decoder iou", iou, ref_iou[0]), ("decoder low-res logits", low, ref_low[0]),
+                       ("decoder mask logits", masks, ref_masks[0])]
+            # Control: today's crop_max contract on the same cube and weights does not give the released features.
+            control = extract_features(ours, cube, wl, gsd, "crop_max")[-1]
+            outputs.append(("control: crop_max neck", control, ref.multi_scale_features[-1]))
+            for name, mine, theirs in outputs:
+                rows.append({"layout": layout.upper(), "bands": c, "gsd": gsd, "output": name,
+                             "shape": list(np.shape(mine)), "max_abs_diff": max_diff(mine, theirs)})
+    return rows
+
+
+def compare_keys(pkg: types.ModuleType, layout: str, img_size: int) -> dict[str, Any]:
+    """Key/shape comparison of the released builder and our layout on the meta device."""
+    from model import create_model
+
+    with torch.device("meta"):
+        theirs = getattr(pkg, BUILDERS[layout])(image_size=img_size).state_dict()
+        mine = create_model(f"hypervision_{layout}", img_size=img_size).state_dict()
+    differ = sorted(k for k in set(theirs) | set(mine)
+                    if k not in theirs or k not in mine or theirs[k].shape != mine[k].shape)
+    return {"layout": layout.upper(), "keys": len(mine), "released_keys": len(theirs), "differing": differ,
+            "params_m": sum(v.numel() for v in mine.values()) / 1e6,
+            "released_params_m": sum(v.numel() for v in theirs.values()) / 1e6}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--released", required=True, help="checkout of the released HyperVision repository")
+    ap.add_argument("--layouts", default="b,l", help="layouts compared numerically (b, l); h is key/shape level")
+    ap.add_argument("--img", type=int, default=512, help="image size (the released example's 512)")
+    ap.add_argument("--height", type=int, default=300)
+    ap.add_argument("--width", type=int, default=400)
+    ap.add_argument("--json", action="store_true", help="also print every row as JSON")
+    args = ap.parse_args()
+    torch.set_grad_enabled(False)
+    pkg = import_released(args.released)
+    print(f"released code: {args.released}; random-init weights (perturbed), image size {args.img}, "
+          f"cube {args.height}x{args.width} uint16 12-bit + offset 1000, contract 'released', test_mode=True")
+    print("adjustments to run the released code: osgeo stand-in; released prompt grid set to the neck's")
+    figures: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = []
+    for layout in args.layouts.split(","):
+        t0 = time.perf_counter()
+        part = compare_layout(pkg, layout, args.img, tuple(WAVELENGTHS), GSDS, (args.height, args.width))
+        rows += part
+        print(f"\n-{layout.upper()} ({time.perf_counter() - t0:.0f} s)")
+        print(f"{'bands':>5s} {'gsd':>5s}  {'output':24s} {'shape':>18s} {'max abs diff':>13s}")
+        for r in part:
+            print(f"{r['bands']:5d} {r['gsd']:5g}  {r['output']:24s} {'x'.join(map(str, r['shape'])):>18s} "
+                  f"{r['max_abs_diff']:13.3g}")
+        for out in dict.fromkeys(r["output"] for r in part):
+            values = [r["max_abs_diff"] for r in part if r["output"] == out]
+            if out.startswith("control"):  # must differ: shows the comparison can fail
+                figures.append({"name": f"-{layout.upper()} {out} min over inputs of max abs diff (must differ)",
+                                "value": min(values), "target": TARGET, "met": min(values) > TARGET})
+            else:
+                figures.append({"name": f"-{layout.upper()} {out} max abs diff (3 band counts x 2 GSDs)",
+                                "value": max(values), "target": TARGET, "met": max(values) <= TARGET})
+    print("\nkey/shape level (meta device)")
+    for layout in ("b", "l", "h"):
+        k = compare_keys(pkg, layout, args.img)
+        print(f"-{k['layout']}: {k['keys']} keys (released {k['released_keys']}), {k['params_m']:.2f} M parameters "
+              f"(released {k['released_params_m']:.2f} M), {len(k['differing'])} keys differ in name or shape")
+        figures.append({"name": f"-{k['layout']} keys differing in name or shape", "value": len(k["differing"]),
+                        "target": 0, "met": not k["differing"]})
+    if args.json:
+        print(json.dumps({"rows": rows}))
+    print(json.dumps({"figures": figures}))
+
+
+if __name__ == "__main__":
+    main()
