@@ -97,10 +97,10 @@ def _ingest(source_dir: Path, catalog: str | None, datasets: list[str] | None, w
 
         return run_ingest(str(source_dir), catalog, datasets, workers, dask_address)
     from catalog.specs import spec_for_folder
-    from catalog.store import Catalog
+    from infra.settings import open_catalog
     from stages import ingest as stage
 
-    cat = Catalog(catalog).init()
+    cat = open_catalog(catalog).init()
     work = stage.plan(source_dir, cat, datasets)
     stage.record_problems(cat, work.problems)
     results = []
@@ -120,9 +120,9 @@ def _ingest(source_dir: Path, catalog: str | None, datasets: list[str] | None, w
 def catalog_list(catalog: CatalogOpt = None, as_json: Annotated[bool, typer.Option("--json")] = False,
                  dataset: str | None = None) -> None:
     """One line per catalogued image (or JSON records with --json)."""
-    from catalog.store import Catalog
+    from infra.settings import open_catalog
 
-    df = Catalog(catalog).images(dataset)
+    df = open_catalog(catalog).images(dataset)
     if as_json:
         sys.stdout.write(df.to_json(orient="records", date_format="iso") + "\n")
         return
@@ -140,9 +140,9 @@ def catalog_summary(catalog: CatalogOpt = None) -> None:
 
 
 def _summary_rows(catalog: str | None) -> list[dict[str, Any]]:
-    from catalog.store import Catalog
+    from infra.settings import open_catalog
 
-    df = Catalog(catalog).images()
+    df = open_catalog(catalog).images()
     if df.empty:
         return []
     g = df.groupby("dataset").agg(images=("image_id", "count"), bands=("bands", "max"), wl_min=("wl_min", "min"),
@@ -152,18 +152,18 @@ def _summary_rows(catalog: str | None) -> list[dict[str, Any]]:
 
 
 def _quarantine_rows(catalog: str | None) -> list[dict[str, Any]]:
-    from catalog.store import Catalog
+    from infra.settings import open_catalog
 
-    q = Catalog(catalog).quarantine()
+    q = open_catalog(catalog).quarantine()
     return q[["dataset", "source_path", "field", "message", "fix"]].to_dict("records") if not q.empty else []
 
 
 @catalog_app.command("show")
 def catalog_show(image_id: str, catalog: CatalogOpt = None) -> None:
     """Everything the catalog knows about one image: index row, attributes, wavelengths."""
-    from catalog.store import Catalog
+    from infra.settings import open_catalog
 
-    cat = Catalog(catalog)
+    cat = open_catalog(catalog)
     try:
         da = cat.open(image_id)
     except KeyError as exc:
@@ -186,9 +186,9 @@ def catalog_quarantine(catalog: CatalogOpt = None) -> None:
 def catalog_verify(catalog: CatalogOpt = None,
                    checksums: Annotated[bool, typer.Option(help="re-hash every stored cube")] = True) -> None:
     """Recompute content checksums and report missing, corrupt, partial and orphan cubes; exit 1 if unhealthy."""
-    from catalog.store import Catalog
+    from infra.settings import open_catalog
 
-    report = Catalog(catalog).verify(checksums=checksums)
+    report = open_catalog(catalog).verify(checksums=checksums)
     console.print_json(json.dumps(report.as_dict()))
     if not report.healthy:
         raise typer.Exit(1)
@@ -197,9 +197,9 @@ def catalog_verify(catalog: CatalogOpt = None,
 @catalog_app.command("compact")
 def catalog_compact(catalog: CatalogOpt = None) -> None:
     """Merge the index and quarantine part files (safe while other writers run)."""
-    from catalog.store import Catalog
+    from infra.settings import open_catalog
 
-    console.print(f"merged {Catalog(catalog).compact()} part files")
+    console.print(f"merged {open_catalog(catalog).compact()} part files")
 
 
 @app.command("label")
@@ -226,13 +226,12 @@ def fuse(catalog: CatalogOpt = None) -> None:
 def show(image_id: str, catalog: CatalogOpt = None,
          out: Annotated[Path | None, typer.Option(help="PNG path (default: <image id>.png here)")] = None) -> None:
     """Write an overlay PNG of one image: its RGB with each branch's masks and the fused pseudo-target."""
-    from catalog.store import Catalog
-    from infra.settings import get_settings
+    from infra.settings import get_settings, open_catalog
     from stages.labelling import label as stage
 
     ids = {b: stage.cached_labeler(b).labeler_id for b in stage.BRANCHES}
     path = out or Path(image_id.replace("/", "__") + ".png")
-    console.print(f"wrote {stage.overlay_png(Catalog(catalog), image_id, ids, get_settings().fuse_tau, path)}")
+    console.print(f"wrote {stage.overlay_png(open_catalog(catalog), image_id, ids, get_settings().fuse_tau, path)}")
 
 
 @app.command("pretrain")
@@ -269,8 +268,7 @@ def demo(workdir: Annotated[Path, typer.Option(help="where sources and the catal
     the catalog, label with the three branches, fuse, pretrain a few steps; each step is a Prefect flow on a
     temporary local server."""
     from catalog.fixtures import make_fixtures
-    from catalog.store import Catalog
-    from infra.settings import get_settings
+    from infra.settings import get_settings, open_catalog
 
     for key, value in DEMO_SETTINGS.items():  # the user's own settings win
         os.environ.setdefault(key, value)
@@ -283,7 +281,7 @@ def demo(workdir: Annotated[Path, typer.Option(help="where sources and the catal
                   "[bold]2/5 ingest[/bold]")
     console.print(_table("ingest", _ingest(sources, catalog, None, None, None, plain)))
     console.print(_table("catalog", _summary_rows(catalog)))
-    report = Catalog(catalog).verify()
+    report = open_catalog(catalog).verify()
     console.print(f"[bold]3/5 verify[/bold]: {report.ok} cubes ok, healthy={report.healthy}, "
                   f"orphans={len(report.orphans)}")
     if not report.healthy:

@@ -13,6 +13,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from infra.settings import get_settings
 from stages import pretraining as stage
 
 
@@ -45,8 +46,9 @@ def pretrain_flow(
     final metrics. `nproc` defaults to the number of visible GPUs (1 on the CPU); `resume` continues the run in
     `out` from its latest checkpoint."""
     overrides: dict[str, Any] = {
-        "catalog": catalog, "out_dir": out, "steps": steps, "batch_size": batch_size, "crop_size": crop_size,
-        "lambda_distill": lambda_distill, "student_checkpoint": student_checkpoint, "device": device,
+        "catalog": catalog or get_settings().catalog, "out_dir": out, "steps": steps, "batch_size": batch_size,
+        "crop_size": crop_size, "lambda_distill": lambda_distill, "student_checkpoint": student_checkpoint,
+        "device": device,
     }
     if lr is not None:
         overrides["lr"] = lr

@@ -165,12 +165,15 @@ def ingest_item(catalog: Catalog, spec: DatasetSpec, item: SourceItem, known_sha
         return IngestResult(spec.slug, src, "quarantined", None, f"{src}: {message}")
 
 
-def ingest_path(catalog_uri: str, folder: str, primary: str, known_sha256: str | None = None) -> IngestResult:
-    """``ingest_item`` from paths and strings only: what a task or a worker process calls."""
+def ingest_path(catalog_uri: str, folder: str, primary: str, known_sha256: str | None = None,
+                options: dict[str, Any] | None = None) -> IngestResult:
+    """``ingest_item`` from paths and strings only: what a task or a worker process calls (``options``: the
+    Catalog's cube-store options)."""
     spec = spec_for_folder(Path(folder))
     if spec is None:
         raise InputError(folder, SPEC_FILENAME, "the dataset has no spec", "add a dataset.yaml")
-    return ingest_item(Catalog(catalog_uri), spec, item_for(Path(folder), spec, primary), known_sha256)
+    item = item_for(Path(folder), spec, primary)
+    return ingest_item(Catalog(catalog_uri, **(options or {})), spec, item, known_sha256)
 
 
 def prepare(spec: DatasetSpec, item: SourceItem, sha: str) -> CubeWrite:

@@ -21,7 +21,7 @@ class PretrainConfig:
     """Everything that defines a pretraining run; saved, resolved, as config.json beside the run."""
 
     catalog: str | None = None
-    """Catalog URI (None: the settings' HVP_CATALOG)."""
+    """Catalog URI; required to train (the CLI and the pretrain flow fill it from HVP_CATALOG)."""
     out_dir: str = "./hvp-data/runs/pretrain"
     model: str = "tiny"
     model_overrides: dict[str, Any] = field(default_factory=dict)
