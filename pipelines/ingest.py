@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, task, unmapped
@@ -14,9 +15,11 @@ from stages import ingest as stage
 
 
 def _retry_on_io(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry only transient I/O failures; bad input is already quarantined by the stage and never raised."""
+    """Retry only transient I/O failures; bad input and unreadable files are quarantined by the stage."""
     try:
         state.result()
+    except stage.UNREADABLE:
+        return False
     except OSError:
         return True
     except Exception:
@@ -52,9 +55,10 @@ def ingest_flow(source_dir: str, catalog: str | None = None, datasets: list[str]
             results.append(stage.IngestResult(**fut.result()))
         else:  # I/O kept failing after the retries: record it and go on with the rest
             message = str(fut.state.message)
-            cat.add_quarantine(item.dataset, item.primary, "OSError", "file", message,
+            path = str(Path(item.folder, item.primary).absolute())
+            cat.add_quarantine(item.dataset, path, "OSError", "file", message,
                                "check that the file is readable and the storage reachable, then re-run ingest")
-            results.append(stage.IngestResult(item.dataset, item.primary, "quarantined", None, message))
+            results.append(stage.IngestResult(item.dataset, path, "quarantined", None, message))
     cat.compact()
     summary = stage.summarize(results, work.problems)
     create_table_artifact(key="ingest-summary", table=summary,
