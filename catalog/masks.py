@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
@@ -171,6 +172,25 @@ class MaskStore:
         self.storage.remove_stale_temporaries()
         return self.storage.compact_table("masks/index", MASK_INDEX_SCHEMA,
                                           unique=["image_id", "labeler_id", "location"])
+
+    def check(self, row: dict[str, Any]) -> str | None:
+        """What is wrong with one committed mask set (an index row), or None: the group and its table must read
+        back with ``n`` masks of the recorded size."""
+        group = zarr.open_group(self.storage.zarr_store(row["location"]), mode="r", zarr_format=3)
+        bits = np.asarray(member(group, "bits")[...])
+        with self.storage.fs.open(self.storage.path(row["location"], "table.parquet"), "rb") as fh:
+            rows = pq.read_metadata(fh).num_rows
+        n = int(row["n"])
+        if bits.shape[0] != n or rows != n or bits.shape[2] != (int(str(group.attrs["width"])) + 7) // 8:
+            return f"{bits.shape[0]} masks and {rows} table rows stored for the {n} the index records"
+        return None
+
+    def drop(self, pairs: list[tuple[str, str]]) -> None:
+        """Forget the committed masks of (image id, labeler id) pairs, so the label stage makes them again."""
+        keys = pa.array(sorted({f"{i}\0{lid}" for i, lid in pairs}), pa.string())
+        self.storage.compact_table("masks/index", MASK_INDEX_SCHEMA, drop=lambda t: pc.is_in(
+            pc.binary_join_element_wise(t["image_id"], t["labeler_id"], "\0"), value_set=keys))
+        self._index = None
 
     def missing(self, labeler_id: str, image_ids: list[str]) -> list[str]:
         """The images among ``image_ids`` that have no committed masks for ``labeler_id``."""

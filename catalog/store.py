@@ -409,6 +409,14 @@ class Catalog:
                 report.ok += 1
             else:
                 report.problems.append(problem)
+        masks = self.mask_store.index(refresh=True)
+        for row in masks.to_dict("records"):
+            try:
+                message = self.mask_store.check(row)
+            except Exception as exc:  # reported like any other failure to read
+                message = f"{type(exc).__name__}: {exc}"
+            if message is not None:
+                report.problems.append(Problem(row["image_id"], "masks", row["location"], message))
         indexed = set(df["location"]) if not df.empty else set()
         report.orphans = [g for g in self.storage.groups("cubes") if g not in indexed]
         for tmp in self.storage.temporaries():
@@ -451,7 +459,7 @@ def _latest(df: pd.DataFrame) -> pd.DataFrame:
 @dataclass(frozen=True)
 class Problem:
     """One thing wrong in the catalog: the image (empty for catalog-level damage), its kind (missing, partial,
-    corrupt, index), the location and what was found."""
+    corrupt, masks, index), the location and what was found."""
 
     image_id: str
     kind: str

@@ -184,22 +184,51 @@ def catalog_quarantine(catalog: CatalogOpt = None) -> None:
 
 @catalog_app.command("verify")
 def catalog_verify(catalog: CatalogOpt = None,
-                   checksums: Annotated[bool, typer.Option(help="re-hash every stored cube")] = True) -> None:
-    """Recompute content checksums and report missing, corrupt, partial and orphan cubes; exit 1 if unhealthy."""
+                   checksums: Annotated[bool, typer.Option(help="re-hash every stored cube")] = True,
+                   repair: Annotated[bool, typer.Option(help="re-ingest damaged images whose source is unchanged, "
+                                                        "quarantine the others, remove stale temporaries")] = False,
+                   as_json: Annotated[bool, typer.Option("--json", help="one JSON object on stdout")] = False) -> None:
+    """Check every image and mask set (checksums, completeness) and report each problem with the image it
+    concerns, plus orphan cubes and temporaries; never stops at a damaged image. Exit 1 if unhealthy (after the
+    repair, with --repair)."""
     from infra.settings import open_catalog
+    from stages.ingest.repair import repair as repair_catalog
 
-    report = open_catalog(catalog).verify(checksums=checksums)
-    console.print_json(json.dumps(report.as_dict()))
+    cat = open_catalog(catalog)
+    report = cat.verify(checksums=checksums)
+    out: dict[str, Any] = report.as_dict()
+    if repair:
+        out = {"before": out, "repairs": [r.as_dict() for r in repair_catalog(cat, report)]}
+        report = cat.verify(checksums=checksums)
+        out["after"] = report.as_dict()
+    if as_json:
+        sys.stdout.write(json.dumps(out, default=str) + "\n")
+    else:
+        _print_verify(out)
     if not report.healthy:
         raise typer.Exit(1)
 
 
+def _print_verify(out: dict[str, Any]) -> None:
+    """A person's view of a verify result: a table of problems (and of repairs) and one summary line."""
+    final = out.get("after", out)
+    for title, rows in (("problems found", out.get("before", out)["problems"]), ("repairs", out.get("repairs", []))):
+        if rows:
+            console.print(_table(title, rows))
+    console.print(f"{final['ok']} images ok, {len(final['problems'])} problems, {len(final['orphans'])} orphan "
+                  f"cubes, {len(final['stale_temporaries'])} stale temporaries (removed by `hvp catalog compact`), "
+                  f"{len(final['live_temporaries'])} writes in progress; healthy={final['healthy']}")
+
+
 @catalog_app.command("compact")
 def catalog_compact(catalog: CatalogOpt = None) -> None:
-    """Merge the index and quarantine part files (safe while other writers run)."""
+    """Merge the index, quarantine and mask-index part files and remove temporaries of writers that are gone (safe
+    while other writers run)."""
     from infra.settings import open_catalog
 
-    console.print(f"merged {open_catalog(catalog).compact()} part files")
+    cat = open_catalog(catalog)
+    stale = sum(not t.alive for t in cat.storage.temporaries())
+    console.print(f"merged {cat.compact()} part files, removed {stale} stale temporaries")
 
 
 @app.command("label")
