@@ -34,6 +34,14 @@ CatalogOpt = Annotated[str | None, typer.Option("--catalog", help="catalog URI (
                                                 "./hvp-data/catalog)")]
 
 
+def _flows() -> None:
+    """Before a command runs Prefect flows: start the temporary server (when none is configured) so that it dies
+    with this process, even on kill -9."""
+    from infra.prefect_server import start_temporary_server
+
+    start_temporary_server()
+
+
 def _progress() -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     console=console, transient=False)
@@ -95,6 +103,7 @@ def _ingest(source_dir: Path, catalog: str | None, datasets: list[str] | None, w
     if not plain:
         from pipelines.ingest import run_ingest
 
+        _flows()
         return run_ingest(str(source_dir), catalog, datasets, workers, dask_address)
     from catalog.specs import spec_for_folder
     from infra.settings import open_catalog
@@ -238,6 +247,7 @@ def label(catalog: CatalogOpt = None,
     """Label every image lacking masks for the current labeler ids, then fuse (Prefect flow)."""
     from pipelines.label import run_label
 
+    _flows()
     rows = run_label(catalog, branch, workers)
     console.print(_table(f"labelled {len(rows)} images", rows[:40]))
 
@@ -247,6 +257,7 @@ def fuse(catalog: CatalogOpt = None) -> None:
     """Fuse the current branch masks into pseudo-targets where missing (Prefect flow)."""
     from pipelines.label import fuse_flow
 
+    _flows()
     rows = fuse_flow(catalog)
     console.print(_table(f"fused {len(rows)} images", rows[:40]))
 
@@ -277,6 +288,7 @@ def pretrain(catalog: CatalogOpt = None,
     """Pretrain the HyperVision backbone on the fused pseudo-targets (Prefect flow; torchrun when nproc > 1)."""
     from pipelines.pretrain import pretrain_flow
 
+    _flows()
     result = pretrain_flow(catalog, model, steps, str(out), batch_size, teacher_checkpoint=teacher_checkpoint,
                            student_checkpoint=student_checkpoint, nproc=nproc, resume=resume)
     _print_pretrain(result)
@@ -302,6 +314,7 @@ def demo(workdir: Annotated[Path, typer.Option(help="where sources and the catal
     for key, value in DEMO_SETTINGS.items():  # the user's own settings win
         os.environ.setdefault(key, value)
     get_settings.cache_clear()
+    _flows()
     sources, catalog = workdir / "sources", str(workdir / "catalog")
     written = make_fixtures(sources)
     console.print(f"[bold]1/5 fixtures[/bold]: {sum(map(len, written.values()))} images of {len(written)} "
