@@ -23,6 +23,7 @@ from segment_anything.modeling.transformer import TwoWayTransformer
 from torch import nn
 
 from model.encoder import EncoderConfig, HyperFreeImageEncoder
+from model.safeload import torch_load
 
 logger = logging.getLogger(__name__)
 
@@ -244,7 +245,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path), device="cpu")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = torch_load(path)
     if not isinstance(state, Mapping) or not all(torch.is_tensor(v) for v in state.values()):
         keys = list(state)[:5] if isinstance(state, Mapping) else type(state).__name__
         raise ValueError(
@@ -312,9 +313,11 @@ def load_checkpoint(
     )
     problems = {"missing": missing, "unexpected": unexpected, "mismatched": tuple(mismatched)}
     if strict and any(problems.values()):
+        shapes = {k: f"{k} (file {tuple(state[k].shape)}, model {tuple(own[k].shape)})" for k in mismatched}
         raise RuntimeError(
             f"Strict load of {source} failed: "
-            + "; ".join(f"{k}: {list(v)}" for k, v in problems.items() if v)
+            + "; ".join(f"{k}: {[shapes.get(key, key) for key in v]}" for k, v in problems.items() if v)
+            + ". Fix: load a checkpoint of the same model (name and size) as the one built"
         )
     model.load_state_dict(to_load, strict=False)
     for kind, keys in {**problems, "resized": tuple(resized)}.items():
