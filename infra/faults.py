@@ -183,11 +183,12 @@ def _install(points: _Points) -> None:
         setattr(os, name, point(getattr(os, name)))
 
 
-def _child(stage: str, catalog: str, run_dir: str, source: str, kill_at: int, count_file: str) -> None:
-    """A stage run in a forked child, killed at ``kill_at`` (0: runs to the end and records its point count)."""
+def _child(stages: tuple[str, ...], catalog: str, run_dir: str, source: str, kill_at: int, count_file: str) -> None:
+    """Stages run in a forked child, killed at ``kill_at`` (0: runs to the end and records its point count)."""
     points = _Points(kill_at)
     _install(points)
-    run_stage(stage, catalog, run_dir, source)
+    for stage in stages:
+        run_stage(stage, catalog, run_dir, source)
     with open(count_file, "w") as fh:
         fh.write(str(points.count))
 
@@ -204,9 +205,12 @@ def _context() -> Any:
     return _CONTEXT
 
 
-def run_child(stage: str, catalog: str, run_dir: str, source: str, kill_at: int, count_file: str) -> int:
-    """Run a stage in a child killed at ``kill_at``; returns the child's exit code (-9 when killed)."""
-    proc = _context().Process(target=_child, args=(stage, catalog, run_dir, source, kill_at, count_file))
+def run_child(stages: str | tuple[str, ...], catalog: str, run_dir: str, source: str, kill_at: int,
+              count_file: str) -> int:
+    """Run a stage (or several, in order) in a fresh child killed at ``kill_at`` (0: never); returns the child's
+    exit code (-9 when killed)."""
+    stages = (stages,) if isinstance(stages, str) else stages
+    proc = _context().Process(target=_child, args=(stages, catalog, run_dir, source, kill_at, count_file))
     proc.start()
     proc.join()
     return int(proc.exitcode if proc.exitcode is not None else 1)
@@ -291,9 +295,10 @@ def trial(setup: Setup, stage: str, kill_at: int, workdir: Path) -> Trial:
     problems: list[str] = []
     resumes = _Resumes()
     trainer_log = logging.getLogger("stages.pretraining.trainer")
-    level = trainer_log.level
+    level, propagate = trainer_log.level, trainer_log.propagate
     trainer_log.addHandler(resumes)
     trainer_log.setLevel(logging.INFO)
+    trainer_log.propagate = False  # heard here, not printed
     try:
         run_stage(stage, str(catalog), str(run_dir), setup.source)
     except Exception as exc:  # the rerun must succeed: its failure is what the trial found
@@ -306,6 +311,7 @@ def trial(setup: Setup, stage: str, kill_at: int, workdir: Path) -> Trial:
     finally:
         trainer_log.removeHandler(resumes)
         trainer_log.setLevel(level)
+        trainer_log.propagate = propagate
     return Trial(stage, kill_at, setup.points[stage], code == -signal.SIGKILL, problems, resumed)
 
 
