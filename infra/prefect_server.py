@@ -3,8 +3,8 @@
 With no ``PREFECT_API_URL`` configured, Prefect starts a temporary local server (a uvicorn subprocess) and stops
 it at interpreter exit; a killed CLI never reaches that, so the server lived on. Here the server is started from
 the main thread with Linux's parent-death signal set (``PR_SET_PDEATHSIG``): the kernel kills it when the CLI
-goes, however it goes. Prefect's own client then finds it running and uses it. Elsewhere than Linux the server is
-Prefect's as before.
+goes, however it goes. Prefect's own client then finds it running and uses it, and so do worker processes (a local
+Dask cluster), which inherit its address. Elsewhere than Linux the server is Prefect's as before.
 """
 
 from __future__ import annotations
@@ -55,4 +55,7 @@ def start_temporary_server() -> str | None:
     if server is None:  # Prefect's client asks for the instance without a port: this one
         server = BoundServer()
     server.start()
+    # Worker processes started from here on (a local Dask cluster) inherit the address: without it each would
+    # start a temporary server of its own, all of them on one SQLite database.
+    os.environ["PREFECT_API_URL"] = server.api_url
     return server.api_url
