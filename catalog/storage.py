@@ -90,7 +90,8 @@ class Lease:
         return cls(pid=pid, host=socket.gethostname(), started=started, renewed=time.time())
 
 
-_LEASES: dict[tuple[int, str], float] = {}  # (pid, root) -> when this process last wrote its lease there
+_OWN: dict[int, Lease] = {}  # pid -> that process's lease (a forked child is another writer)
+_LEASES: set[tuple[int, str]] = set()  # (pid, catalog root) where that process recorded its lease
 _LEASE_LOCK = threading.Lock()
 _THREAD_LOCKS: dict[tuple[str, int], threading.Lock] = {}
 
@@ -204,21 +205,35 @@ class Storage:
 
     # ------------------------------------------------------------------ leases
     def _lease(self) -> Lease:
-        """This process's lease, recorded under ``leases/`` before its first temporary (renewed now and then, so
-        readers on other hosts see it alive)."""
-        lease = Lease.current()
-        key = (lease.pid, self.root)
+        """This process's lease, recorded under ``leases/`` before its first temporary there, then renewed by a
+        background thread every quarter of REMOTE_LEASE_TTL_S while the process lives (so that readers on other
+        hosts, which cannot check its pid, see it alive)."""
+        pid = os.getpid()
         with _LEASE_LOCK:
-            last = _LEASES.get(key)
-            if last is None or time.time() - last > REMOTE_LEASE_TTL_S / 4:
-                path = self.path("leases", f"{lease.id}.json")
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                tmp = f"{path}{TMP}{lease.id}-{uuid.uuid4().hex[:8]}"
-                with open(tmp, "w") as fh:
-                    json.dump({"id": lease.id, **asdict(lease)}, fh)
-                os.replace(tmp, path)
-                _LEASES[key] = time.time()
+            lease = _OWN.get(pid) or _OWN.setdefault(pid, Lease.current())
+            if (pid, self.root) not in _LEASES:
+                self._record(lease)
+                _LEASES.add((pid, self.root))
+                threading.Thread(target=self._renew, args=(lease,), name="hvp-lease", daemon=True).start()
         return lease
+
+    def _record(self, lease: Lease) -> None:
+        """Write (or renew) a lease file, atomically."""
+        path = self.path("leases", f"{lease.id}.json")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}{TMP}{lease.id}-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "w") as fh:
+            json.dump({"id": lease.id, **asdict(lease), "renewed": time.time()}, fh)
+        os.replace(tmp, path)
+
+    def _renew(self, lease: Lease) -> None:
+        """Renew the lease until the process ends (or the catalog goes away)."""
+        while True:
+            time.sleep(REMOTE_LEASE_TTL_S / 4)
+            try:
+                self._record(lease)
+            except OSError:
+                return
 
     def lease(self, lease_id: str) -> Lease | None:
         """The recorded lease of a writer id, or None when there is none (its writer is gone)."""
