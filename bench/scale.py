@@ -61,8 +61,17 @@ def warm_worker() -> None:
         cached_labeler(branch).label(sample)
 
 
-def run_on(workers: int, source: Path, warm: Path, root: Path) -> dict[str, float]:
-    """Ingest and label on a fresh cluster of ``workers`` processes; seconds per phase."""
+def worker_cpu_s() -> float:
+    """CPU seconds this worker process has used (all its threads)."""
+    import psutil
+
+    times = psutil.Process().cpu_times()
+    return float(times.user + times.system)
+
+
+def run_on(workers: int, source: Path, warm: Path, root: Path) -> tuple[dict[str, float], dict[str, float]]:
+    """Ingest and label on a fresh cluster of ``workers`` processes; seconds per phase, and the cores the workers
+    kept busy in it (their CPU seconds over the phase's seconds)."""
     from distributed import Client, LocalCluster
     from prefect_dask import DaskTaskRunner
 
@@ -72,6 +81,11 @@ def run_on(workers: int, source: Path, warm: Path, root: Path) -> dict[str, floa
     from stages import ingest as stage
 
     out: dict[str, float] = {}
+    busy: dict[str, float] = {}
+
+    def cpu(client: Client) -> float:
+        return sum(client.run(worker_cpu_s).values())
+
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
             Client(cluster) as client:
         client.run(warm_worker)
@@ -79,20 +93,26 @@ def run_on(workers: int, source: Path, warm: Path, root: Path) -> dict[str, floa
         # a first flow run initialises Prefect on every worker (client, settings): a one-off cost, not scaling
         ingest_flow.with_options(task_runner=runner)(str(warm), f"file://{root / f'cat-warm-{workers}w'}")
         catalog = f"file://{root / f'cat-{workers}w'}"
-        t0 = time.perf_counter()
-        ingest_flow.with_options(task_runner=runner)(str(source), catalog)
-        out["ingest"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        label_flow.with_options(task_runner=runner)(catalog, overlays=0, fuse=False)
-        out["label"] = time.perf_counter() - t0
         work = stage.plan(source).items
         plain = str(root / f"cat-dask-{workers}w")
-        t0 = time.perf_counter()
-        futures = client.map(stage.ingest_path, [plain] * len(work), [w.folder for w in work],
-                             [w.primary for w in work], [None] * len(work), [cube_options()] * len(work), pure=False)
-        assert {r.status for r in client.gather(futures)} == {"ingested"}
-        out["dask_ingest"] = time.perf_counter() - t0
-    return out
+
+        def dask_ingest() -> None:
+            futures = client.map(stage.ingest_path, [plain] * len(work), [w.folder for w in work],
+                                 [w.primary for w in work], [None] * len(work), [cube_options()] * len(work),
+                                 pure=False)
+            assert {r.status for r in client.gather(futures)} == {"ingested"}
+
+        phases = {
+            "ingest": lambda: ingest_flow.with_options(task_runner=runner)(str(source), catalog),
+            "label": lambda: label_flow.with_options(task_runner=runner)(catalog, overlays=0, fuse=False),
+            "dask_ingest": dask_ingest,
+        }
+        for phase, run in phases.items():
+            c0, t0 = cpu(client), time.perf_counter()
+            run()
+            out[phase] = time.perf_counter() - t0
+            busy[phase] = (cpu(client) - c0) / out[phase]
+    return out, busy
 
 
 def main() -> None:
@@ -114,7 +134,9 @@ def main() -> None:
         warm = make_sources(root / "warm", 4, 32, args.bands)
         mb = args.images * args.side**2 * args.bands * 2 / 2**20
         load0 = os.getloadavg()[0]
-        times = {n: run_on(n, source, warm, root) for n in (1, 2)}
+        runs = {n: run_on(n, source, warm, root) for n in (1, 2)}
+        times = {n: r[0] for n, r in runs.items()}
+        busy = {n: r[1] for n, r in runs.items()}
         load1 = os.getloadavg()[0]
         from catalog.store import Catalog
 
@@ -124,15 +146,17 @@ def main() -> None:
     speed = {phase: times[1][phase] / times[2][phase] for phase in times[1]}
     print(f"{args.images} cubes of {args.side}x{args.side}x{args.bands} uint16 ({mb:.0f} MB), catalog on file://, "
           f"{os.cpu_count()} cores, load average {load0:.1f} before / {load1:.1f} after")
-    print(f"{'phase':28s} {'1 worker s':>11s} {'2 workers s':>12s} {'speedup':>8s}")
+    print(f"{'phase':28s} {'1 worker s':>11s} {'2 workers s':>12s} {'speedup':>8s}   workers' busy cores (1 / 2)")
     names = {"ingest": "ingest flow (prefect-dask)", "label": "label flow (prefect-dask)",
              "dask_ingest": "ingest, Dask alone"}
     for phase, name in names.items():
-        print(f"{name:28s} {times[1][phase]:11.1f} {times[2][phase]:12.1f} {speed[phase]:7.2f}x")
+        print(f"{name:28s} {times[1][phase]:11.1f} {times[2][phase]:12.1f} {speed[phase]:7.2f}x   "
+              f"{busy[1][phase]:.2f} / {busy[2][phase]:.2f}")
     print(f"same index from 1 and 2 workers: {same}; ingest throughput with 2 workers "
           f"{mb / times[2]['ingest']:.0f} MB/s (flow), {mb / times[2]['dask_ingest']:.0f} MB/s (Dask alone)")
     if args.json:
-        print(json.dumps({"times_s": times, "speedup": speed, "cores": os.cpu_count(), "load": [load0, load1]}))
+        print(json.dumps({"times_s": times, "busy_cores": busy, "speedup": speed, "cores": os.cpu_count(),
+                          "load": [load0, load1]}))
     figures: list[dict[str, Any]] = [
         {"name": "ingest_speedup_2_workers", "value": round(speed["ingest"], 2), "target": 1.6,
          "met": speed["ingest"] >= 1.6},

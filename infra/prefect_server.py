@@ -43,7 +43,8 @@ def start_temporary_server() -> str | None:
 
         def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
             parent = os.getpid()
-            env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+            env = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # nothing to send it to from a local run
+                   **os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
                    "PREFECT__SERVER_FINAL": "1", **current().to_environment_variables(exclude_unset=True)}
             return subprocess.Popen(
                 [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
