@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -37,6 +35,7 @@ import zarr
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from catalog.errors import CatalogError, CorruptChunkError
+from catalog.storage import member
 
 if TYPE_CHECKING:
     from catalog.store import Catalog, VerifyReport
@@ -275,37 +274,32 @@ def chunk_checksums(array: np.ndarray, chunk: int) -> dict[str, str]:
 
 def write_label_group(catalog: Catalog, location: str, array: np.ndarray, attrs: dict[str, Any]) -> None:
     """Store a label map (y, x) with per-chunk checksums at ``location``; a complete group there is re-used.
-    Written to a temporary name and renamed (locally), so a reader never sees half a label."""
+    Written to a leased temporary and renamed (locally), so a reader never sees half a label."""
     if catalog.is_complete(location):
         return
     chunk = catalog.chunk_xy
-    target = f"{location}.tmp-{uuid.uuid4().hex[:8]}" if catalog.local else location
+    storage = catalog.storage
+    target = storage.temporary(location)
     try:
-        group = zarr.open_group(catalog._zarr_store(target), mode="w", zarr_format=3)
+        group = zarr.open_group(storage.zarr_store(target), mode="w", zarr_format=3)
         group.create_array("label", data=np.ascontiguousarray(array), chunks=(chunk, chunk),
                            dimension_names=("y", "x"))
         group.update_attributes({**attrs, "chunk": chunk, "chunk_sha256": chunk_checksums(array, chunk),
                                  "complete": True})  # one metadata write (attrs.update writes once per key)
-        if catalog.local:
-            final = catalog._path(location)
-            if os.path.exists(final):  # an incomplete leftover of a killed run
-                catalog.fs.rm(final, recursive=True)
-            os.makedirs(os.path.dirname(final), exist_ok=True)
-            os.replace(catalog._path(target), final)
+        storage.commit_folder(target, location)  # replaces an incomplete leftover of a killed run
     except BaseException:
-        if catalog.local and catalog.fs.exists(catalog._path(target)):
-            catalog.fs.rm(catalog._path(target), recursive=True)
+        storage.discard(target, location)
         raise
 
 
 def write_track_row(catalog: Catalog, row: dict[str, Any]) -> None:
     """Record one frame of a sequence (its own part file: concurrent frames lose nothing)."""
-    catalog._write_part("tracks", [row], TRACK_SCHEMA)
+    catalog.storage.write_part("tracks", [row], TRACK_SCHEMA)
 
 
 def compact_tracks(catalog: Catalog) -> int:
     """Merge the track table's part files; returns the number merged."""
-    return catalog.compact_table("tracks", TRACK_SCHEMA)
+    return catalog.storage.compact_table("tracks", TRACK_SCHEMA)
 
 
 def ingest_fingerprint(sha256: str, label_sha256: str | None) -> str:
@@ -325,10 +319,8 @@ def stored_fingerprints(index: pd.DataFrame) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------- reading
 def read_label_array(catalog: Catalog, image_id: str, location: str) -> tuple[np.ndarray, dict[str, Any]]:
     """The stored label map and its attrs, every chunk checked against its recorded sha256."""
-    from catalog.store import member
-
     try:
-        group = zarr.open_group(catalog._zarr_store(location), mode="r", zarr_format=3)
+        group = zarr.open_group(catalog.storage.zarr_store(location), mode="r", zarr_format=3)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
         raise CatalogError(f"{image_id}: its label group {location} is missing. Fix: re-ingest the dataset "
                            "(`hvp ingest`), or run `hvp catalog verify` to list what else is missing") from exc
@@ -336,7 +328,7 @@ def read_label_array(catalog: Catalog, image_id: str, location: str) -> tuple[np
     try:
         array = np.asarray(member(group, "label")[...])
     except Exception as exc:  # undecodable chunk bytes: report as corruption, with the repair
-        raise CorruptChunkError(image_id, "label", (0, 0), catalog._path(location, "label"),
+        raise CorruptChunkError(image_id, "label", (0, 0), catalog.storage.path(location, "label"),
                                 f"cannot be decoded ({type(exc).__name__}: {exc})") from exc
     _check_chunks(catalog, image_id, location, array, attrs)
     return array, attrs
@@ -346,12 +338,13 @@ def _check_chunks(catalog: Catalog, image_id: str, location: str, array: np.ndar
     recorded = attrs.get("chunk_sha256")
     chunk = int(str(attrs.get("chunk", 0)))
     if not isinstance(recorded, dict) or not chunk:
-        raise CorruptChunkError(image_id, "label", (0, 0), catalog._path(location), "no chunk checksums recorded")
+        raise CorruptChunkError(image_id, "label", (0, 0), catalog.storage.path(location),
+                                "no chunk checksums recorded")
     actual = chunk_checksums(array, chunk)
     for key, sha in actual.items():
         if recorded.get(key) != sha:
             grid = tuple(int(v) for v in key.split("."))
-            raise CorruptChunkError(image_id, "label", grid, catalog._path(location, "label"),
+            raise CorruptChunkError(image_id, "label", grid, catalog.storage.path(location, "label"),
                                     "its sha256 differs from the one recorded at ingest")
 
 
@@ -386,7 +379,7 @@ def read_labels(catalog: Catalog, image_id: str, variant: str | None = None) -> 
 
 def _tracks(catalog: Catalog) -> pd.DataFrame:
     """Track rows that agree with their frame's current index row, latest sequence version only."""
-    tracks = catalog._read_table("tracks", TRACK_SCHEMA)[0].to_pandas()
+    tracks = catalog.storage.read_table("tracks", TRACK_SCHEMA)[0].to_pandas()
     if tracks.empty:
         return tracks
     index = catalog.images()
@@ -446,33 +439,26 @@ def labelled_images(catalog: Catalog, dataset: str, split: str | None = None) ->
 
 
 def verify_labels(catalog: Catalog, index: pd.DataFrame, report: VerifyReport) -> None:
-    """Add label problems to a verify report: a missing, partial or corrupt label group lists its image id
+    """Add label problems to a verify report: a missing, partial or corrupt label group is a problem of its image
     (re-ingesting the image repairs it); label groups no index row names are orphans."""
+    from catalog.store import Problem
+
     named: set[str] = set()
     if not index.empty and "label_location" in index:
         for image_id, location in zip(index["image_id"], index["label_location"], strict=True):
             if not isinstance(location, str) or not location:
                 continue
             named.add(location)
-            if not catalog.fs.exists(catalog._path(location)):
-                report.missing.append(image_id)
+            if not catalog.storage.exists(location):
+                report.problems.append(Problem(image_id, "missing", location, "its label group is gone"))
             elif not catalog.is_complete(location):
-                report.partial.append(location)
+                report.problems.append(Problem(image_id, "partial", location, "its label group was never completed"))
             else:
                 try:
                     read_label_array(catalog, image_id, location)
-                except CorruptChunkError:
-                    report.corrupt.append(image_id)
-    try:
-        found = catalog.fs.glob(catalog._path("labels", "**", "*.zarr*"))
-    except FileNotFoundError:
-        found = []
-    for path in found:
-        rel = path[len(catalog.root.rstrip("/")) + 1:]
-        if ".zarr.tmp-" in rel and rel.split(".tmp-")[1].count("/") == 0:
-            report.partial.append(rel)
-        elif rel.endswith(".zarr") and rel not in named:
-            report.orphans.append(rel)
+                except Exception as exc:  # any failure to read a label is that image's problem, reported
+                    report.problems.append(Problem(image_id, "corrupt", location, f"{type(exc).__name__}: {exc}"))
+    report.orphans += [g for g in catalog.storage.groups("labels") if g not in named]
 
 
 def label_attrs(spec_labels: LabelSpec, image_id: str, dataset: str, source_path: str, source_sha256: str,

@@ -13,19 +13,18 @@ are never modified once indexed. Fused pseudo-targets use the same store with th
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
-from catalog.store import Catalog, member, now_utc
+from catalog.storage import Storage, member, now_utc
 
 MASK_INDEX_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("labeler_id", pa.string()), ("branch", pa.string()), ("n", pa.int32()),
@@ -114,29 +113,37 @@ def table_from_masks(masks: np.ndarray, branch: str, **columns: Any) -> pd.DataF
     return table
 
 
-class MaskStore:
-    """Mask artifacts of one catalog."""
+class HasStorage(Protocol):
+    """Anything that sits on a catalog's storage (a Catalog)."""
 
-    def __init__(self, catalog: Catalog) -> None:
-        self.cat = catalog
+    @property
+    def storage(self) -> Storage: ...
+
+
+class MaskStore:
+    """Mask artifacts of one catalog, given as its Storage or as anything holding one (a Catalog)."""
+
+    def __init__(self, catalog: Storage | HasStorage) -> None:
+        self.storage = catalog if isinstance(catalog, Storage) else catalog.storage
         self._index: pd.DataFrame | None = None  # read once per store; writes through this store append to it
         self._lookup: dict[tuple[str, str, str], dict[str, Any]] = {}
 
     def register_labeler(self, labeler_id: str, descriptor: dict[str, Any]) -> None:
         """Record what a labeler id stands for (idempotent; the id already hashes the descriptor)."""
-        path = self.cat._path("labelers", f"{labeler_id}.json")
-        if not self.cat.fs.exists(path):
-            self.cat.fs.makedirs(self.cat._path("labelers"), exist_ok=True)
-            self.cat._put_bytes(path, json.dumps(descriptor, indent=2, sort_keys=True, default=str).encode())
+        rel = f"labelers/{labeler_id}.json"
+        if not self.storage.exists(rel):
+            self.storage.fs.makedirs(self.storage.path("labelers"), exist_ok=True)
+            self.storage.put_bytes(rel, json.dumps(descriptor, indent=2, sort_keys=True, default=str).encode())
 
     def labeler(self, labeler_id: str) -> dict[str, Any]:
-        with self.cat.fs.open(self.cat._path("labelers", f"{labeler_id}.json"), "rb") as fh:
-            return json.loads(fh.read())
+        """What a labeler id stands for, as registered."""
+        data: dict[str, Any] = json.loads(self.storage.read_bytes(f"labelers/{labeler_id}.json"))
+        return data
 
     def index(self, refresh: bool = False) -> pd.DataFrame:
         """Every committed mask set (latest per image and labeler); read once, then kept (``refresh`` re-reads)."""
         if self._index is None or refresh:
-            df = self.cat._read_table("masks/index", MASK_INDEX_SCHEMA)[0].to_pandas()
+            df = self.storage.read_table("masks/index", MASK_INDEX_SCHEMA)[0].to_pandas()
             if not df.empty:
                 df = df.sort_values("created_at").drop_duplicates(["image_id", "labeler_id"], keep="last")
             self._index = df.reset_index(drop=True)
@@ -160,8 +167,30 @@ class MaskStore:
         return self._lookup.get((image_id, "any", ""))
 
     def compact(self) -> int:
-        """Merge the mask index's part files (one per committed mask set) into one."""
-        return self.cat.compact_table("masks/index", MASK_INDEX_SCHEMA)
+        """Merge the mask index's part files (one per committed mask set) into one, each (image, labeler, location)
+        kept once, and remove the temporaries of writers that are gone; returns the number of parts merged."""
+        self.storage.remove_stale_temporaries()
+        return self.storage.compact_table("masks/index", MASK_INDEX_SCHEMA,
+                                          unique=["image_id", "labeler_id", "location"])
+
+    def check(self, row: dict[str, Any]) -> str | None:
+        """What is wrong with one committed mask set (an index row), or None: the group and its table must read
+        back with ``n`` masks of the recorded size."""
+        group = zarr.open_group(self.storage.zarr_store(row["location"]), mode="r", zarr_format=3)
+        bits = np.asarray(member(group, "bits")[...])
+        with self.storage.fs.open(self.storage.path(row["location"], "table.parquet"), "rb") as fh:
+            rows = pq.read_metadata(fh).num_rows
+        n = int(row["n"])
+        if bits.shape[0] != n or rows != n or bits.shape[2] != (int(str(group.attrs["width"])) + 7) // 8:
+            return f"{bits.shape[0]} masks and {rows} table rows stored for the {n} the index records"
+        return None
+
+    def drop(self, pairs: list[tuple[str, str]]) -> None:
+        """Forget the committed masks of (image id, labeler id) pairs, so the label stage makes them again."""
+        keys = pa.array(sorted({f"{i}\0{lid}" for i, lid in pairs}), pa.string())
+        self.storage.compact_table("masks/index", MASK_INDEX_SCHEMA, drop=lambda t: pc.is_in(
+            pc.binary_join_element_wise(t["image_id"], t["labeler_id"], "\0"), value_set=keys))
+        self._index = None
 
     def missing(self, labeler_id: str, image_ids: list[str]) -> list[str]:
         """The images among ``image_ids`` that have no committed masks for ``labeler_id``."""
@@ -174,27 +203,22 @@ class MaskStore:
         """Store one image's masks for one labeler and commit the index row; returns the location."""
         n, h, w = masks.masks.shape
         location = f"masks/{labeler_id}/{image_id}@{n}.zarr"
-        tmp = f"{location}.tmp-{uuid.uuid4().hex[:8]}" if self.cat.local else location
-        group = zarr.open_group(self.cat._zarr_store(tmp), mode="w", zarr_format=3)
+        tmp = self.storage.temporary(location)
+        group = zarr.open_group(self.storage.zarr_store(tmp), mode="w", zarr_format=3)
         packed = np.packbits(masks.masks, axis=-1) if n else np.zeros((0, h, (w + 7) // 8), np.uint8)
         group.create_array("bits", data=packed, chunks=(max(1, min(CHUNK_N, n)), h, packed.shape[-1]),
                            dimension_names=("mask", "y", "xbyte"),
                            compressors=BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.bitshuffle))
         buf = pa.BufferOutputStream()
         pq.write_table(pa.Table.from_pandas(masks.table.reset_index(drop=True), preserve_index=False), buf)
-        self.cat._put_bytes(self.cat._path(tmp, "table.parquet"), buf.getvalue().to_pybytes())
+        self.storage.put_bytes(f"{tmp}/table.parquet", buf.getvalue().to_pybytes())
         group.attrs.update({**(attrs or {}), "image_id": image_id, "labeler_id": labeler_id, "branch": branch,
                             "n": int(n), "height": int(h), "width": int(w), "random_init": bool(random_init),
                             "weights": "random-init" if random_init else "checkpoint"})
-        if self.cat.local:
-            final = self.cat._path(location)
-            if os.path.exists(final):
-                self.cat.fs.rm(final, recursive=True)
-            os.makedirs(os.path.dirname(final), exist_ok=True)
-            os.replace(self.cat._path(tmp), final)
+        self.storage.commit_folder(tmp, location)
         row = {"image_id": image_id, "labeler_id": labeler_id, "branch": branch, "n": int(n), "location": location,
                "random_init": bool(random_init), "created_at": now_utc()}
-        self.cat._write_part("masks/index", [row], MASK_INDEX_SCHEMA)
+        self.storage.write_part("masks/index", [row], MASK_INDEX_SCHEMA)
         if self._index is not None:
             self._index = pd.concat([self._index, pd.DataFrame([row])], ignore_index=True).drop_duplicates(
                 ["image_id", "labeler_id"], keep="last").reset_index(drop=True)
@@ -216,10 +240,10 @@ class MaskStore:
         if row is None:
             raise KeyError(f"no masks for image '{image_id}'" + (f" from labeler {labeler_id}" if labeler_id else "")
                            + (f" of branch '{branch}'" if branch else "") + " (run `hvp label`)")
-        group = zarr.open_group(self.cat._zarr_store(row["location"]), mode="r", zarr_format=3)
+        group = zarr.open_group(self.storage.zarr_store(row["location"]), mode="r", zarr_format=3)
         attrs = dict(group.attrs)
         packed = np.asarray(member(group, "bits")[...])
-        with self.cat.fs.open(self.cat._path(row["location"], "table.parquet"), "rb") as fh:
+        with self.storage.fs.open(self.storage.path(row["location"], "table.parquet"), "rb") as fh:
             table = pq.read_table(fh).to_pandas()
         return PackedMasks(bits=packed, width=int(str(attrs["width"])), table=table,
                            labeler_id=str(row["labeler_id"]), attrs=attrs)

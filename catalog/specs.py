@@ -11,7 +11,7 @@ import re
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import yaml
@@ -19,10 +19,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from catalog.errors import InputError
 from catalog.labels import LabelSpec, Role, SplitSpec, check_dataset_labels, default_roles
-from catalog.readers import get_reader
+from catalog.readers import READERS, get_reader
 from catalog.readers.base import Reader, ReaderOptions
 
 SPEC_FILENAME = "dataset.yaml"
+#: Bounds on what a spec may ask for: a dataset.yaml is input like any other and may be hostile.
+MAX_SPEC_BYTES = 1 << 20
+MAX_YAML_ALIASES = 64
+MAX_PATTERNS = 64
+MAX_PATTERN_CHARS = 256
+MAX_PATTERN_WILDCARDS = 16
+MAX_BANDS = 4096
 
 
 def slugify(name: str) -> str:
@@ -36,7 +43,7 @@ class LinearWavelengths(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     start: float
     stop: float
-    count: int = Field(gt=0)
+    count: int = Field(gt=0, le=MAX_BANDS)
 
     def values(self) -> np.ndarray:
         return np.linspace(self.start, self.stop, self.count)
@@ -83,13 +90,17 @@ class DatasetSpec(BaseModel):
     name: str = Field(min_length=1)
     slug: str = ""
     format: str
-    files: list[str] = Field(min_length=1)
-    exclude: list[str] = Field(default_factory=list)
+    files: list[str] = Field(min_length=1, max_length=MAX_PATTERNS)
+    exclude: list[str] = Field(default_factory=list, max_length=MAX_PATTERNS)
     sample_every: int = Field(default=1, ge=1, description="keep one item in every N per folder (video frames)")
     options: dict[str, Any] = Field(default_factory=dict)
-    wavelengths_nm: list[float] | LinearWavelengths | None = None
-    wavelengths_from: Literal["file"] | None = None
+    wavelengths_nm: Annotated[list[float], Field(max_length=MAX_BANDS)] | LinearWavelengths | None = None
+    wavelengths_from: Literal["file"] | None = Field(default=None, description="the files carry the wavelengths "
+                                                     "(the default for formats that can: envi, hsd, hdf5)")
     wavelength_units: Literal["auto", "nm", "um"] = "auto"
+    out_of_range_bands: Literal["drop", "quarantine"] = Field(
+        default="drop", description="bands centred outside 300-2600 nm: dropped with a note when the rest of the "
+        "cube is valid, or the whole image quarantined")
     bands: int | None = Field(default=None, gt=0, description="band count after band_range")
     band_range: BandRange | None = None
     stem_suffix: str | None = Field(default=None, description="suffix of file stems dropped to give {base}")
@@ -114,13 +125,32 @@ class DatasetSpec(BaseModel):
     def _one_or_many(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
 
+    @field_validator("files", "exclude")
+    @classmethod
+    def _patterns_stay_inside(cls, v: list[str]) -> list[str]:
+        for pattern in v:
+            _check_relative(pattern, "pattern")
+        return v
+
+    @field_validator("rgb")
+    @classmethod
+    def _template_stays_inside(cls, v: str | None) -> str | None:
+        if v is not None:
+            _check_relative(v, "path template")
+        return v
+
     @model_validator(mode="after")
     def _check(self) -> DatasetSpec:
         if not self.slug:
             object.__setattr__(self, "slug", slugify(self.name))
-        if (self.wavelengths_nm is None) == (self.wavelengths_from is None):
-            raise ValueError("give exactly one of 'wavelengths_nm' (a list, or start/stop/count) or "
-                             "'wavelengths_from: file' (the files carry them, e.g. an ENVI header)")
+        if self.wavelengths_nm is not None and self.wavelengths_from is not None:
+            raise ValueError("give either 'wavelengths_nm' or 'wavelengths_from: file', not both")
+        if self.wavelengths_nm is None and self.wavelengths_from is None:
+            if not get_reader(self.format).file_wavelengths:
+                raise ValueError(f"'{self.format}' files carry no wavelengths: give 'wavelengths_nm' (a list, or "
+                                 "start/stop/count); 'wavelengths_from: file' is for formats whose files do "
+                                 f"({', '.join(sorted(n for n, r in READERS.items() if r.file_wavelengths))})")
+            object.__setattr__(self, "wavelengths_from", "file")
         wl = self.wavelength_values()
         if wl is not None and self.bands is not None and len(wl) != self.bands:
             raise ValueError(f"'wavelengths_nm' has {len(wl)} values but 'bands' is {self.bands}")
@@ -148,6 +178,18 @@ class DatasetSpec(BaseModel):
         if isinstance(self.wavelengths_nm, LinearWavelengths):
             return self.wavelengths_nm.values()
         return np.asarray(self.wavelengths_nm, dtype=np.float64)
+
+
+def _check_relative(pattern: str, what: str) -> None:
+    """Reject a file pattern or template that could leave its dataset folder, or cost unbounded matching."""
+    parts = pattern.replace("\\", "/").split("/")
+    if pattern.startswith(("/", "~")) or re.match(r"^[A-Za-z]:", pattern) or ".." in parts:
+        raise ValueError(f"{what} {pattern!r} leaves the dataset folder (absolute, '~' or '..'); patterns are "
+                         "relative to the folder that holds the dataset.yaml")
+    if len(pattern) > MAX_PATTERN_CHARS:
+        raise ValueError(f"{what} is {len(pattern)} characters long, more than {MAX_PATTERN_CHARS}")
+    if sum(pattern.count(c) for c in "*?[") > MAX_PATTERN_WILDCARDS:
+        raise ValueError(f"{what} {pattern!r} has more than {MAX_PATTERN_WILDCARDS} wildcards")
 
 
 def _loc(loc: tuple[Any, ...]) -> str:
@@ -194,8 +236,18 @@ def load_spec_file(path: str | Path) -> DatasetSpec:
 
 
 def _read_yaml(path: Path) -> Any:
+    """A spec file's YAML, bounded in size and in aliases (a few nested aliases expand exponentially)."""
+    size = path.stat().st_size
+    if size > MAX_SPEC_BYTES:
+        raise InputError(path, "<yaml>", f"{size} bytes, more than the {MAX_SPEC_BYTES} a dataset spec may have",
+                         "describe the dataset with patterns and start/stop/count, not long lists")
+    text = path.read_text()
     try:
-        return yaml.safe_load(path.read_text())
+        aliases = sum(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=yaml.SafeLoader))
+        if aliases > MAX_YAML_ALIASES:
+            raise InputError(path, "<yaml>", f"{aliases} YAML aliases, more than {MAX_YAML_ALIASES}",
+                             "write the values out instead of referring to anchors")
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise InputError(path, "<yaml>", f"not valid YAML ({exc})", "fix the YAML syntax") from None
 

@@ -7,10 +7,12 @@ Layout under the catalog URI (a directory or any fsspec URL)::
     index/part-*.parquet                       one row per image (a part per writer, merged by compact())
     quarantine/part-*.parquet                  one row per rejected source file
     labels/..., tracks/...                     labels of downstream datasets (see catalog/labels.py)
+    leases/<id>.json, locks/                   writer leases and lock files (see catalog/storage.py)
 
 Cube paths are content-addressed by the source sha256, so a re-ingest never overwrites a stored cube; the index
 row is the commit point (written last, as its own file), so a killed run leaves at most an orphan that
-``verify`` reports and the next run re-uses. Two writers never share a file, so no index row is lost.
+``verify`` reports and the next run re-uses, or a temporary of a dead writer that ``compact`` removes. Two writers
+never share a file, so no index row is lost. File-system details live in ``catalog.storage``.
 """
 
 from __future__ import annotations
@@ -20,30 +22,31 @@ import hashlib
 import json
 import os
 import threading
-import time
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from queue import Empty, Queue
-from typing import Any
+from typing import Any, Literal
 
-import fsspec
 import numcodecs.blosc
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
+import pyarrow.compute as pc
 import xarray as xr
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, BytesCodec
 from zarr.codecs.bytes import Endian
 
 from catalog import labels as label_store
-from catalog.errors import CatalogError
+from catalog.masks import MaskStore
+from catalog.storage import Storage, member, now_utc
 
 FORMAT = {"format": "hvp-catalog", "version": 1}
+#: Cube storage defaults; the CLI and flows pass the settings' values (HVP_CHUNK_XY, HVP_CUBE_CODEC, ...).
+DEFAULT_CHUNK_XY = 64
+DEFAULT_CODEC: Literal["lz4", "zstd"] = "lz4"
+DEFAULT_COMPRESSION_LEVEL = 5
 
 INDEX_SCHEMA = pa.schema([
     ("dataset", pa.string()), ("image_id", pa.string()), ("bands", pa.int32()), ("wl_min", pa.float64()),
@@ -56,10 +59,6 @@ QUARANTINE_SCHEMA = pa.schema([
     ("dataset", pa.string()), ("source_path", pa.string()), ("error_class", pa.string()), ("field", pa.string()),
     ("message", pa.string()), ("fix", pa.string()), ("quarantined_at", pa.timestamp("us", tz="UTC")),
 ])
-
-
-def now_utc() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass
@@ -81,93 +80,53 @@ class CubeWrite:
 
 
 class Catalog:
-    """Read and write access to one catalog. Cheap to create; safe to use from several processes at once."""
+    """Read and write access to one catalog. Cheap to create; safe to use from several processes at once.
 
-    def __init__(self, uri: str | os.PathLike[str] | None = None, chunk_xy: int | None = None,
-                 compression_level: int | None = None) -> None:
-        from infra.settings import get_settings
+    Its options come as arguments (the CLI and flows read them from the settings): ``chunk_xy`` is the spatial
+    chunk edge of stored cubes (all bands per chunk), ``codec`` and ``compression_level`` their Blosc compressor.
+    """
 
-        settings = get_settings()
-        self.uri = str(uri if uri is not None else settings.catalog)
-        self.fs, self.root = fsspec.core.url_to_fs(self.uri)
-        self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
-        if self.local:
-            self.root = os.path.abspath(self.root)
-        self.chunk_xy = chunk_xy or settings.chunk_xy
-        self.compression_level = settings.compression_level if compression_level is None else compression_level
-        self.codec_name = settings.cube_codec
+    def __init__(self, uri: str | os.PathLike[str], chunk_xy: int = DEFAULT_CHUNK_XY,
+                 codec: Literal["lz4", "zstd"] = DEFAULT_CODEC,
+                 compression_level: int = DEFAULT_COMPRESSION_LEVEL) -> None:
+        self.storage = Storage(uri)
+        self.chunk_xy = chunk_xy
+        self.codec_name = codec
+        self.compression_level = compression_level
         self._arrays: dict[str, zarr.Array] = {}
         self._rows: pd.DataFrame | None = None
-        self._mask_store: Any = None
+        self._mask_store: MaskStore | None = None
         self._missing: set[str] = set()  # derived arrays looked for and not found
 
-    # ------------------------------------------------------------------ paths and low-level I/O
-    def _path(self, *parts: str) -> str:
-        return "/".join([self.root.rstrip("/"), *parts])
+    @property
+    def uri(self) -> str:
+        """The catalog's URI as given (a directory or an fsspec URL)."""
+        return self.storage.uri
 
-    def _zarr_store(self, rel: str) -> Any:
-        if self.local:
-            return zarr.storage.LocalStore(self._path(rel))
-        return zarr.storage.FsspecStore.from_url(self.uri.rstrip("/") + "/" + rel)
+    @property
+    def root(self) -> str:
+        """The catalog's root path on its file system (absolute for a local catalog)."""
+        return self.storage.root
+
+    @property
+    def local(self) -> bool:
+        """True for a catalog on the local file system."""
+        return self.storage.local
 
     def init(self) -> Catalog:
         """Create the catalog's folders and format marker if missing (idempotent)."""
         for sub in ("cubes", "index", "quarantine"):
-            self.fs.makedirs(self._path(sub), exist_ok=True)
-        marker = self._path("catalog.json")
-        if not self.fs.exists(marker):
-            self._put_bytes(marker, json.dumps(FORMAT).encode())
+            self.storage.fs.makedirs(self.storage.path(sub), exist_ok=True)
+        if not self.storage.exists("catalog.json"):
+            self.storage.put_bytes("catalog.json", json.dumps(FORMAT).encode())
         return self
-
-    def _put_bytes(self, path: str, data: bytes) -> None:
-        """Write a whole file atomically: temp file + rename locally, one PUT on object stores."""
-        if self.local:
-            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        else:
-            self.fs.pipe_file(path, data)
-
-    def _write_part(self, table_dir: str, rows: list[dict[str, Any]], schema: pa.Schema) -> str:
-        buf = pa.BufferOutputStream()
-        pq.write_table(pa.Table.from_pylist(rows, schema=schema), buf)
-        name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:12]}.parquet"
-        path = self._path(table_dir, name)
-        self.fs.makedirs(self._path(table_dir), exist_ok=True)
-        self._put_bytes(path, buf.getvalue().to_pybytes())
-        return path
-
-    def _parts(self, table_dir: str) -> list[str]:
-        try:
-            found = self.fs.glob(self._path(table_dir, "part-*.parquet"))
-        except FileNotFoundError:
-            return []
-        return sorted(p for p in found if ".tmp-" not in p)
-
-    def _read_table(self, table_dir: str, schema: pa.Schema) -> tuple[pa.Table, list[str]]:
-        """All parts of a table; re-lists when a concurrent compaction removes a part mid-read."""
-        for _ in range(10):
-            parts = self._parts(table_dir)
-            try:
-                tables = [pq.read_table(self.fs.open(p, "rb"), schema=schema) for p in parts]
-            except FileNotFoundError:
-                continue
-            return (pa.concat_tables(tables) if tables else schema.empty_table()), parts
-        raise CatalogError(f"{self._path(table_dir)}: parts keep disappearing while reading; is a compaction stuck?")
 
     # ------------------------------------------------------------------ tables
     def images(self, dataset: str | None = None) -> pd.DataFrame:
         """The index: one row per image (latest ingest wins), sorted by image id. Besides the cube's facts it
         says each image's ``split`` (None: none declared), whether ``pretraining`` may use it, its label
         (``label_kind``, ``label_location``) and, for frames of a sequence, ``sequence_id`` / ``frame_index``."""
-        table, _ = self._read_table("index", INDEX_SCHEMA)
-        df = table.to_pandas()
-        if not df.empty:
-            df = df.sort_values("ingested_at").drop_duplicates("image_id", keep="last")
-            df = df.sort_values("image_id").reset_index(drop=True)
+        df = _latest(self.storage.read_table("index", INDEX_SCHEMA)[0].to_pandas())
         df["pretraining"] = df["pretraining"].astype(object).fillna(True).astype(bool)  # rows from before roles
         df["frame_index"] = df["frame_index"].astype("Int64")
         if dataset is not None:
@@ -176,7 +135,7 @@ class Catalog:
 
     def quarantine(self) -> pd.DataFrame:
         """Rejected source files with the error class, field, message and fix (latest attempt per file)."""
-        df = self._read_table("quarantine", QUARANTINE_SCHEMA)[0].to_pandas()
+        df = self.storage.read_table("quarantine", QUARANTINE_SCHEMA)[0].to_pandas()
         if not df.empty:
             df = df.sort_values("quarantined_at").drop_duplicates("source_path", keep="last")
             df = df.sort_values(["dataset", "source_path"]).reset_index(drop=True)
@@ -194,49 +153,58 @@ class Catalog:
     def add_quarantine(self, dataset: str, source_path: str, error_class: str, field_name: str, message: str,
                        fix: str) -> None:
         """Record one rejected source file (its own part file, so concurrent writers lose nothing)."""
-        self._write_part("quarantine", [{
+        self.storage.write_part("quarantine", [{
             "dataset": dataset, "source_path": source_path, "error_class": error_class, "field": field_name,
             "message": message, "fix": fix, "quarantined_at": now_utc()}], QUARANTINE_SCHEMA)
 
-    def compact(self) -> int:
-        """Merge the index and quarantine parts into one file each; returns the number of parts merged.
+    def indexed(self, image_id: str, sha256: str, label_sha256: str | None = None) -> bool:
+        """Whether the index (read afresh) already holds ``image_id`` at this source sha256 (and label sha256) as
+        its latest row."""
+        df = self.images()
+        rows = df[df["image_id"] == image_id] if not df.empty else df
+        if not len(rows) or rows.iloc[0]["sha256"] != sha256:
+            return False
+        stored = rows.iloc[0].get("label_sha256")
+        return (stored if isinstance(stored, str) and stored else None) == (label_sha256 or None)
 
-        Safe beside writers (their new parts are not listed, so not removed) and beside another compaction
-        (duplicates are dropped on read).
+    def compact(self) -> int:
+        """Merge the index, quarantine and mask-index parts into one file each (rows committed twice are kept
+        once) and remove the temporaries of writers that are gone; returns the number of parts merged.
+
+        Safe beside writers (their new parts are not listed, so not removed; their temporaries are alive) and
+        beside another compaction (duplicates are dropped on read).
         """
-        return (self.compact_table("index", INDEX_SCHEMA) + self.compact_table("quarantine", QUARANTINE_SCHEMA)
+        return (self.mask_store.compact()  # first: it also removes the stale temporaries
+                + self.storage.compact_table("index", INDEX_SCHEMA, latest="ingested_at",
+                                             unique=["image_id", "sha256", "location", "label_sha256"])
+                + self.storage.compact_table("quarantine", QUARANTINE_SCHEMA)
                 + label_store.compact_tracks(self))
 
-    def compact_table(self, table_dir: str, schema: pa.Schema) -> int:
-        """Merge one part-file table (see ``compact``); returns the number of parts merged."""
-        try:
-            table, parts = self._read_table(table_dir, schema)
-        except CatalogError:
-            return 0
-        if len(parts) < 2:
-            return 0
-        self._write_part(table_dir, table.to_pylist(), schema)
-        for p in parts:
-            with contextlib.suppress(FileNotFoundError):  # another compaction removed it first
-                self.fs.rm(p)
-        return len(parts)
+    def drop_images(self, image_ids: list[str]) -> None:
+        """Remove images' rows from the index for good (their cubes become orphans); used by repair."""
+        ids = pa.array(sorted(set(image_ids)), pa.string())
+        self.storage.compact_table("index", INDEX_SCHEMA, drop=lambda t: pc.is_in(t["image_id"], value_set=ids))
+        self._rows = None
 
     # ------------------------------------------------------------------ cubes
     def location_for(self, dataset: str, key: str, sha256: str) -> str:
+        """Where the cube of one source version lives (content-addressed by the source sha256)."""
         return f"cubes/{dataset}/{key}@{sha256[:12]}.zarr"
 
     def is_complete(self, location: str) -> bool:
+        """Whether a finished cube group sits at ``location``."""
         try:
-            group = zarr.open_group(self._zarr_store(location), mode="r", zarr_format=3)
+            group = zarr.open_group(self.storage.zarr_store(location), mode="r", zarr_format=3)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError, ValueError):
             return False
         return bool(group.attrs.get("complete", False))
 
-    def write_cube(self, cw: CubeWrite, on_strip: Any = None) -> dict[str, Any]:
+    def write_cube(self, cw: CubeWrite, on_strip: Any = None, commit: bool = True) -> dict[str, Any]:
         """Store one image strip by strip (bounded memory) and commit its index row; returns the row.
 
         The cube goes to a content-addressed location: if a complete group already sits there (a run killed after
-        the write but before the commit), it is re-used and only the row is written.
+        the write but before the commit), it is re-used and only the row is written. ``commit=False`` writes no
+        row (a repair rewrites a cube its row already names).
         """
         from catalog.validate import finite_block
 
@@ -244,20 +212,14 @@ class Catalog:
         b, h, w = (int(s) for s in cw.data.shape)
         dtype = np.dtype(cw.data.dtype)
         if not self.is_complete(location):
-            target = f"{location}.tmp-{uuid.uuid4().hex[:8]}" if self.local else location
+            target = self.storage.temporary(location)
             try:
                 content_sha = self._write_group(target, cw, (b, h, w), dtype, finite_block, on_strip)
-                if self.local:
-                    final = self._path(location)
-                    if os.path.exists(final):  # an incomplete leftover of a killed run: replace it
-                        self.fs.rm(final, recursive=True)
-                    os.makedirs(os.path.dirname(final), exist_ok=True)
-                    os.replace(self._path(target), final)
-                group = zarr.open_group(self._zarr_store(location), mode="r+", zarr_format=3)
+                self.storage.commit_folder(target, location)  # replaces an incomplete leftover of a killed run
+                group = zarr.open_group(self.storage.zarr_store(location), mode="r+", zarr_format=3)
                 group.attrs.update({"complete": True, "content_sha256": content_sha})
             except BaseException:
-                if self.local and self.fs.exists(self._path(target)):
-                    self.fs.rm(self._path(target), recursive=True)
+                self.storage.discard(target, location)
                 raise
         row = {
             "dataset": cw.dataset, "image_id": cw.image_id, "bands": b, "wl_min": float(cw.wavelength_nm[0]),
@@ -266,7 +228,8 @@ class Catalog:
             "source_path": str(cw.attrs.get("source_path", "")), "has_rgb": cw.rgb is not None,
             "reader": f"{cw.attrs.get('reader', '')}", **cw.index_fields,
         }
-        self._write_part("index", [row], INDEX_SCHEMA)
+        if commit:
+            self.storage.write_part("index", [row], INDEX_SCHEMA)
         self._rows = None  # this image's row changed
         return row
 
@@ -274,7 +237,7 @@ class Catalog:
                      check: Any, on_strip: Any) -> str:
         b, h, w = shape
         c = self.chunk_xy
-        group = zarr.open_group(self._zarr_store(rel), mode="w", zarr_format=3)
+        group = zarr.open_group(self.storage.zarr_store(rel), mode="w", zarr_format=3)
         codec = BloscCodec(cname=self.codec_name, clevel=self.compression_level, shuffle=BloscShuffle.bitshuffle)
         cube = group.create_array("cube", shape=(b, h, w), chunks=(b, c, c), dtype=dtype, compressors=codec,
                                   dimension_names=("band", "y", "x"), fill_value=0)
@@ -332,7 +295,7 @@ class Catalog:
         key = f"{location}/{name}"
         arr = self._arrays.get(key)
         if arr is None:
-            group = zarr.open_group(self._zarr_store(location), mode="r", zarr_format=3)
+            group = zarr.open_group(self.storage.zarr_store(location), mode="r", zarr_format=3)
             arr = self._arrays[key] = member(group, name)
         return arr
 
@@ -342,7 +305,7 @@ class Catalog:
         Only the chunks a selection touches are read. ``rgb(image_id)`` gives the aligned RGB, if any.
         """
         row = self.row(image_id)
-        ds = xr.open_dataset(self._zarr_store(row["location"]), engine="zarr", consolidated=False, chunks=None,
+        ds = xr.open_dataset(self.storage.zarr_store(row["location"]), engine="zarr", consolidated=False, chunks=None,
                              zarr_format=3)
         coords = [n for n in ("wavelength", "fwhm") if n in ds]
         da = ds.set_coords(coords)["cube"]
@@ -362,7 +325,7 @@ class Catalog:
         y1, x1 = min(y + size, h), min(x + size, w)
         _, cy, cx = arr.chunks
         out = np.empty((b, y1 - y, x1 - x), dtype=arr.dtype)
-        root = self._path(location, "cube")
+        root = self.storage.path(location, "cube")
         for j in range(y // cy, (y1 - 1) // cy + 1):
             for i in range(x // cx, (x1 - 1) // cx + 1):
                 y0, x0 = j * cy, i * cx
@@ -390,18 +353,13 @@ class Catalog:
     def write_falsecolor(self, location: str, rgb: np.ndarray, method: str) -> str:
         """Store the whole image's false-colour RGB (y, x, 3) uint8, so crops need not recompute it; idempotent."""
         rel = self.falsecolor_location(location)
-        target = f"{rel}.tmp-{uuid.uuid4().hex[:8]}" if self.local else rel
-        group = zarr.open_group(self._zarr_store(target), mode="w", zarr_format=3)
+        target = self.storage.temporary(rel)
+        group = zarr.open_group(self.storage.zarr_store(target), mode="w", zarr_format=3)
         group.create_array("rgb", data=np.ascontiguousarray(rgb, dtype=np.uint8),
                            chunks=(self.chunk_xy, self.chunk_xy, 3), dimension_names=("y", "x", "channel"))
         group.attrs.update({"method": method, "source": location})
         self._missing.discard(f"{rel}/rgb")
-        if self.local:
-            final = self._path(rel)
-            if os.path.exists(final):
-                self.fs.rm(final, recursive=True)
-            os.makedirs(os.path.dirname(final), exist_ok=True)
-            os.replace(self._path(target), final)
+        self.storage.commit_folder(target, rel)
         return rel
 
     def read_falsecolor_crop(self, location: str, y: int, x: int, size: int) -> np.ndarray | None:
@@ -411,7 +369,7 @@ class Catalog:
             return None
         if key not in self._arrays:
             try:
-                group = zarr.open_group(self._zarr_store(self.falsecolor_location(location)), mode="r",
+                group = zarr.open_group(self.storage.zarr_store(self.falsecolor_location(location)), mode="r",
                                         zarr_format=3)
             except (FileNotFoundError, zarr.errors.GroupNotFoundError):
                 self._missing.add(key)
@@ -422,7 +380,7 @@ class Catalog:
     def rgb(self, image_id: str) -> np.ndarray | None:
         """The aligned RGB ``(y, x, 3)`` uint8 stored beside the cube, or None."""
         row = self.row(image_id)
-        group = zarr.open_group(self._zarr_store(row["location"]), mode="r", zarr_format=3)
+        group = zarr.open_group(self.storage.zarr_store(row["location"]), mode="r", zarr_format=3)
         return np.asarray(member(group, "rgb")[...]) if "rgb" in group else None
 
     # ------------------------------------------------------------------ labels (catalog/labels.py)
@@ -446,15 +404,19 @@ class Catalog:
         return label_store.labelled_images(self, dataset, split)
 
     # ------------------------------------------------------------------ masks
+    @property
+    def mask_store(self) -> MaskStore:
+        """The catalog's mask store (one per Catalog: its index is read once and refreshed on a miss)."""
+        if self._mask_store is None:
+            self._mask_store = MaskStore(self.storage)
+        return self._mask_store
+
     def masks(self, image_id: str, branch: str | None = None, labeler_id: str | None = None,
               packed: bool = False) -> Any:
         """The pseudo-label masks of one image (a MaskSet, or PackedMasks with ``packed``), by branch or labeler
         id; see catalog/masks.py."""
-        if self._mask_store is None:
-            from catalog.masks import MaskStore
-
-            self._mask_store = MaskStore(self)  # its index is read once and refreshed on a miss
-        read = self._mask_store.read_packed if packed else self._mask_store.read
+        store = self.mask_store
+        read = store.read_packed if packed else store.read
         return read(image_id, labeler_id=labeler_id, branch=branch)
 
     def fused(self, image_id: str, packed: bool = False) -> Any:
@@ -463,63 +425,124 @@ class Catalog:
 
     # ------------------------------------------------------------------ verification
     def verify(self, checksums: bool = True) -> VerifyReport:
-        """Check every indexed cube exists, is complete and (optionally) still hashes to its recorded content sha;
-        list orphan groups (stored but not indexed) and partial ones (temporary or incomplete)."""
+        """Check every indexed cube: it exists, is complete and (optionally) still hashes to its recorded content
+        sha. Never raises for one image: whatever goes wrong reading it (a chunk that fails its checksum or to
+        decode, a missing file) becomes a problem naming the image, and the check goes on. Also lists orphan
+        groups (stored, not indexed) and temporaries, stale (writer gone) or in progress."""
         report = VerifyReport()
-        df = self.images()
-        indexed = set(df["location"]) if not df.empty else set()
-        for _, row in df.iterrows():
-            loc = row["location"]
+        bad_parts: list[tuple[str, Exception]] = []
+        table, _ = self.storage.read_table("index", INDEX_SCHEMA, on_bad_part=lambda p, e: bad_parts.append((p, e)))
+        for part, exc in bad_parts:
+            report.problems.append(Problem("", "index", self.storage.rel(part), f"{type(exc).__name__}: {exc}"))
+        df = _latest(table.to_pandas())
+        for row in df.to_dict("records"):
             try:
-                group = zarr.open_group(self._zarr_store(loc), mode="r", zarr_format=3)
-            except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError, ValueError):
-                report.missing.append(row["image_id"])
-                continue
-            if not group.attrs.get("complete"):
-                report.partial.append(loc)
-                continue
-            if checksums:
-                hasher = hashlib.sha256()
-                arr = member(group, "cube")
-                # catalogs written before tiling hashed whole-width strips of `strip_rows` rows
-                tile_shape = group.attrs.get("hash_tile") or [group.attrs.get("strip_rows"), arr.shape[2]]
-                assert isinstance(tile_shape, list)
-                rows, cols = (int(str(v)) for v in tile_shape)
-                for y0 in range(0, arr.shape[1], rows):
-                    for x0 in range(0, arr.shape[2], cols):
-                        tile = np.ascontiguousarray(arr[:, y0:y0 + rows, x0:x0 + cols])
-                        hasher.update(memoryview(tile.data).cast("B"))
-                if hasher.hexdigest() != group.attrs.get("content_sha256"):
-                    report.corrupt.append(row["image_id"])
-                    continue
-            report.ok += 1
-        for path in self.fs.glob(self._path("cubes", "**", "*.zarr*")):
-            rel = path[len(self.root.rstrip("/")) + 1:]
-            if ".zarr.tmp-" in rel and rel.split(".tmp-")[1].count("/") == 0:
-                report.partial.append(rel)
-            elif rel.endswith(".zarr") and rel not in indexed:
-                report.orphans.append(rel)
+                problem = self._check_cube(row["image_id"], row["location"], checksums)
+            except Exception as exc:  # any failure to read one image is that image's problem, reported
+                problem = Problem(row["image_id"], "corrupt", row["location"], f"{type(exc).__name__}: {exc}")
+            if problem is None:
+                report.ok += 1
+            else:
+                report.problems.append(problem)
+        masks = self.mask_store.index(refresh=True)
+        for row in masks.to_dict("records"):
+            try:
+                message = self.mask_store.check(row)
+            except Exception as exc:  # reported like any other failure to read
+                message = f"{type(exc).__name__}: {exc}"
+            if message is not None:
+                report.problems.append(Problem(row["image_id"], "masks", row["location"], message))
+        indexed = set(df["location"]) if not df.empty else set()
+        report.orphans = [g for g in self.storage.groups("cubes") if g not in indexed]
+        for tmp in self.storage.temporaries():
+            (report.in_progress if tmp.alive else report.stale).append(tmp.rel)
         label_store.verify_labels(self, df, report)
         return report
+
+    def _check_cube(self, image_id: str, location: str, checksums: bool) -> Problem | None:
+        """One indexed cube's problem, or None when it is sound (exceptions are the caller's to report)."""
+        try:
+            group = zarr.open_group(self.storage.zarr_store(location), mode="r", zarr_format=3)
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+            return Problem(image_id, "missing", location, "the cube group is not in the catalog")
+        if not group.attrs.get("complete"):
+            return Problem(image_id, "partial", location, "the cube group was never completed")
+        if checksums:
+            hasher = hashlib.sha256()
+            arr = member(group, "cube")
+            # catalogs written before tiling hashed whole-width strips of `strip_rows` rows
+            tile_shape = group.attrs.get("hash_tile") or [group.attrs.get("strip_rows"), arr.shape[2]]
+            assert isinstance(tile_shape, list)
+            rows, cols = (int(str(v)) for v in tile_shape)
+            for y0 in range(0, arr.shape[1], rows):
+                for x0 in range(0, arr.shape[2], cols):
+                    tile = np.ascontiguousarray(arr[:, y0:y0 + rows, x0:x0 + cols])
+                    hasher.update(memoryview(tile.data).cast("B"))
+            if hasher.hexdigest() != group.attrs.get("content_sha256"):
+                return Problem(image_id, "corrupt", location, "the cube's content no longer hashes to the "
+                               "content_sha256 recorded when it was written")
+        return None
+
+
+def _latest(df: pd.DataFrame) -> pd.DataFrame:
+    """Index rows, latest ingest per image, sorted by image id."""
+    if df.empty:
+        return df
+    df = df.sort_values("ingested_at").drop_duplicates("image_id", keep="last")
+    return df.sort_values("image_id").reset_index(drop=True)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong in the catalog: the image (empty for catalog-level damage), its kind (missing, partial,
+    corrupt, masks, index), the location and what was found."""
+
+    image_id: str
+    kind: str
+    location: str
+    message: str
 
 
 @dataclass
 class VerifyReport:
-    """Outcome of ``Catalog.verify``: healthy count and the ids/locations of every problem found."""
+    """Outcome of ``Catalog.verify``: the healthy count, every problem found, orphan groups and temporaries."""
 
     ok: int = 0
-    missing: list[str] = field(default_factory=list)
-    corrupt: list[str] = field(default_factory=list)
-    partial: list[str] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
     orphans: list[str] = field(default_factory=list)
+    stale: list[str] = field(default_factory=list)
+    """Temporaries whose writer is gone (``compact`` or ``verify --repair`` removes them)."""
+    in_progress: list[str] = field(default_factory=list)
+    """Temporaries of writers still running."""
+
+    def _ids(self, kind: str) -> list[str]:
+        return [p.image_id for p in self.problems if p.kind == kind]
+
+    @property
+    def missing(self) -> list[str]:
+        """Images whose cube group is gone."""
+        return self._ids("missing")
+
+    @property
+    def partial(self) -> list[str]:
+        """Images whose cube group was never completed."""
+        return self._ids("partial")
+
+    @property
+    def corrupt(self) -> list[str]:
+        """Images whose cube fails its checksums or cannot be read."""
+        return self._ids("corrupt")
 
     @property
     def healthy(self) -> bool:
-        return not (self.missing or self.corrupt or self.partial)
+        """True when every indexed image reads back as written (orphans and temporaries are not damage)."""
+        return not self.problems
 
     def as_dict(self) -> dict[str, Any]:
-        return {"ok": self.ok, "missing": self.missing, "corrupt": self.corrupt, "partial": self.partial,
-                "orphans": self.orphans, "healthy": self.healthy}
+        """JSON-ready form (what `hvp catalog verify --json` prints)."""
+        return {"healthy": self.healthy, "ok": self.ok, "problems": [vars(p) for p in self.problems],
+                "missing": self.missing, "corrupt": self.corrupt, "partial": self.partial, "orphans": self.orphans,
+                "stale_temporaries": self.stale, "live_temporaries": self.in_progress}
 
 
 def _prefetch(items: Iterator[Any], depth: int = 1) -> Iterator[Any]:
@@ -551,14 +574,6 @@ def _prefetch(items: Iterator[Any], depth: int = 1) -> Iterator[Any]:
             with contextlib.suppress(Empty):
                 queue.get_nowait()
             thread.join(0.01)
-
-
-def member(group: zarr.Group, name: str) -> zarr.Array:
-    """The array ``name`` of a group (an error if it is a sub-group: the layout is fixed)."""
-    arr = group[name]
-    if not isinstance(arr, zarr.Array):
-        raise CatalogError(f"{group.store_path}/{name} is a group, expected an array: the catalog is damaged")
-    return arr
 
 
 def _direct_readable(arr: zarr.Array) -> bool:

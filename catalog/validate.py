@@ -18,19 +18,27 @@ MIN_BANDS = 3
 
 @dataclass(frozen=True)
 class Wavelengths:
-    """Validated band centres in nanometres, strictly increasing, with a note on any unit conversion made."""
+    """Validated band centres in nanometres, strictly increasing, with a note on any unit conversion made.
+
+    ``keep`` is the run of the file's bands to store when out-of-range bands were dropped (``band_note`` records
+    which; None keeps them all); ``nm`` and ``fwhm_nm`` are already cut to it.
+    """
 
     nm: np.ndarray
     fwhm_nm: np.ndarray | None
     unit_note: str
+    keep: slice | None = None
+    band_note: str = ""
 
 
 def wavelengths_nm(values: np.ndarray, units: str | None, bands: int, path: str | Path, origin: str,
-                   fwhm: np.ndarray | None = None) -> Wavelengths:
+                   fwhm: np.ndarray | None = None, out_of_range: str = "quarantine") -> Wavelengths:
     """Validate band centres against the band count and convert micrometres to nanometres (stated or detected).
 
     ``units`` is "nm", "um", or None/"auto" (detect: all values under 30 means micrometres). ``origin`` names where
-    the values came from ("spec 'wavelengths_nm'" or "file header 'wavelength'") for error messages.
+    the values came from ("spec 'wavelengths_nm'" or "file header 'wavelength'") for error messages. Bands centred
+    outside WL_MIN_NM-WL_MAX_NM are rejected, or with ``out_of_range="drop"`` left out (noted) when at least
+    MIN_BANDS remain; being strictly increasing, they sit at the ends, so what is kept is one run of bands.
     """
     wl = np.asarray(values, dtype=np.float64).ravel()
     field = f"wavelength ({origin})"
@@ -52,16 +60,38 @@ def wavelengths_nm(values: np.ndarray, units: str | None, bands: int, path: str 
         i = int(np.argmax(np.diff(wl) < 0))
         raise InputError(path, field, f"wavelengths are not increasing (band {i}: {wl[i]:g} then {wl[i + 1]:g} nm)",
                          "list bands in increasing wavelength order (reorder the file's bands or the list)")
-    if wl.min() < WL_MIN_NM or wl.max() > WL_MAX_NM:
-        raise InputError(path, field, f"wavelengths span {wl.min():g}-{wl.max():g} nm, outside "
-                         f"{WL_MIN_NM:g}-{WL_MAX_NM:g} nm",
-                         "give band centres in nanometres (or micrometres with 'wavelength_units: um')")
     if fwhm is not None:
         fwhm = np.asarray(fwhm, dtype=np.float64).ravel()
         if fwhm.size != bands:
             raise InputError(path, "fwhm", f"{fwhm.size} FWHM values for {bands} bands",
                              "give one FWHM per band or remove the field")
-    return Wavelengths(nm=wl, fwhm_nm=fwhm, unit_note=note)
+    inside = (wl >= WL_MIN_NM) & (wl <= WL_MAX_NM)
+    if inside.all():
+        return Wavelengths(nm=wl, fwhm_nm=fwhm, unit_note=note)
+    listed = _bands(wl, np.flatnonzero(~inside))
+    span = f"outside {WL_MIN_NM:g}-{WL_MAX_NM:g} nm"
+    kept = int(inside.sum())
+    if kept == 0:
+        raise InputError(path, field, f"every band is {span} (they span {wl.min():g}-{wl.max():g} nm)",
+                         "check the unit: give band centres in nanometres, or state micrometres "
+                         "('wavelength_units: um' in the spec, or the file's own unit field)")
+    if kept < MIN_BANDS or out_of_range != "drop":
+        why = (f"; only {kept} band(s) would remain, fewer than {MIN_BANDS}" if kept < MIN_BANDS else "")
+        raise InputError(path, field, f"{listed} {span}{why}",
+                         "correct those band centres" + ("" if kept < MIN_BANDS else
+                                                         ", or set 'out_of_range_bands: drop' in the dataset spec "
+                                                         f"to store the other {kept} bands"))
+    first = int(np.argmax(inside))
+    keep = slice(first, first + kept)
+    return Wavelengths(nm=wl[keep], fwhm_nm=None if fwhm is None else fwhm[keep], unit_note=note, keep=keep,
+                       band_note=f"dropped {listed} {span}; {kept} of {bands} bands stored")
+
+
+def _bands(wl: np.ndarray, index: np.ndarray, shown: int = 6) -> str:
+    """'band 0 (250 nm)' or 'bands 0 (250 nm), 5 (2610 nm)', the first few and a count of the rest."""
+    items = [f"{i} ({wl[i]:g} nm)" for i in index[:shown]]
+    more = f" and {len(index) - shown} more" if len(index) > shown else ""
+    return ("band " if len(index) == 1 else "bands ") + ", ".join(items) + more
 
 
 def cube_shape(shape: tuple[int, ...], dtype: np.dtype, path: str | Path, expected_bands: int | None) -> None:

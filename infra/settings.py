@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from functools import cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from catalog.store import Catalog
 
 
 class Settings(BaseSettings):
@@ -50,3 +53,18 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """The process-wide settings (read once)."""
     return Settings()
+
+
+def cube_options(settings: Settings | None = None) -> dict[str, Any]:
+    """The cube-store options a Catalog takes, as the settings give them (passed on to tasks and workers)."""
+    s = settings or get_settings()
+    return {"chunk_xy": s.chunk_xy, "codec": s.cube_codec, "compression_level": s.compression_level}
+
+
+def open_catalog(uri: str | None = None, settings: Settings | None = None) -> Catalog:
+    """The catalog at ``uri`` (default: HVP_CATALOG) with the settings' cube options: how the CLI and the flows
+    open it; everything below them takes a Catalog or its URI and options as arguments."""
+    from catalog.store import Catalog
+
+    s = settings or get_settings()
+    return Catalog(uri or s.catalog, **cube_options(s))

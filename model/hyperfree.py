@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import pickle
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from torch import nn
 
 from catalog.errors import InputError
 from model.encoder import EncoderConfig, HyperFreeImageEncoder
+from model.safeload import torch_load
 
 logger = logging.getLogger(__name__)
 
@@ -192,14 +192,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path), device="cpu")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(
-            path, "<pickle>", f"the file pickles objects other than tensors, which weights_only=True refuses ({first})",
-            "re-save only its weights where the file is trusted: torch.save(obj.state_dict(), 'weights.pth'), or "
-            "safetensors.torch.save_file(obj.state_dict(), 'weights.safetensors')") from None
+    state = torch_load(path)
     if not isinstance(state, Mapping) or not all(torch.is_tensor(v) for v in state.values()):
         keys = list(state)[:5] if isinstance(state, Mapping) else type(state).__name__
         raise InputError(
@@ -293,9 +286,9 @@ def load_checkpoint(
     missing = tuple(k for k in own if k not in state)
     name = getattr(getattr(model, "config", None), "name", type(model).__name__)
     if strict and (missing or unexpected or mismatched):
-        shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in mismatched]
+        shapes = [f"{k} (file {tuple(state[k].shape)}, model {tuple(own[k].shape)})" for k in mismatched]
         problem = "; ".join(f"{kind} {len(keys)}: {_listed(keys)}" for kind, keys in (
-            ("missing", missing), ("unexpected", unexpected), ("shape differs (checkpoint vs model)", shapes),
+            ("missing", missing), ("unexpected", unexpected), ("shape differs", shapes),
         ) if keys)
         layouts = [n for n in matching_layouts(state) if n != name]
         hint = (f"the checkpoint's keys and shapes match layout {' / '.join(repr(n) for n in layouts)}: build that "

@@ -34,6 +34,14 @@ CatalogOpt = Annotated[str | None, typer.Option("--catalog", help="catalog URI (
                                                 "./hvp-data/catalog)")]
 
 
+def _flows() -> None:
+    """Before a command runs Prefect flows: start the temporary server (when none is configured) so that it dies
+    with this process, even on kill -9."""
+    from infra.prefect_server import start_temporary_server
+
+    start_temporary_server()
+
+
 def _progress() -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     console=console, transient=False)
@@ -101,12 +109,13 @@ def _ingest(source_dir: Path, catalog: str | None, datasets: list[str] | None, w
     if not plain:
         from pipelines.ingest import run_ingest
 
+        _flows()
         return run_ingest(str(source_dir), catalog, datasets, workers, dask_address)
     from catalog.specs import spec_for_folder
-    from catalog.store import Catalog
+    from infra.settings import open_catalog
     from stages import ingest as stage
 
-    cat = Catalog(catalog).init()
+    cat = open_catalog(catalog).init()
     work = stage.plan(source_dir, cat, datasets)
     stage.record_problems(cat, work.problems)
     results = []
@@ -126,9 +135,9 @@ def _ingest(source_dir: Path, catalog: str | None, datasets: list[str] | None, w
 def catalog_list(catalog: CatalogOpt = None, as_json: Annotated[bool, typer.Option("--json")] = False,
                  dataset: str | None = None) -> None:
     """One line per catalogued image (or JSON records with --json)."""
-    from catalog.store import Catalog
+    from infra.settings import open_catalog
 
-    df = Catalog(catalog).images(dataset)
+    df = open_catalog(catalog).images(dataset)
     if as_json:
         sys.stdout.write(df.to_json(orient="records", date_format="iso") + "\n")
         return
@@ -146,9 +155,9 @@ def catalog_summary(catalog: CatalogOpt = None) -> None:
 
 
 def _summary_rows(catalog: str | None) -> list[dict[str, Any]]:
-    from catalog.store import Catalog
+    from infra.settings import open_catalog
 
-    df = Catalog(catalog).images()
+    df = open_catalog(catalog).images()
     if df.empty:
         return []
     g = df.groupby("dataset").agg(images=("image_id", "count"), bands=("bands", "max"), wl_min=("wl_min", "min"),
@@ -158,18 +167,18 @@ def _summary_rows(catalog: str | None) -> list[dict[str, Any]]:
 
 
 def _quarantine_rows(catalog: str | None) -> list[dict[str, Any]]:
-    from catalog.store import Catalog
+    from infra.settings import open_catalog
 
-    q = Catalog(catalog).quarantine()
+    q = open_catalog(catalog).quarantine()
     return q[["dataset", "source_path", "field", "message", "fix"]].to_dict("records") if not q.empty else []
 
 
 @catalog_app.command("show")
 def catalog_show(image_id: str, catalog: CatalogOpt = None) -> None:
     """Everything the catalog knows about one image: index row, attributes, wavelengths."""
-    from catalog.store import Catalog
+    from infra.settings import open_catalog
 
-    cat = Catalog(catalog)
+    cat = open_catalog(catalog)
     try:
         da = cat.open(image_id)
     except KeyError as exc:
@@ -190,22 +199,51 @@ def catalog_quarantine(catalog: CatalogOpt = None) -> None:
 
 @catalog_app.command("verify")
 def catalog_verify(catalog: CatalogOpt = None,
-                   checksums: Annotated[bool, typer.Option(help="re-hash every stored cube")] = True) -> None:
-    """Recompute content checksums and report missing, corrupt, partial and orphan cubes; exit 1 if unhealthy."""
-    from catalog.store import Catalog
+                   checksums: Annotated[bool, typer.Option(help="re-hash every stored cube")] = True,
+                   repair: Annotated[bool, typer.Option(help="re-ingest damaged images whose source is unchanged, "
+                                                        "quarantine the others, remove stale temporaries")] = False,
+                   as_json: Annotated[bool, typer.Option("--json", help="one JSON object on stdout")] = False) -> None:
+    """Check every image and mask set (checksums, completeness) and report each problem with the image it
+    concerns, plus orphan cubes and temporaries; never stops at a damaged image. Exit 1 if unhealthy (after the
+    repair, with --repair)."""
+    from infra.settings import open_catalog
+    from stages.ingest.repair import repair as repair_catalog
 
-    report = Catalog(catalog).verify(checksums=checksums)
-    console.print_json(json.dumps(report.as_dict()))
+    cat = open_catalog(catalog)
+    report = cat.verify(checksums=checksums)
+    out: dict[str, Any] = report.as_dict()
+    if repair:
+        out = {"before": out, "repairs": [r.as_dict() for r in repair_catalog(cat, report)]}
+        report = cat.verify(checksums=checksums)
+        out["after"] = report.as_dict()
+    if as_json:
+        sys.stdout.write(json.dumps(out, default=str) + "\n")
+    else:
+        _print_verify(out)
     if not report.healthy:
         raise typer.Exit(1)
 
 
+def _print_verify(out: dict[str, Any]) -> None:
+    """A person's view of a verify result: a table of problems (and of repairs) and one summary line."""
+    final = out.get("after", out)
+    for title, rows in (("problems found", out.get("before", out)["problems"]), ("repairs", out.get("repairs", []))):
+        if rows:
+            console.print(_table(title, rows))
+    console.print(f"{final['ok']} images ok, {len(final['problems'])} problems, {len(final['orphans'])} orphan "
+                  f"cubes, {len(final['stale_temporaries'])} stale temporaries (removed by `hvp catalog compact`), "
+                  f"{len(final['live_temporaries'])} writes in progress; healthy={final['healthy']}")
+
+
 @catalog_app.command("compact")
 def catalog_compact(catalog: CatalogOpt = None) -> None:
-    """Merge the index and quarantine part files (safe while other writers run)."""
-    from catalog.store import Catalog
+    """Merge the index, quarantine and mask-index part files and remove temporaries of writers that are gone (safe
+    while other writers run)."""
+    from infra.settings import open_catalog
 
-    console.print(f"merged {Catalog(catalog).compact()} part files")
+    cat = open_catalog(catalog)
+    stale = sum(not t.alive for t in cat.storage.temporaries())
+    console.print(f"merged {cat.compact()} part files, removed {stale} stale temporaries")
 
 
 @app.command("label")
@@ -215,6 +253,7 @@ def label(catalog: CatalogOpt = None,
     """Label every image lacking masks for the current labeler ids, then fuse (Prefect flow)."""
     from pipelines.label import run_label
 
+    _flows()
     rows = run_label(catalog, branch, workers)
     console.print(_table(f"labelled {len(rows)} images", rows[:40]))
 
@@ -224,6 +263,7 @@ def fuse(catalog: CatalogOpt = None) -> None:
     """Fuse the current branch masks into pseudo-targets where missing (Prefect flow)."""
     from pipelines.label import fuse_flow
 
+    _flows()
     rows = fuse_flow(catalog)
     console.print(_table(f"fused {len(rows)} images", rows[:40]))
 
@@ -232,13 +272,12 @@ def fuse(catalog: CatalogOpt = None) -> None:
 def show(image_id: str, catalog: CatalogOpt = None,
          out: Annotated[Path | None, typer.Option(help="PNG path (default: <image id>.png here)")] = None) -> None:
     """Write an overlay PNG of one image: its RGB with each branch's masks and the fused pseudo-target."""
-    from catalog.store import Catalog
-    from infra.settings import get_settings
+    from infra.settings import get_settings, open_catalog
     from stages.labelling import label as stage
 
     ids = {b: stage.cached_labeler(b).labeler_id for b in stage.BRANCHES}
     path = out or Path(image_id.replace("/", "__") + ".png")
-    console.print(f"wrote {stage.overlay_png(Catalog(catalog), image_id, ids, get_settings().fuse_tau, path)}")
+    console.print(f"wrote {stage.overlay_png(open_catalog(catalog), image_id, ids, get_settings().fuse_tau, path)}")
 
 
 @app.command("pretrain")
@@ -264,6 +303,7 @@ def pretrain(catalog: CatalogOpt = None,
     """Pretrain the HyperVision backbone on the fused pseudo-targets (Prefect flow; torchrun when nproc > 1)."""
     from pipelines.pretrain import pretrain_flow
 
+    _flows()
     result = pretrain_flow(catalog, model, steps, str(out), batch_size, teacher_checkpoint=teacher_checkpoint,
                            student_checkpoint=init, init_strict=not non_strict, preprocessing=preprocessing,
                            nproc=nproc, resume=resume)
@@ -285,12 +325,12 @@ def demo(workdir: Annotated[Path, typer.Option(help="where sources and the catal
     the catalog, label with the three branches, fuse, pretrain a few steps; each step is a Prefect flow on a
     temporary local server."""
     from catalog.fixtures import make_fixtures
-    from catalog.store import Catalog
-    from infra.settings import get_settings
+    from infra.settings import get_settings, open_catalog
 
     for key, value in DEMO_SETTINGS.items():  # the user's own settings win
         os.environ.setdefault(key, value)
     get_settings.cache_clear()
+    _flows()
     sources, catalog = workdir / "sources", str(workdir / "catalog")
     written = make_fixtures(sources)
     console.print(f"[bold]1/5 fixtures[/bold]: {sum(map(len, written.values()))} images of {len(written)} "
@@ -299,7 +339,7 @@ def demo(workdir: Annotated[Path, typer.Option(help="where sources and the catal
                   "[bold]2/5 ingest[/bold]")
     console.print(_table("ingest", _ingest(sources, catalog, None, None, None, plain)))
     console.print(_table("catalog", _summary_rows(catalog)))
-    report = Catalog(catalog).verify()
+    report = open_catalog(catalog).verify()
     console.print(f"[bold]3/5 verify[/bold]: {report.ok} cubes ok, healthy={report.healthy}, "
                   f"orphans={len(report.orphans)}")
     if not report.healthy:

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from prefect import flow, task
+from prefect import flow, task, unmapped
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from catalog.store import Catalog
+from infra.settings import cube_options, open_catalog
 from stages import ingest as stage
 
 
 def _retry_on_io(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry only transient I/O failures; bad input is already quarantined by the stage and never raised."""
+    """Retry only transient I/O failures; bad input and unreadable files are quarantined by the stage."""
     try:
         state.result()
+    except stage.UNREADABLE:
+        return False
     except OSError:
         return True
     except Exception:
@@ -27,22 +30,24 @@ def _retry_on_io(task: Any, task_run: Any, state: Any) -> bool:
 # The catalog is the cache: unchanged sources (same sha256) are skipped inside the stage, so Prefect caching is off.
 @task(name="ingest-file", retries=2, retry_delay_seconds=2, retry_condition_fn=_retry_on_io, cache_policy=NO_CACHE,
       task_run_name="ingest {dataset}/{primary}")
-def ingest_file(catalog_uri: str, dataset: str, folder: str, primary: str, known_sha256: str | None) -> dict[str, Any]:
-    """Ingest one source image into the catalog; returns the stage's result as a plain dict."""
-    return stage.ingest_path(catalog_uri, folder, primary, known_sha256).as_dict()
+def ingest_file(catalog_uri: str, dataset: str, folder: str, primary: str, known_sha256: str | None,
+                options: dict[str, Any]) -> dict[str, Any]:
+    """Ingest one source image into the catalog (``options``: the cube-store options); returns the stage's result
+    as a plain dict."""
+    return stage.ingest_path(catalog_uri, folder, primary, known_sha256, options).as_dict()
 
 
 @flow(name="ingest", log_prints=True)
 def ingest_flow(source_dir: str, catalog: str | None = None, datasets: list[str] | None = None) -> list[dict[str, Any]]:
     """Ingest every dataset folder under ``source_dir`` into the catalog; returns per-dataset counts."""
-    cat = Catalog(catalog).init()
+    cat = open_catalog(catalog).init()
     work = stage.plan(source_dir, cat, datasets)
     stage.record_problems(cat, work.problems)
     for _, path, exc in work.problems:
         print(f"quarantined {path}: {exc}")
     futures = ingest_file.map([cat.uri] * len(work.items), [w.dataset for w in work.items],
                               [w.folder for w in work.items], [w.primary for w in work.items],
-                              [w.known_sha256 for w in work.items])
+                              [w.known_sha256 for w in work.items], unmapped(cube_options()))
     results: list[stage.IngestResult] = []
     for item, fut in zip(work.items, futures, strict=True):
         fut.wait()
@@ -50,9 +55,10 @@ def ingest_flow(source_dir: str, catalog: str | None = None, datasets: list[str]
             results.append(stage.IngestResult(**fut.result()))
         else:  # I/O kept failing after the retries: record it and go on with the rest
             message = str(fut.state.message)
-            cat.add_quarantine(item.dataset, item.primary, "OSError", "file", message,
+            path = str(Path(item.folder, item.primary).absolute())
+            cat.add_quarantine(item.dataset, path, "OSError", "file", message,
                                "check that the file is readable and the storage reachable, then re-run ingest")
-            results.append(stage.IngestResult(item.dataset, item.primary, "quarantined", None, message))
+            results.append(stage.IngestResult(item.dataset, path, "quarantined", None, message))
     cat.compact()
     summary = stage.summarize(results, work.problems)
     create_table_artifact(key="ingest-summary", table=summary,

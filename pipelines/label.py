@@ -12,7 +12,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from catalog.masks import MaskStore
 from catalog.store import Catalog
-from infra.settings import get_settings
+from infra.settings import get_settings, open_catalog
 from stages.labelling import label as stage
 
 
@@ -23,7 +23,7 @@ from stages.labelling import label as stage
 def label_task(catalog_uri: str, image_ids: list[str], branch: str, extra: int = 0) -> list[dict[str, Any]]:
     """Label a few images with one branch's labeler (built once per worker process); a retry redoes only the
     images still lacking masks."""
-    cat, labeler = Catalog(catalog_uri), stage.cached_labeler(branch)
+    cat, labeler = open_catalog(catalog_uri), stage.cached_labeler(branch)
     todo = set(stage.pending(cat, labeler.labeler_id)) & set(image_ids)
     return [stage.label_image(cat, i, labeler) for i in image_ids if i in todo]
 
@@ -31,7 +31,7 @@ def label_task(catalog_uri: str, image_ids: list[str], branch: str, extra: int =
 @task(name="fuse-image", cache_policy=NO_CACHE, task_run_name="fuse {image_id}")
 def fuse_task(catalog_uri: str, image_id: str, labeler_ids: list[str], tau: float) -> dict[str, Any]:
     """Fuse one image's branch masks into its pseudo-target."""
-    return stage.fuse_image(Catalog(catalog_uri), image_id, labeler_ids, tau)
+    return stage.fuse_image(open_catalog(catalog_uri), image_id, labeler_ids, tau)
 
 
 def _threads(workers: int) -> Any:
@@ -44,7 +44,7 @@ def label_flow(catalog: str | None = None, branches: list[str] | None = None, da
                overlays: int = 4, fuse: bool = True) -> list[dict[str, Any]]:
     """Label every image lacking masks for each branch's current labeler id, then (``fuse``) fuse them and
     publish a report; returns the report rows (or the labelled images' rows without fusion)."""
-    cat = Catalog(catalog)
+    cat = open_catalog(catalog)
     branches = list(branches or stage.BRANCHES)
     labelers = {b: stage.cached_labeler(b) for b in branches}
     ids = {b: lab.labeler_id for b, lab in labelers.items()}
@@ -90,7 +90,7 @@ def _fuse_and_report(cat: Catalog, ids: dict[str, str], datasets: list[str] | No
 def fuse_flow(catalog: str | None = None, datasets: list[str] | None = None, overlays: int = 4) -> list[dict[str, Any]]:
     """Fuse the current labelers' masks of every image that lacks a pseudo-target, and publish the report."""
     ids = {b: stage.cached_labeler(b).labeler_id for b in stage.BRANCHES}
-    return _fuse_and_report(Catalog(catalog), ids, datasets, overlays)
+    return _fuse_and_report(open_catalog(catalog), ids, datasets, overlays)
 
 
 @flow(name="relabel-new", log_prints=True)
@@ -101,7 +101,7 @@ def relabel_flow(source_root: str | None = None, catalog: str | None = None) -> 
 
     settings = get_settings()
     root = Path(source_root or settings.source_root)
-    cat = Catalog(catalog).init()
+    cat = open_catalog(catalog).init()
     new = new_dataset_folders(root, cat)
     if not new:
         print(f"no new dataset folder under {root}")

@@ -13,6 +13,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from infra.settings import get_settings
 from stages import pretraining as stage
 
 
@@ -48,9 +49,9 @@ def pretrain_flow(
     `out` from its latest checkpoint; `student_checkpoint` (`--init`) starts from released or compatible weights,
     loaded strictly unless `init_strict` is off."""
     overrides: dict[str, Any] = {
-        "catalog": catalog, "out_dir": out, "steps": steps, "batch_size": batch_size, "crop_size": crop_size,
-        "lambda_distill": lambda_distill, "student_checkpoint": student_checkpoint, "init_strict": init_strict,
-        "preprocessing": preprocessing, "device": device,
+        "catalog": catalog or get_settings().catalog, "out_dir": out, "steps": steps, "batch_size": batch_size,
+        "crop_size": crop_size, "lambda_distill": lambda_distill, "student_checkpoint": student_checkpoint,
+        "init_strict": init_strict, "preprocessing": preprocessing, "device": device,
     }
     if lr is not None:
         overrides["lr"] = lr

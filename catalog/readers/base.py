@@ -6,6 +6,7 @@ whose slices read only the requested region, so ingest can stream a cube larger 
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -108,6 +109,14 @@ class BandSubset:
         return np.asarray(self.source[(slice(self.start + lo, self.start + hi), *key[1:])])
 
 
+def inside(path: Path, folder: Path) -> bool:
+    """Whether ``path``, with every symlink followed, lies inside ``folder`` (itself resolved)."""
+    try:
+        return Path(os.path.realpath(path, strict=True)).is_relative_to(os.path.realpath(folder))
+    except OSError:
+        return False
+
+
 def axes_for(order: str, path: str | Path, field_name: str = "options.axes") -> tuple[int, ...]:
     """Permutation that turns a source stored in ``order`` (a permutation of 'b', 'y', 'x') into ``(band, y, x)``."""
     if sorted(order) != ["b", "x", "y"]:
@@ -141,9 +150,14 @@ class SourceItem:
                 "path": rel.as_posix()}
 
     def resolve(self, template: str) -> Path | None:
-        """The first file (sorted) matching a path template relative to the dataset folder, or None."""
+        """The first file (sorted) matching a path template relative to the dataset folder, or None; a match that
+        leads out of the folder (through '..' or a symlink) is refused."""
         pattern = template.format(**self.template_vars())
         matches = sorted(p for p in self.root.glob(pattern) if p.is_file())
+        if matches and not inside(matches[0], self.root):
+            raise InputError(matches[0], "rgb", f"the path template {template!r} leads out of the dataset folder "
+                             f"{self.root}", "keep companion files inside the dataset folder (copy them in instead "
+                             "of linking to elsewhere)")
         return matches[0] if matches else None
 
 
@@ -176,6 +190,8 @@ class Reader(ABC):
     name: ClassVar[str]
     version: ClassVar[str]
     Options: ClassVar[type[ReaderOptions]] = ReaderOptions
+    #: The format's files can say their band centres (then a spec need not list them; they are read by default).
+    file_wavelengths: ClassVar[bool] = False
 
     def companions(self, primary: Path, options: ReaderOptions) -> list[Path]:
         """Other files that belong to the image (e.g. the ENVI data file beside its header). Default: none."""

@@ -229,11 +229,7 @@ def open_envi(header_path: Path) -> tuple[EnviHeader, EnviArray]:
                          f"put the data file beside the header as one of {tried}, or set 'data file' in the header")
     actual = data.stat().st_size
     if actual < header.nbytes:
-        raise InputError(data, "data file", f"{actual} bytes, but the header declares {header.nbytes} "
-                         f"({header.bands} bands x {header.lines} lines x {header.samples} samples x "
-                         f"{header.dtype.itemsize} bytes + {header.offset} offset)",
-                         "the file is truncated: copy it again from the source (or fix samples/lines/bands in "
-                         "the header if they are wrong)")
+        _blame_short_file(header, data, actual)
     source = str(data)
     try:
         with rasterio.open(source) as src:
@@ -248,6 +244,27 @@ def open_envi(header_path: Path) -> tuple[EnviHeader, EnviArray]:
                              f"{src.width} samples but the header says {header.bands} x {header.lines} x "
                              f"{header.samples}", "fix samples/lines/bands in the header")
     return header, EnviArray(source, (header.bands, header.lines, header.samples), header.dtype)
+
+
+def _blame_short_file(header: EnviHeader, data: Path, actual: int) -> None:
+    """Raise for a data file smaller than its header declares, blaming the header when the file holds a whole
+    number of bands that the header's own wavelength list agrees with, or exactly one band fewer than declared
+    (a header miscount); otherwise the data file, as truncated."""
+    band_bytes = header.lines * header.samples * header.dtype.itemsize
+    whole, rest = divmod(actual - header.offset, band_bytes)
+    listed = _floats(header.fields, "wavelength", header.path)
+    n_listed = None if listed is None else listed.size
+    if rest == 0 and 0 < whole < header.bands and (n_listed == whole or whole == header.bands - 1):
+        agrees = ", as many as its wavelength list has" if n_listed == whole else ""
+        raise InputError(header.path, "header.bands", f"the header declares {header.bands} bands but the data file "
+                         f"{data.name} holds exactly {whole} bands of {header.lines} lines x {header.samples} "
+                         f"samples{agrees}", f"set 'bands = {whole}' in the header (and list {whole} wavelengths); "
+                         "only if the data file was cut short, copy it again instead")
+    raise InputError(data, "data file", f"{actual} bytes, but the header declares {header.nbytes} "
+                     f"({header.bands} bands x {header.lines} lines x {header.samples} samples x "
+                     f"{header.dtype.itemsize} bytes + {header.offset} offset)",
+                     "the file is truncated: copy it again from the source (or fix samples/lines/bands in "
+                     "the header if they are wrong)")
 
 
 def _resolve_beside(primary: Path, template: str) -> Path | None:
@@ -265,6 +282,7 @@ class EnviReader(Reader):
     name = "envi"
     version = "1"
     Options = EnviOptions
+    file_wavelengths = True
 
     def companions(self, primary: Path, options: ReaderOptions) -> list[Path]:
         """The data file, and the white/dark reference headers and data files that exist. Lenient on purpose:

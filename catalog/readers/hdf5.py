@@ -18,6 +18,11 @@ from catalog.errors import InputError
 from catalog.readers.base import AxisView, LazyArray, RawCube, Reader, ReaderOptions, SourceItem, axes_for, register
 
 _UNREADABLE_FIX = "re-download or re-export the file (a truncated or partly copied file cannot be read)"
+#: Names (any case, anywhere in the file) of a 1-D band-centre dataset found without ``wavelength_key``.
+WAVELENGTH_NAMES = ("wavelength", "wavelengths", "wavelength_nm", "wavelengths_nm", "wl", "lambda")
+#: HDF5 ``units`` attribute spellings of the two units a band centre comes in.
+UNIT_ATTRS = {"nm": "nm", "nanometers": "nm", "nanometres": "nm", "um": "um", "µm": "um", "micrometers": "um",
+              "micrometres": "um", "microns": "um"}
 
 
 @contextmanager
@@ -57,7 +62,8 @@ def is_numeric(dtype: np.dtype) -> bool:
 
 class Hdf5Options(ReaderOptions):
     """``key``: dataset path inside the file ('a/b' allowed); ``axes``: its axis order as h5py shows it (e.g.
-    'bxy'); ``wavelength_key``: optional 1-D dataset of band centres, in ``wavelength_units`` if stated."""
+    'bxy'); ``wavelength_key``: 1-D dataset of band centres, in ``wavelength_units`` if stated (by default a
+    dataset named like WAVELENGTH_NAMES with one value per band is used, its ``units`` attribute read)."""
 
     key: str
     axes: str
@@ -78,6 +84,7 @@ class Hdf5Reader(Reader):
     name = "hdf5"
     version = "1"
     Options = Hdf5Options
+    file_wavelengths = True
 
     def read(self, item: SourceItem, options: ReaderOptions) -> RawCube:
         assert isinstance(options, Hdf5Options)
@@ -98,11 +105,27 @@ class Hdf5Reader(Reader):
                                  f"{dset.shape}, a cube needs 3 in the order options.axes='{options.axes}'",
                                  "point options.key at the 3-D cube dataset")
             data = AxisView(H5Array(path, options.key, dset.shape, dset.dtype), perm)
-            wavelengths = (self._wavelengths(f, path, options.wavelength_key, data.shape[0])
-                           if options.wavelength_key else None)
+            key: str | None = options.wavelength_key
+            units: str | None = options.wavelength_units
+            if key is None and (key := self._find_wavelengths(f, data.shape[0])) is not None:
+                raw_units = f[key].attrs.get("units", b"")
+                raw_units = raw_units.decode() if isinstance(raw_units, bytes) else str(raw_units)
+                units = UNIT_ATTRS.get(raw_units.strip().lower())
+            wavelengths = self._wavelengths(f, path, key, data.shape[0]) if key else None
         return RawCube(data=data, wavelengths=wavelengths,
-                       wavelength_units=options.wavelength_units if wavelengths is not None else None,
-                       attrs={"key": options.key, "axes": options.axes})
+                       wavelength_units=units if wavelengths is not None else None,
+                       attrs={"key": options.key, "axes": options.axes,
+                              **({"wavelength_key": key} if key else {})})
+
+    @staticmethod
+    def _find_wavelengths(f: h5py.File, bands: int) -> str | None:
+        """The path of a 1-D numeric dataset named like a wavelength list with one value per band, or None."""
+        for name in dataset_paths(f):
+            dset = f[name]
+            if (name.rsplit("/", 1)[-1].lower() in WAVELENGTH_NAMES and is_numeric(dset.dtype)
+                    and dset.size == bands and max(dset.shape, default=0) == bands):
+                return name
+        return None
 
     @staticmethod
     def _wavelengths(f: h5py.File, path: Path, key: str, bands: int) -> np.ndarray:

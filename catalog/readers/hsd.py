@@ -140,6 +140,7 @@ class HsdReader(Reader):
 
     name = "hsd"
     version = "1"
+    file_wavelengths = True
 
     def read(self, item: SourceItem, options: ReaderOptions) -> RawCube:
         """Check the header and size, load mean and coefficients, and return the lazy reconstruction."""

@@ -16,6 +16,7 @@ from torch import nn
 
 from catalog.errors import InputError
 from model.heads import head_from_hparams
+from model.safeload import torch_load
 
 HEAD_FILE = "head.safetensors"
 STATE_FILE = "state.pt"
@@ -71,7 +72,7 @@ def latest_head_checkpoint(run_dir: Path) -> Path | None:
 
 def read_training_state(checkpoint: Path) -> dict[str, Any]:
     """Optimizer, scheduler, RNG state and step of a checkpoint directory."""
-    state: dict[str, Any] = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
+    state: dict[str, Any] = torch_load(checkpoint / STATE_FILE)
     return state
 
 

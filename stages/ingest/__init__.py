@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import os
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,9 +23,12 @@ from catalog.readers.base import BandSubset, SourceItem, load_rgb
 from catalog.specs import SPEC_FILENAME, DatasetSpec, spec_for_folder
 from catalog.store import Catalog, CubeWrite
 from catalog.validate import cube_shape, wavelengths_nm
+from stages.ingest import discover
 from stages.ingest import labels as item_labels
 
 STAGE_VERSION = "1"
+#: Errors reading a source file that a retry cannot cure: the file is quarantined at once.
+UNREADABLE = (PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError)
 Status = Literal["ingested", "skipped", "quarantined"]
 
 
@@ -66,21 +70,28 @@ def _excluded(rel: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatch(rel, p) or fnmatch.fnmatch(rel, p.removeprefix("**/")) for p in patterns)
 
 
-def list_items(folder: Path, spec: DatasetSpec) -> list[SourceItem]:
+def list_items(folder: Path, spec: DatasetSpec, source_root: Path | None = None,
+               max_entries: int = discover.MAX_ENTRIES) -> tuple[list[SourceItem], list[InputError]]:
     """Every source image of a dataset folder: the spec's globs minus excludes, one in every ``sample_every``
-    per sub-folder (video frames), each with its companion files and aligned RGB resolved."""
+    per sub-folder (video frames), each with its companion files and aligned RGB resolved; and the problems
+    found on the way (symlink loops, links out of ``source_root``, items whose companions cannot be used).
+    The walk is bounded by ``max_entries`` (an InputError beyond)."""
+    root = (source_root or folder.parent).absolute()
+    files, problems = discover.walk_files(folder, root, max_entries)
     folder = folder.resolve()
-    found: set[Path] = set()
-    for pattern in spec.files:
-        found.update(p for p in folder.glob(pattern) if p.is_file())
-    rels = sorted(p.relative_to(folder).as_posix() for p in found)
-    rels = [r for r in rels if not _excluded(r, spec.exclude) and r != SPEC_FILENAME]
+    rels = [r for r in discover.matching(files, spec.files) if not _excluded(r, spec.exclude) and r != SPEC_FILENAME]
     if spec.sample_every > 1:
         by_dir: dict[str, list[str]] = defaultdict(list)
         for r in rels:
             by_dir[r.rsplit("/", 1)[0] if "/" in r else ""].append(r)
         rels = sorted(r for group in by_dir.values() for r in group[:: spec.sample_every])
-    return [item_for(folder, spec, r) for r in rels]
+    items = []
+    for r in rels:
+        try:
+            items.append(item_for(folder, spec, r))
+        except InputError as exc:
+            problems.append(exc)
+    return items, problems
 
 
 def item_for(folder: Path, spec: DatasetSpec, primary_rel: str) -> SourceItem:
@@ -99,14 +110,21 @@ def item_for(folder: Path, spec: DatasetSpec, primary_rel: str) -> SourceItem:
 def plan(source_root: str | Path, catalog: Catalog | None = None, datasets: list[str] | None = None) -> Plan:
     """List the work under ``source_root`` (one folder per dataset), with the sha256 already catalogued per image
     so unchanged images are skipped cheaply. A folder with no usable spec becomes a problem, not a crash."""
-    source_root = Path(source_root)
+    source_root = Path(source_root).absolute()
     if not source_root.is_dir():
         raise InputError(source_root, "SOURCE_DIR", "not a directory", "pass the folder that holds one folder per "
                          "dataset (e.g. the output of `hvp fixtures make`)")
     known = stored_fingerprints(catalog.images()) if catalog is not None else {}
     out = Plan()
-    for folder in sorted(p for p in source_root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for folder in sorted(p for p in source_root.iterdir() if not p.name.startswith(".")):
         if datasets and folder.name not in datasets:
+            continue
+        if folder.is_symlink():  # a dataset folder may be a link to elsewhere, but one that resolves
+            _, problem = discover.link_problem(folder, "SOURCE_DIR", ["/"])
+            if problem is not None:
+                out.problems.append((folder.name, str(folder), problem))
+                continue
+        if not folder.is_dir():
             continue
         try:
             spec = spec_for_folder(folder)
@@ -114,8 +132,9 @@ def plan(source_root: str | Path, catalog: Catalog | None = None, datasets: list
                 raise InputError(folder, SPEC_FILENAME, "no dataset.yaml and the folder name is not a built-in "
                                  "dataset", "add a dataset.yaml (see README) or rename the folder to a built-in "
                                  "slug (`hvp datasets`)")
-            items = list_items(folder, spec)
-            if not items:
+            items, problems = list_items(folder, spec, source_root)
+            out.problems += [(spec.slug, exc.path, exc) for exc in problems]
+            if not items and not problems:
                 raise InputError(folder, "files", f"no file matches {spec.files}",
                                  "check the 'files' glob against the folder's layout")
         except InputError as exc:
@@ -142,26 +161,40 @@ def source_sha256(item: SourceItem, block: int = 1 << 20) -> str:
 
 def ingest_item(catalog: Catalog, spec: DatasetSpec, item: SourceItem, known_sha256: str | None = None,
                 on_strip: Any = None) -> IngestResult:
-    """Read, validate and store one image; bad input is quarantined (never raised), I/O errors propagate so the
-    caller can retry. An unchanged image (same source sha256 and labels as catalogued) writes nothing; a bad
-    label quarantines the image before anything of it is written (stages/ingest/labels.py)."""
-    src = str(item.primary)
+    """Read, validate and store one image; bad input is quarantined (never raised), and so is a source file that
+    cannot be read for good (no permission, gone); other I/O errors propagate so the caller can retry. An unchanged
+    image (same source sha256 and labels as catalogued) writes nothing; a bad label quarantines the image before
+    anything of it is written (stages/ingest/labels.py). Ingests of the same image at once are serialised by a
+    lock: the second waits, then finds the image stored and skips it."""
+    src = os.path.abspath(item.primary)
+    image_id = f"{spec.slug}/{item.key}"
     try:
         sha = source_sha256(item)
-        image_id = f"{spec.slug}/{item.key}"
         labels = item_labels.resolve(spec, item)
-        if (known_sha256 == ingest_fingerprint(sha, labels.label_sha256)
-                and catalog.is_complete(catalog.location_for(spec.slug, item.key, sha))):
+        location = catalog.location_for(spec.slug, item.key, sha)
+        if known_sha256 == ingest_fingerprint(sha, labels.label_sha256) and catalog.is_complete(location):
             return IngestResult(spec.slug, src, "skipped", image_id, "unchanged (same source sha256 and labels)")
-        cw = prepare(spec, item, sha)
-        item_labels.attach(catalog, spec, item, labels, cw)
-        catalog.write_cube(cw, on_strip=on_strip)
+        with catalog.storage.lock(f"ingest/{image_id}"):
+            if catalog.is_complete(location) and catalog.indexed(image_id, sha, labels.label_sha256):
+                return IngestResult(spec.slug, src, "skipped", image_id,
+                                    "already catalogued (same source sha256 and labels)")
+            cw = prepare(spec, item, sha)
+            item_labels.attach(catalog, spec, item, labels, cw)
+            catalog.write_cube(cw, on_strip=on_strip)
         return IngestResult(spec.slug, src, "ingested", image_id, cw.attrs.get("note", ""))
     except InputError as exc:
-        catalog.add_quarantine(spec.slug, exc.path, type(exc).__name__, exc.field, exc.problem, exc.fix)
+        path = os.path.abspath(exc.path)
+        catalog.add_quarantine(spec.slug, path, type(exc).__name__, exc.field, exc.problem, exc.fix)
         return IngestResult(spec.slug, src, "quarantined", None, str(exc))
-    except OSError:
-        raise
+    except OSError as exc:
+        sources = {f.absolute() for f in item.files}
+        if not (isinstance(exc, UNREADABLE) and exc.filename and Path(exc.filename).absolute() in sources):
+            raise  # transient, or the catalog's own storage: the caller retries or reports it
+        path = os.path.abspath(exc.filename)
+        problem = f"cannot read the file ({exc.strerror or type(exc).__name__})"
+        fix = "make the file readable by the user running ingest (or remove it), then re-run ingest"
+        catalog.add_quarantine(spec.slug, path, type(exc).__name__, "file", problem, fix)
+        return IngestResult(spec.slug, src, "quarantined", None, f"{path}: field 'file': {problem}. Fix: {fix}")
     except Exception as exc:  # a reader choked on malformed content: quarantine it, keep the run going
         message = f"{type(exc).__name__}: {exc}"
         catalog.add_quarantine(spec.slug, src, type(exc).__name__, "file", message,
@@ -169,12 +202,15 @@ def ingest_item(catalog: Catalog, spec: DatasetSpec, item: SourceItem, known_sha
         return IngestResult(spec.slug, src, "quarantined", None, f"{src}: {message}")
 
 
-def ingest_path(catalog_uri: str, folder: str, primary: str, known_sha256: str | None = None) -> IngestResult:
-    """``ingest_item`` from paths and strings only: what a task or a worker process calls."""
+def ingest_path(catalog_uri: str, folder: str, primary: str, known_sha256: str | None = None,
+                options: dict[str, Any] | None = None) -> IngestResult:
+    """``ingest_item`` from paths and strings only: what a task or a worker process calls (``options``: the
+    Catalog's cube-store options)."""
     spec = spec_for_folder(Path(folder))
     if spec is None:
         raise InputError(folder, SPEC_FILENAME, "the dataset has no spec", "add a dataset.yaml")
-    return ingest_item(Catalog(catalog_uri), spec, item_for(Path(folder), spec, primary), known_sha256)
+    item = item_for(Path(folder), spec, primary)
+    return ingest_item(Catalog(catalog_uri, **(options or {})), spec, item, known_sha256)
 
 
 def prepare(spec: DatasetSpec, item: SourceItem, sha: str) -> CubeWrite:
@@ -200,12 +236,14 @@ def prepare(spec: DatasetSpec, item: SourceItem, sha: str) -> CubeWrite:
             raise InputError(path, "wavelength", "the spec says the file carries wavelengths but it has none",
                              "add the band centres to the file's header, or give 'wavelengths_nm' in the spec")
         units = raw.wavelength_units if spec.wavelength_units == "auto" else spec.wavelength_units
-        wl = wavelengths_nm(file_wl, units, bands, path, "file", file_fwhm)
+        wl = wavelengths_nm(file_wl, units, bands, path, "file", file_fwhm, spec.out_of_range_bands)
     else:
         values = spec.wavelength_values()
         assert values is not None  # guaranteed by the spec's validator
         units = None if spec.wavelength_units == "auto" else spec.wavelength_units
-        wl = wavelengths_nm(values, units, bands, path, "spec 'wavelengths_nm'", file_fwhm)
+        wl = wavelengths_nm(values, units, bands, path, "spec 'wavelengths_nm'", file_fwhm, spec.out_of_range_bands)
+    if wl.keep is not None:  # out-of-range bands at the ends are left out
+        data = BandSubset(data, wl.keep.start, wl.keep.stop)
     rgb, rgb_note = raw.rgb, ""
     if rgb is None and item.rgb is not None:
         rgb = load_rgb(item.rgb)
@@ -220,8 +258,10 @@ def prepare(spec: DatasetSpec, item: SourceItem, sha: str) -> CubeWrite:
         "dataset_name": spec.name, "wavelength_note": wl.unit_note, "native_dtype": np.dtype(data.dtype).str,
         **{f"file_{k}": v for k, v in raw.attrs.items()},
     }
-    if rgb_note:
-        attrs["note"] = rgb_note
+    if wl.band_note:
+        attrs["band_note"] = wl.band_note
+    if notes := "; ".join(n for n in (wl.band_note, rgb_note) if n):
+        attrs["note"] = notes
     return CubeWrite(dataset=spec.slug, image_id=f"{spec.slug}/{item.key}", key=item.key, sha256=sha, data=data,
                      wavelength_nm=wl.nm, fwhm_nm=wl.fwhm_nm, rgb=rgb, extras=raw.extras, attrs=attrs)
 

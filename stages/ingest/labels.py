@@ -281,7 +281,7 @@ def ordered_split(spec: DatasetSpec, item: SourceItem, fractions: dict[str, floa
     them go to the first split, and so on (boundaries rounded to whole images)."""
     from stages.ingest import list_items  # the dataset's images exactly as ingest lists them
 
-    keys = [it.key for it in list_items(item.root, spec)]
+    keys = [it.key for it in list_items(item.root, spec)[0]]
     rank, total, cumulative = keys.index(item.key), len(keys), 0.0
     for split, fraction in fractions.items():
         cumulative += fraction

@@ -35,6 +35,8 @@ from sam2.utils.amg import batched_mask_to_box
 from scipy import ndimage
 from torchvision.ops import nms
 
+from model.safeload import UnsafeCheckpointError, torch_load
+
 log = logging.getLogger(__name__)
 
 #: The Hiera trunk downsamples by 4 * 2**3: input sizes must be multiples of this for the feature pyramids to align.
@@ -146,7 +148,9 @@ def load_checkpoint(model: torch.nn.Module, checkpoint: str | Path, limit: int =
         raise FileNotFoundError(f"SAM2 checkpoint {path} does not exist: fix the path in settings "
                                 "(HVP_SAM2_CHECKPOINT) or leave it unset for random-init weights")
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        blob = torch_load(path)
+    except UnsafeCheckpointError as e:
+        raise SAM2CheckpointError(str(e)) from None
     except Exception as e:  # unpickling errors come in many classes; all mean the same to the user
         raise SAM2CheckpointError(f"cannot read SAM2 checkpoint {path} with torch.load(weights_only=True): {e}") \
             from e

@@ -16,6 +16,7 @@ from torch import nn
 
 from model import load_checkpoint
 from model.pretraining import PretrainModule
+from model.safeload import torch_load
 from stages.pretraining.config import RUNTIME_FIELDS, STAGE_VERSION
 
 
@@ -92,7 +93,7 @@ def load_training_state(ckpt: Path, module: PretrainModule, optimizer: torch.opt
     device = next(module.parameters()).device
     load_checkpoint(module.student, ckpt / "model.safetensors", strict=True)
     module.head.load_state_dict(load_file(str(ckpt / "distill.safetensors"), device=str(device)))
-    state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
+    state = torch_load(ckpt / "state.pt")
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])

@@ -22,7 +22,7 @@ class PretrainConfig:
     """Everything that defines a pretraining run; saved, resolved, as config.json beside the run."""
 
     catalog: str | None = None
-    """Catalog URI (None: the settings' HVP_CATALOG)."""
+    """Catalog URI; required to train (the CLI and the pretrain flow fill it from HVP_CATALOG)."""
     out_dir: str = "./hvp-data/runs/pretrain"
     model: str = "tiny"
     """A registry name (model.registry): "hypervision_b" / "_l" / "_h" are the released layouts."""

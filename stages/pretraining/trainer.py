@@ -193,6 +193,9 @@ def _train(config: PretrainConfig, rt: Runtime, resume: bool, until_step: int | 
     run_dir = Path(config.out_dir)
     trainer = Trainer.build(config, rt)
     module, teacher = trainer.module, trainer.teacher
+    if config.catalog is None:
+        raise ValueError("PretrainConfig.catalog is not set: give the catalog URI (the CLI and the pretrain flow "
+                         "fill it from HVP_CATALOG)")
     catalog = Catalog(config.catalog)
     images = scan_catalog(catalog, config.datasets)
     dataset = PretrainDataset(catalog.uri, trainer.crop_size, images, config.max_masks, config.min_mask_pixels,

@@ -79,10 +79,10 @@ def test_verify_detects_corruption_missing_and_partial(tmp_path: Path) -> None:
     import shutil
 
     shutil.rmtree(tmp_path / "cat" / b["location"])
-    (tmp_path / "cat" / "cubes" / "ds" / "c@cccccccccccc.zarr.tmp-1234").mkdir()
+    (tmp_path / "cat" / "cubes" / "ds" / "c@cccccccccccc.zarr.tmp-1234").mkdir()  # no lease: its writer is gone
     report = cat.verify()
-    assert report.corrupt == ["ds/a"] and report.missing == ["ds/b"]
-    assert report.partial == ["cubes/ds/c@cccccccccccc.zarr.tmp-1234"] and not report.healthy
+    assert report.corrupt == ["ds/a"] and report.missing == ["ds/b"] and not report.healthy
+    assert report.stale == ["cubes/ds/c@cccccccccccc.zarr.tmp-1234"]
 
 
 def _writer_process(root: str, prefix: str, n: int) -> None:

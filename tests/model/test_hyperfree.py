@@ -298,7 +298,8 @@ def test_load_report_lists_missing_and_unexpected_keys(tiny: HyperFree) -> None:
 
 
 def test_loader_resizes_banks_and_rel_pos_for_another_patch_size(tiny: HyperFree) -> None:
-    with pytest.raises(InputError, match=r"point_spectral_weight_bank_w \(64, 85, 8, 8\) vs \(64, 85, 16, 16\)"):
+    with pytest.raises(InputError,
+                       match=r"point_spectral_weight_bank_w \(file \(64, 85, 8, 8\), model \(64, 85, 16, 16\)\)"):
         load_checkpoint(create_model("tiny", patch_size=16), tiny.state_dict())
     model = create_model("tiny", patch_size=16)
     report = load_checkpoint(model, tiny.state_dict(), strict=False)
@@ -315,7 +316,7 @@ def test_strict_load_resizes_only_global_rel_pos_for_another_image_size(tiny: Hy
     assert report.strict and report.resized == ("image_encoder.blocks.1.attn.rel_pos_h",
                                                 "image_encoder.blocks.1.attn.rel_pos_w")
     wider = create_model("tiny", window_size=5)  # windowed block 0: a layout change, not an image size
-    with pytest.raises(InputError, match=r"blocks.0.attn.rel_pos_h \(7, 32\) vs \(9, 32\)"):
+    with pytest.raises(InputError, match=r"blocks.0.attn.rel_pos_h \(file \(7, 32\), model \(9, 32\)\)"):
         load_checkpoint(wider, tiny.state_dict())
 
 

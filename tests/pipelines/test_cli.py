@@ -29,7 +29,7 @@ def test_cli_round_trip(tmp_path: Path) -> None:
     rows = [r for r in rows if r["dataset"] != "my-lab-labels"]
     res = runner.invoke(app, ["catalog", "show", rows[0]["image_id"], "--catalog", cat])
     assert res.exit_code == 0 and '"wavelength_nm"' in res.output and rows[0]["image_id"] in res.output
-    res = runner.invoke(app, ["catalog", "verify", "--catalog", cat])
+    res = runner.invoke(app, ["catalog", "verify", "--catalog", cat, "--json"])
     assert res.exit_code == 0 and json.loads(res.output)["healthy"] is True
     res = runner.invoke(app, ["catalog", "show", "cave/nothing", "--catalog", cat])
     assert res.exit_code == 1 and "hvp catalog list" in res.output

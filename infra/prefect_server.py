@@ -1,0 +1,62 @@
+"""The temporary Prefect server of a CLI run dies with the CLI, even when the CLI is killed with ``kill -9``.
+
+With no ``PREFECT_API_URL`` configured, Prefect starts a temporary local server (a uvicorn subprocess) and stops
+it at interpreter exit; a killed CLI never reaches that, so the server lived on. Here the server is started from
+the main thread with Linux's parent-death signal set (``PR_SET_PDEATHSIG``): the kernel kills it when the CLI
+goes, however it goes. Prefect's own client then finds it running and uses it, and so do worker processes (a local
+Dask cluster), which inherit its address. Elsewhere than Linux the server is Prefect's as before.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+from typing import Any
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> None:
+    """In the forked child, before exec: ask for SIGKILL when the parent dies (and die now if it already has)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def start_temporary_server() -> str | None:
+    """Start the temporary server now, bound to this process's life, unless a server is configured; returns its
+    API URL (None when PREFECT_API_URL is set or the platform has no parent-death signal)."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.settings import get_current_settings as current
+
+    if PREFECT_API_URL.value() or not sys.platform.startswith("linux"):
+        return None
+    import prefect
+    from prefect.server.api.server import SubprocessASGIServer
+
+    class BoundServer(SubprocessASGIServer):
+        """Prefect's temporary server, its process tied to the CLI's."""
+
+        def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
+            parent = os.getpid()
+            env = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # nothing to send it to from a local run
+                   **os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+                   "PREFECT__SERVER_FINAL": "1", **current().to_environment_variables(exclude_unset=True)}
+            return subprocess.Popen(
+                [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
+                 "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
+                 "--log-level", "error", "--lifespan", "on"],
+                env=env, preexec_fn=lambda: _die_with_parent(parent))
+
+    server = SubprocessASGIServer._instances.get(None)
+    if server is None:  # Prefect's client asks for the instance without a port: this one
+        server = BoundServer()
+    server.start()
+    # Worker processes started from here on (a local Dask cluster) inherit the address: without it each would
+    # start a temporary server of its own, all of them on one SQLite database.
+    os.environ["PREFECT_API_URL"] = server.api_url
+    return server.api_url
