@@ -85,7 +85,7 @@ def _run_stage(records: list[StageRecord], name: str, call: Callable[[], Any]) -
     result = call()
     state = result if isinstance(result, State) else None
     data = state.result() if state is not None else result
-    name_of_state = state.name if state is not None else "Completed"
+    name_of_state = (state.name or "Completed") if state is not None else "Completed"
     note = (state.message or "") if state is not None and state.name == "Skipped" else ""
     records.append(StageRecord(name, name_of_state, round(time.perf_counter() - t0, 3), note))
     return data
@@ -127,8 +127,10 @@ def hypervision_flow(profile: Profile = Profile.demo, paths: PathParams = DEFAUL
     ctx.outputs["ingest"] = _run_stage(records, "ingest", lambda: ingest_flow(
         p.source_root, p.catalog, p.datasets, ingest_workers, return_state=True))
     for branch in resolved.branches:
-        ctx.outputs[f"label-{branch}"] = _run_stage(records, f"label-{branch}", lambda b=branch: label_branch_flow(
-            p.catalog, b, resolved.configs[b], p.datasets, return_state=True))
+        def label_branch(b: str = branch) -> Any:
+            return label_branch_flow(p.catalog, b, resolved.configs[b], p.datasets, return_state=True)
+
+        ctx.outputs[f"label-{branch}"] = _run_stage(records, f"label-{branch}", label_branch)
     ctx.outputs["fuse"] = _run_stage(records, "fuse", lambda: fuse_flow(
         p.catalog, label, p.datasets, profile, return_state=True))
     given = pretrain.model_dump(exclude_none=True)
@@ -139,7 +141,10 @@ def hypervision_flow(profile: Profile = Profile.demo, paths: PathParams = DEFAUL
         catalog=p.catalog, runs=p.runs, datasets=p.datasets, profile=profile, return_state=True, **given))
     ctx.outputs["pretrain"] = ctx.pretrain
     for stage in DOWNSTREAM:
-        ctx.outputs[stage.name] = _run_stage(records, stage.name, lambda s=stage: s.run(ctx))
+        def downstream(s: DownstreamStage = stage) -> Any:
+            return s.run(ctx)
+
+        ctx.outputs[stage.name] = _run_stage(records, stage.name, downstream)
     rows = [vars(r) for r in records]
     create_table_artifact(key="hypervision-stages", table=rows,
                           description="Each stage of the run: its final state (Skipped when its inputs were "

@@ -8,11 +8,10 @@ from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.states import State
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from catalog.store import Catalog
 from pipelines.params import PathParams, resolve_paths
-from pipelines.wiring import retry_on_io, skipped
+from pipelines.wiring import retry_on_io, skipped, threads
 from stages import ingest as stage
 
 
@@ -61,7 +60,7 @@ ingest_on_dask = flow(name="ingest-dask", log_prints=True)(_ingest)
 """The ingest body as a flow of its own, for a Dask task runner chosen at run time."""
 
 
-@flow(name="ingest", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=2))
+@flow(name="ingest", log_prints=True, task_runner=threads(2))
 def ingest_flow(source_dir: str | None = None, catalog: str | None = None, datasets: list[str] | None = None,
                 workers: int = 1, dask_address: str | None = None) -> list[dict[str, Any]] | State:
     """Ingest every dataset folder under the source root into the catalog (bad files are quarantined, unchanged

@@ -15,7 +15,6 @@ from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.states import State
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from catalog.masks import MaskStore
 from catalog.store import Catalog
@@ -29,7 +28,7 @@ from pipelines.params import (
     resolve_label,
     resolve_paths,
 )
-from pipelines.wiring import gpu_slot, png_data_uri, publish_markdown, retry_on_io, skipped
+from pipelines.wiring import gpu_slot, png_data_uri, publish_markdown, retry_on_io, skipped, threads
 from stages.labelling import label as stage
 from stages.labelling.fuse import fusion_id
 
@@ -54,7 +53,7 @@ def fuse_task(catalog_uri: str, image_id: str, labeler_ids: list[str], tau: floa
 
 
 @flow(name="label-branch", flow_run_name="label-{branch}", log_prints=True,
-      task_runner=ThreadPoolTaskRunner(max_workers=1))
+      task_runner=threads(1))
 def label_branch_flow(catalog: str, branch: str, config: dict[str, Any],
                       datasets: list[str] | None = None) -> dict[str, Any] | State:
     """Label every image lacking masks for this branch's labeler id; returns the branch summary.
@@ -90,7 +89,7 @@ def label_branch_flow(catalog: str, branch: str, config: dict[str, Any],
     return summary
 
 
-@flow(name="fuse", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=2))
+@flow(name="fuse", log_prints=True, task_runner=threads(2))
 def fuse_flow(catalog: str | None = None, label: LabelParams = DEFAULT_LABEL, datasets: list[str] | None = None,
               profile: Profile = Profile.production) -> list[dict[str, Any]] | State:
     """Fuse the three branches' current masks into pseudo-targets where missing, then publish the fuse report and
@@ -153,7 +152,7 @@ def label_resolved(catalog: str, label: ResolvedLabel, datasets: list[str] | Non
     """One label-<branch> subflow per chosen branch (in the calling flow run), each on ``workers`` threads;
     returns their summaries."""
     branch_flow = (label_branch_flow if workers <= 1 else
-                   label_branch_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers)))
+                   label_branch_flow.with_options(task_runner=threads(workers)))
     return [_data(branch_flow(catalog, b, label.configs[b], datasets)) for b in label.branches]
 
 

@@ -83,12 +83,12 @@ class PathParams(BaseModel):
 
     model_config = _FORM
 
-    source_root: str | None = Field(None, description="Folder of dataset folders. Empty: `HVP_SOURCE_ROOT` "
+    source_root: str | None = Field(default=None, description="Folder of dataset folders. Empty: `HVP_SOURCE_ROOT` "
                                     "(default `./hvp-data/sources`).")
-    catalog: str | None = Field(None, description="Catalog directory or fsspec URL. Empty: `HVP_CATALOG` "
+    catalog: str | None = Field(default=None, description="Catalog directory or fsspec URL. Empty: `HVP_CATALOG` "
                                 "(default `./hvp-data/catalog`).")
-    runs: str | None = Field(None, description="Folder of training runs. Empty: `runs` beside a local catalog.")
-    datasets: list[str] | None = Field(None, description="Only these dataset folders (slugs). Empty: all.")
+    runs: str | None = Field(default=None, description="Folder of training runs. Empty: `runs` beside a local catalog.")
+    datasets: list[str] | None = Field(default=None, description="Only these dataset folders (slugs). Empty: all.")
 
 
 class ResolvedPaths(BaseModel):
@@ -122,14 +122,14 @@ class _AmgParams(BaseModel):
 
     model_config = _FORM
 
-    checkpoint: str | None = Field(None, description="Local weights file. Empty: demo random-init; production "
+    checkpoint: str | None = Field(default=None, description="Local weights file. Empty: demo random-init; production "
                                    "the settings' checkpoint (random-init when none).")
-    points_per_side: int | None = Field(None, ge=1, le=128, description="Prompt grid side. Empty: demo 4; "
+    points_per_side: int | None = Field(default=None, ge=1, le=128, description="Prompt grid side. Empty: demo 4; "
                                         "production the settings' value or the branch default (32).")
-    pred_iou_thresh: float | None = Field(None, ge=0.0, le=1.0, description="Keep masks whose predicted IoU "
+    pred_iou_thresh: float | None = Field(default=None, ge=0.0, le=1.0, description="Keep masks whose predicted IoU "
                                           "reaches this. Empty: demo 0.0; production the settings' value or the "
                                           "branch default.")
-    stability_score_thresh: float | None = Field(None, ge=0.0, le=1.0, description="Keep masks whose stability "
+    stability_score_thresh: float | None = Field(default=None, ge=0.0, le=1.0, description="Keep masks whose stability "
                                                  "score reaches this. Empty: demo 0.0; production the settings' "
                                                  "value or the branch default.")
     extra: dict[str, Any] = Field(default_factory=dict, description="Further generator parameters by name "
@@ -144,20 +144,20 @@ class _AmgParams(BaseModel):
 class SpatialParams(_AmgParams):
     """Spatial branch: SAM2 automatic masks on each image's RGB."""
 
-    sam2_config: Sam2Config | None = Field(None, description="SAM2 config. Empty: demo Hiera-T; production "
+    sam2_config: Sam2Config | None = Field(default=None, description="SAM2 config. Empty: demo Hiera-T; production "
                                            "`HVP_SAM2_MODEL`.")
-    image_size: int | None = Field(None, ge=32, description="SAM2 input side (a multiple of 32). Empty: demo "
+    image_size: int | None = Field(default=None, ge=32, description="SAM2 input side (a multiple of 32). Empty: demo "
                                    "128; production `HVP_SAM2_MODEL`.")
 
 
 class SpectralParams(SpatialParams):
     """Spectral branch: SAM2 memory propagation through false-colour triplets along the spectrum."""
 
-    stride: int | None = Field(None, ge=1, description="Bands between consecutive triplets. Empty: demo 4; "
+    stride: int | None = Field(default=None, ge=1, description="Bands between consecutive triplets. Empty: demo 4; "
                                "production the settings' value or 2.")
-    max_objects: int | None = Field(None, ge=1, description="Most seed objects tracked. Empty: demo 4; "
+    max_objects: int | None = Field(default=None, ge=1, description="Most seed objects tracked. Empty: demo 4; "
                                     "production the settings' value or 32.")
-    nms_thresh: float | None = Field(None, gt=0.0, le=1.0, description="IoU threshold of the intra-branch NMS. "
+    nms_thresh: float | None = Field(default=None, gt=0.0, le=1.0, description="IoU threshold of the intra-branch NMS. "
                                      "Empty: the settings' value or 0.7.")
 
     def overrides(self) -> dict[str, Any]:
@@ -169,7 +169,7 @@ class SpectralParams(SpatialParams):
 class MaterialParams(_AmgParams):
     """Material branch: HyperFree automatic masks on the full cube."""
 
-    model: ModelName | None = Field(None, description="HyperFree registry model. Empty: demo `tiny`; "  # type: ignore[valid-type]
+    model: ModelName | None = Field(default=None, description="HyperFree registry model. Empty: demo `tiny`; "  # type: ignore[valid-type]
                                     "production `HVP_HYPERFREE_MODEL`.")
 
 
@@ -179,9 +179,9 @@ class LabelParams(BaseModel):
     model_config = _FORM
 
     branches: list[Branch] = Field(default_factory=lambda: list(Branch), description="Branches to label with.")
-    tau: float | None = Field(None, gt=0.0, le=1.0, description="IoU threshold of the global NMS that fuses the "
-                              "branches. Empty: `HVP_FUSE_TAU` (default 0.7).")
-    overlays: int = Field(4, ge=0, le=32, description="Overlay previews published with the fuse report.")
+    tau: float | None = Field(default=None, gt=0.0, le=1.0, description="IoU threshold of the global NMS that "
+                              "fuses the branches. Empty: `HVP_FUSE_TAU` (default 0.7).")
+    overlays: int = Field(default=4, ge=0, le=32, description="Overlay previews published with the fuse report.")
     spatial: SpatialParams = Field(default_factory=SpatialParams, description="Spatial branch labeler.")
     spectral: SpectralParams = Field(default_factory=SpectralParams, description="Spectral branch labeler.")
     material: MaterialParams = Field(default_factory=MaterialParams, description="Material branch labeler.")
@@ -205,7 +205,7 @@ def resolve_label(profile: Profile, label: LabelParams, settings: Settings | Non
         p: _AmgParams = getattr(label, branch.value)
         if profile is Profile.demo:
             model = dict(DEMO_MATERIAL_MODEL) if branch is Branch.material else dict(TINY_MODEL_CONFIG)
-            base = {"model_config": model, "checkpoint": None,
+            base: dict[str, Any] = {"model_config": model, "checkpoint": None,
                     "params": {**DEMO_AMG, **(DEMO_SPECTRAL if branch is Branch.spectral else {})}}
         else:
             base = labeler_config(branch.value, s)
@@ -232,23 +232,25 @@ class PretrainParams(BaseModel):
 
     model_config = _FORM
 
-    model: ModelName | None = Field(None, description="Registry model to train. Empty: demo `tiny`; production "  # type: ignore[valid-type]
+    model: ModelName | None = Field(default=None, description="Registry model to train. Empty: demo `tiny`; production "  # type: ignore[valid-type]
                                     "the -B HyperVision layout.")
-    steps: int | None = Field(None, ge=1, description="Optimizer steps. Empty: demo 6; production 100000.")
-    batch_size: int | None = Field(None, ge=1, description="Crops per device and step. Empty: demo 2; "
+    steps: int | None = Field(default=None, ge=1, description="Optimizer steps. Empty: demo 6; production 100000.")
+    batch_size: int | None = Field(default=None, ge=1, description="Crops per device and step. Empty: demo 2; "
                                    "production 4.")
-    out: str | None = Field(None, description="Run folder. Empty: `<runs>/pretrain-<model>-<inputs key>`, so "
+    out: str | None = Field(default=None, description="Run folder. Empty: `<runs>/pretrain-<model>-<inputs key>`, so "
                             "unchanged inputs find their finished run and skip.")
-    lr: float | None = Field(None, gt=0.0, description="Peak learning rate. Empty: the model preset's.")
-    crop_size: int | None = Field(None, ge=16, description="Crop side in pixels. Empty: the model's input size.")
-    lambda_distill: float = Field(1.0, ge=0.0, description="Weight of the distillation loss.")
-    teacher_checkpoint: str | None = Field(None, description="Local RGB teacher weights. Empty: random-init.")
-    student_checkpoint: str | None = Field(None, description="Initial student weights (HyperFree/HyperVision). "
+    lr: float | None = Field(default=None, gt=0.0, description="Peak learning rate. Empty: the model preset's.")
+    crop_size: int | None = Field(default=None, ge=16, description="Crop side in pixels. Empty: the model's input "
+                                  "size.")
+    lambda_distill: float = Field(default=1.0, ge=0.0, description="Weight of the distillation loss.")
+    teacher_checkpoint: str | None = Field(default=None, description="Local RGB teacher weights. Empty: random-init.")
+    student_checkpoint: str | None = Field(default=None, description="Initial student weights (HyperFree/HyperVision). "
                                            "Empty: random-init.")
-    checkpoint_every: int | None = Field(None, ge=1, description="Steps between checkpoints. Empty: demo 3; "
+    checkpoint_every: int | None = Field(default=None, ge=1, description="Steps between checkpoints. Empty: demo 3; "
                                          "production the preset's.")
-    nproc: int | None = Field(None, ge=1, description="Processes under torchrun. Empty: the visible GPUs, or 1.")
-    device: Device = Field(Device.auto, description="auto (CUDA when available), cpu or cuda.")
+    nproc: int | None = Field(default=None, ge=1, description="Processes under torchrun. Empty: the visible GPUs, "
+                              "or 1.")
+    device: Device = Field(default=Device.auto, description="auto (CUDA when available), cpu or cuda.")
 
 
 def resolve_pretrain(profile: Profile, pretrain: PretrainParams) -> dict[str, Any]:

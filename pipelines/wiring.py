@@ -22,6 +22,14 @@ GPU_LIMIT = "gpu"
 PREVIEW_SIDE = 720
 
 
+def threads(workers: int) -> Any:
+    """A thread-pool task runner of ``workers`` threads (typed loosely: Prefect's generic runner types do not unify
+    with the flow decorator's)."""
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    return ThreadPoolTaskRunner(max_workers=workers)
+
+
 def retry_on_io(task: Any, task_run: Any, state: Any) -> bool:
     """Retry only transient I/O failures (OSError); bad input and bugs fail at once."""
     try:
@@ -58,13 +66,14 @@ def png_data_uri(path: str | Path, side: int = PREVIEW_SIDE) -> str:
     (the UI cannot open ``file://`` links, but it shows embedded images)."""
     from PIL import Image
 
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        scale = min(1.0, side / max(im.size))
-        if scale < 1.0:
-            im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.LANCZOS)
-        buf = io.BytesIO()
-        im.save(buf, format="PNG", optimize=True)
+    with Image.open(path) as src:
+        im = src.convert("RGB")
+    scale = min(1.0, side / max(im.size))
+    if scale < 1.0:
+        im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
+                       Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", optimize=True)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
