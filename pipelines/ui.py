@@ -156,8 +156,10 @@ def serve_ui(workdir: Path, port: int = 4200, watch_interval: float = 5.0, host:
         _ensure_sources(source_root)
         run_prefect(["--no-prompt", "deploy", "--all"], env, PROJECT_ROOT, setup)
         print(f"starting a worker on pool `local` (log: {logs / 'worker.log'})", flush=True)
-        children.start("worker", prefect_cmd("worker", "start", "--pool", "local"), env, logs / "worker.log",
-                       PROJECT_ROOT)
+        # niced: flow runs (model work) inherit it, so the server answers promptly and its SQLite transactions stay
+        # short while labelling and training load the CPU
+        children.start("worker", ["nice", "-n", "10", *prefect_cmd("worker", "start", "--pool", "local")], env,
+                       logs / "worker.log", PROJECT_ROOT)
         from pipelines.watch import ARRIVED, ArrivalWatcher
 
         watcher = ArrivalWatcher(source_root, watch_interval)
