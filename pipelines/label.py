@@ -102,6 +102,7 @@ def fuse_flow(catalog: str | None = None, label: LabelParams = DEFAULT_LABEL, da
         profile: demo (tiny models, loose thresholds) or production (the settings' models and thresholds).
     """
     paths = resolve_paths(PathParams(catalog=catalog, datasets=datasets))
+    print(f"fuse, profile {profile.value}, catalog {paths.catalog}")
     return fuse_resolved(paths.catalog, resolve_label(profile, label), paths.datasets)
 
 
@@ -176,6 +177,7 @@ def label_flow(catalog: str | None = None, label: LabelParams = DEFAULT_LABEL, d
     """
     paths = resolve_paths(PathParams(catalog=catalog, datasets=datasets))
     resolved = resolve_label(profile, label)
+    print(f"label {', '.join(resolved.branches)}, profile {profile.value}, catalog {paths.catalog}")
     summaries = label_resolved(paths.catalog, resolved, paths.datasets, workers)
     if not fuse:
         return summaries
@@ -198,6 +200,7 @@ def relabel_flow(source_root: str | None = None, catalog: str | None = None, lab
     from stages.ingest import new_dataset_folders
 
     paths = resolve_paths(PathParams(source_root=source_root, catalog=catalog))
+    print(f"relabel-new, profile {profile.value}: source root {paths.source_root}, catalog {paths.catalog}")
     cat = Catalog(paths.catalog).init()
     new = new_dataset_folders(Path(paths.source_root), cat)
     if not new:
