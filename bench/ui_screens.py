@@ -113,8 +113,15 @@ def main() -> None:
         shot(driver, f"{url}/runs/flow-run/{run_id}?tab=Subflow%20Runs", args.out, "05-run-subflows", wait=5)
         shot(driver, f"{url}/runs/flow-run/{run_id}?tab=Artifacts", args.out, "06-run-artifacts", wait=5)
         shot(driver, f"{url}/runs/flow-run/{run_id}?tab=Parameters", args.out, "07-run-parameters", wait=5)
+        driver.set_window_size(1600, 2200)  # artifact pages are long: overlays, tables
         for i, key in enumerate(ARTIFACT_KEYS):
-            shot(driver, f"{url}/artifacts/key/{key}", args.out, f"{10 + i:02d}-artifact-{key}", wait=5)
+            latest = api(url, "/artifacts/filter", {"artifacts": {"key": {"any_": [key]}}, "sort": "CREATED_DESC",
+                                                    "limit": 1})
+            if not latest:
+                print(f"no artifact {key}")
+                continue
+            shot(driver, f"{url}/artifacts/artifact/{latest[0]['id']}", args.out, f"{10 + i:02d}-artifact-{key}",
+                 wait=5)
     finally:
         driver.quit()
 

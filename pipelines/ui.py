@@ -74,8 +74,10 @@ def _raise_stop(signum: int, frame: FrameType | None) -> None:
 
 
 def port_free(host: str, port: int) -> bool:
-    """Whether ``host:port`` can be bound (nothing else listens there)."""
+    """Whether ``host:port`` can be bound as a server binds it (nothing else listens there; connections of a
+    stopped server lingering in TIME_WAIT do not count)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:

@@ -124,5 +124,6 @@ def test_schedule_and_arrival_trigger_fire_on_a_real_server(tmp_path: Path) -> N
     errors = [line for line in server_log.splitlines() if re.search(r"\bERROR\b|Traceback|Exception", line)]
     assert not errors, "\n".join(errors[:20])
     assert not _owned_pids(work / "prefect"), "hvp ui left processes behind"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", port))  # the server's port is free again
+    from pipelines.ui import port_free
+
+    assert port_free("127.0.0.1", port)  # nothing listens on the server's port any more
