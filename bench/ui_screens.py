@@ -46,13 +46,14 @@ def browser(width: int, height: int) -> Any:
     return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
 
 
-def shot(driver: Any, url: str, out: Path, name: str, wait: float = 4.0) -> Path:
-    """Open ``url``, let the app render, save ``out/name.png``."""
-    driver.get(url)
+def shot(driver: Any, url: str | None, out: Path, name: str, wait: float = 4.0) -> Path:
+    """Open ``url`` (None: stay on the current page), let the app render, save ``out/name.png``."""
+    if url is not None:
+        driver.get(url)
     time.sleep(wait)
     path = out / f"{name}.png"
     driver.save_screenshot(str(path))
-    print(f"{path}  <- {url}")
+    print(f"{path}  <- {url or driver.current_url}")
     return path
 
 
@@ -61,13 +62,14 @@ def click_text(driver: Any, text: str, timeout: float = 20.0) -> None:
     from selenium.webdriver.common.by import By
 
     deadline = time.monotonic() + timeout
-    xpath = (f"//*[self::button or self::a or @role='menuitem' or self::li or self::span]"
-             f"[normalize-space(.)='{text}']")
+    xpaths = [f"//button[normalize-space(.)='{text}']", f"//*[@role='menuitem'][normalize-space(.)='{text}']",
+              f"//*[self::a or self::li or self::div or self::span][normalize-space(.)='{text}']"]
     while time.monotonic() < deadline:
-        for el in driver.find_elements(By.XPATH, xpath):
-            if el.is_displayed():
-                driver.execute_script("arguments[0].click();", el)
-                return
+        for xpath in xpaths:
+            for el in driver.find_elements(By.XPATH, xpath):
+                if el.is_displayed():
+                    el.click()  # a real click: menus open on pointer events
+                    return
         time.sleep(0.5)
     raise RuntimeError(f"no visible element with text {text!r} on {driver.current_url}")
 
@@ -92,7 +94,7 @@ def main() -> None:
             time.sleep(4)
             click_text(driver, "Run")
             time.sleep(1)
-            shot(driver, driver.current_url, args.out, "03-run-menu", wait=1)
+            shot(driver, None, args.out, "03-run-menu", wait=1)
             click_text(driver, "Quick run")
             time.sleep(3)
         runs = api(url, "/flow_runs/filter", {"deployments": {"id": {"any_": [dep["id"]]}},
