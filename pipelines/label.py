@@ -113,8 +113,9 @@ def fuse_resolved(catalog: str, label: ResolvedLabel, datasets: list[str] | None
     fid = fusion_id(list(ids.values()), label.tau)
     todo = stage.pending(cat, fid, datasets)
     image_ids = stage.image_ids(cat, datasets)
-    store = MaskStore(cat)
-    labelled = [i for i in todo if any(not store.missing(lid, [i]) for lid in ids.values())]
+    index = MaskStore(cat).index()
+    has_masks = set(index.loc[index["labeler_id"].isin(list(ids.values())), "image_id"]) if not index.empty else set()
+    labelled = [i for i in todo if i in has_masks]
     if not labelled:
         reason = (f"all {len(image_ids)} images already have pseudo-targets of {fid}" if not todo else
                   f"none of the {len(todo)} images without a pseudo-target has branch masks yet")
