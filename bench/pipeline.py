@@ -8,9 +8,11 @@ by side in one run.
 3. Overhead = the flow's wall time / the stages' own time (target <= 1.3x). The fixed cost of one flow run (an
    empty flow with one task) is reported apart, as is a second run of the flow, where every stage skips.
 
-Both sides build their models afresh (the labeler cache is cleared in between) after one warm-up of the imports.
+Both sides build their models afresh (the labeler cache is cleared before each) after one warm-up of the imports,
+and run in the order plain, flow, flow, plain (each on a fresh catalog): the minimum of the two is kept per stage,
+so that load from other processes on a shared machine skews neither side.
 
-    .venv/bin/python bench/pipeline.py [--datasets cave hsi-road ...] [--all] [--steps 6] [--json]
+    .venv/bin/python bench/pipeline.py [--datasets cave hsi-road ...] [--all] [--steps 6] [--repeats 2] [--json]
 """
 
 from __future__ import annotations
@@ -103,6 +105,7 @@ def main() -> None:
     ap.add_argument("--datasets", nargs="+", default=DEFAULT_DATASETS, help="fixture datasets (slugs)")
     ap.add_argument("--all", action="store_true", help="every built-in fixture dataset")
     ap.add_argument("--steps", type=int, default=6, help="pretraining steps")
+    ap.add_argument("--repeats", type=int, default=2, help="runs of each side (ABBA order), minimum kept")
     ap.add_argument("--json", action="store_true", help="also print every figure as JSON lines")
     args = ap.parse_args()
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
@@ -122,20 +125,27 @@ def main() -> None:
         for branch, config in resolve_label(Profile.demo, DEFAULT_LABEL).configs.items():  # warm the imports
             stage.cached_labeler(branch, config)
         fixed = fixed_cost()  # also starts the temporary server
-        stage.clear_labeler_cache()
-        plain = plain_run(src, str(root / "cat-plain"), root / "runs", args.steps)
-        stage.clear_labeler_cache()
-        paths = PathParams(source_root=str(src), catalog=str(root / "cat-flow"), runs=str(root / "runs"))
-        t0 = time.perf_counter()
-        out = hypervision_flow(Profile.demo, paths, pretrain=PretrainParams(steps=args.steps))
-        flow_wall = time.perf_counter() - t0
+        plains: list[dict[str, float]] = []
+        flows: list[tuple[float, dict[str, float]]] = []
+        order = ["plain", "flow", "flow", "plain"] * ((args.repeats + 1) // 2)
+        for k, side in enumerate(order[: 2 * args.repeats]):
+            stage.clear_labeler_cache()
+            if side == "plain":
+                plains.append(plain_run(src, str(root / f"cat-plain-{k}"), root / f"runs-plain-{k}", args.steps))
+                continue
+            paths = PathParams(source_root=str(src), catalog=str(root / f"cat-flow-{k}"), runs=str(root / f"runs-{k}"))
+            t0 = time.perf_counter()
+            out = hypervision_flow(Profile.demo, paths, pretrain=PretrainParams(steps=args.steps))
+            flows.append((time.perf_counter() - t0, {r["stage"]: r["seconds"] for r in out["stages"]}))
         t0 = time.perf_counter()
         again = hypervision_flow(Profile.demo, paths, pretrain=PretrainParams(steps=args.steps))
         skip_wall = time.perf_counter() - t0
 
+    plain = {name: min(p[name] for p in plains) for name in plains[0]}
+    flow_wall = min(w for w, _ in flows)
+    flow_stages = {name: min(f[name] for _, f in flows) for name in flows[0][1]}
     own = sum(plain.values())
-    flow_stages = {r["stage"]: r["seconds"] for r in out["stages"]}
-    print(f"{'stage':16s} {'own s':>8s} {'in flow s':>10s} {'ratio':>7s}")
+    print(f"{'stage':16s} {'own s':>8s} {'in flow s':>10s} {'ratio':>7s}   (minimum of {args.repeats} runs each)")
     for name, seconds in plain.items():
         print(f"{name:16s} {seconds:8.2f} {flow_stages[name]:10.2f} {flow_stages[name] / seconds:7.2f}")
     overhead = flow_wall / own
