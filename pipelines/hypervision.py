@@ -154,15 +154,22 @@ def hypervision_flow(profile: Profile = Profile.demo, paths: PathParams = DEFAUL
     return {"stages": rows, "outputs": ctx.outputs, "paths": p.model_dump()}
 
 
+def _model_label(model_config: dict[str, Any]) -> str:
+    """A labeler's model in a few characters: `sam2.1_hiera_t @128` or the registry name."""
+    if "config" in model_config:
+        return f"{Path(str(model_config['config'])).stem} @{model_config.get('image_size')}"
+    return str(model_config.get("model", model_config))
+
+
 def _publish_parameters(profile: Profile, paths: ResolvedPaths, label: ResolvedLabel,
                         pretrain: dict[str, Any]) -> None:
     """The run's resolved parameters (absolute paths, each labeler's configuration) as a markdown artifact."""
     path_rows = [{"what": k, "value": f"`{v}`"} for k, v in paths.model_dump().items()]
-    labeler_rows = [{"branch": b, "model": ", ".join(f"{k}={v}" for k, v in c["model_config"].items()),
-                     "checkpoint": c["checkpoint"] or "random-init",
-                     "thresholds": ", ".join(f"{k}={c['params'][k]}" for k in
-                                             ("points_per_side", "pred_iou_thresh", "stability_score_thresh")
-                                             if k in c["params"])}
+    labeler_rows = [{"branch": b, "model": _model_label(c["model_config"]),
+                     "checkpoint": Path(c["checkpoint"]).name if c["checkpoint"] else "random-init",
+                     "points": c["params"].get("points_per_side", "default"),
+                     "iou thr": c["params"].get("pred_iou_thresh", "default"),
+                     "stability thr": c["params"].get("stability_score_thresh", "default")}
                     for b, c in label.configs.items()]
     text = (f"## Run parameters (profile `{profile.value}`)\n\n### Paths\n\n{markdown_table(path_rows)}\n"
             f"### Labelers (branches run: {', '.join(label.branches)}; tau = {label.tau})\n\n"
