@@ -86,7 +86,7 @@ def _run_stage(records: list[StageRecord], name: str, call: Callable[[], Any]) -
     state = result if isinstance(result, State) else None
     data = state.result() if state is not None else result
     name_of_state = (state.name or "Completed") if state is not None else "Completed"
-    note = (state.message or "") if state is not None and state.name == "Skipped" else ""
+    note = (state.message or "").split(" skipped: ", 1)[-1] if state is not None and state.name == "Skipped" else ""
     records.append(StageRecord(name, name_of_state, round(time.perf_counter() - t0, 3), note))
     return data
 

@@ -132,8 +132,8 @@ def pretrain_flow(
           f"run folder {folder}, inputs key {key[:12]}")
     done = _finished(folder, key)
     if done is not None and not resume:
-        return skipped("pretrain", f"{folder} already holds the finished run on these inputs (key {key[:12]})",
-                       done)
+        print(f"finished run on these inputs: {folder}")
+        return skipped("pretrain", f"run {folder.name} already finished on these inputs", done)
     if run_dir is None and stage_has_checkpoint(str(folder)):  # an interrupted run on these very inputs
         print(f"resuming the interrupted run in {folder}")
         resume = True
