@@ -69,7 +69,7 @@ def label_branch_flow(catalog: str, branch: str, config: dict[str, Any],
     todo = stage.pending(cat, labeler.labeler_id, datasets)
     total = len(stage.image_ids(cat, datasets))
     summary = {"branch": branch, "labeler_id": labeler.labeler_id, "weights": labeler.weights[:12],
-               "images": total, "labelled": len(todo), "masks": 0}
+               "images": total, "labelled": len(todo), "masks": _mask_count(cat, labeler.labeler_id)}
     if not todo:
         return skipped(f"label-{branch}", f"all {total} images already have masks of {labeler.labeler_id}", summary)
     print(f"{branch}: {len(todo)} of {total} image(s) to label with {labeler.labeler_id} "
@@ -79,14 +79,20 @@ def label_branch_flow(catalog: str, branch: str, config: dict[str, Any],
                for k in range(0, len(todo), size)]  # a few images per task: Prefect's per-task cost is amortised
     rows = [row for f in futures for row in f.result()]
     MaskStore(cat).compact()
-    summary["masks"] = sum(r["masks"] for r in rows)
+    summary["masks"] = _mask_count(cat, labeler.labeler_id)
     empty = sum(1 for r in rows if not r["masks"])
     create_table_artifact(key=f"label-{branch}", table=[{k: v for k, v in r.items() if k != "labeler_id"}
                                                         for r in rows],
                           description=f"Masks per image of the {branch} branch, labeler `{labeler.labeler_id}`, "
                                       f"weights `{labeler.weights[:12]}`.")
-    print(f"{branch}: {summary['masks']} masks on {len(rows)} images ({empty} without any mask)")
+    print(f"{branch}: {sum(r['masks'] for r in rows)} masks on {len(rows)} images ({empty} without any mask)")
     return summary
+
+
+def _mask_count(cat: Catalog, labeler_id: str) -> int:
+    """Masks of one labeler over the whole catalog (from the mask index)."""
+    index = MaskStore(cat).index(refresh=True)
+    return int(index.loc[index["labeler_id"] == labeler_id, "n"].sum()) if not index.empty else 0
 
 
 @flow(name="fuse", log_prints=True, task_runner=threads(2))
