@@ -123,7 +123,8 @@ def ui_env(url: str, prefect_home: Path, source_root: Path, catalog: str) -> dic
     env = dict(os.environ)
     env.update(PREFECT_API_URL=f"{url}/api", PREFECT_UI_URL=url, PREFECT_HOME=str(prefect_home),
                PREFECT_SERVER_ANALYTICS_ENABLED="false", HVP_SOURCE_ROOT=str(source_root), HVP_CATALOG=catalog,
-               HVP_PROJECT_ROOT=str(PROJECT_ROOT), PYTHONUNBUFFERED="1")
+               HVP_PROJECT_ROOT=str(PROJECT_ROOT), PYTHONUNBUFFERED="1",
+               PWD=str(PROJECT_ROOT))  # prefect.yaml's pull step: runs start in the repository root
     return env
 
 
