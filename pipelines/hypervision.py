@@ -40,7 +40,7 @@ from pipelines.params import (
     resolve_pretrain,
 )
 from pipelines.pretrain import pretrain_flow
-from pipelines.wiring import markdown_table, publish_markdown
+from pipelines.wiring import in_process_subflows, markdown_table, publish_markdown
 
 
 @dataclass
@@ -82,7 +82,8 @@ def _run_stage(records: list[StageRecord], name: str, call: Callable[[], Any]) -
     """Call one stage's subflow, time it, record whether it ran or skipped, and return its data (raising on
     failure)."""
     t0 = time.perf_counter()
-    result = call()
+    with in_process_subflows():
+        result = call()
     state = result if isinstance(result, State) else None
     data = state.result() if state is not None else result
     name_of_state = (state.name or "Completed") if state is not None else "Completed"

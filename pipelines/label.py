@@ -28,7 +28,15 @@ from pipelines.params import (
     resolve_label,
     resolve_paths,
 )
-from pipelines.wiring import gpu_slot, png_data_uri, publish_markdown, retry_on_io, skipped, threads
+from pipelines.wiring import (
+    gpu_slot,
+    in_process_subflows,
+    png_data_uri,
+    publish_markdown,
+    retry_on_io,
+    skipped,
+    threads,
+)
 from stages.labelling import label as stage
 from stages.labelling.fuse import fusion_id
 
@@ -161,7 +169,8 @@ def label_resolved(catalog: str, label: ResolvedLabel, datasets: list[str] | Non
     returns their summaries."""
     branch_flow = (label_branch_flow if workers <= 1 else
                    label_branch_flow.with_options(task_runner=threads(workers)))
-    return [_data(branch_flow(catalog, b, label.configs[b], datasets)) for b in label.branches]
+    with in_process_subflows():
+        return [_data(branch_flow(catalog, b, label.configs[b], datasets)) for b in label.branches]
 
 
 def _data(result: Any) -> Any:
@@ -188,7 +197,8 @@ def label_flow(catalog: str | None = None, label: LabelParams = DEFAULT_LABEL, d
     summaries = label_resolved(paths.catalog, resolved, paths.datasets, workers)
     if not fuse:
         return summaries
-    return list(_data(fuse_flow(paths.catalog, label, paths.datasets, profile)) or [])
+    with in_process_subflows():
+        return list(_data(fuse_flow(paths.catalog, label, paths.datasets, profile)) or [])
 
 
 @flow(name="relabel-new", log_prints=True)

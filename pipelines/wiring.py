@@ -50,6 +50,17 @@ def gpu_slot() -> Iterator[None]:
         yield
 
 
+@contextmanager
+def in_process_subflows() -> Iterator[None]:
+    """Subflows called in here run without their own heartbeat thread: they run in the parent flow run's process,
+    whose heartbeat already tells the server when that process dies, and each heartbeat thread costs up to a second
+    to stop (it sleeps in one-second steps), which on small inputs is most of a stage's orchestration cost."""
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield
+
+
 def skipped(stage: str, reason: str, data: Any) -> State:
     """A Completed state named "Skipped" whose message says why: what a stage with unchanged inputs returns."""
     print(f"{stage}: skipped, {reason}")
