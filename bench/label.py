@@ -19,8 +19,6 @@ from pathlib import Path
 
 import numpy as np
 
-FAST = {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
-
 
 def write_sources(root: Path, name: str, images: int, size: int, bands: int, seed: int) -> None:
     """A user dataset of ``images`` cubes of ``size`` x ``size`` pixels (npy + dataset.yaml)."""
@@ -43,14 +41,12 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--images", type=int, default=6)
     args = ap.parse_args()
-    os.environ.setdefault("HVP_SPATIAL_PARAMS", json.dumps(FAST))
-    os.environ.setdefault("HVP_SPECTRAL_PARAMS", json.dumps({**FAST, "stride": 4, "max_objects": 4}))
-    os.environ.setdefault("HVP_MATERIAL_PARAMS", json.dumps(FAST))
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
     from catalog.store import Catalog
     from pipelines.cli import _ingest
     from pipelines.label import label_flow, relabel_flow
+    from pipelines.params import LabelParams, Profile, resolve_label
     from stages.labelling import label as stage
     from stages.labelling.labeler import ImageSample
 
@@ -67,14 +63,17 @@ def main() -> None:
               f"{'flow/bare':>10s} {'empty flow s':>13s}")
         print("  (bare: model on samples in memory; stage: + catalog reads and mask writes, no Prefect; flow: the "
               "Prefect label flow; empty flow: a run with nothing left to label)")
+        demo = Profile.demo  # tiny random-init models, permissive thresholds
+        configs = resolve_label(demo, LabelParams()).configs
         for branch in stage.BRANCHES:
-            lab = stage.cached_labeler(branch)
+            only = LabelParams(branches=[branch])
+            lab = stage.cached_labeler(branch, configs[branch])
             lab.label(samples[0])  # build and warm the model outside both timings
             t0 = time.perf_counter()
             for s in samples:
                 lab.label(s)
             bare = time.perf_counter() - t0
-            label_flow(catalog, [branch], fuse=False)  # warm-up of the flow machinery and the temporary server
+            label_flow(catalog, only, fuse=False, profile=demo)  # warm-up of the flow machinery and the server
             fresh = str(root / f"cat-{branch}")  # the same images, none labelled yet
             _ingest(root / "src", fresh, None, None, None, True)
             staged = Catalog(str(root / f"cat-stage-{branch}"))
@@ -84,10 +83,10 @@ def main() -> None:
                 stage.label_image(staged, image_id, lab)
             stage_s = time.perf_counter() - t0
             t0 = time.perf_counter()
-            label_flow(fresh, [branch], fuse=False)
+            label_flow(fresh, only, fuse=False, profile=demo)
             flow_s = time.perf_counter() - t0
             t0 = time.perf_counter()
-            label_flow(fresh, [branch], fuse=False)  # nothing left to label: the fixed cost of one flow run
+            label_flow(fresh, only, fuse=False, profile=demo)  # nothing left to label: the fixed cost of one flow run
             empty = time.perf_counter() - t0
             print(f"{branch:9s} {bare:12.2f} {stage_s:8.2f} {stage_s / bare:10.2f} {flow_s:8.2f} "
                   f"{flow_s / bare:10.2f} {empty:13.2f}")
@@ -96,17 +95,17 @@ def main() -> None:
         # neither side pays the process's one-time imports)
         warm = root / "warm"
         write_sources(warm, "bench-w", 2, args.size, 25, 2)
-        relabel_flow(str(warm), str(root / "cat-warm"))
+        relabel_flow(str(warm), str(root / "cat-warm"), profile=demo)
         write_sources(root / "src", "bench-b", args.images, args.size, 25, 1)
         t0 = time.perf_counter()
-        rows = relabel_flow(str(root / "src"), catalog)
+        rows = relabel_flow(str(root / "src"), catalog, profile=demo)
         relabel_s = time.perf_counter() - t0
         assert {r["image_id"].split("/")[0] for r in rows} == {"bench-b"}
         alone_src = root / "alone"
         alone_src.mkdir()
         (alone_src / "bench-b").symlink_to(root / "src" / "bench-b", target_is_directory=True)
         t0 = time.perf_counter()
-        relabel_flow(str(alone_src), str(root / "cat-alone"))
+        relabel_flow(str(alone_src), str(root / "cat-alone"), profile=demo)
         alone_s = time.perf_counter() - t0
         print(f"relabel after adding one dataset: {relabel_s:.2f} s; that dataset alone: {alone_s:.2f} s -> "
               f"{relabel_s / alone_s:.2f}x (target <= 1.1)")

@@ -78,6 +78,7 @@ def run_on(workers: int, source: Path, warm: Path, root: Path) -> tuple[dict[str
     from infra.settings import cube_options
     from pipelines.ingest import ingest_flow
     from pipelines.label import label_flow
+    from pipelines.params import LabelParams
     from stages import ingest as stage
 
     out: dict[str, float] = {}
@@ -104,7 +105,8 @@ def run_on(workers: int, source: Path, warm: Path, root: Path) -> tuple[dict[str
 
         phases = {
             "ingest": lambda: ingest_flow.with_options(task_runner=runner)(str(source), catalog),
-            "label": lambda: label_flow.with_options(task_runner=runner)(catalog, overlays=0, fuse=False),
+            "label": lambda: label_flow(catalog, LabelParams(overlays=0), fuse=False,
+                                       dask_address=cluster.scheduler_address),
             "dask_ingest": dask_ingest,
         }
         for phase, run in phases.items():

@@ -106,10 +106,10 @@ def run_stage(stage: str, catalog: str, run_dir: str, source: str) -> None:
 def _labelers() -> dict[str, Any]:
     """The three labelers as LABEL_SETTINGS configure them (built once per process; models load lazily)."""
     from infra.settings import Settings
-    from stages.labelling.label import BRANCHES, build_labeler
+    from stages.labelling.label import BRANCHES, build_labeler, labeler_config
 
     settings = Settings(**LABEL_SETTINGS)
-    return {b: build_labeler(b, settings) for b in BRANCHES}
+    return {b: build_labeler(b, labeler_config(b, settings)) for b in BRANCHES}
 
 
 # ---------------------------------------------------------------------------------------------- kill points

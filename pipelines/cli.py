@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -21,17 +20,10 @@ app.add_typer(catalog_app, name="catalog")
 app.add_typer(fixtures_app, name="fixtures")
 console = Console()
 
-#: What `hvp demo` runs with unless the environment says otherwise: tiny models (the settings' defaults) and
-#: permissive thresholds, since random-init models score every mask low.
-DEMO_SETTINGS = {
-    "HVP_SPATIAL_PARAMS": json.dumps({"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}),
-    "HVP_SPECTRAL_PARAMS": json.dumps({"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0,
-                                       "stride": 4, "max_objects": 4}),
-    "HVP_MATERIAL_PARAMS": json.dumps({"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}),
-}
-
 CatalogOpt = Annotated[str | None, typer.Option("--catalog", help="catalog URI (default: $HVP_CATALOG or "
                                                 "./hvp-data/catalog)")]
+ProfileOpt = Annotated[str, typer.Option("--profile", help="demo (tiny models, loose thresholds) or production "
+                                         "(the settings' models, checkpoints and thresholds)")]
 
 
 def _flows() -> None:
@@ -249,41 +241,47 @@ def catalog_compact(catalog: CatalogOpt = None) -> None:
 @app.command("label")
 def label(catalog: CatalogOpt = None,
           branch: Annotated[list[str] | None, typer.Option("--branch", help="spatial, spectral, material")] = None,
-          workers: Annotated[int, typer.Option(help="images labelled at once")] = 1) -> None:
+          workers: Annotated[int, typer.Option(help="images labelled at once")] = 1,
+          profile: ProfileOpt = "production") -> None:
     """Label every image lacking masks for the current labeler ids, then fuse (Prefect flow)."""
     from pipelines.label import run_label
+    from pipelines.params import Profile
 
     _flows()
-    rows = run_label(catalog, branch, workers)
+    rows = run_label(catalog, branch, workers, Profile(profile))
     console.print(_table(f"labelled {len(rows)} images", rows[:40]))
 
 
 @app.command("fuse")
-def fuse(catalog: CatalogOpt = None) -> None:
+def fuse(catalog: CatalogOpt = None, profile: ProfileOpt = "production") -> None:
     """Fuse the current branch masks into pseudo-targets where missing (Prefect flow)."""
     from pipelines.label import fuse_flow
+    from pipelines.params import Profile
 
     _flows()
-    rows = fuse_flow(catalog)
-    console.print(_table(f"fused {len(rows)} images", rows[:40]))
+    rows = fuse_flow(catalog, profile=Profile(profile))
+    console.print(_table(f"fused {len(rows)} images", list(rows or [])[:40]))  # type: ignore[arg-type]
 
 
 @app.command("show")
 def show(image_id: str, catalog: CatalogOpt = None,
-         out: Annotated[Path | None, typer.Option(help="PNG path (default: <image id>.png here)")] = None) -> None:
+         out: Annotated[Path | None, typer.Option(help="PNG path (default: <image id>.png here)")] = None,
+         profile: ProfileOpt = "production") -> None:
     """Write an overlay PNG of one image: its RGB with each branch's masks and the fused pseudo-target."""
-    from infra.settings import get_settings, open_catalog
+    from infra.settings import open_catalog
+    from pipelines.params import DEFAULT_LABEL, Profile, resolve_label
     from stages.labelling import label as stage
 
-    ids = {b: stage.cached_labeler(b).labeler_id for b in stage.BRANCHES}
+    resolved = resolve_label(Profile(profile), DEFAULT_LABEL)
+    ids = {b: stage.cached_labeler(b, c).labeler_id for b, c in resolved.configs.items()}
     path = out or Path(image_id.replace("/", "__") + ".png")
-    console.print(f"wrote {stage.overlay_png(open_catalog(catalog), image_id, ids, get_settings().fuse_tau, path)}")
+    console.print(f"wrote {stage.overlay_png(open_catalog(catalog), image_id, ids, resolved.tau, path)}")
 
 
 @app.command("pretrain")
 def pretrain(catalog: CatalogOpt = None,
-             model: Annotated[str, typer.Option(help="tiny | hypervision_b | hypervision_l | hypervision_h | "
-                                                    "hyperfree_b (released layouts by name)")] = "tiny",
+             model: Annotated[str, typer.Option(help="registry model name (`hvp models`): tiny, or a released "
+                                                    "layout by name (hypervision_b/l/h, hyperfree_b)")] = "tiny",
              steps: Annotated[int, typer.Option(help="optimizer steps")] = 1000,
              out: Annotated[Path, typer.Option(help="run folder (config, metrics, checkpoints)")] = Path(
                  "hvp-data/runs/pretrain"),
@@ -301,13 +299,27 @@ def pretrain(catalog: CatalogOpt = None,
                  help="preprocessing contract: released (as the released checkpoints) | crop_max")] = "released",
              resume: Annotated[bool, typer.Option(help="continue the run in OUT")] = False) -> None:
     """Pretrain the HyperVision backbone on the fused pseudo-targets (Prefect flow; torchrun when nproc > 1)."""
+    from model.registry import resolve_name
+    from pipelines.params import ModelName, Preprocessing
     from pipelines.pretrain import pretrain_flow
 
+    try:
+        name = ModelName(resolve_name(model))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--model") from None
     _flows()
-    result = pretrain_flow(catalog, model, steps, str(out), batch_size, teacher_checkpoint=teacher_checkpoint,
-                           student_checkpoint=init, init_strict=not non_strict, preprocessing=preprocessing,
-                           nproc=nproc, resume=resume)
-    _print_pretrain(result)
+    result = pretrain_flow(catalog, name, steps, str(out.resolve()), batch_size, teacher_checkpoint=teacher_checkpoint,
+                           student_checkpoint=init, init_strict=not non_strict,
+                           preprocessing=Preprocessing(preprocessing), nproc=nproc, resume=resume)
+    _print_pretrain(result)  # type: ignore[arg-type]
+
+
+@app.command("models")
+def models() -> None:
+    """The registry's model names (what `--model` and the UI's model fields accept)."""
+    from model.registry import list_models
+
+    console.print("\n".join(list_models()))
 
 
 def _print_pretrain(result: dict[str, Any]) -> None:
@@ -319,52 +331,85 @@ def _print_pretrain(result: dict[str, Any]) -> None:
 
 
 @app.command("demo")
-def demo(workdir: Annotated[Path, typer.Option(help="where sources and the catalog go")] = Path("hvp-data"),
-         plain: Annotated[bool, typer.Option(help="skip Prefect (run the stages directly)")] = False) -> None:
-    """The main job end to end on fixture data with tiny random-init models: make fixtures, ingest them all, verify
-    the catalog, label with the three branches, fuse, pretrain a few steps; each step is a Prefect flow on a
-    temporary local server."""
+def demo(workdir: Annotated[Path, typer.Option(help="where sources, the catalog and runs go")] = Path("hvp-data"),
+         plain: Annotated[bool, typer.Option(help="ingest without Prefect first (the DAG's ingest then skips)")
+                          ] = False) -> None:
+    """The main job end to end on fixture data with tiny random-init models: make fixtures, then run the
+    `hypervision` flow (ingest, label with the three branches, fuse, pretrain a few steps) with the demo profile on
+    a temporary local server, exactly as the UI's `hypervision` deployment does; stages with unchanged inputs
+    skip."""
     from catalog.fixtures import make_fixtures
-    from infra.settings import get_settings, open_catalog
+    from infra.settings import open_catalog
+    from pipelines.hypervision import hypervision_flow
+    from pipelines.params import PathParams, Profile
 
-    for key, value in DEMO_SETTINGS.items():  # the user's own settings win
-        os.environ.setdefault(key, value)
-    get_settings.cache_clear()
+    workdir = workdir.resolve()
     _flows()
     sources, catalog = workdir / "sources", str(workdir / "catalog")
     written = make_fixtures(sources)
-    console.print(f"[bold]1/5 fixtures[/bold]: {sum(map(len, written.values()))} images of {len(written)} "
+    console.print(f"[bold]fixtures[/bold]: {sum(map(len, written.values()))} images of {len(written)} "
                   f"datasets under {sources}")
-    console.print("[bold]2/5 ingest[/bold] (Prefect flow on a temporary local server)" if not plain else
-                  "[bold]2/5 ingest[/bold]")
-    console.print(_table("ingest", _ingest(sources, catalog, None, None, None, plain)))
+    if plain:
+        console.print(_table("ingest (plain)", _ingest(sources, catalog, None, None, None, True)))
+    console.print("[bold]hypervision[/bold] flow, profile demo (tiny random-init models, loose thresholds): "
+                  "ingest -> label spatial, spectral, material -> fuse -> pretrain")
+    out = hypervision_flow(Profile.demo, PathParams(source_root=str(sources), catalog=catalog,
+                                                    runs=str(workdir / "runs")))
+    console.print(_table("stages", out["stages"]))
     console.print(_table("catalog", _summary_rows(catalog)))
     report = open_catalog(catalog).verify()
-    console.print(f"[bold]3/5 verify[/bold]: {report.ok} cubes ok, healthy={report.healthy}, "
+    console.print(f"[bold]verify[/bold]: {report.ok} cubes ok, healthy={report.healthy}, "
                   f"orphans={len(report.orphans)}")
     if not report.healthy:
         raise typer.Exit(1)
-    from pipelines.label import run_label
-    from stages.labelling.label import cached_labeler
-
-    weights = {b: cached_labeler(b).weights for b in ("spatial", "spectral", "material")}
-    console.print(f"[bold]4/5 label + fuse[/bold] with tiny models, weights: {weights}")
-    rows = run_label(catalog, None)
-    console.print(_table(f"pseudo-labels of {len(rows)} images (random-init weights: masks show the "
-                         "plumbing, not quality)" if "random-init" in weights.values() else "pseudo-labels",
-                         rows[:12]))
+    branches = [v for k, v in out["outputs"].items() if k.startswith("label-")]
+    console.print(_table("labelling (random-init weights: masks show the plumbing, not quality)", branches))
+    fused = out["outputs"]["fuse"]
+    if fused:
+        console.print(_table(f"pseudo-labels of {len(fused)} images", fused[:12]))
     console.print(f"overlays: {Path(catalog) / 'reports' / 'overlays'}")
-    from pipelines.pretrain import pretrain_flow
-
-    console.print("[bold]5/5 pretrain[/bold]: tiny HyperVision, random-init student and teacher, a few steps")
-    run_dir = workdir / "runs" / "pretrain-demo"
-    shutil.rmtree(run_dir, ignore_errors=True)  # the demo's own previous run: start it afresh
-    result = pretrain_flow(catalog, "tiny", 6, str(run_dir), 2, checkpoint_every=3)
+    result = out["outputs"]["pretrain"]
     _print_pretrain(result)
     from model import create_model, load_checkpoint
 
     loaded = load_checkpoint(create_model("tiny"), Path(result["checkpoint"]) / "model.safetensors")
     console.print(f"checkpoint loads back: {len(loaded.missing)} missing, {len(loaded.unexpected)} unexpected keys")
+
+
+@app.command("ui")
+def ui(workdir: Annotated[Path, typer.Option(help="sources, catalog, runs, the server's database and logs")] = Path(
+           "hvp-data"),
+       port: Annotated[int, typer.Option(help="port of the Prefect server on 127.0.0.1")] = 4200,
+       watch_interval: Annotated[float, typer.Option(help="seconds between polls of the source root")] = 5.0) -> None:
+    """The Prefect UI with every deployment ready to run: starts a local server, the `local` work pool, the `gpu`
+    concurrency limit, the deployments of prefect.yaml, a worker and the dataset-arrival watcher (fixtures are
+    made when the source root is empty); Ctrl-C stops them all."""
+    from pipelines.ui import serve_ui
+
+    raise typer.Exit(serve_ui(workdir, port, watch_interval))
+
+
+@app.command("watch")
+def watch(source_root: Annotated[Path | None, typer.Option(help="folder of dataset folders (default: "
+                                                           "$HVP_SOURCE_ROOT)")] = None,
+          interval: Annotated[float, typer.Option(help="seconds between polls")] = 5.0) -> None:
+    """Emit a `hvp.dataset.arrived` event to the Prefect server ($PREFECT_API_URL) for each dataset folder that
+    appears under the source root (the `relabel-new` deployment runs on it); Ctrl-C stops. `hvp ui` runs this."""
+    import threading
+
+    from infra.settings import get_settings
+    from pipelines.watch import ArrivalWatcher
+
+    if not os.environ.get("PREFECT_API_URL"):
+        console.print("[red]error:[/red] PREFECT_API_URL is not set: point it at the Prefect server "
+                      "(e.g. http://127.0.0.1:4200/api), or use `hvp ui`, which runs the watcher itself")
+        raise typer.Exit(2)
+    root = (source_root or get_settings().source_root).resolve()
+    console.print(f"watching {root} every {interval:g} s; Ctrl-C stops")
+    try:
+        ArrivalWatcher(root, interval).run(threading.Event())
+    except KeyboardInterrupt:
+        console.print("stopped")
 
 
 def main() -> None:

@@ -6,9 +6,11 @@ for its current labeler id, so a changed parameter or checkpoint relabels everyt
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import defaultdict
-from functools import cache
+from collections.abc import Mapping
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -25,28 +27,67 @@ BRANCHES = ("spatial", "spectral", "material")
 _LOCKS: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
 
 
-def build_labeler(branch: str, settings: Settings | None = None) -> Labeler:
-    """The labeler of one branch as the settings configure it (model config, checkpoint or random-init, params)."""
+def labeler_config(branch: str, settings: Settings | None = None) -> dict[str, Any]:
+    """The branch's configuration as the settings give it: ``{"model_config", "checkpoint", "params"}``, the
+    three arguments of its labeler (what a flow's ``production`` profile starts from)."""
     s = settings or get_settings()
-    if branch == "spatial":
-        from stages.labelling.spatial import SpatialLabeler
-
-        return SpatialLabeler(s.sam2_model, s.sam2_checkpoint, s.spatial_params)
-    if branch == "spectral":
-        from stages.labelling.spectral import SpectralLabeler
-
-        return SpectralLabeler(s.sam2_model, s.sam2_checkpoint, s.spectral_params)
+    if branch in ("spatial", "spectral"):
+        params = s.spatial_params if branch == "spatial" else s.spectral_params
+        checkpoint = str(s.sam2_checkpoint) if s.sam2_checkpoint else None
+        return {"model_config": dict(s.sam2_model), "checkpoint": checkpoint, "params": dict(params)}
     if branch == "material":
-        from stages.labelling.material import MaterialLabeler
-
-        return MaterialLabeler(s.hyperfree_model, s.hyperfree_checkpoint, s.material_params)
+        checkpoint = str(s.hyperfree_checkpoint) if s.hyperfree_checkpoint else None
+        return {"model_config": dict(s.hyperfree_model), "checkpoint": checkpoint, "params": dict(s.material_params)}
     raise ValueError(f"unknown branch '{branch}': choose from {', '.join(BRANCHES)}")
 
 
-@cache
-def cached_labeler(branch: str) -> Labeler:
-    """One labeler per branch and process (models are built once, not per image)."""
-    return build_labeler(branch)
+def build_labeler(branch: str, config: Mapping[str, Any] | None = None) -> Labeler:
+    """The labeler of one branch from its configuration (``labeler_config``'s shape; None: the settings')."""
+    c = dict(config) if config is not None else labeler_config(branch)
+    unknown = sorted(set(c) - {"model_config", "checkpoint", "params"})
+    if unknown:
+        raise ValueError(f"labeler configuration of '{branch}' has unknown key(s) {unknown}: give model_config, "
+                         "checkpoint and params")
+    model_config, checkpoint, params = dict(c.get("model_config") or {}), c.get("checkpoint"), c.get("params") or {}
+    if branch == "spatial":
+        from stages.labelling.spatial import SpatialLabeler
+
+        return SpatialLabeler(model_config, checkpoint, dict(params))
+    if branch == "spectral":
+        from stages.labelling.spectral import SpectralLabeler
+
+        return SpectralLabeler(model_config, checkpoint, dict(params))
+    if branch == "material":
+        from stages.labelling.material import MaterialLabeler
+
+        return MaterialLabeler(model_config, checkpoint, dict(params))
+    raise ValueError(f"unknown branch '{branch}': choose from {', '.join(BRANCHES)}")
+
+
+def cached_labeler(branch: str, config: Mapping[str, Any] | None = None) -> Labeler:
+    """One labeler per branch and whole configuration in this process (models are built once, not per image).
+
+    The cache key is the configuration itself plus the checkpoint file's size and modification time, so two
+    configurations never share a labeler and a checkpoint replaced in place is loaded afresh."""
+    c = dict(config) if config is not None else labeler_config(branch)
+    checkpoint = c.get("checkpoint")
+    stamp = None
+    if checkpoint and Path(checkpoint).is_file():
+        st = Path(checkpoint).stat()
+        stamp = (st.st_size, st.st_mtime_ns)
+    key = json.dumps({"branch": branch, "config": c, "checkpoint_stamp": stamp}, sort_keys=True, default=str)
+    return _labeler_for_key(key)
+
+
+@lru_cache(maxsize=12)
+def _labeler_for_key(key: str) -> Labeler:
+    spec = json.loads(key)
+    return build_labeler(spec["branch"], spec["config"])
+
+
+def clear_labeler_cache() -> None:
+    """Drop every cached labeler (tests and benchmarks that compare model builds)."""
+    _labeler_for_key.cache_clear()
 
 
 def pending(catalog: Catalog, labeler_id: str, datasets: list[str] | None = None) -> list[str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -10,11 +9,12 @@ import pytest
 from catalog.fixtures import write_dataset
 from catalog.masks import MaskStore
 from catalog.store import Catalog
-from infra.settings import get_settings
+from pipelines.params import LabelParams, Profile, SpatialParams, SpectralParams, resolve_label
 from stages.labelling import label as stage
 from stages.labelling.fuse import fusion_id
 
-FAST = {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
+#: The demo profile with a smaller spectral branch: what these tests label with, passed as flow parameters.
+FAST = LabelParams(spectral=SpectralParams(stride=3, max_objects=3))
 
 
 @pytest.fixture(scope="module")
@@ -25,18 +25,6 @@ def prefect_server():
         yield
 
 
-@pytest.fixture
-def tiny_settings(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("HVP_SPATIAL_PARAMS", json.dumps(FAST))
-    monkeypatch.setenv("HVP_SPECTRAL_PARAMS", json.dumps({**FAST, "stride": 3, "max_objects": 3}))
-    monkeypatch.setenv("HVP_MATERIAL_PARAMS", json.dumps(FAST))
-    get_settings.cache_clear()
-    stage.cached_labeler.cache_clear()
-    yield
-    get_settings.cache_clear()
-    stage.cached_labeler.cache_clear()
-
-
 def _ingest(root: Path, catalog: str, slugs: list[str]) -> None:
     from pipelines.cli import _ingest as ingest
 
@@ -45,54 +33,54 @@ def _ingest(root: Path, catalog: str, slugs: list[str]) -> None:
     ingest(root, catalog, None, None, None, True)
 
 
-def test_label_then_relabel_only_what_changed(prefect_server: None, tiny_settings: None, tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_label_then_relabel_only_what_changed(prefect_server: None, tmp_path: Path) -> None:
     from pipelines.label import label_flow
 
     catalog = str(tmp_path / "cat")
     _ingest(tmp_path / "src", catalog, ["cave", "hot-2024-rednir"])
     cat = Catalog(catalog)
     images = list(cat.images()["image_id"])
-    rows = label_flow(catalog)
+    rows = label_flow(catalog, FAST, profile=Profile.demo)
     assert sorted(r["image_id"] for r in rows) == sorted(images)
-    ids = {b: stage.cached_labeler(b).labeler_id for b in stage.BRANCHES}
+    resolved = resolve_label(Profile.demo, FAST)
+    ids = {b: stage.cached_labeler(b, c).labeler_id for b, c in resolved.configs.items()}
     store = MaskStore(cat)
     for image_id in images:
         for lid in ids.values():
             ms = store.read(image_id, labeler_id=lid)
             assert ms.attrs["weights"] == "random-init" and ms.masks.shape[1:] == cat.open(image_id).shape[1:]
         fused = cat.fused(image_id)
-        assert fused.labeler_id == fusion_id(list(ids.values()), get_settings().fuse_tau)
-    assert all(r["fused_masks"] >= 1 for r in rows)
+        assert fused.labeler_id == fusion_id(list(ids.values()), resolved.tau)
+    # the demo profile's loose thresholds give masks in every branch, as a UI run with the same parameters does
+    assert all(r["fused_masks"] >= 1 and r["spatial_masks"] >= 1 and r["spectral_masks"] >= 1
+               and r["material_masks"] >= 1 for r in rows)
     overlays = list((Path(catalog) / "reports" / "overlays").glob("*.png"))
     assert overlays
 
-    # unchanged inputs relabel nothing
+    # unchanged inputs relabel nothing: every stage skips
     assert all(stage.pending(cat, lid) == [] for lid in ids.values())
     parts_before = len(MaskStore(cat).index(refresh=True))
-    label_flow(catalog)
+    assert label_flow(catalog, FAST, profile=Profile.demo) == []
     assert len(MaskStore(cat).index(refresh=True)) == parts_before
 
     # a changed parameter gives a new labeler id: that branch relabels every image, the others nothing
-    monkeypatch.setenv("HVP_SPATIAL_PARAMS", json.dumps({**FAST, "points_per_side": 3}))
-    get_settings.cache_clear()
-    stage.cached_labeler.cache_clear()
-    new_id = stage.cached_labeler("spatial").labeler_id
+    changed = LabelParams(branches=["spatial"], spatial=SpatialParams(points_per_side=3),
+                          spectral=FAST.spectral)
+    new_id = stage.cached_labeler("spatial", resolve_label(Profile.demo, changed).configs["spatial"]).labeler_id
     assert new_id != ids["spatial"] and sorted(stage.pending(cat, new_id)) == sorted(images)
-    label_flow(catalog, ["spatial"])
+    label_flow(catalog, changed, profile=Profile.demo)
     assert stage.pending(cat, new_id) == [] and stage.pending(cat, ids["material"]) == []
 
 
-def test_relabel_flow_ingests_and_labels_only_new_folders(prefect_server: None, tiny_settings: None,
-                                                         tmp_path: Path) -> None:
+def test_relabel_flow_ingests_and_labels_only_new_folders(prefect_server: None, tmp_path: Path) -> None:
     from pipelines.label import label_flow, relabel_flow
 
     root, catalog = tmp_path / "src", str(tmp_path / "cat")
     _ingest(root, catalog, ["harvard"])
-    label_flow(catalog)
-    assert relabel_flow(str(root), catalog) == []  # nothing new
+    label_flow(catalog, FAST, profile=Profile.demo)
+    assert relabel_flow(str(root), catalog, FAST, Profile.demo) == []  # nothing new
     write_dataset("hsi-road", root)
-    rows = relabel_flow(str(root), catalog)
+    rows = relabel_flow(str(root), catalog, FAST, Profile.demo)
     assert rows and {r["image_id"].split("/")[0] for r in rows} == {"hsi-road"}
     cat = Catalog(catalog)
     assert set(cat.images()["dataset"]) == {"harvard", "hsi-road"}
@@ -100,7 +88,7 @@ def test_relabel_flow_ingests_and_labels_only_new_folders(prefect_server: None, 
         assert len(cat.fused(image_id)) >= 1
 
 
-def test_show_writes_an_overlay(prefect_server: None, tiny_settings: None, tmp_path: Path) -> None:
+def test_show_writes_an_overlay(prefect_server: None, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
     from pipelines.cli import app
@@ -108,10 +96,10 @@ def test_show_writes_an_overlay(prefect_server: None, tiny_settings: None, tmp_p
 
     catalog = str(tmp_path / "cat")
     _ingest(tmp_path / "src", catalog, ["hsi-road"])
-    label_flow(catalog, overlays=0)
+    label_flow(catalog, LabelParams(overlays=0, spectral=FAST.spectral), profile=Profile.demo)
     image_id = Catalog(catalog).images()["image_id"][0]
     out = tmp_path / "show.png"
-    res = CliRunner().invoke(app, ["show", image_id, "--catalog", catalog, "--out", str(out)])
+    res = CliRunner().invoke(app, ["show", image_id, "--catalog", catalog, "--out", str(out), "--profile", "demo"])
     assert res.exit_code == 0, res.output
     from PIL import Image
 

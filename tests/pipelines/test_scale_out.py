@@ -58,13 +58,14 @@ def test_ingest_and_label_flows_on_two_dask_workers_with_a_file_url(prefect_serv
     from infra.settings import get_settings
     from pipelines.ingest import ingest_flow
     from pipelines.label import label_flow
+    from pipelines.params import LabelParams
     from stages.labelling import label as stage
 
     for key, value in faults.LABEL_SETTINGS.items():
         monkeypatch.setenv(f"HVP_{key.upper()}", json.dumps(value))
     monkeypatch.setenv("HVP_LABEL_BATCH", "1")
     get_settings.cache_clear()
-    stage.cached_labeler.cache_clear()
+    stage.clear_labeler_cache()
     for slug in faults.DATASETS:
         write_dataset(slug, tmp_path / "src")
     catalog = f"file://{tmp_path / 'cat'}"
@@ -72,9 +73,9 @@ def test_ingest_and_label_flows_on_two_dask_workers_with_a_file_url(prefect_serv
         runner = DaskTaskRunner(address=cluster.scheduler_address)
         summary = ingest_flow.with_options(task_runner=runner)(str(tmp_path / "src"), catalog)
         assert sum(r["ingested"] for r in summary) == 4
-        rows = label_flow.with_options(task_runner=runner)(catalog, overlays=0)
+        rows = label_flow(catalog, LabelParams(overlays=0), dask_address=cluster.scheduler_address)
     cat = Catalog(catalog)
     assert len(rows) == 4 and cat.verify().healthy
     assert len(cat.mask_store.index()) == 16  # three branches and the fused set for each image
     get_settings.cache_clear()
-    stage.cached_labeler.cache_clear()
+    stage.clear_labeler_cache()

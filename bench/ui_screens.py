@@ -1,0 +1,132 @@
+"""Screenshots of the Prefect UI as a data engineer uses it, taken with headless Chromium (selenium).
+
+Against a running `hvp ui`: open Deployments, click `hypervision` -> Run -> Quick run (as the README says), wait for
+the run to finish, then save screenshots of the run form, the run's page, its subflows and every artifact page
+(images must show inline, tables fit, descriptions render). Look at the PNGs it writes.
+
+Needs Debian's `chromium` and `chromium-driver` and selenium (not a project dependency; any venv):
+
+    python bench/ui_screens.py --url http://127.0.0.1:4200 --out /tmp/screens [--no-run]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+ARTIFACT_KEYS = ["hypervision-parameters", "hypervision-stages", "ingest-summary", "label-spatial", "label-spectral",
+                 "label-material", "fuse-report", "fuse-overlays", "pretrain-loss", "pretrain-metrics"]
+
+
+def api(url: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    """POST (with ``body``) or GET one Prefect API path; the decoded JSON answer."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(f"{url}/api{path}", data=data, method="POST" if data is not None else "GET",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:  # noqa: S310 (loopback)
+        return json.loads(r.read() or b"null")
+
+
+def browser(width: int, height: int) -> Any:
+    """Headless Chromium with a fresh profile, no network beyond loopback services."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = "/usr/bin/chromium"
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tempfile.mkdtemp(prefix='hvp-chromium-')}", f"--window-size={width},{height}"):
+        opts.add_argument(flag)
+    return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
+
+
+def shot(driver: Any, url: str | None, out: Path, name: str, wait: float = 4.0) -> Path:
+    """Open ``url`` (None: stay on the current page), let the app render, save ``out/name.png``."""
+    if url is not None:
+        driver.get(url)
+    time.sleep(wait)
+    path = out / f"{name}.png"
+    driver.save_screenshot(str(path))
+    print(f"{path}  <- {url or driver.current_url}")
+    return path
+
+
+def click_text(driver: Any, text: str, timeout: float = 20.0) -> None:
+    """Click the first visible button, link or menu item whose text is ``text``."""
+    from selenium.webdriver.common.by import By
+
+    deadline = time.monotonic() + timeout
+    xpaths = [f"//button[normalize-space(.)='{text}']", f"//*[@role='menuitem'][normalize-space(.)='{text}']",
+              f"//*[self::a or self::li or self::div or self::span][normalize-space(.)='{text}']"]
+    while time.monotonic() < deadline:
+        for xpath in xpaths:
+            for el in driver.find_elements(By.XPATH, xpath):
+                if el.is_displayed():
+                    el.click()  # a real click: menus open on pointer events
+                    return
+        time.sleep(0.5)
+    raise RuntimeError(f"no visible element with text {text!r} on {driver.current_url}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--url", default="http://127.0.0.1:4200")
+    ap.add_argument("--out", type=Path, default=Path("ui-screens"))
+    ap.add_argument("--no-run", action="store_true", help="screenshot the latest hypervision run, start none")
+    ap.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for the run")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    url = args.url.rstrip("/")
+    dep = next(d for d in api(url, "/deployments/filter", {}) if d["name"] == "hypervision")
+    driver = browser(1600, 1000)
+    try:
+        shot(driver, f"{url}/deployments", args.out, "01-deployments")
+        shot(driver, f"{url}/deployments/deployment/{dep['id']}/run", args.out, "02-run-form", wait=6)
+        before = {r["id"] for r in api(url, "/flow_runs/filter", {"deployments": {"id": {"any_": [dep["id"]]}}})}
+        if not args.no_run:
+            driver.get(f"{url}/deployments/deployment/{dep['id']}")
+            time.sleep(4)
+            click_text(driver, "Run")
+            time.sleep(1)
+            shot(driver, None, args.out, "03-run-menu", wait=1)
+            click_text(driver, "Quick run")
+            time.sleep(3)
+        runs = api(url, "/flow_runs/filter", {"deployments": {"id": {"any_": [dep["id"]]}},
+                                              "sort": "START_TIME_DESC"})
+        new = [r for r in runs if r["id"] not in before] if not args.no_run else runs
+        if not new:
+            raise RuntimeError("the Quick run click started no flow run")
+        run_id = new[0]["id"]
+        print(f"hypervision flow run {run_id}")
+        deadline = time.monotonic() + args.timeout
+        while time.monotonic() < deadline:
+            state = api(url, f"/flow_runs/{run_id}")["state"]
+            if state and state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+                break
+            time.sleep(10)
+        print(f"final state: {state['type']} {state['name']}: {state.get('message')}")
+        shot(driver, f"{url}/runs/flow-run/{run_id}", args.out, "04-run", wait=6)
+        shot(driver, f"{url}/runs/flow-run/{run_id}?tab=Subflow%20Runs", args.out, "05-run-subflows", wait=5)
+        shot(driver, f"{url}/runs/flow-run/{run_id}?tab=Artifacts", args.out, "06-run-artifacts", wait=5)
+        shot(driver, f"{url}/runs/flow-run/{run_id}?tab=Parameters", args.out, "07-run-parameters", wait=5)
+        driver.set_window_size(1600, 2200)  # artifact pages are long: overlays, tables
+        for i, key in enumerate(ARTIFACT_KEYS):
+            latest = api(url, "/artifacts/filter", {"artifacts": {"key": {"any_": [key]}}, "sort": "CREATED_DESC",
+                                                    "limit": 1})
+            if not latest:
+                print(f"no artifact {key}")
+                continue
+            shot(driver, f"{url}/artifacts/artifact/{latest[0]['id']}", args.out, f"{10 + i:02d}-artifact-{key}",
+                 wait=5)
+    finally:
+        driver.quit()
+
+
+if __name__ == "__main__":
+    main()

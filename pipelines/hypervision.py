@@ -1,0 +1,182 @@
+"""The whole pipeline as one Prefect DAG, the `hypervision` flow: ingest -> label (spatial, spectral, material)
+-> fuse -> pretrain [-> downstream stages], each stage a dependent subflow.
+
+Each stage is keyed on catalog content (source sha256, labeler ids, fusion id, checkpoint sha256) and returns a
+"Skipped" state saying so when its inputs are unchanged; retries are on I/O errors only (see the stage modules).
+
+Extension point: DOWNSTREAM. Stages after pretraining (frozen features -> task heads -> report) are appended to it
+as ``DownstreamStage(name, run)`` where ``run(ctx)`` calls the stage's own flow as a subflow and returns its
+summary; ``ctx`` (a DagContext) carries the resolved paths, labeler ids, the pretraining result (checkpoint,
+run folder) and every earlier stage's output. They then run, in order, after pretraining in every `hypervision`
+run, and appear in its summary artifact.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+from prefect.artifacts import create_table_artifact
+from prefect.states import State
+
+from pipelines.ingest import ingest_flow
+from pipelines.label import fuse_flow, label_branch_flow
+from pipelines.params import (
+    DEFAULT_LABEL,
+    DEFAULT_PATHS,
+    DEFAULT_PRETRAIN,
+    LabelParams,
+    PathParams,
+    PretrainParams,
+    Profile,
+    ResolvedLabel,
+    ResolvedPaths,
+    resolve_label,
+    resolve_paths,
+    resolve_pretrain,
+)
+from pipelines.pretrain import pretrain_flow
+from pipelines.wiring import in_process_subflows, markdown_table, publish_markdown
+
+
+@dataclass
+class DagContext:
+    """What a downstream stage gets from the run: resolved parameters and the outputs of earlier stages."""
+
+    profile: Profile
+    paths: ResolvedPaths
+    label: ResolvedLabel
+    pretrain: dict[str, Any] = field(default_factory=dict)
+    """The pretraining result: out_dir, checkpoint, final metrics, student/teacher weights."""
+    outputs: dict[str, Any] = field(default_factory=dict)
+    """Each finished stage's returned data, by stage name."""
+
+
+@dataclass(frozen=True)
+class DownstreamStage:
+    """A stage appended after pretraining: ``run(ctx)`` calls its flow (a subflow of the run)."""
+
+    name: str
+    run: Callable[[DagContext], Any]
+
+
+#: Stages run after pretraining, in order (features -> heads -> report as they land).
+DOWNSTREAM: list[DownstreamStage] = []
+
+
+@dataclass
+class StageRecord:
+    """One stage of a run as the summary shows it."""
+
+    stage: str
+    state: str
+    seconds: float
+    note: str = ""
+
+
+def _run_stage(records: list[StageRecord], name: str, call: Callable[[], Any]) -> Any:
+    """Call one stage's subflow, time it, record whether it ran or skipped, and return its data (raising on
+    failure)."""
+    t0 = time.perf_counter()
+    with in_process_subflows():
+        result = call()
+    state = result if isinstance(result, State) else None
+    data = state.result() if state is not None else result
+    name_of_state = (state.name or "Completed") if state is not None else "Completed"
+    note = (state.message or "").split(" skipped: ", 1)[-1] if state is not None and state.name == "Skipped" else ""
+    records.append(StageRecord(name, name_of_state, round(time.perf_counter() - t0, 3), note))
+    return data
+
+
+def _ensure_sources(profile: Profile, source_root: str) -> None:
+    """The demo profile makes the fixture sources when the source root is empty or missing, and says so."""
+    root = Path(source_root)
+    if profile is not Profile.demo or "://" in source_root or (root.is_dir() and any(root.iterdir())):
+        return
+    from catalog.fixtures import make_fixtures
+
+    written = make_fixtures(root)
+    print(f"source root {root} was empty: wrote fixtures of {len(written)} datasets "
+          f"({sum(map(len, written.values()))} images) there (demo profile)")
+
+
+@flow(name="hypervision", log_prints=True)
+def hypervision_flow(profile: Profile = Profile.demo, paths: PathParams = DEFAULT_PATHS,
+                     label: LabelParams = DEFAULT_LABEL, pretrain: PretrainParams = DEFAULT_PRETRAIN,
+                     ingest_workers: int = 1) -> dict[str, Any]:
+    """The whole pipeline: ingest, label with the three branches, fuse, pretrain (then the downstream stages);
+    stages whose inputs are unchanged skip. Returns the per-stage summary and each stage's output.
+
+    Args:
+        profile: demo (fixtures, tiny random-init models, loose thresholds) or production (the settings' models,
+            checkpoints and thresholds); fills every field left empty.
+        paths: Source root, catalog and runs folder (resolved to absolute paths and shown in the run).
+        label: Branches, each branch's labeler thresholds and tau.
+        pretrain: Model, steps, batch and checkpoints of pretraining.
+        ingest_workers: More than 1 ingests on a local Dask cluster of that many processes.
+    """
+    p = resolve_paths(paths)
+    resolved = resolve_label(profile, label)
+    _publish_parameters(profile, p, resolved, resolve_pretrain(profile, pretrain))
+    _ensure_sources(profile, p.source_root)
+    records: list[StageRecord] = []
+    ctx = DagContext(profile, p, resolved)
+    ctx.outputs["ingest"] = _run_stage(records, "ingest", lambda: ingest_flow(
+        p.source_root, p.catalog, p.datasets, ingest_workers, return_state=True))
+    for branch in resolved.branches:
+        def label_branch(b: str = branch) -> Any:
+            return label_branch_flow(p.catalog, b, resolved.configs[b], p.datasets, return_state=True)
+
+        ctx.outputs[f"label-{branch}"] = _run_stage(records, f"label-{branch}", label_branch)
+    ctx.outputs["fuse"] = _run_stage(records, "fuse", lambda: fuse_flow(
+        p.catalog, label, p.datasets, profile, return_state=True))
+    given = pretrain.model_dump(exclude_none=True)
+    for key in ("model", "device"):
+        if key in given:
+            given[key] = getattr(pretrain, key)
+    ctx.pretrain = _run_stage(records, "pretrain", lambda: pretrain_flow(
+        catalog=p.catalog, runs=p.runs, datasets=p.datasets, profile=profile, return_state=True, **given))
+    ctx.outputs["pretrain"] = ctx.pretrain
+    for stage in DOWNSTREAM:
+        def downstream(s: DownstreamStage = stage) -> Any:
+            return s.run(ctx)
+
+        ctx.outputs[stage.name] = _run_stage(records, stage.name, downstream)
+    rows = [vars(r) for r in records]
+    create_table_artifact(key="hypervision-stages", table=rows,
+                          description="Each stage of the run: its final state (Skipped when its inputs were "
+                                      "unchanged), wall time in seconds and why it skipped.")
+    for r in records:
+        print(f"{r.stage}: {r.state} in {r.seconds:.1f} s" + (f" ({r.note})" if r.note else ""))
+    return {"stages": rows, "outputs": ctx.outputs, "paths": p.model_dump()}
+
+
+def _model_label(model_config: dict[str, Any]) -> str:
+    """A labeler's model in a few characters: `sam2.1_hiera_t @128` or the registry name."""
+    if "config" in model_config:
+        return f"{Path(str(model_config['config'])).stem} @{model_config.get('image_size')}"
+    return str(model_config.get("model", model_config))
+
+
+def _publish_parameters(profile: Profile, paths: ResolvedPaths, label: ResolvedLabel,
+                        pretrain: dict[str, Any]) -> None:
+    """The run's resolved parameters (absolute paths, each labeler's configuration) as a markdown artifact."""
+    path_rows = [{"what": k, "value": f"`{v}`"} for k, v in paths.model_dump().items()]
+    labeler_rows = [{"branch": b, "model": _model_label(c["model_config"]),
+                     "checkpoint": Path(c["checkpoint"]).name if c["checkpoint"] else "random-init",
+                     "points": c["params"].get("points_per_side", "default"),
+                     "iou thr": c["params"].get("pred_iou_thresh", "default"),
+                     "stability thr": c["params"].get("stability_score_thresh", "default")}
+                    for b, c in label.configs.items()]
+    text = (f"## Run parameters (profile `{profile.value}`)\n\n### Paths\n\n{markdown_table(path_rows)}\n"
+            f"### Labelers (branches run: {', '.join(label.branches)}; tau = {label.tau})\n\n"
+            f"{markdown_table(labeler_rows)}\n### Pretraining\n\n"
+            f"{markdown_table([{'field': k, 'value': v} for k, v in pretrain.items()])}")
+    print(f"profile {profile.value}; paths: " + ", ".join(f"{k}={v}" for k, v in paths.model_dump().items()))
+    publish_markdown("hypervision-parameters", text,
+                     description=f"Resolved parameters of this run (profile `{profile.value}`): absolute paths, "
+                                 "labeler configurations, pretraining settings.")

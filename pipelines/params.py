@@ -1,0 +1,291 @@
+"""Flow parameters as pydantic models: what the Prefect UI shows as typed forms and what the CLI builds.
+
+Every field that can be left empty takes the value of the run's *profile*:
+
+- ``demo``: fixture data, tiny random-init models and loose thresholds, so that a first run on a laptop produces
+  masks in every branch (random-init models score every mask low);
+- ``production``: the models, checkpoints and labeler parameters of the settings (``HVP_*``) with the branches'
+  own default thresholds.
+
+``resolve_*`` turns parameters into plain values (absolute paths, one labeler configuration per branch) that the
+flows pass down as arguments; nothing below reads the environment to find out what the UI asked for.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from infra.settings import Settings, get_settings
+from model.preprocess import CONTRACTS
+from model.registry import list_models
+from stages.labelling.label import labeler_config
+from stages.labelling.sam2_models import TINY_MODEL_CONFIG, available_configs
+
+
+class Profile(StrEnum):
+    """Which defaults fill the fields left empty."""
+
+    demo = "demo"
+    production = "production"
+
+
+class Branch(StrEnum):
+    """The pseudo-labelling branches."""
+
+    spatial = "spatial"
+    spectral = "spectral"
+    material = "material"
+
+
+class Device(StrEnum):
+    """Where training runs: CUDA when available, or forced."""
+
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Preprocessing(StrEnum):
+    """The named preprocessing contracts of model.preprocess."""
+
+    released = "released"
+    crop_max = "crop_max"
+
+
+if {p.value for p in Preprocessing} != set(CONTRACTS):  # pragma: no cover - guards the two lists drifting apart
+    raise ImportError(f"pipelines.params.Preprocessing lists {[p.value for p in Preprocessing]} but "
+                      f"model.preprocess.CONTRACTS is {list(CONTRACTS)}: update the enum")
+
+
+#: Model names of the registry (model.registry.list_models): the choices of every `model` field.
+ModelName = StrEnum("ModelName", {name: name for name in list_models()})  # type: ignore[misc]
+#: SAM2 config names that sam2 ships: the choices of `sam2_config`.
+Sam2Config = StrEnum("Sam2Config", {name.replace("/", "_").replace(".", "_"): name  # type: ignore[misc]
+                                    for name in available_configs()})
+
+#: Registry names preferred as the production pretraining model, first available wins.
+PRODUCTION_MODELS = ("hypervision_b", "base")
+
+_FORM = ConfigDict(extra="forbid", frozen=True)
+
+# What the demo profile uses where a field is left empty: tiny models, random-init weights, loose thresholds.
+DEMO_AMG: dict[str, Any] = {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
+DEMO_SPECTRAL: dict[str, Any] = {"stride": 4, "max_objects": 4}
+DEMO_MATERIAL_MODEL: dict[str, Any] = {"model": "tiny"}
+DEMO_PRETRAIN: dict[str, Any] = {"model": "tiny", "steps": 6, "batch_size": 2, "checkpoint_every": 3}
+PRODUCTION_PRETRAIN: dict[str, Any] = {"steps": 100_000, "batch_size": 4}
+
+
+def production_model() -> str:
+    """The production pretraining model: the first of PRODUCTION_MODELS in the registry, else its largest-sorted
+    non-tiny name."""
+    names = list_models()
+    for name in PRODUCTION_MODELS:
+        if name in names:
+            return name
+    return next((n for n in names if n != "tiny"), names[0])
+
+
+class PathParams(BaseModel):
+    """Where the data lives. Empty fields take the settings' values; every path is resolved to an absolute one
+    (against the flow run's working directory) and shown in the run."""
+
+    model_config = _FORM
+
+    source_root: str | None = Field(default=None, description="Folder of dataset folders. Empty: `HVP_SOURCE_ROOT` "
+                                    "(default `./hvp-data/sources`).")
+    catalog: str | None = Field(default=None, description="Catalog directory or fsspec URL. Empty: `HVP_CATALOG` "
+                                "(default `./hvp-data/catalog`).")
+    runs: str | None = Field(default=None, description="Folder of training runs. Empty: `runs` beside a local catalog.")
+    datasets: list[str] | None = Field(default=None, description="Only these dataset folders (slugs). Empty: all.")
+
+
+class ResolvedPaths(BaseModel):
+    """Absolute paths (or URLs) a run works on."""
+
+    source_root: str
+    catalog: str
+    runs: str
+    datasets: list[str] | None
+
+
+def _absolute(path: str | Path) -> str:
+    text = str(path)
+    return text if "://" in text else str(Path(text).expanduser().resolve())
+
+
+def resolve_paths(paths: PathParams, settings: Settings | None = None) -> ResolvedPaths:
+    """Absolute source root, catalog and runs folder of a run (URLs are kept as they are)."""
+    s = settings or get_settings()
+    catalog = _absolute(paths.catalog or s.catalog)
+    if paths.runs:
+        runs = _absolute(paths.runs)
+    else:
+        runs = str(Path(catalog).parent / "runs") if "://" not in catalog else _absolute("./hvp-data/runs")
+    return ResolvedPaths(source_root=_absolute(paths.source_root or s.source_root), catalog=catalog, runs=runs,
+                         datasets=paths.datasets or None)
+
+
+class _AmgParams(BaseModel):
+    """Thresholds of a SAM-style automatic mask generator; empty fields take the profile's values."""
+
+    model_config = _FORM
+
+    checkpoint: str | None = Field(default=None, description="Local weights file. Empty: demo random-init; production "
+                                   "the settings' checkpoint (random-init when none).")
+    points_per_side: int | None = Field(default=None, ge=1, le=128, description="Prompt grid side. Empty: demo 4; "
+                                        "production the settings' value or the branch default (32).")
+    pred_iou_thresh: float | None = Field(default=None, ge=0.0, le=1.0, description="Keep masks whose predicted IoU "
+                                          "reaches this. Empty: demo 0.0; production the settings' value or the "
+                                          "branch default.")
+    stability_score_thresh: float | None = Field(default=None, ge=0.0, le=1.0, description="Keep masks whose stability "
+                                                 "score reaches this. Empty: demo 0.0; production the settings' "
+                                                 "value or the branch default.")
+    extra: dict[str, Any] = Field(default_factory=dict, description="Further generator parameters by name "
+                                  "(advanced; unknown names are an error naming the allowed ones).")
+
+    def overrides(self) -> dict[str, Any]:
+        """The parameters set here (thresholds and extras), for the labeler's ``params``."""
+        keys = ("points_per_side", "pred_iou_thresh", "stability_score_thresh")
+        return {**self.extra, **{k: getattr(self, k) for k in keys if getattr(self, k) is not None}}
+
+
+class SpatialParams(_AmgParams):
+    """Spatial branch: SAM2 automatic masks on each image's RGB."""
+
+    sam2_config: Sam2Config | None = Field(default=None, description="SAM2 config. Empty: demo Hiera-T; production "
+                                           "`HVP_SAM2_MODEL`.")
+    image_size: int | None = Field(default=None, ge=32, description="SAM2 input side (a multiple of 32). Empty: demo "
+                                   "128; production `HVP_SAM2_MODEL`.")
+
+
+class SpectralParams(SpatialParams):
+    """Spectral branch: SAM2 memory propagation through false-colour triplets along the spectrum."""
+
+    stride: int | None = Field(default=None, ge=1, description="Bands between consecutive triplets. Empty: demo 4; "
+                               "production the settings' value or 2.")
+    max_objects: int | None = Field(default=None, ge=1, description="Most seed objects tracked. Empty: demo 4; "
+                                    "production the settings' value or 32.")
+    nms_thresh: float | None = Field(default=None, gt=0.0, le=1.0, description="IoU threshold of the intra-branch NMS. "
+                                     "Empty: the settings' value or 0.7.")
+
+    def overrides(self) -> dict[str, Any]:
+        """Thresholds, extras and the spectral parameters set here."""
+        extra = {k: getattr(self, k) for k in ("stride", "max_objects", "nms_thresh") if getattr(self, k) is not None}
+        return {**super().overrides(), **extra}
+
+
+class MaterialParams(_AmgParams):
+    """Material branch: HyperFree automatic masks on the full cube."""
+
+    model: ModelName | None = Field(default=None, description="HyperFree registry model. Empty: demo `tiny`; "  # type: ignore[valid-type]
+                                    "production `HVP_HYPERFREE_MODEL`.")
+
+
+class LabelParams(BaseModel):
+    """Pseudo-labelling and fusion: which branches, each branch's labeler, and the fusion threshold tau."""
+
+    model_config = _FORM
+
+    branches: list[Branch] = Field(default_factory=lambda: list(Branch), description="Branches to label with.")
+    tau: float | None = Field(default=None, gt=0.0, le=1.0, description="IoU threshold of the global NMS that "
+                              "fuses the branches. Empty: `HVP_FUSE_TAU` (default 0.7).")
+    overlays: int = Field(default=4, ge=0, le=32, description="Overlay previews published with the fuse report.")
+    spatial: SpatialParams = Field(default_factory=SpatialParams, description="Spatial branch labeler.")
+    spectral: SpectralParams = Field(default_factory=SpectralParams, description="Spectral branch labeler.")
+    material: MaterialParams = Field(default_factory=MaterialParams, description="Material branch labeler.")
+
+
+class ResolvedLabel(BaseModel):
+    """Labeler configurations (``{"model_config", "checkpoint", "params"}``) of the chosen branches and tau."""
+
+    branches: list[str]
+    configs: dict[str, dict[str, Any]]
+    tau: float
+    overlays: int
+
+
+def resolve_label(profile: Profile, label: LabelParams, settings: Settings | None = None) -> ResolvedLabel:
+    """Each branch's labeler configuration: the profile's base, then the fields set in ``label``. Every branch
+    is resolved (fusion names all three labeler ids), labelling runs only ``label.branches``."""
+    s = settings or get_settings()
+    configs: dict[str, dict[str, Any]] = {}
+    for branch in Branch:
+        p: _AmgParams = getattr(label, branch.value)
+        if profile is Profile.demo:
+            model = dict(DEMO_MATERIAL_MODEL) if branch is Branch.material else dict(TINY_MODEL_CONFIG)
+            base: dict[str, Any] = {"model_config": model, "checkpoint": None,
+                    "params": {**DEMO_AMG, **(DEMO_SPECTRAL if branch is Branch.spectral else {})}}
+        else:
+            base = labeler_config(branch.value, s)
+        model_config = dict(base["model_config"])
+        if isinstance(p, SpatialParams):
+            if p.sam2_config is not None:
+                model_config["config"] = p.sam2_config.value
+            if p.image_size is not None:
+                model_config["image_size"] = p.image_size
+        if isinstance(p, MaterialParams) and p.model is not None:
+            model_config["model"] = p.model.value
+        checkpoint = p.checkpoint or base["checkpoint"]
+        configs[branch.value] = {"model_config": model_config,
+                                 "checkpoint": _absolute(checkpoint) if checkpoint else None,
+                                 "params": {**base["params"], **p.overrides()}}
+    tau = label.tau if label.tau is not None else s.fuse_tau
+    return ResolvedLabel(branches=[b.value for b in label.branches] or [b.value for b in Branch], configs=configs,
+                         tau=tau, overlays=label.overlays)
+
+
+class PretrainParams(BaseModel):
+    """Pretraining of the HyperVision student on the fused pseudo-targets; empty fields take the profile's
+    values."""
+
+    model_config = _FORM
+
+    model: ModelName | None = Field(default=None, description="Registry model to train. Empty: demo `tiny`; production "  # type: ignore[valid-type]
+                                    "the -B HyperVision layout.")
+    steps: int | None = Field(default=None, ge=1, description="Optimizer steps. Empty: demo 6; production 100000.")
+    batch_size: int | None = Field(default=None, ge=1, description="Crops per device and step. Empty: demo 2; "
+                                   "production 4.")
+    out: str | None = Field(default=None, description="Run folder. Empty: `<runs>/pretrain-<model>-<inputs key>`, so "
+                            "unchanged inputs find their finished run and skip.")
+    lr: float | None = Field(default=None, gt=0.0, description="Peak learning rate. Empty: the model preset's.")
+    crop_size: int | None = Field(default=None, ge=16, description="Crop side in pixels. Empty: the model's input "
+                                  "size.")
+    lambda_distill: float = Field(default=1.0, ge=0.0, description="Weight of the distillation loss.")
+    teacher_checkpoint: str | None = Field(default=None, description="Local RGB teacher weights. Empty: random-init.")
+    student_checkpoint: str | None = Field(default=None, description="Initial student weights (HyperFree/HyperVision). "
+                                           "Empty: random-init.")
+    checkpoint_every: int | None = Field(default=None, ge=1, description="Steps between checkpoints. Empty: demo 3; "
+                                         "production the preset's.")
+    nproc: int | None = Field(default=None, ge=1, description="Processes under torchrun. Empty: the visible GPUs, "
+                              "or 1.")
+    device: Device = Field(default=Device.auto, description="auto (CUDA when available), cpu or cuda.")
+    init_strict: bool = Field(default=True, description="Load the initial student weights strictly (keys and shapes "
+                              "must match the layout); off: load what matches and list what was dropped or resized.")
+    preprocessing: Preprocessing = Field(default=Preprocessing.released, description="Preprocessing contract of "
+                                         "the crops (model.preprocess): `released` as the released checkpoints "
+                                         "were fed, or `crop_max` (each crop divided by its maximum).")
+
+
+def resolve_pretrain(profile: Profile, pretrain: PretrainParams) -> dict[str, Any]:
+    """Keyword arguments of ``pretrain_flow`` (without the catalog): the profile's values where a field is
+    empty, checkpoint paths absolute."""
+    base = dict(DEMO_PRETRAIN) if profile is Profile.demo else {"model": production_model(), **PRODUCTION_PRETRAIN}
+    given = pretrain.model_dump(exclude_none=True)
+    for key in ("model", "device", "preprocessing"):
+        if key in given:
+            given[key] = getattr(pretrain, key).value
+    for key in ("teacher_checkpoint", "student_checkpoint", "out"):
+        if key in given:
+            given[key] = _absolute(given[key])
+    return {**base, **given}
+
+
+#: Defaults of the flows' grouped parameters (frozen: shared safely as default values).
+DEFAULT_PATHS = PathParams()
+DEFAULT_LABEL = LabelParams()
+DEFAULT_PRETRAIN = PretrainParams()

@@ -1,0 +1,110 @@
+"""Prefect wiring shared by the flows: retry conditions, the `gpu` concurrency slot, "skipped" states, content
+keys, and artifacts a person can read in the UI (tables that fit, PNG previews embedded as data URIs)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from prefect.artifacts import create_markdown_artifact
+from prefect.states import Completed, State
+
+#: Name of the global concurrency limit that labelling and training take a slot of (`hvp ui` creates it with one
+#: slot; where it does not exist, work proceeds unlimited).
+GPU_LIMIT = "gpu"
+#: Longest side of an image preview embedded in a markdown artifact, in pixels.
+PREVIEW_SIDE = 720
+
+
+def threads(workers: int) -> Any:
+    """A thread-pool task runner of ``workers`` threads (typed loosely: Prefect's generic runner types do not unify
+    with the flow decorator's)."""
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    return ThreadPoolTaskRunner(max_workers=workers)
+
+
+def retry_on_io(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry only transient I/O failures (OSError); bad input and bugs fail at once."""
+    try:
+        state.result()
+    except OSError:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+@contextmanager
+def gpu_slot() -> Iterator[None]:
+    """Hold one slot of the global `gpu` concurrency limit while model work runs (no-op where it is missing)."""
+    from prefect.concurrency.sync import concurrency
+
+    with concurrency(GPU_LIMIT, occupy=1, strict=False):
+        yield
+
+
+@contextmanager
+def in_process_subflows() -> Iterator[None]:
+    """Subflows called in here run without their own heartbeat thread: they run in the parent flow run's process,
+    whose heartbeat already tells the server when that process dies, and each heartbeat thread costs up to a second
+    to stop (it sleeps in one-second steps), which on small inputs is most of a stage's orchestration cost."""
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield
+
+
+def skipped(stage: str, reason: str, data: Any) -> State:
+    """A Completed state named "Skipped" whose message says why: what a stage with unchanged inputs returns."""
+    print(f"{stage}: skipped, {reason}")
+    return Completed(name="Skipped", message=f"{stage} skipped: {reason}", data=data)
+
+
+def content_key(*parts: Any) -> str:
+    """sha256 of the JSON of ``parts`` (ids, hashes and plain values only, never arrays)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def png_data_uri(path: str | Path, side: int = PREVIEW_SIDE) -> str:
+    """A PNG file as a ``data:image/png;base64,...`` URI, downscaled so its longest side is at most ``side``
+    (the UI cannot open ``file://`` links, but it shows embedded images)."""
+    from PIL import Image
+
+    with Image.open(path) as src:
+        im = src.convert("RGB")
+    scale = min(1.0, side / max(im.size))
+    if scale < 1.0:
+        im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
+                       Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """A markdown table of ``rows`` (the markdown renderer wraps long cells, where the table view cuts them)."""
+    if not rows:
+        return "_(no rows)_\n"
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(_cell(r.get(c, "")) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        value = round(value, 3)
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def publish_markdown(key: str, markdown: str, description: str) -> None:
+    """A markdown artifact named after its stage (``key``, e.g. ``fuse-overlays``)."""
+    create_markdown_artifact(key=key, markdown=markdown, description=description)

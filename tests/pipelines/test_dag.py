@@ -1,0 +1,191 @@
+"""The `hypervision` DAG and its parameters: typed forms, profiles resolved into labeler configurations passed as
+arguments, stages that skip on unchanged inputs, the arrival watcher, artifacts a browser can show."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from catalog.fixtures import write_dataset
+from catalog.masks import MaskStore
+from catalog.store import Catalog
+from infra.settings import Settings
+from model.registry import list_models
+from pipelines.params import (
+    LabelParams,
+    MaterialParams,
+    ModelName,
+    PathParams,
+    PretrainParams,
+    Profile,
+    SpatialParams,
+    SpectralParams,
+    resolve_label,
+    resolve_paths,
+    resolve_pretrain,
+)
+from stages.labelling import label as stage
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def _props(schema: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any]:
+    return schema["definitions"][ref["$ref"].split("/")[-1]]["properties"]
+
+
+def test_run_form_is_typed_with_descriptions_and_enums() -> None:
+    from prefect.utilities.callables import parameter_schema
+
+    from pipelines.hypervision import hypervision_flow
+
+    schema = parameter_schema(hypervision_flow).model_dump()
+    top = schema["properties"]
+    assert set(top) == {"profile", "paths", "label", "pretrain", "ingest_workers"}
+    assert all(p.get("description") for p in top.values())
+    assert schema["definitions"]["Profile"]["enum"] == ["demo", "production"]
+    assert schema["definitions"]["Branch"]["enum"] == ["spatial", "spectral", "material"]
+    assert schema["definitions"]["ModelName"]["enum"] == list_models()  # follows the registry, never hard-coded
+    label = _props(schema, top["label"])
+    assert {"branches", "tau", "spatial", "spectral", "material"} <= set(label)
+    for branch in ("spatial", "spectral", "material"):
+        fields = _props(schema, label[branch])
+        assert {"pred_iou_thresh", "stability_score_thresh", "points_per_side"} <= set(fields)
+        assert all(f.get("description") for f in fields.values()), branch
+    assert all(f.get("description") for f in _props(schema, top["pretrain"]).values())
+    assert all(f.get("description") for f in _props(schema, top["paths"]).values())
+
+
+def test_profiles_resolve_to_labeler_configs_passed_as_arguments(tmp_path: Path) -> None:
+    demo = resolve_label(Profile.demo, LabelParams())
+    assert demo.branches == ["spatial", "spectral", "material"]
+    for config in demo.configs.values():
+        assert config["checkpoint"] is None
+        assert config["params"]["pred_iou_thresh"] == 0.0 and config["params"]["stability_score_thresh"] == 0.0
+    assert demo.configs["material"]["model_config"] == {"model": "tiny"}
+    assert demo.configs["spectral"]["params"]["stride"] == 4
+
+    settings = Settings(spatial_params={"points_per_side": 8}, fuse_tau=0.5, sam2_model={
+        "config": "configs/sam2.1/sam2.1_hiera_t.yaml", "image_size": 256})
+    prod = resolve_label(Profile.production, LabelParams(), settings)
+    assert prod.tau == 0.5 and prod.configs["spatial"]["params"] == {"points_per_side": 8}
+    assert prod.configs["spatial"]["model_config"]["image_size"] == 256
+
+    ckpt = tmp_path / "weights.pt"
+    given = LabelParams(tau=0.6, branches=["material"], spatial=SpatialParams(pred_iou_thresh=0.3, image_size=64),
+                        material=MaterialParams(checkpoint=str(ckpt), model=ModelName("tiny")))
+    out = resolve_label(Profile.production, given, settings)
+    assert out.tau == 0.6 and out.branches == ["material"]
+    assert out.configs["spatial"]["params"] == {"points_per_side": 8, "pred_iou_thresh": 0.3}
+    assert out.configs["spatial"]["model_config"]["image_size"] == 64
+    assert out.configs["material"]["checkpoint"] == str(ckpt.resolve())
+
+
+def test_labeler_cache_is_keyed_on_the_whole_configuration() -> None:
+    configs = resolve_label(Profile.demo, LabelParams()).configs
+    a = stage.cached_labeler("spatial", configs["spatial"])
+    assert stage.cached_labeler("spatial", dict(configs["spatial"])) is a
+    looser = {**configs["spatial"], "params": {**configs["spatial"]["params"], "points_per_side": 3}}
+    b = stage.cached_labeler("spatial", looser)
+    assert b is not a and b.labeler_id != a.labeler_id and b.params["points_per_side"] == 3
+    bigger = {**configs["spatial"], "model_config": {**configs["spatial"]["model_config"], "image_size": 64}}
+    assert stage.cached_labeler("spatial", bigger).labeler_id not in (a.labeler_id, b.labeler_id)
+
+
+def test_paths_and_pretrain_defaults_resolve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    p = resolve_paths(PathParams(source_root="src", catalog="data/cat"), Settings())
+    assert p.source_root == str(tmp_path / "src") and p.catalog == str(tmp_path / "data" / "cat")
+    assert p.runs == str(tmp_path / "data" / "runs")
+    assert resolve_paths(PathParams(catalog="s3://bucket/cat"), Settings()).catalog == "s3://bucket/cat"
+    assert resolve_pretrain(Profile.demo, PretrainParams()) == {"model": "tiny", "steps": 6, "batch_size": 2,
+                                                                "checkpoint_every": 3, "lambda_distill": 1.0,
+                                                                "device": "auto"}
+    prod = resolve_pretrain(Profile.production, PretrainParams(steps=10))
+    assert prod["model"] != "tiny" and prod["model"] in list_models() and prod["steps"] == 10
+
+
+def test_prefect_yaml_asks_nothing_and_declares_the_dag() -> None:
+    from pipelines.watch import ARRIVED
+
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    assert spec["pull"] and spec["build"] is None and spec["push"] is None
+    deps = {d["name"]: d for d in spec["deployments"]}
+    assert {"hypervision", "ingest", "label", "fuse", "relabel-new", "pretrain"} <= set(deps)
+    for dep in deps.values():
+        assert "schedules" in dep and dep["work_pool"]["name"] == "local", dep["name"]
+    assert deps["hypervision"]["entrypoint"] == "pipelines/hypervision.py:hypervision_flow"
+    assert deps["hypervision"]["parameters"]["profile"] == "demo"
+    relabel = deps["relabel-new"]
+    assert relabel["schedules"][0]["interval"] == 900
+    assert relabel["triggers"][0]["expect"] == [ARRIVED]
+    assert "base" not in str(deps["pretrain"].get("parameters"))
+
+
+def test_watcher_emits_each_new_stable_folder_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipelines import watch
+
+    sent: list[str] = []
+    monkeypatch.setattr(watch, "emit_arrival", lambda root, name, state: sent.append(name))
+    write_dataset("cave", tmp_path)
+    w = watch.ArrivalWatcher(tmp_path, interval=0.01)
+    assert w.poll() == []  # present at start: not an arrival
+    write_dataset("hsi-road", tmp_path)
+    assert w.poll() == []  # first sight: wait until it stops changing
+    assert w.poll() == ["hsi-road"] and sent == ["hsi-road"]
+    assert w.poll() == [] and sent == ["hsi-road"]
+
+
+def test_preview_is_an_embedded_png(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from pipelines.wiring import markdown_table, png_data_uri
+
+    Image.new("RGB", (2000, 500), (200, 10, 10)).save(tmp_path / "big.png")
+    uri = png_data_uri(tmp_path / "big.png", side=400)
+    assert uri.startswith("data:image/png;base64,")
+    with Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))) as im:
+        assert im.size == (400, 100) and im.getpixel((10, 10)) == (200, 10, 10)
+    assert markdown_table([{"a": 1.23456, "b": "x|y"}]).splitlines() == ["| a | b |", "|---|---|", "| 1.235 | x\\|y |"]
+
+
+def test_hypervision_dag_runs_every_stage_then_skips_them(prefect_server: None, tmp_path: Path) -> None:
+    from pipelines.hypervision import hypervision_flow
+
+    src = tmp_path / "src"
+    write_dataset("hsi-road", src)
+    paths = PathParams(source_root=str(src), catalog=str(tmp_path / "cat"), runs=str(tmp_path / "runs"))
+    label = LabelParams(spectral=SpectralParams(stride=3, max_objects=3), overlays=1)
+    out = hypervision_flow(Profile.demo, paths, label)
+    stages = [r["stage"] for r in out["stages"]]
+    assert stages == ["ingest", "label-spatial", "label-spectral", "label-material", "fuse", "pretrain"]
+    assert {r["state"] for r in out["stages"]} == {"Completed"}
+    assert out["paths"]["catalog"] == str(tmp_path / "cat")
+    cat = Catalog(str(tmp_path / "cat"))
+    images = list(cat.images()["image_id"])
+    assert len(images) == out["outputs"]["ingest"][0]["ingested"] >= 1
+    for branch in ("spatial", "spectral", "material"):
+        summary = out["outputs"][f"label-{branch}"]
+        assert summary["labelled"] == len(images) and summary["masks"] >= len(images), branch
+    index = MaskStore(cat).index(refresh=True)
+    assert set(index["branch"]) == {"spatial", "spectral", "material", "fused"}
+    trained = out["outputs"]["pretrain"]
+    assert trained["steps_done"] == 6 and Path(trained["checkpoint"], "model.safetensors").is_file()
+    assert Path(trained["out_dir"]).parent == tmp_path / "runs"
+
+    again = hypervision_flow(Profile.demo, paths, label)
+    assert [(r["stage"], r["state"]) for r in again["stages"]] == [(s, "Skipped") for s in stages]
+    assert "unchanged" in again["stages"][0]["note"] and "already" in again["stages"][-1]["note"]
+    assert again["outputs"]["pretrain"]["checkpoint"] == trained["checkpoint"]
