@@ -112,7 +112,8 @@ def test_paths_and_pretrain_defaults_resolve(tmp_path: Path, monkeypatch: pytest
     assert resolve_paths(PathParams(catalog="s3://bucket/cat"), Settings()).catalog == "s3://bucket/cat"
     assert resolve_pretrain(Profile.demo, PretrainParams()) == {"model": "tiny", "steps": 6, "batch_size": 2,
                                                                 "checkpoint_every": 3, "lambda_distill": 1.0,
-                                                                "device": "auto"}
+                                                                "device": "auto", "init_strict": True,
+                                                                "preprocessing": "released"}
     prod = resolve_pretrain(Profile.production, PretrainParams(steps=10))
     assert prod["model"] != "tiny" and prod["model"] in list_models() and prod["steps"] == 10
 
