@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from catalog.cubes import dtype_sample, lossless_dtype
 from catalog.errors import InputError
 from catalog.readers.base import BandSubset, SourceItem, load_rgb
 from catalog.specs import SPEC_FILENAME, DatasetSpec, spec_for_folder
@@ -218,8 +219,12 @@ def prepare(spec: DatasetSpec, item: SourceItem, sha: str) -> CubeWrite:
     }
     if rgb_note:
         attrs["note"] = rgb_note
+    # the smallest lossless storage dtype (integer-valued floats, e.g. MATLAB doubles holding counts, stay
+    # integers), guessed from a sample; the writer checks every chunk and widens if the guess was too narrow
+    store_dtype = lossless_dtype(dtype_sample(data), np.dtype(data.dtype))
     return CubeWrite(dataset=spec.slug, image_id=f"{spec.slug}/{item.key}", key=item.key, sha256=sha, data=data,
-                     wavelength_nm=wl.nm, fwhm_nm=wl.fwhm_nm, rgb=rgb, extras=raw.extras, attrs=attrs)
+                     wavelength_nm=wl.nm, fwhm_nm=wl.fwhm_nm, rgb=rgb, extras=raw.extras, attrs=attrs,
+                     store_dtype=store_dtype)
 
 
 def new_dataset_folders(source_root: Path, catalog: Catalog) -> list[str]:
