@@ -204,7 +204,7 @@ class FileAccess:
     @staticmethod
     def _pread_all(fd: int, buf: np.ndarray, offset: int) -> int:
         done = 0
-        view = memoryview(buf)
+        view = memoryview(buf.data)
         while done < buf.size:
             n = os.preadv(fd, [view[done:]], offset + done)
             if n == 0:
@@ -437,8 +437,8 @@ def _plan(info: ArrayInfo, region: Region, out: np.ndarray) -> dict[tuple[int, .
         axes.append(entries)
     plan: dict[tuple[int, ...], list[_Piece]] = {}
     for combo in _product(axes):
-        idx = tuple(e[0] for e in combo)
-        plan.setdefault(idx, []).append(_Piece(out, tuple(e[2] for e in combo), tuple(e[1] for e in combo)))
+        grid_index: tuple[int, ...] = tuple(int(e[0]) for e in combo)
+        plan.setdefault(grid_index, []).append(_Piece(out, tuple(e[2] for e in combo), tuple(e[1] for e in combo)))
     return plan
 
 
@@ -613,7 +613,11 @@ class CubeReader:
             data = self.files.scratch("decoded", nbytes)
             try:
                 if info.compressor == "blosc":
-                    size = numcodecs.blosc._cbuffer_sizes(payload)[0]
+                    if payload.size < 16:
+                        raise ValueError(f"{payload.size} bytes, shorter than a Blosc header")
+                    size, cbytes, _ = numcodecs.blosc._cbuffer_sizes(payload)
+                    if cbytes != payload.size:
+                        raise ValueError(f"its header promises {cbytes} bytes, the file holds {payload.size}")
                     if size != nbytes:
                         raise ValueError(f"it decodes to {size} bytes, expected {nbytes}")
                     numcodecs.blosc.decompress(payload, data)
@@ -677,7 +681,8 @@ class CubeReader:
             group = zarr.open_group(_zarr_store(self.files, f"{self.root}/{location}"), mode="r", zarr_format=3)
             arr = group[name]
             assert isinstance(arr, zarr.Array)
-            data = np.asarray(arr[tuple(slice(None) if s is None else s for s in region)])
+            key: Any = tuple(slice(None) if s is None else s for s in region)
+            data = np.asarray(arr[key])
             return data if out is None else _into(out, data)
         norm = _normalise_region(info, region)
         shape = tuple(_extent(s) for s in norm)
@@ -942,7 +947,7 @@ def write_cube_array(files: FileAccess, group: zarr.Group, group_path: str, cw: 
                                                                                   np.ndarray]]:
         col = block[:, :, xs:xs + cxy]
         rows, cols = col.shape[1], col.shape[2]
-        out = []
+        out: list[tuple[tuple[int, ...], list[Any], np.ndarray]] = []
         for k in range(0, b, g):
             buf = np.empty(chunk, dtype=dtype) if (rows, cols) == (cxy, cxy) and k + g <= b else \
                 np.zeros(chunk, dtype=dtype)
@@ -969,7 +974,7 @@ def write_cube_array(files: FileAccess, group: zarr.Group, group_path: str, cw: 
                 try:
                     for fut in futures:
                         for idx, parts, view in fut.result():
-                            hasher.update(np.ascontiguousarray(view))
+                            hasher.update(np.ascontiguousarray(view).data)
                             if shard is not None:
                                 sink.put_inner(idx, parts)
                 finally:
