@@ -34,7 +34,7 @@ import h5py
 import numpy as np
 import scipy.io
 
-from catalog.cubes import CubeLayout, CubeWrite, lossless_dtype
+from catalog.cubes import CubeLayout, CubeWrite
 from catalog.fixtures.synth import scene, to_dtype
 from catalog.readers.base import SourceItem
 from catalog.specs import parse_spec
@@ -135,78 +135,81 @@ def positions(rng: np.random.Generator, side: int, size: int, n: int) -> list[tu
 
 
 # ---------------------------------------------------------------------------------------------- 1. layouts
+def measure_layout(root: Path, layout: CubeLayout, cube: np.ndarray, wl: np.ndarray, raw: Raw,
+                   p128: list[tuple[int, int]], p512: list[tuple[int, int]], s512: int,
+                   batch: list[tuple[int, int]]) -> dict[str, float]:
+    """One row of the layout table: the cube stored in ``layout``, read against the raw .npy."""
+    cat = Catalog(root / f"cat-{abs(hash(layout))}", layout=layout, read_threads=1, chunk_cache_mb=0).init()
+    t0 = time.perf_counter()
+    row = cat.write_cube(CubeWrite(dataset="bench", image_id="bench/layout", key="layout", sha256="0" * 64,
+                                   data=cube, wavelength_nm=wl, attrs={"source_path": str(raw.path)}))
+    r = {"write_s": time.perf_counter() - t0}
+    loc = row["location"]
+    files = cat.cubes.chunk_files(loc)
+    r["disk"] = dir_bytes(Path(cat.root) / loc / "cube") / cube.nbytes
+
+    def crop(y: int, x: int, size: int) -> np.ndarray:
+        return cat.read_crop(loc, y, x, size)
+
+    def both_cold() -> None:
+        evict(files)
+        cat.cubes.forget(loc)
+        raw.remap()
+
+    r["w128"] = rate(lambda y, x: crop(y, x, 128), p128) / rate(lambda y, x: raw.crop(y, x, 128), p128)
+    r["w512"] = rate(lambda y, x: crop(y, x, s512), p512) / rate(lambda y, x: raw.crop(y, x, s512), p512)
+    r["image"] = timed_once(lambda: np.array(raw.mm)) / timed_once(lambda: cat.read_image("bench/layout"))
+    r["batch"] = (timed_once(lambda: np.stack([raw.crop(y, x, 128) for y, x in batch]))
+                  / timed_once(lambda: cat.read_batch([(loc, y, x) for y, x in batch], 128, dtype=cube.dtype)))
+    r["c128"] = (rate(lambda y, x: crop(y, x, 128), p128, False, both_cold)
+                 / rate(lambda y, x: raw.crop(y, x, 128), p128, False, both_cold))
+    r["c512"] = (rate(lambda y, x: crop(y, x, s512), p512, False, both_cold)
+                 / rate(lambda y, x: raw.crop(y, x, s512), p512, False, both_cold))
+    r["mbs"] = rate(lambda y, x: crop(y, x, s512), p512) * cube.shape[0] * s512 * s512 * cube.itemsize / 2**20
+    cat.fs.rm(cat.root, recursive=True)
+    return r
+
+
 def layout_table(root: Path, side: int, crops: int, layouts: list[CubeLayout], figures: dict[str, float]) -> None:
     rng = np.random.default_rng(1)
     wl = np.linspace(400, 1000, 204)
     cube = to_dtype(scene(rng, wl, side, side, objects=12, noise=0.02), "uint16", 4095)
     np.save(root / "layout.raw.npy", cube)
     raw = Raw(root / "layout.raw.npy")
-    p128, p512 = positions(rng, side, 128, crops), positions(rng, side, min(512, side), max(4, crops // 8))
     s512 = min(512, side)
-    batch = [(y, x) for y, x in positions(rng, side, 128, 16)]
+    p128, p512 = positions(rng, side, 128, crops), positions(rng, side, s512, max(4, crops // 8))
+    batch = positions(rng, side, 128, 16)
     print(f"\n1. Layout table: one {cube.shape[0]}-band {side}x{side} uint16 cube (12-bit counts, synthetic scene "
-          f"with sensor noise), {cube.nbytes / 2**20:.0f} MB raw; ratios are catalog / raw .npy at the same "
-          "positions (warm: page cache; cold: both evicted)")
-    head = (f"{'layout':30s} {'disk/raw':>8s} {'write s':>7s} {'w128':>6s} {'w512':>6s} {'image':>6s} "
-            f"{'batch':>6s} {'c128':>6s} {'c512':>6s} {'MB/s w512':>9s}")
-    print(head)
+          f"with sensor noise), {cube.nbytes / 2**20:.0f} MB raw, one decode thread, no chunk cache. Ratios are "
+          "catalog / raw .npy at the same positions: w = warm (page cache), c = cold (both evicted); image = whole "
+          "image; batch = 16 crops of 128 px in one read_batch vs stacked crops")
+    print(f"{'layout':30s} {'disk/raw':>8s} {'write s':>7s} {'w128':>6s} {f'w{s512}':>6s} {'image':>6s} "
+          f"{'batch':>6s} {'c128':>6s} {f'c{s512}':>6s} {f'MB/s w{s512}':>10s}")
     results: dict[str, dict[str, float]] = {}
     for layout in layouts:
-        cat = Catalog(root / f"cat-{abs(hash(layout))}", layout=layout, read_threads=1, chunk_cache_mb=0).init()
-        t0 = time.perf_counter()
-        row = cat.write_cube(CubeWrite(dataset="bench", image_id="bench/layout", key="layout", sha256="0" * 64,
-                                       data=cube, wavelength_nm=wl, attrs={"source_path": str(raw.path)}))
-        write_s = time.perf_counter() - t0
-        loc = row["location"]
-        files = cat.cubes.chunk_files(loc)
-        disk = dir_bytes(Path(cat.root) / loc / "cube") / cube.nbytes
-
-        def cat_crop(y: int, x: int, size: int, cat: Catalog = cat, loc: str = loc) -> np.ndarray:
-            return cat.read_crop(loc, y, x, size)
-
-        def both_cold(cat: Catalog = cat, files: list[str] = files) -> None:
-            evict(files)
-            cat.cubes.forget(loc)
-            raw.remap()
-
-        r = {
-            "disk": disk,
-            "w128": rate(lambda y, x: cat_crop(y, x, 128), p128) / rate(lambda y, x: raw.crop(y, x, 128), p128),
-            "w512": rate(lambda y, x: cat_crop(y, x, s512), p512) / rate(lambda y, x: raw.crop(y, x, s512), p512),
-            "image": timed_once(lambda: np.array(raw.mm))
-            / timed_once(lambda: cat.read_image("bench/layout")),
-            "batch": timed_once(lambda: np.stack([raw.crop(y, x, 128) for y, x in batch]))
-            / timed_once(lambda: cat.read_batch([(loc, y, x) for y, x in batch], 128, dtype=np.uint16)),
-        }
-        c128 = rate(lambda y, x: cat_crop(y, x, 128), p128, False, both_cold)
-        r["c128"] = c128 / rate(lambda y, x: raw.crop(y, x, 128), p128, False, both_cold)
-        c512 = rate(lambda y, x: cat_crop(y, x, s512), p512, False, both_cold)
-        r["c512"] = c512 / rate(lambda y, x: raw.crop(y, x, s512), p512, False, both_cold)
-        mbs = rate(lambda y, x: cat_crop(y, x, s512), p512) * cube.shape[0] * s512 * s512 * 2 / 2**20
-        results[layout.label()] = r
-        print(f"{layout.label():30s} {disk:8.3f} {write_s:7.2f} {r['w128']:6.2f} {r['w512']:6.2f} "
-              f"{r['image']:6.2f} {r['batch']:6.2f} {r['c128']:6.2f} {r['c512']:6.2f} {mbs:9.0f}")
-        cat.fs.rm(cat.root, recursive=True)
+        r = results[layout.label()] = measure_layout(root, layout, cube, wl, raw, p128, p512, s512, batch)
+        print(f"{layout.label():30s} {r['disk']:8.3f} {r['write_s']:7.2f} {r['w128']:6.2f} {r['w512']:6.2f} "
+              f"{r['image']:6.2f} {r['batch']:6.2f} {r['c128']:6.2f} {r['c512']:6.2f} {r['mbs']:10.0f}")
     off = results.get(replace(DEFAULT, checksum=False).label())
     if off is not None:
         on = results[DEFAULT.label()]
         print(f"checksum cost (default layout, crc32c on / off): warm 128 px {on['w128'] / off['w128']:.2f}x, "
-              f"warm 512 px {on['w512'] / off['w512']:.2f}x, whole image {on['image'] / off['image']:.2f}x")
-    # decode threads on the default layout
-    cat = Catalog(root / "cat-threads", layout=DEFAULT, read_threads=2, chunk_cache_mb=0).init()
-    loc = cat.write_cube(CubeWrite(dataset="bench", image_id="bench/t", key="t", sha256="1" * 64, data=cube,
+              f"warm {s512} px {on['w512'] / off['w512']:.2f}x, whole image {on['image'] / off['image']:.2f}x")
+    # decode threads and the chunk cache on the default layout
+    two = Catalog(root / "cat-threads", layout=DEFAULT, read_threads=2, chunk_cache_mb=0).init()
+    loc = two.write_cube(CubeWrite(dataset="bench", image_id="bench/t", key="t", sha256="1" * 64, data=cube,
                                    wavelength_nm=wl, attrs={}))["location"]
-    one = Catalog(cat.uri, read_threads=1, chunk_cache_mb=0)
+    one = Catalog(two.uri, read_threads=1, chunk_cache_mb=0)
     t1 = timed_once(lambda: one.read_image("bench/t"))
-    t2 = timed_once(lambda: cat.read_image("bench/t"))
+    t2 = timed_once(lambda: two.read_image("bench/t"))
     r1 = rate(lambda y, x: one.read_crop(loc, y, x, s512), p512)
-    r2 = rate(lambda y, x: cat.read_crop(loc, y, x, s512), p512)
+    r2 = rate(lambda y, x: two.read_crop(loc, y, x, s512), p512)
     print(f"decode threads 2 vs 1 ({os.cpu_count()} cores, shared): whole image {t1 / t2:.2f}x, "
           f"{s512} px crops {r2 / r1:.2f}x")
-    cache = Catalog(cat.uri, read_threads=1, chunk_cache_mb=256)
-    near = [(y, x) for y0, x0 in p512[:2] for y, x in [(y0, x0)] + [(min(y0 + d, side - s512), x0) for d in (8, 16)]]
-    hit = rate(lambda y, x: cache.read_crop(loc, y, x, s512), near) / rate(lambda y, x: one.read_crop(loc, y, x, s512),
-                                                                           near)
+    cached = Catalog(two.uri, read_threads=1, chunk_cache_mb=256)
+    near = [(min(y + d, side - s512), x) for y, x in p512[:2] for d in (0, 8, 16)]
+    hit = (rate(lambda y, x: cached.read_crop(loc, y, x, s512), near)
+           / rate(lambda y, x: one.read_crop(loc, y, x, s512), near))
     print(f"chunk cache (256 MB) on overlapping {s512} px crops: {hit:.2f}x the uncached reads")
     figures["layout table: default w512 / raw mmap"] = results[DEFAULT.label()]["w512"]
 
@@ -352,7 +355,7 @@ def main() -> None:
     met: dict[str, bool] = {}
     print(f"load average at start: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
     with tempfile.TemporaryDirectory(dir=os.environ.get("HVP_BENCH_TMP")) as tmp:
-        layout_table(Path(tmp), args.size, args.crops, QUICK if args.quick else LAYOUTS, figures)
+        layout_table(Path(tmp), args.size + 128, args.crops, QUICK if args.quick else LAYOUTS, figures)
         families(Path(tmp), args.size, args.crops, figures, met)
     print(f"load average at end: {os.getloadavg()[0]:.2f}")
     if args.json:

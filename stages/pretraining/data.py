@@ -135,7 +135,7 @@ def collate(samples: Sequence[PretrainSample]) -> PretrainBatch:
             )
     return PretrainBatch(
         image_ids=[s.image_id for s in samples],
-        cube=torch.stack([s.cube for s in samples]),
+        cube=_stack([s.cube for s in samples]),
         wavelengths=first,
         gsd_m=torch.tensor([s.gsd_m for s in samples], dtype=torch.float32),
         rgb=torch.stack([s.rgb for s in samples]),
@@ -155,7 +155,7 @@ class PretrainDataset(Dataset[PretrainSample]):
 
     def __init__(self, catalog_uri: str, crop_size: int, images: Sequence[ImageInfo] | None = None,
                  max_masks: int = 16, min_mask_pixels: int = 16, crop_attempts: int = 8, seed: int = 0,
-                 mask_cache_mb: float = 256.0) -> None:
+                 mask_cache_mb: float = 256.0, read_threads: int | None = None) -> None:
         if crop_size < 8:
             raise ValueError(f"crop_size={crop_size} is too small; use at least one 8 px patch.")
         self.catalog_uri = catalog_uri
@@ -166,6 +166,7 @@ class PretrainDataset(Dataset[PretrainSample]):
         self.crop_attempts = crop_attempts
         self.seed = seed
         self.mask_cache_bytes = int(mask_cache_mb * 2**20)
+        self.read_threads = read_threads
         self._catalog: Catalog | None = None
         self._masks: OrderedDict[str, PackedMasks] = OrderedDict()
 
@@ -178,9 +179,13 @@ class PretrainDataset(Dataset[PretrainSample]):
 
     @property
     def catalog(self) -> Catalog:
-        """The catalog, opened on first use in this process."""
+        """The catalog, opened on first use in this process (one decode thread in a DataLoader worker: the
+        workers are the parallelism; the settings' thread count in the main process)."""
         if self._catalog is None:
-            self._catalog = Catalog(self.catalog_uri)
+            threads = self.read_threads
+            if threads is None and torch.utils.data.get_worker_info() is not None:
+                threads = 1
+            self._catalog = Catalog(self.catalog_uri, read_threads=threads)
         return self._catalog
 
     @property
@@ -204,6 +209,20 @@ class PretrainDataset(Dataset[PretrainSample]):
 
     def __getitem__(self, key: int | tuple[int, int]) -> PretrainSample:
         """The crop of `key` = (image index, draw id); a bare index means draw 0. Same key, same crop."""
+        index = key if isinstance(key, int) else key[0]
+        return self._sample(key, _cube_buffer(1, self.images[index].wavelengths.size, self.crop_size)[0])
+
+    def __getitems__(self, keys: Sequence[int | tuple[int, int]]) -> list[PretrainSample]:
+        """The crops of a batch (what DataLoader asks for), their cubes decoded into one ``(B, C, S, S)`` buffer
+        (in shared memory inside a worker), so ``collate`` neither stacks nor the worker copies them again."""
+        bands = {self.images[k if isinstance(k, int) else k[0]].wavelengths.size for k in keys}
+        if len(bands) != 1:  # mixed band counts: collate refuses them with the fix; build them one by one
+            return [self[k] for k in keys]
+        cubes = _cube_buffer(len(keys), bands.pop(), self.crop_size)
+        return [self._sample(k, cubes[n]) for n, k in enumerate(keys)]
+
+    def _sample(self, key: int | tuple[int, int], cube: torch.Tensor) -> PretrainSample:
+        """The crop of ``key``, its cube decoded into ``cube`` (C, S, S) float32."""
         index, draw = (key, 0) if isinstance(key, int) else key
         info = self.images[index]
         rng = np.random.default_rng([self.seed, index, draw])
@@ -220,16 +239,25 @@ class PretrainDataset(Dataset[PretrainSample]):
                 break
         if keep.size > self.max_masks:
             keep = np.sort(rng.choice(keep, self.max_masks, replace=False))
-        crop = self.catalog.read_crop(info.location, y0, x0, size)
-        h, w = crop.shape[1:]
+        h, w = min(size, info.height - y0), min(size, info.width - x0)
+        # decoded straight into the zero-padded float32 sample, then normalised in place
+        out = cube.numpy()
+        if (h, w) != (size, size):
+            out[:, h:] = 0
+            out[:, :h, w:] = 0
+        crop = self.catalog.read_crop(info.location, y0, x0, size, dtype=np.float32, out=out[:, :h, :w])
+        rgb = self._rgb(info, crop, y0, x0)  # before normalising: the false colour of the values as stored
         masks = fused.window(y0, y0 + h, x0, x0 + w, keep)
         points = self._prompts(fused, keep, masks, (y0, x0), rng)
+        peak = float(crop.max()) if crop.size else 0.0
+        if peak > 0:  # HyperFree's preprocessing: the crop divided by its global max (an all-zero crop stays 0)
+            out /= np.float32(peak)
         return PretrainSample(
             image_id=info.image_id,
-            cube=torch.from_numpy(_pad(_normalise(crop), size)),
+            cube=cube,
             wavelengths=torch.from_numpy(info.wavelengths),
             gsd_m=info.gsd_m,
-            rgb=torch.from_numpy(_pad(self._rgb(info, crop, y0, x0), size)),
+            rgb=torch.from_numpy(_pad(rgb, size)),
             masks=torch.from_numpy(_pad(masks, size)),
             points=torch.from_numpy(points),
             origin=(y0, x0),
@@ -264,11 +292,38 @@ class PretrainDataset(Dataset[PretrainSample]):
         return points
 
 
-def _normalise(crop: np.ndarray) -> np.ndarray:
-    """HyperFree's preprocessing on a crop: float32 divided by the crop's global max (an all-zero crop stays 0)."""
-    x = crop.astype(np.float32)
-    peak = float(x.max()) if x.size else 0.0
-    return x / peak if peak > 0 else x
+def _cube_buffer(n: int, bands: int, size: int) -> torch.Tensor:
+    """An uninitialised ``(n, bands, size, size)`` float32 tensor, in shared memory inside a DataLoader worker
+    (what it sends to the main process then travels without a copy, as default_collate does)."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty((n, bands, size, size), dtype=torch.float32)
+    return _on_storage(torch.UntypedStorage._new_shared(n * bands * size * size * 4), 0, (n, bands, size, size),
+                       torch.float32)
+
+
+def _on_storage(storage: torch.UntypedStorage, offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A contiguous tensor of ``shape`` over ``storage`` from element ``offset``."""
+    strides = [1] * len(shape)
+    for d in range(len(shape) - 2, -1, -1):
+        strides[d] = strides[d + 1] * shape[d + 1]
+    return torch.empty(0, dtype=dtype).set_(storage, offset, shape, strides)
+
+
+def _stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack`` of equal-shape tensors, free when they are consecutive slices of one buffer (a batch
+    from ``__getitems__``), else into shared memory inside a DataLoader worker."""
+    first = tensors[0]
+    step = first.numel()
+    if all(t.is_contiguous() and t.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+           and t.storage_offset() == first.storage_offset() + k * step and t.shape == first.shape
+           for k, t in enumerate(tensors)):
+        return _on_storage(first.untyped_storage(), int(first.storage_offset()), (len(tensors), *first.shape),
+                           first.dtype)
+    out = None
+    if torch.utils.data.get_worker_info() is not None:
+        storage = torch.UntypedStorage._new_shared(len(tensors) * step * first.element_size())
+        out = _on_storage(storage, 0, (len(tensors), *first.shape), first.dtype)
+    return torch.stack(list(tensors), out=out)
 
 
 def _pad(x: np.ndarray, size: int) -> np.ndarray:

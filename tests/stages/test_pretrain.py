@@ -311,3 +311,14 @@ def test_pretrain_flow_runs_two_steps_and_publishes_artifacts(catalog_uri: str, 
     assert result["steps_done"] == 2 and Path(result["plot_png"]).is_file()
     assert {a.type for a in found} == {"markdown", "table"}
     assert all("random-init" in (a.description or "") for a in found)
+
+
+def test_batches_decode_into_one_buffer_and_collate_without_copying(catalog_uri: str) -> None:
+    ds = PretrainDataset(catalog_uri, CROP, min_mask_pixels=4)
+    sig = ds.signatures[0]
+    keys = [(i, 5) for i, s in enumerate(ds.signatures) if s == sig][:3]
+    samples = ds.__getitems__(keys)
+    batch = collate(samples)
+    assert batch.cube.untyped_storage().data_ptr() == samples[0].cube.untyped_storage().data_ptr()
+    for n, key in enumerate(keys):  # the same crops, values and padding as one by one
+        torch.testing.assert_close(batch.cube[n], ds[key].cube, rtol=0, atol=0)
