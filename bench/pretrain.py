@@ -9,7 +9,7 @@
    CUDA machine the same script runs in bf16 autocast and also reports MFU against --peak-tflops, and the fraction
    of step time spent waiting for data with the catalog loader).
 
-    .venv/bin/python bench/pretrain.py [--steps 16] [--workers 2] [--sizes tiny,base,large] [--json]
+    .venv/bin/python bench/pretrain.py [--steps 6] [--workers 2] [--sizes tiny,base,large] [--json]
 """
 
 from __future__ import annotations
@@ -186,10 +186,11 @@ def loader_alone(root: Path, workers: int) -> None:
         mb = s.cube.numel() * 4 / 2**20
         line = f"  {size:4d} px: {per_core:6.2f} samples/s on one core ({per_core * mb:5.0f} MB/s of float32 samples)"
         if workers and size == 512:
-            keys = [(0, k) for k in range(6 * workers + 1)]
+            keys = [(0, k) for k in range(8 * workers)]
             it = iter(DataLoader(ds, batch_size=None, sampler=keys, num_workers=workers,
                                  multiprocessing_context="spawn", prefetch_factor=1))
-            next(it)
+            for _ in range(2 * workers):  # every worker started and warm
+                next(it)
             t0 = time.perf_counter()
             got = sum(1 for _ in it)
             line += f"; {got / (time.perf_counter() - t0):6.2f} samples/s with {workers} workers"
@@ -249,7 +250,7 @@ def by_size(sizes: list[str], img: int, bands: int, peak_tflops: float | None) -
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    ap.add_argument("--steps", type=int, default=16, help="timed steps per block (two blocks per side)")
+    ap.add_argument("--steps", type=int, default=6, help="timed steps per block (two blocks per side)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--sizes", default="tiny,base,large")
     ap.add_argument("--img", type=int, default=256, help="encoder input side for the size sweep")
