@@ -153,8 +153,8 @@ def measure_layout(root: Path, layout: CubeLayout, cube: np.ndarray, wl: np.ndar
         return cat.read_crop(loc, y, x, size)
 
     def both_cold() -> None:
+        cat.cubes.forget(loc)  # unmapped first: mapped pages are not evicted
         evict(files)
-        cat.cubes.forget(loc)
         raw.remap()
 
     r["w128"] = paired(lambda y, x: crop(y, x, 128), lambda y, x: raw.crop(y, x, 128), p128)
@@ -300,8 +300,8 @@ def families(root: Path, side: int, crops: int, figures: dict[str, float], met: 
         files = cat.cubes.chunk_files(loc)
 
         def cold(files: list[str] = files, raw: Raw = raw, loc: str = loc) -> None:
+            cat.cubes.forget(loc)  # unmapped first: mapped pages are not evicted
             evict(files)
-            cat.cubes.forget(loc)
             raw.remap()
 
         def cat_crop(y: int, x: int, size: int, loc: str = loc) -> np.ndarray:

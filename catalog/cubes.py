@@ -683,7 +683,7 @@ class CubeReader:
             chunk = self.chunk(info, idx, fetched[k])
             fetched[k] = None  # unmapped once copied
             for p in pieces:
-                p.out[p.dst] = chunk[p.src]
+                _put(p.out, p.dst, chunk, p.src)
 
         total = sum(j[0].chunk_nbytes for j in jobs)
         if self.threads == 1 or len(jobs) < 2 or total < self.PARALLEL_MIN_BYTES:
@@ -757,6 +757,19 @@ class CubeReader:
             per = info.inner_per_shard
             grid = tuple(-(-g // p) for g, p in zip(grid, per, strict=True))
         return [info.file_key(idx) for idx in np.ndindex(*grid)]
+
+
+def _put(out: np.ndarray, dst: tuple[Any, ...], chunk: np.ndarray, src: tuple[Any, ...]) -> None:
+    """``out[dst] = chunk[src]``. Without a cast, each row's contiguous run is copied as one opaque element
+    (numpy then loops per band, not per row: the chunk's short rows cost as much as a plain copy's long ones)."""
+    if out.dtype == chunk.dtype and all(isinstance(s, slice) for s in (*dst, *src)):
+        d, s = out[dst], chunk[src]
+        run = d.shape[-1] * d.itemsize
+        if run >= 16 and d.strides[-1] == d.itemsize and s.strides[-1] == s.itemsize:
+            row = np.dtype((np.void, run))
+            d.view(row)[...] = s.view(row)
+            return
+    out[dst] = chunk[src]
 
 
 def _into(out: np.ndarray, data: np.ndarray) -> np.ndarray:
