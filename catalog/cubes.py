@@ -509,9 +509,12 @@ class CubeReader:
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = 0
+        self.pid = os.getpid()
+        """The process that built this reader (a forked child builds its own: see Catalog.cubes)."""
 
     # ------------------------------------------------------------------ metadata
-    def _json(self, path: str) -> dict[str, Any]:
+    def metadata(self, path: str) -> dict[str, Any]:
+        """A Zarr v3 metadata document (``zarr.json``) as a dict; FileNotFoundError when absent."""
         raw = self.files.read(path)
         if raw is None:
             raise FileNotFoundError(path)
@@ -524,7 +527,7 @@ class CubeReader:
         """The attributes of the group at ``location`` (read once per reader)."""
         attrs = self._group_attrs.get(location)
         if attrs is None:
-            attrs = self._group_attrs[location] = dict(self._json(f"{self.root}/{location}/zarr.json")
+            attrs = self._group_attrs[location] = dict(self.metadata(f"{self.root}/{location}/zarr.json")
                                                        .get("attributes", {}))
         return attrs
 
@@ -534,7 +537,7 @@ class CubeReader:
         key = (location, name)
         if key not in self._infos:
             path = f"{self.root}/{location}/{name}"
-            meta = self._json(f"{path}/zarr.json")
+            meta = self.metadata(f"{path}/zarr.json")
             try:
                 image_id = str(self.group_attrs(location).get("image_id", location))
             except FileNotFoundError:
@@ -583,8 +586,8 @@ class CubeReader:
                 self._shard_index.popitem(last=False)
         return path, index
 
-    def _raw_chunk(self, info: ArrayInfo, idx: tuple[int, ...],
-                   into: np.ndarray | None = None) -> tuple[str, np.ndarray | None]:
+    def stored_chunk(self, info: ArrayInfo, idx: tuple[int, ...],
+                     into: np.ndarray | None = None) -> tuple[str, np.ndarray | None]:
         """The stored bytes of one chunk (encoded, checksum included) and their file; None = never written."""
         if info.shard is None:
             path = info.file_key(idx)
@@ -650,7 +653,7 @@ class CubeReader:
         key = (info.path, idx)
         if cache and (hit := self.cache.get(key)) is not None:
             return hit
-        path, raw = fetched if fetched is not None else self._raw_chunk(info, idx)
+        path, raw = fetched if fetched is not None else self.stored_chunk(info, idx)
         if raw is None:
             fills = self._fills.get((info.path, ""))
             if fills is None:
@@ -663,7 +666,8 @@ class CubeReader:
         return chunk
 
     # ------------------------------------------------------------------ reads
-    def _executor(self) -> ThreadPoolExecutor:
+    def executor(self) -> ThreadPoolExecutor:
+        """This process's decode thread pool (``threads`` threads; rebuilt after a fork)."""
         if self._pool is None or self._pool_pid != os.getpid():
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="hvp-decode")
             self._pool_pid = os.getpid()
@@ -676,7 +680,7 @@ class CubeReader:
         if self.files.local and len(jobs) > 1:
             for k, (info, idx, _) in enumerate(jobs):
                 if (info.path, idx) not in self.cache:
-                    fetched[k] = self._raw_chunk(info, idx)
+                    fetched[k] = self.stored_chunk(info, idx)
 
         def one(k: int) -> None:
             info, idx, pieces = jobs[k]
@@ -690,7 +694,7 @@ class CubeReader:
             for k in range(len(jobs)):
                 one(k)
             return
-        for _ in self._executor().map(one, range(len(jobs))):
+        for _ in self.executor().map(one, range(len(jobs))):
             pass
 
     def read(self, location: str, region: Sequence[slice | np.ndarray | Sequence[int] | None] = (),
@@ -1165,7 +1169,7 @@ class _LazyCube(BackendArray):
 def open_dataarray(reader: CubeReader, location: str, name: str = "cube") -> xr.DataArray:
     """The array ``location/name`` as a lazy DataArray with its dimension names, the group's ``wavelength`` and
     ``fwhm`` as coordinates along the first dimension, and the group's and array's attributes."""
-    meta = reader._json(f"{reader.root}/{location}/{name}/zarr.json")
+    meta = reader.metadata(f"{reader.root}/{location}/{name}/zarr.json")
     shape = tuple(int(s) for s in meta["shape"])
     dims = tuple(meta.get("dimension_names") or (f"dim_{i}" for i in range(len(shape))))
     info = reader.info(location, name)
@@ -1176,7 +1180,7 @@ def open_dataarray(reader: CubeReader, location: str, name: str = "cube") -> xr.
         with contextlib.suppress(FileNotFoundError):
             values = reader.read(location, (), coord)
             coords[coord] = xr.Variable((dims[0],), values, attrs=dict(
-                reader._json(f"{reader.root}/{location}/{coord}/zarr.json").get("attributes", {})))
+                reader.metadata(f"{reader.root}/{location}/{coord}/zarr.json").get("attributes", {})))
     da = xr.DataArray(var, coords=coords, name=name)
     da.attrs = {**reader.group_attrs(location), **meta.get("attributes", {})}
     return da
@@ -1271,7 +1275,7 @@ class DeviceBatchReader:
         def fetch(slot: tuple[ArrayInfo, tuple[int, ...], int]) -> None:
             info, idx, off = slot
             room = host[off: off + info.chunk_nbytes + 4]
-            path, raw = self.reader._raw_chunk(info, idx, into=room)
+            path, raw = self.reader.stored_chunk(info, idx, into=room)
             if raw is None:
                 room[: info.chunk_nbytes] = info.fill_chunk().view(np.uint8).ravel()
                 return
@@ -1281,7 +1285,7 @@ class DeviceBatchReader:
 
         jobs = list(slots.values())
         if self.reader.threads > 1 and len(jobs) > 1:
-            for _ in self.reader._executor().map(fetch, jobs):
+            for _ in self.reader.executor().map(fetch, jobs):
                 pass
         else:
             for job in jobs:

@@ -100,7 +100,7 @@ class Catalog:
     @property
     def cubes(self) -> CubeReader:
         """This process's chunk reader (created on first use; a forked worker builds its own)."""
-        if self._reader is None or self._reader._pool_pid not in (0, os.getpid()):
+        if self._reader is None or self._reader.pid != os.getpid():
             self._reader = CubeReader(self._files, self.root, self.read_threads, self.chunk_cache_bytes)
         return self._reader
 
