@@ -77,7 +77,7 @@ class CubeLayout:
 
     chunk_xy: int = 64
     band_group: int = 0
-    shard_xy: int = 0
+    shard_xy: int = 1024
     codec: Codec = "none"
     level: int = 1
     shuffle: Shuffle = "none"
@@ -86,8 +86,8 @@ class CubeLayout:
     def __post_init__(self) -> None:
         if self.chunk_xy < 1 or self.band_group < 0 or self.shard_xy < 0:
             raise ValueError(f"{self}: chunk_xy must be >= 1, band_group and shard_xy >= 0")
-        if self.shard_xy and self.shard_xy % self.chunk_xy:
-            raise ValueError(f"shard_xy={self.shard_xy} must be a multiple of chunk_xy={self.chunk_xy}")
+        if self.shard_xy % self.chunk_xy:  # whole chunks per shard: round the shard edge up
+            object.__setattr__(self, "shard_xy", -(-self.shard_xy // self.chunk_xy) * self.chunk_xy)
         if self.codec not in ("none", "lz4", "zstd") or self.shuffle not in _SHUFFLES:
             raise ValueError(f"unknown codec '{self.codec}' or shuffle '{self.shuffle}'")
 
@@ -96,8 +96,10 @@ class CubeLayout:
         return (min(self.band_group, bands) if self.band_group else bands, self.chunk_xy, self.chunk_xy)
 
     def shard_shape(self, bands: int) -> tuple[int, int, int] | None:
-        """The shard shape (all bands x ``shard_xy``^2), or None when chunks are files of their own."""
-        return (bands, self.shard_xy, self.shard_xy) if self.shard_xy else None
+        """The shard shape (all bands, in whole band groups, x ``shard_xy``^2), or None when chunks are files of
+        their own."""
+        g = self.chunk_shape(bands)[0]
+        return (-(-bands // g) * g, self.shard_xy, self.shard_xy) if self.shard_xy else None
 
     def compressors(self) -> list[Any]:
         """The bytes-to-bytes codecs of a chunk, in Zarr v3 terms (what other Zarr readers see)."""
@@ -904,17 +906,16 @@ class _ChunkSink:
         if entry is None:
             path = self.info.file_key(sidx)
             self.files.makedirs(path.rsplit("/", 1)[0])
+            # streamed: locally appended, elsewhere through fsspec's buffered (multipart) writer
             handle: Any = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644) if self.files.local \
-                else bytearray()
+                else self.files.fs.open(path, "wb")
             index = np.full((int(np.prod(per)), 2), _NO_CHUNK, dtype="<u8")
             entry = self._shards[sidx] = (handle, index, [0])
         handle, index, offset = entry
         if self.files.local:
             n = _writev_all(handle, parts)
         else:
-            chunk = b"".join(bytes(memoryview(p).cast("B")) for p in parts)
-            handle.extend(chunk)
-            n = len(chunk)
+            n = sum(handle.write(memoryview(p).cast("B")) or 0 for p in parts)
         index[int(np.ravel_multi_index(tuple(i % p for i, p in zip(idx, per, strict=True)), per))] = (offset[0], n)
         offset[0] += n
 
@@ -933,13 +934,17 @@ class _ChunkSink:
                 finally:
                     os.close(handle)
             else:
-                self.files.write(self.info.file_key(sidx), [bytes(handle), *tail])
+                with handle:
+                    for part in tail:
+                        handle.write(memoryview(part).cast("B"))
 
     def abort(self) -> None:
         """Close open shard files after a failure (the caller removes the folder)."""
         for handle, _, _ in self._shards.values():
             if self.files.local:
                 os.close(handle)
+            else:
+                handle.close()
         self._shards.clear()
 
 

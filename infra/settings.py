@@ -24,7 +24,7 @@ class Settings(BaseSettings):
     # Cube layout of new ingests (catalog/cubes.py explains the defaults, measured by bench/loader.py).
     chunk_xy: int = Field(default=64, ge=8, description="spatial chunk edge of stored cubes")
     cube_band_group: int = Field(default=0, ge=0, description="bands per chunk (0 = all bands in every chunk)")
-    cube_shard_xy: int = Field(default=0, ge=0, description="shard edge in pixels, a multiple of chunk_xy "
+    cube_shard_xy: int = Field(default=1024, ge=0, description="shard edge in pixels, rounded up to whole chunks "
                                "(0 = one file per chunk)")
     cube_codec: Literal["none", "lz4", "zstd"] = Field(default="none", description="Blosc compressor of stored "
                                                        "cubes (none: raw chunks; noisy sensor data barely "

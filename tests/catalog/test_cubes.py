@@ -18,12 +18,13 @@ from catalog.errors import CorruptChunkError
 from catalog.store import Catalog, CubeWrite
 
 LAYOUTS = [
-    CubeLayout(chunk_xy=16),
-    CubeLayout(chunk_xy=16, band_group=5),
+    CubeLayout(chunk_xy=16),  # the default: one shard per image here
+    CubeLayout(chunk_xy=16, shard_xy=0),
+    CubeLayout(chunk_xy=16, band_group=5, shard_xy=0),
     CubeLayout(chunk_xy=8, shard_xy=32),
     CubeLayout(chunk_xy=16, band_group=4, shard_xy=32, codec="lz4", shuffle="bit"),
-    CubeLayout(chunk_xy=16, codec="zstd", level=2, shuffle="byte"),
-    CubeLayout(chunk_xy=16, checksum=False),
+    CubeLayout(chunk_xy=16, shard_xy=0, codec="zstd", level=2, shuffle="byte"),
+    CubeLayout(chunk_xy=16, shard_xy=0, checksum=False),
 ]
 
 
@@ -93,8 +94,11 @@ def _flip(path: Path, offset: int) -> None:
         fh.write(bytes([byte[0] ^ 0x10]))
 
 
-@pytest.mark.parametrize("layout", [CubeLayout(chunk_xy=16), CubeLayout(chunk_xy=16, codec="lz4"),
-                                    CubeLayout(chunk_xy=8, shard_xy=16)], ids=lambda lay: lay.label())
+FLIPPABLE = [CubeLayout(chunk_xy=16, shard_xy=0), CubeLayout(chunk_xy=16, shard_xy=0, codec="lz4"),
+             CubeLayout(chunk_xy=8, shard_xy=16)]
+
+
+@pytest.mark.parametrize("layout", FLIPPABLE, ids=lambda lay: lay.label())
 def test_a_flipped_byte_is_caught_on_every_read_path(tmp_path: Path, layout: CubeLayout) -> None:
     cat = Catalog(tmp_path / "cat", layout=layout, chunk_cache_mb=0).init()
     data = _cube()
@@ -123,7 +127,7 @@ def test_a_flipped_byte_is_caught_on_every_read_path(tmp_path: Path, layout: Cub
 
 
 def test_truncated_and_undecodable_chunks_name_the_problem(tmp_path: Path) -> None:
-    cat = Catalog(tmp_path / "cat", layout=CubeLayout(chunk_xy=16, codec="lz4", checksum=False)).init()
+    cat = Catalog(tmp_path / "cat", layout=CubeLayout(chunk_xy=16, shard_xy=0, codec="lz4", checksum=False)).init()
     loc = _write(cat, _cube())["location"]
     chunk_file = tmp_path / "cat" / loc / "cube" / "c" / "0" / "0" / "0"
     chunk_file.write_bytes(chunk_file.read_bytes()[:40])
