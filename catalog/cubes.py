@@ -7,24 +7,22 @@ any Zarr v3 reader can read the catalog and every chunk is verified whenever it 
 each group (``layout_version``, ``layout``); groups without it are layout 1 (all bands x 64 x 64, Blosc lz4 +
 bitshuffle, no checksum) and still read, without a checksum to verify.
 
-Why this default (chosen from ``bench/loader.py``'s layout table; see catalog/README.md for the numbers):
+The default (chosen from ``bench/loader.py``'s layout table; catalog/README.md has the table and the reasoning):
+all bands x 64 x 64 px chunks in 1024 x 1024 px shards, raw bytes (no compressor), CRC-32C per chunk.
 
-- **No compression.** Noisy 12-16-bit sensor data is close to incompressible for codecs fast enough to feed a
-  GPU: lz4 saves nothing on it, zstd-1..3 + bitshuffle saves 10-30 % at a tenth of memcpy speed per core. The
-  catalog's disk saving comes from the dtype instead: integer-valued float sources (MATLAB doubles that store
-  counts) are stored as integers, 4x smaller than float64.
-- **All bands per chunk, 64 x 64 pixels.** A training crop needs every band of a window; one file per 64 x 64
-  column keeps a 128-pixel crop at 9 reads and a 512-pixel crop at 1.27x read amplification; smaller chunks
-  pay more per-file overhead than they save in amplification, larger ones over-read small crops.
-- **No sharding by default.** Shards cut the file count (object stores, small-file-hostile file systems) but a
-  local warm read pays the same; ``CubeLayout(shard_xy=...)`` writes them and the reader reads them.
-- **CRC-32C on every chunk.** It runs at > 10 GB/s per core, a few percent of a warm read, and catches a
-  flipped byte that would still decode.
+- **No compression**: noisy 12-16-bit sensor data barely compresses with codecs fast enough to feed a GPU
+  (bit-shuffle + zstd reads 3-7x slower for 0.6-0.7x the bytes); disk is saved by the dtype instead (integer-valued
+  floats are stored as integers).
+- **All bands x 64 px**: a training crop needs every band of a window; 64 px keeps a 128 px crop at 9 chunks and a
+  512 px crop at 1.27x over-read.
+- **1024 px shards**: warm reads cost the same as a file per chunk, cold reads of large crops are faster (one file
+  read ahead sequentially), and an image is one file instead of hundreds.
+- **CRC-32C**: > 10 GB/s per core, and it catches a flipped byte that would still decode.
 
 The read path (``CubeReader``) does not go through zarr-python's asynchronous pipeline, which costs more than
-the decode for these chunks: it parses the array's ``zarr.json`` once, reads each chunk file (``pread`` into a
-per-thread buffer locally, fsspec elsewhere), verifies its checksum, decodes it and copies the window straight
-into the caller's output buffer, casting on the way (e.g. to float32), on a pool of threads. A per-process,
+the decode for these chunks: it parses the array's ``zarr.json`` once, memory-maps chunk and shard files locally
+(fsspec elsewhere), verifies each chunk's checksum, decodes it if compressed and copies the window straight into
+the caller's output buffer, casting on the way (e.g. to float32), on a pool of threads. A per-process,
 byte-bounded chunk cache serves overlapping crops. ``DeviceBatchReader`` reads uncompressed chunks straight into
 pinned memory and cuts crops out of them on the GPU, with the CPU path as the fallback.
 """
