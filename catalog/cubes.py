@@ -164,17 +164,24 @@ class FileAccess:
             size = os.fstat(fd).st_size
             if size == 0:
                 return np.empty(0, dtype=np.uint8)
-            return np.frombuffer(mmap.mmap(fd, size, prot=mmap.PROT_READ), dtype=np.uint8)
+            mapped = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+            # no read-around on faults (the kernel would read megabytes around every cold page of a shard):
+            # what a request needs is asked for exactly, with MADV_WILLNEED
+            mapped.madvise(mmap.MADV_RANDOM)
+            return np.frombuffer(mapped, dtype=np.uint8)
         finally:
             os.close(fd)
 
     @staticmethod
     def _willneed(view: np.ndarray, start: int, length: int) -> None:
         """Ask the kernel to read a mapped range ahead (asynchronously; a no-op on cached pages)."""
-        base = view.base
-        if isinstance(base, mmap.mmap) and length > 0:
+        base: Any = view
+        while isinstance(base, np.ndarray):
+            base = base.base
+        mapped = base.obj if isinstance(base, memoryview) else None
+        if isinstance(mapped, mmap.mmap) and length > 0:
             lo = start - start % mmap.PAGESIZE
-            base.madvise(mmap.MADV_WILLNEED, lo, min(len(base), start + length) - lo)
+            mapped.madvise(mmap.MADV_WILLNEED, lo, min(len(mapped), start + length) - lo)
 
     def _mapped(self, path: str) -> tuple[np.ndarray | None, bool]:
         """The file's cached mapping (mapped now if new; second value True then); None if it does not exist."""
