@@ -406,12 +406,6 @@ class ChunkCache:
             while self.nbytes > self.max_bytes:
                 self.nbytes -= self._items.popitem(last=False)[1].nbytes
 
-    def clear(self) -> None:
-        """Forget every chunk (and the hit counts)."""
-        with self._lock:
-            self._items.clear()
-            self.nbytes = self.hits = self.misses = 0
-
 
 # ---------------------------------------------------------------------------------------------- regions
 Region = tuple[slice | np.ndarray, ...]
@@ -512,7 +506,7 @@ class CubeReader:
         self._infos: dict[tuple[str, str], ArrayInfo | None] = {}
         self._group_attrs: dict[str, dict[str, Any]] = {}
         self._shard_index: OrderedDict[str, np.ndarray | None] = OrderedDict()
-        self._fills: dict[tuple[str, str], np.ndarray] = {}
+        self._fills: dict[str, np.ndarray] = {}
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = 0
@@ -662,9 +656,9 @@ class CubeReader:
             return hit
         path, raw = fetched if fetched is not None else self.stored_chunk(info, idx)
         if raw is None:
-            fills = self._fills.get((info.path, ""))
+            fills = self._fills.get(info.path)
             if fills is None:
-                fills = self._fills[(info.path, "")] = info.fill_chunk()
+                fills = self._fills[info.path] = info.fill_chunk()
             return fills
         chunk = self.decode(info, idx, path, raw)
         if cache:
@@ -941,7 +935,7 @@ class _ChunkSink:
             else:
                 with handle:
                     for part in tail:
-                        handle.write(memoryview(part).cast("B"))
+                        handle.write(part.tobytes())
 
     def abort(self) -> None:
         """Close open shard files after a failure (the caller removes the folder)."""
