@@ -11,12 +11,11 @@ The default (chosen from ``bench/loader.py``'s layout table; catalog/README.md h
 all bands x 64 x 64 px chunks in 1024 x 1024 px shards, raw bytes (no compressor), CRC-32C per chunk.
 
 - **No compression**: noisy 12-16-bit sensor data barely compresses with codecs fast enough to feed a GPU
-  (bit-shuffle + zstd reads 3-7x slower for 0.6-0.7x the bytes); disk is saved by the dtype instead (integer-valued
+  (bit-shuffle + zstd reads 2-7x slower for 0.6-0.7x the bytes); disk is saved by the dtype instead (integer-valued
   floats are stored as integers).
 - **All bands x 64 px**: a training crop needs every band of a window; 64 px keeps a 128 px crop at 9 chunks and a
   512 px crop at 1.27x over-read.
-- **1024 px shards**: warm reads cost the same as a file per chunk, cold reads of large crops are faster (one file
-  read ahead sequentially), and an image is one file instead of hundreds.
+- **1024 px shards**: reads cost the same as with a file per chunk, and an image is one file instead of hundreds.
 - **CRC-32C**: > 10 GB/s per core, and it catches a flipped byte that would still decode.
 
 The read path (``CubeReader``) does not go through zarr-python's asynchronous pipeline, which costs more than
