@@ -322,3 +322,18 @@ def test_batches_decode_into_one_buffer_and_collate_without_copying(catalog_uri:
     assert batch.cube.untyped_storage().data_ptr() == samples[0].cube.untyped_storage().data_ptr()
     for n, key in enumerate(keys):  # the same crops, values and padding as one by one
         torch.testing.assert_close(batch.cube[n], ds[key].cube, rtol=0, atol=0)
+
+
+def test_batches_cross_processes_with_small_tensors_by_value(catalog_uri: str) -> None:
+    import pickle
+
+    from torch.multiprocessing.reductions import ForkingPickler
+
+    ds = PretrainDataset(catalog_uri, CROP, min_mask_pixels=4)
+    batch = collate([ds[(0, 1)], ds[(0, 2)]])
+    again = pickle.loads(ForkingPickler.dumps(batch))
+    for name in ("cube", "wavelengths", "gsd_m", "rgb"):
+        torch.testing.assert_close(getattr(again, name), getattr(batch, name), rtol=0, atol=0)
+    for a, b in zip(again.masks + again.points, batch.masks + batch.points, strict=True):
+        assert isinstance(a, torch.Tensor) and torch.equal(a, b)
+    assert again.image_ids == batch.image_ids and again.origins == batch.origins
