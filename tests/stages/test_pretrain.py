@@ -326,11 +326,14 @@ def test_batches_decode_into_one_buffer_and_collate_without_copying(catalog_uri:
 
 def test_batches_cross_processes_with_small_tensors_by_value(catalog_uri: str) -> None:
     import pickle
+    from multiprocessing.reduction import ForkingPickler
 
-    from torch.multiprocessing.reductions import ForkingPickler
+    import torch.multiprocessing  # noqa: F401  (registers the shared-memory reductions of tensors)
 
     ds = PretrainDataset(catalog_uri, CROP, min_mask_pixels=4)
     batch = collate([ds[(0, 1)], ds[(0, 2)]])
+    _, fields = batch.__reduce__()
+    assert isinstance(fields[5][0], np.ndarray) and isinstance(fields[6][0], np.ndarray)  # masks, points by value
     again = pickle.loads(ForkingPickler.dumps(batch))
     for name in ("cube", "wavelengths", "gsd_m", "rgb"):
         torch.testing.assert_close(getattr(again, name), getattr(batch, name), rtol=0, atol=0)
