@@ -2,14 +2,15 @@
 
 1. Steps/s of the tiny model fed by the real catalog loader (DataLoader over PretrainDataset) vs the same batches
    held in memory, in alternating blocks on one trainer so that load drifts cancel (target >= 0.95x: loading must
-   not be the bottleneck).
+   not be the bottleneck). On the CPU the training gets the cores the loader workers leave (one each on 2 cores),
+   as on a GPU node where the model does not compete with the workers for cores.
 2. The loader alone (PretrainDataset samples, no model) at the released input sizes, 512 and 1024 px with all
    204 bands: samples/s and MB/s of float32 samples on one core, and with the DataLoader's workers.
 3. Tokens/s and peak memory of one forward+backward of the encoder per model size on this device (CPU here; on a
    CUDA machine the same script runs in bf16 autocast and also reports MFU against --peak-tflops, and the fraction
    of step time spent waiting for data with the catalog loader).
 
-    .venv/bin/python bench/pretrain.py [--steps 6] [--workers 2] [--sizes tiny,base,large] [--json]
+    .venv/bin/python bench/pretrain.py [--steps 4] [--blocks 4] [--workers 1] [--sizes tiny,base,large] [--json]
 """
 
 from __future__ import annotations
@@ -62,9 +63,11 @@ def make_catalog(root: Path, images: int = 8, size: int = 96, bands: int = 31, n
     return cat.uri
 
 
-def loader_vs_memory(catalog: str, steps: int, workers: int, device: str) -> dict[str, float]:
-    """Steps/s with the catalog loader vs in-memory batches: blocks of ``steps`` steps, memory-loader-memory-
-    loader on one trainer (a fresh DataLoader per loader block, warmed up by two untimed steps)."""
+def loader_vs_memory(catalog: str, steps: int, blocks: int, workers: int, device: str) -> dict[str, float]:
+    """Steps/s with the catalog loader vs in-memory batches on one trainer, in ``blocks`` alternating blocks of
+    ``steps`` timed steps per side (load spikes from other processes hit both sides alike). One DataLoader serves
+    every loader block; each block starts with two untimed steps, which also drain what its workers prefetched
+    while the in-memory block ran."""
     import torch
     from torch.utils.data import DataLoader
 
@@ -74,20 +77,22 @@ def loader_vs_memory(catalog: str, steps: int, workers: int, device: str) -> dic
     from stages.pretraining.runtime import setup_runtime
     from stages.pretraining.trainer import Trainer
 
-    config = PretrainConfig.preset("tiny", catalog=catalog, steps=10 * steps, batch_size=4, crop_size=64,
+    per_side = blocks * (steps + 2)
+    config = PretrainConfig.preset("tiny", catalog=catalog, steps=4 * per_side, batch_size=4, crop_size=64,
                                    device=device)
     rt = setup_runtime(device)
     images = scan_catalog(Catalog(catalog))
     dataset = PretrainDataset(catalog, 64, images, seed=0)
 
-    def loader(start: int) -> DataLoader:
-        sampler = BandSignatureBatchSampler(dataset.signatures, config.batch_size, start + steps + 2, 0, start)
+    def loader(start: int, n: int) -> DataLoader:
+        sampler = BandSignatureBatchSampler(dataset.signatures, config.batch_size, start + n, 0, start)
         return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
                           pin_memory=rt.cuda, multiprocessing_context="spawn" if workers else None,
                           persistent_workers=False)
 
     trainer = Trainer.build(config, rt)
-    in_memory = [b.to(rt.device) for b in loader(0)]
+    in_memory = [b.to(rt.device) for b in loader(0, steps + 2)]
+    it = iter(loader(per_side, per_side))
     step = 0
     mem_s = load_s = wait_s = 0.0
 
@@ -95,8 +100,8 @@ def loader_vs_memory(catalog: str, steps: int, workers: int, device: str) -> dic
         if rt.cuda:
             torch.cuda.synchronize()
 
-    for block in range(2):
-        for s in range(2):  # warm-up of this block's shapes outside the timing
+    for _ in range(blocks):
+        for s in range(2):
             trainer.step(step, in_memory[s])
             step += 1
         sync()
@@ -106,8 +111,7 @@ def loader_vs_memory(catalog: str, steps: int, workers: int, device: str) -> dic
             step += 1
         sync()
         mem_s += time.perf_counter() - t0
-        it = iter(loader(10 * block))
-        for _ in range(2):  # worker start-up and warm-up outside the timing
+        for _ in range(2):
             trainer.step(step, next(it).to(rt.device))
             step += 1
         sync()
@@ -120,11 +124,13 @@ def loader_vs_memory(catalog: str, steps: int, workers: int, device: str) -> dic
             step += 1
         sync()
         load_s += time.perf_counter() - t0
-        del it
+    del it
     ratio = mem_s / load_s
-    print(f"tiny model, batch 4, crop 64, {torch.get_num_threads()} torch threads, {workers} loader workers, "
-          f"{rt.device}: catalog loader {2 * steps / load_s:.2f} steps/s, in-memory {2 * steps / mem_s:.2f} steps/s "
-          f"-> {ratio:.2f}x (target >= 0.95); waiting for data: {wait_s / load_s:.1%} of the loader run's time")
+    n = blocks * steps
+    print(f"tiny model, batch 4, crop 64, {torch.get_num_threads()} torch thread(s), {workers} loader worker(s), "
+          f"{rt.device}, {blocks} alternating blocks of {steps} steps: catalog loader {n / load_s:.2f} steps/s, "
+          f"in-memory {n / mem_s:.2f} steps/s -> {ratio:.2f}x (target >= 0.95); waiting for data: "
+          f"{wait_s / load_s:.1%} of the loader's time")
     return {"ratio": ratio, "wait": wait_s / load_s}
 
 
@@ -250,8 +256,11 @@ def by_size(sizes: list[str], img: int, bands: int, peak_tflops: float | None) -
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    ap.add_argument("--steps", type=int, default=6, help="timed steps per block (two blocks per side)")
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=4, help="timed steps per block")
+    ap.add_argument("--blocks", type=int, default=4, help="alternating blocks per side")
+    ap.add_argument("--workers", type=int, default=1, help="DataLoader workers")
+    ap.add_argument("--torch-threads", type=int, default=None,
+                    help="training threads on the CPU (default: the cores the workers leave, at least 1)")
     ap.add_argument("--sizes", default="tiny,base,large")
     ap.add_argument("--img", type=int, default=256, help="encoder input side for the size sweep")
     ap.add_argument("--peak-tflops", type=float, default=None,
@@ -262,12 +271,15 @@ def main() -> None:
     import torch
 
     print(f"load average at start: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
+    if not torch.cuda.is_available() or args.device == "cpu":
+        # on the CPU the model and the loader share the cores: give each its own, as a GPU node does
+        torch.set_num_threads(args.torch_threads or max(1, (os.cpu_count() or 1) - args.workers))
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
         ("cpu" if args.device == "auto" else args.device)
     with tempfile.TemporaryDirectory(dir=os.environ.get("HVP_BENCH_TMP")) as tmp:
         catalog = make_catalog(Path(tmp))
-        lm = loader_vs_memory(catalog, args.steps, args.workers, device)
-        loader_alone(Path(tmp), args.workers)
+        lm = loader_vs_memory(catalog, args.steps, args.blocks, args.workers, device)
+        loader_alone(Path(tmp), max(2, args.workers))
     mfu = by_size(args.sizes.split(","), args.img, 31, args.peak_tflops)
     print(f"load average at end: {os.getloadavg()[0]:.2f}")
     if args.json:
