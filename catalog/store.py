@@ -17,36 +17,30 @@ never share a file, so no index row is lost. File-system details live in ``catal
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import threading
-from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from queue import Empty, Queue
-from typing import Any, Literal
+from typing import Any
 
-import numcodecs.blosc
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import xarray as xr
 import zarr
-from zarr.codecs import BloscCodec, BloscShuffle, BytesCodec
-from zarr.codecs.bytes import Endian
 
+from catalog import cubes
 from catalog import labels as label_store
+from catalog.cubes import CubeLayout, CubeReader, CubeWrite, FileAccess
 from catalog.masks import MaskStore
 from catalog.storage import Storage, member, now_utc
 
 FORMAT = {"format": "hvp-catalog", "version": 1}
-#: Cube storage defaults; the CLI and flows pass the settings' values (HVP_CHUNK_XY, HVP_CUBE_CODEC, ...).
-DEFAULT_CHUNK_XY = 64
-DEFAULT_CODEC: Literal["lz4", "zstd"] = "lz4"
-DEFAULT_COMPRESSION_LEVEL = 5
+#: Chunk-reader defaults; the CLI and flows pass the settings' values (HVP_READ_THREADS, HVP_CHUNK_CACHE_MB).
+DEFAULT_READ_THREADS = 2
+DEFAULT_CHUNK_CACHE_MB = 256.0
 
 INDEX_SCHEMA = pa.schema([
     ("dataset", pa.string()), ("image_id", pa.string()), ("bands", pa.int32()), ("wl_min", pa.float64()),
@@ -61,39 +55,29 @@ QUARANTINE_SCHEMA = pa.schema([
 ])
 
 
-@dataclass
-class CubeWrite:
-    """Everything needed to store one image; ``data`` is a lazy (band, y, x) array read strip by strip."""
-
-    dataset: str
-    image_id: str
-    key: str
-    sha256: str
-    data: Any
-    wavelength_nm: np.ndarray
-    attrs: dict[str, Any]
-    fwhm_nm: np.ndarray | None = None
-    rgb: np.ndarray | None = None
-    extras: dict[str, np.ndarray] = field(default_factory=dict)
-    index_fields: dict[str, Any] = field(default_factory=dict)
-    """Split, pretraining, label and sequence columns of the index row (see catalog/labels.py)."""
 
 
 class Catalog:
     """Read and write access to one catalog. Cheap to create; safe to use from several processes at once.
 
-    Its options come as arguments (the CLI and flows read them from the settings): ``chunk_xy`` is the spatial
-    chunk edge of stored cubes (all bands per chunk), ``codec`` and ``compression_level`` their Blosc compressor.
+    Its options come as arguments (the CLI and flows read them from the settings, ``infra.settings.cube_options``):
+    ``layout`` is how new cubes are stored (catalog/cubes.py; ``chunk_xy`` alone gives the default layout with
+    that chunk edge); ``read_threads`` and ``chunk_cache_mb`` configure this process's chunk reader.
     """
 
-    def __init__(self, uri: str | os.PathLike[str], chunk_xy: int = DEFAULT_CHUNK_XY,
-                 codec: Literal["lz4", "zstd"] = DEFAULT_CODEC,
-                 compression_level: int = DEFAULT_COMPRESSION_LEVEL) -> None:
+    def __init__(self, uri: str | os.PathLike[str], chunk_xy: int | None = None,
+                 layout: CubeLayout | Mapping[str, Any] | None = None, read_threads: int = DEFAULT_READ_THREADS,
+                 chunk_cache_mb: float = DEFAULT_CHUNK_CACHE_MB) -> None:
         self.storage = Storage(uri)
-        self.chunk_xy = chunk_xy
-        self.codec_name = codec
-        self.compression_level = compression_level
-        self._arrays: dict[str, zarr.Array] = {}
+        if isinstance(layout, Mapping):
+            layout = CubeLayout(**layout)
+        self.layout = layout or (CubeLayout(chunk_xy=chunk_xy) if chunk_xy else CubeLayout())
+        self.chunk_xy = self.layout.chunk_xy
+        self.read_threads = read_threads
+        self.chunk_cache_bytes = int(chunk_cache_mb * 2**20)
+        self._files = FileAccess(self.storage.fs, self.storage.local)
+        self._reader: CubeReader | None = None
+        self._device_readers: dict[str, cubes.DeviceBatchReader] = {}
         self._rows: pd.DataFrame | None = None
         self._mask_store: MaskStore | None = None
         self._missing: set[str] = set()  # derived arrays looked for and not found
@@ -112,6 +96,13 @@ class Catalog:
     def local(self) -> bool:
         """True for a catalog on the local file system."""
         return self.storage.local
+
+    @property
+    def cubes(self) -> CubeReader:
+        """This process's chunk reader (created on first use; a forked worker builds its own)."""
+        if self._reader is None or self._reader.pid != os.getpid():
+            self._reader = CubeReader(self._files, self.root, self.read_threads, self.chunk_cache_bytes)
+        return self._reader
 
     def init(self) -> Catalog:
         """Create the catalog's folders and format marker if missing (idempotent)."""
@@ -210,12 +201,18 @@ class Catalog:
 
         location = self.location_for(cw.dataset, cw.key, cw.sha256)
         b, h, w = (int(s) for s in cw.data.shape)
-        dtype = np.dtype(cw.data.dtype)
-        if not self.is_complete(location):
+        dtype = np.dtype(cw.store_dtype if cw.store_dtype is not None else cw.data.dtype)
+        if self.is_complete(location):  # stored by an earlier run: its dtype is what the row records
+            self.cubes.forget(location)
+            info = self.cubes.info(location)
+            dtype = info.dtype.newbyteorder("=") if info is not None else dtype
+        else:
             target = self.storage.temporary(location)
             try:
-                content_sha = self._write_group(target, cw, (b, h, w), dtype, finite_block, on_strip)
+                content_sha, dtype = cubes.write_group(self._files, self.storage.path(target), cw, self.layout,
+                                                       finite_block, on_strip, self.TILE_BYTES)
                 self.storage.commit_folder(target, location)  # replaces an incomplete leftover of a killed run
+                self.cubes.forget(location)
                 group = zarr.open_group(self.storage.zarr_store(location), mode="r+", zarr_format=3)
                 group.attrs.update({"complete": True, "content_sha256": content_sha})
             except BaseException:
@@ -233,117 +230,45 @@ class Catalog:
         self._rows = None  # this image's row changed
         return row
 
-    def _write_group(self, rel: str, cw: CubeWrite, shape: tuple[int, int, int], dtype: np.dtype,
-                     check: Any, on_strip: Any) -> str:
-        b, h, w = shape
-        c = self.chunk_xy
-        group = zarr.open_group(self.storage.zarr_store(rel), mode="w", zarr_format=3)
-        codec = BloscCodec(cname=self.codec_name, clevel=self.compression_level, shuffle=BloscShuffle.bitshuffle)
-        cube = group.create_array("cube", shape=(b, h, w), chunks=(b, c, c), dtype=dtype, compressors=codec,
-                                  dimension_names=("band", "y", "x"), fill_value=0)
-        group.create_array("wavelength", data=np.asarray(cw.wavelength_nm, dtype=np.float64),
-                           dimension_names=("band",), attributes={"units": "nm"})
-        if cw.fwhm_nm is not None:
-            group.create_array("fwhm", data=np.asarray(cw.fwhm_nm, dtype=np.float64), dimension_names=("band",),
-                               attributes={"units": "nm"})
-        if cw.rgb is not None:
-            group.create_array("rgb", data=np.ascontiguousarray(cw.rgb, dtype=np.uint8), chunks=(c, c, 3),
-                               dimension_names=("y", "x", "channel"), compressors=codec)
-        if cw.extras:
-            extras = group.create_group("extras")
-            for name, arr in cw.extras.items():
-                extras.create_array(name, data=np.ascontiguousarray(arr))
-        hasher = hashlib.sha256()
-        # Three stages overlap on separate threads (numpy copies, hashing and Blosc release the GIL): reading and
-        # transposing the next tile, hashing the current one, compressing and writing it.
-        cols = self._tile_cols(shape, dtype)
-        with ThreadPoolExecutor(1, thread_name_prefix="hvp-hash") as hashing:
-            hashed: Future[None] | None = None
-            for y0, x0, block in _prefetch(self._tiles(cw.data, shape, dtype, cols)):
-                check(block, cw.attrs.get("source_path", rel), y0)
-                if hashed is not None:
-                    hashed.result()
-                hashed = hashing.submit(hasher.update, memoryview(block).cast("B"))
-                cube[:, y0:y0 + block.shape[1], x0:x0 + block.shape[2]] = block
-                if on_strip is not None and x0 + block.shape[2] == w:
-                    on_strip(block.shape[1])
-            if hashed is not None:
-                hashed.result()
-        group.attrs.update({**_jsonable(cw.attrs), "dataset": cw.dataset, "image_id": cw.image_id,
-                            "source_sha256": cw.sha256, "hash_tile": [c, cols], "complete": False})
-        return hasher.hexdigest()
-
     #: Upper bound on one tile in flight: memory stays flat whatever the cube's width and band count.
     TILE_BYTES = 16 * 2**20
-
-    def _tile_cols(self, shape: tuple[int, int, int], dtype: np.dtype) -> int:
-        """Tile width: whole chunks, as many as fit TILE_BYTES (at least one)."""
-        b, _, w = shape
-        per_chunk_col = b * self.chunk_xy * self.chunk_xy * dtype.itemsize
-        return min(w, max(1, self.TILE_BYTES // per_chunk_col) * self.chunk_xy)
-
-    def _tiles(self, data: Any, shape: tuple[int, int, int], dtype: np.dtype,
-               cols: int) -> Iterator[tuple[int, int, np.ndarray]]:
-        """(y0, x0, block) tiles of ``chunk_xy`` rows by ``cols`` columns over all bands, row-major, native dtype;
-        chunk-aligned, so each write fills whole chunks."""
-        _, h, w = shape
-        for y0 in range(0, h, self.chunk_xy):
-            for x0 in range(0, w, cols):
-                yield y0, x0, np.ascontiguousarray(np.asarray(data[:, y0:y0 + self.chunk_xy, x0:x0 + cols]), dtype)
-
-    def _array(self, location: str, name: str = "cube") -> zarr.Array:
-        key = f"{location}/{name}"
-        arr = self._arrays.get(key)
-        if arr is None:
-            group = zarr.open_group(self.storage.zarr_store(location), mode="r", zarr_format=3)
-            arr = self._arrays[key] = member(group, name)
-        return arr
 
     def open(self, image_id: str) -> xr.DataArray:
         """The image as a lazy DataArray ``(band, y, x)`` with coordinate ``wavelength`` (nm) and the group's attrs.
 
-        Only the chunks a selection touches are read. ``rgb(image_id)`` gives the aligned RGB, if any.
+        Only the chunks a selection touches are read, each checked against its checksum (CorruptChunkError).
+        ``rgb(image_id)`` gives the aligned RGB, if any.
         """
-        row = self.row(image_id)
-        ds = xr.open_dataset(self.storage.zarr_store(row["location"]), engine="zarr", consolidated=False, chunks=None,
-                             zarr_format=3)
-        coords = [n for n in ("wavelength", "fwhm") if n in ds]
-        da = ds.set_coords(coords)["cube"]
-        da.attrs = {**ds.attrs, **da.attrs}
-        return da
+        return cubes.open_dataarray(self.cubes, self.row(image_id)["location"])
 
-    def read_crop(self, location: str, y: int, x: int, size: int) -> np.ndarray:
-        """All bands of a ``size`` x ``size`` window at (y, x): the fast path for training loaders.
+    def read_crop(self, location: str, y: int, x: int, size: int, bands: Sequence[int] | np.ndarray | None = None,
+                  dtype: Any = None, out: np.ndarray | None = None) -> np.ndarray:
+        """The ``size`` x ``size`` window at (y, x) (clipped at the image edge) of the cube at ``location``: all
+        bands or the sorted ``bands``, in ``dtype`` (default: as stored), into ``out`` when given. The fast path
+        for training loaders (catalog/cubes.py): checksummed chunks decoded straight into the output."""
+        return self.cubes.read(location, (bands, slice(y, y + size), slice(x, x + size)), dtype=dtype, out=out)
 
-        On a local catalog the chunk files the window touches are read and Blosc-decoded directly (zarr-python's
-        async pipeline costs more than the decode for these all-band chunks); elsewhere zarr reads them.
-        """
-        arr = self._array(location)
-        if not self.local or not _direct_readable(arr):
-            return np.asarray(arr[:, y:y + size, x:x + size])
-        b, h, w = arr.shape
-        y1, x1 = min(y + size, h), min(x + size, w)
-        _, cy, cx = arr.chunks
-        out = np.empty((b, y1 - y, x1 - x), dtype=arr.dtype)
-        root = self.storage.path(location, "cube")
-        for j in range(y // cy, (y1 - 1) // cy + 1):
-            for i in range(x // cx, (x1 - 1) // cx + 1):
-                y0, x0 = j * cy, i * cx
-                try:
-                    with open(os.path.join(root, arr.metadata.encode_chunk_key((0, j, i))), "rb") as fh:
-                        raw = fh.read()
-                except FileNotFoundError:  # never written: the fill value
-                    chunk = np.full((b, cy, cx), arr.fill_value, dtype=arr.dtype)
-                else:
-                    data = numcodecs.blosc.decompress(raw) if arr.compressors else raw
-                    chunk = np.frombuffer(data, dtype=arr.dtype.newbyteorder("<")).reshape(b, cy, cx)
-                ys, ye, xs, xe = max(y, y0), min(y1, y0 + cy), max(x, x0), min(x1, x0 + cx)
-                out[:, ys - y:ye - y, xs - x:xe - x] = chunk[:, ys - y0:ye - y0, xs - x0:xe - x0]
-        return out
+    def read_image(self, image_id: str, bands: Sequence[int] | np.ndarray | None = None,
+                   dtype: Any = None) -> np.ndarray:
+        """The whole cube ``(band, y, x)`` of an image (all or the sorted ``bands``), decoded in parallel."""
+        return self.cubes.read(self.row(image_id)["location"], (bands,), dtype=dtype)
+
+    def read_batch(self, crops: Sequence[tuple[str, int, int]], size: int,
+                   bands: Sequence[int] | np.ndarray | None = None, dtype: Any = np.float32,
+                   out: np.ndarray | None = None, device: Any = None) -> Any:
+        """``(N, bands, size, size)`` crops at (location, y, x), zero-padded past the image edge, as numpy in
+        ``dtype`` (into ``out``, e.g. a pinned buffer), or as a float32 tensor on ``device`` (on CUDA,
+        uncompressed chunks are staged in pinned memory and cut on the GPU; see ``cubes.DeviceBatchReader``)."""
+        if device is not None:
+            key = str(device)
+            if key not in self._device_readers or self._device_readers[key].reader is not self.cubes:
+                self._device_readers[key] = cubes.DeviceBatchReader(self.cubes, device)
+            return self._device_readers[key].read_batch(crops, size, bands)
+        return self.cubes.read_batch(crops, size, bands, dtype, out)
 
     def read_rgb_crop(self, location: str, y: int, x: int, size: int) -> np.ndarray:
         """The aligned RGB ``(h, w, 3)`` of the same window as ``read_crop`` (only its chunks are read)."""
-        return np.asarray(self._array(location, "rgb")[y:y + size, x:x + size])
+        return self.cubes.read(location, (slice(y, y + size), slice(x, x + size)), "rgb")
 
     # ------------------------------------------------------------------ derived false colour
     def falsecolor_location(self, location: str) -> str:
@@ -355,33 +280,32 @@ class Catalog:
         rel = self.falsecolor_location(location)
         target = self.storage.temporary(rel)
         group = zarr.open_group(self.storage.zarr_store(target), mode="w", zarr_format=3)
-        group.create_array("rgb", data=np.ascontiguousarray(rgb, dtype=np.uint8),
+        group.create_array("rgb", data=np.ascontiguousarray(rgb, dtype=np.uint8), compressors=self.layout.compressors(),
                            chunks=(self.chunk_xy, self.chunk_xy, 3), dimension_names=("y", "x", "channel"))
         group.attrs.update({"method": method, "source": location})
         self._missing.discard(f"{rel}/rgb")
         self.storage.commit_folder(target, rel)
+        self.cubes.forget(rel)
         return rel
 
     def read_falsecolor_crop(self, location: str, y: int, x: int, size: int) -> np.ndarray | None:
         """The stored false-colour RGB of a window, or None when it was never derived (remembered per Catalog)."""
-        key = f"{self.falsecolor_location(location)}/rgb"
+        rel = self.falsecolor_location(location)
+        key = f"{rel}/rgb"
         if key in self._missing:
             return None
-        if key not in self._arrays:
-            try:
-                group = zarr.open_group(self.storage.zarr_store(self.falsecolor_location(location)), mode="r",
-                                        zarr_format=3)
-            except (FileNotFoundError, zarr.errors.GroupNotFoundError):
-                self._missing.add(key)
-                return None
-            self._arrays[key] = member(group, "rgb")
-        return np.asarray(self._arrays[key][y:y + size, x:x + size])
+        try:
+            return self.cubes.read(rel, (slice(y, y + size), slice(x, x + size)), "rgb")
+        except FileNotFoundError:
+            self._missing.add(key)
+            return None
 
     def rgb(self, image_id: str) -> np.ndarray | None:
         """The aligned RGB ``(y, x, 3)`` uint8 stored beside the cube, or None."""
-        row = self.row(image_id)
-        group = zarr.open_group(self.storage.zarr_store(row["location"]), mode="r", zarr_format=3)
-        return np.asarray(member(group, "rgb")[...]) if "rgb" in group else None
+        try:
+            return self.cubes.read(self.row(image_id)["location"], (), "rgb")
+        except FileNotFoundError:
+            return None
 
     # ------------------------------------------------------------------ labels (catalog/labels.py)
     def labels(self, image_id: str, variant: str | None = None) -> label_store.LabelMap:
@@ -467,17 +391,18 @@ class Catalog:
             return Problem(image_id, "missing", location, "the cube group is not in the catalog")
         if not group.attrs.get("complete"):
             return Problem(image_id, "partial", location, "the cube group was never completed")
-        if checksums:
+        if checksums:  # every chunk's own checksum is verified as it is read (CorruptChunkError names the chunk)
             hasher = hashlib.sha256()
-            arr = member(group, "cube")
+            _, height, width = member(group, "cube").shape
             # catalogs written before tiling hashed whole-width strips of `strip_rows` rows
-            tile_shape = group.attrs.get("hash_tile") or [group.attrs.get("strip_rows"), arr.shape[2]]
+            tile_shape = group.attrs.get("hash_tile") or [group.attrs.get("strip_rows"), width]
             assert isinstance(tile_shape, list)
             rows, cols = (int(str(v)) for v in tile_shape)
-            for y0 in range(0, arr.shape[1], rows):
-                for x0 in range(0, arr.shape[2], cols):
-                    tile = np.ascontiguousarray(arr[:, y0:y0 + rows, x0:x0 + cols])
-                    hasher.update(memoryview(tile.data).cast("B"))
+            self.cubes.forget(location)
+            for y0 in range(0, height, rows):
+                for x0 in range(0, width, cols):
+                    tile = self.cubes.read(location, (None, slice(y0, y0 + rows), slice(x0, x0 + cols)))
+                    hasher.update(np.ascontiguousarray(tile).data.cast("B"))
             if hasher.hexdigest() != group.attrs.get("content_sha256"):
                 return Problem(image_id, "corrupt", location, "the cube's content no longer hashes to the "
                                "content_sha256 recorded when it was written")
@@ -545,53 +470,3 @@ class VerifyReport:
                 "stale_temporaries": self.stale, "live_temporaries": self.in_progress}
 
 
-def _prefetch(items: Iterator[Any], depth: int = 1) -> Iterator[Any]:
-    """Yield ``items`` while a background thread already produces the next ``depth`` of them (errors re-raised)."""
-    queue: Queue[Any] = Queue(maxsize=depth)
-    done = object()
-    stop = threading.Event()
-
-    def produce() -> None:
-        try:
-            for item in items:
-                if stop.is_set():
-                    return
-                queue.put(item)
-            queue.put(done)
-        except BaseException as exc:  # handed to the consumer, which re-raises it
-            queue.put(exc)
-
-    thread = threading.Thread(target=produce, name="hvp-prefetch", daemon=True)
-    thread.start()
-    try:
-        while (item := queue.get()) is not done:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        while thread.is_alive():  # unblock a producer waiting on a full queue, then let it finish
-            with contextlib.suppress(Empty):
-                queue.get_nowait()
-            thread.join(0.01)
-
-
-def _direct_readable(arr: zarr.Array) -> bool:
-    """True when the array's chunks are plain little-endian bytes, optionally Blosc-compressed, one file each."""
-    return (len(arr.compressors) <= 1 and all(isinstance(c, BloscCodec) for c in arr.compressors)
-            and not arr.filters and isinstance(arr.serializer, BytesCodec)
-            and arr.serializer.endian in (None, Endian.little) and arr.shards is None)
-
-
-def _jsonable(attrs: dict[str, Any]) -> dict[str, Any]:
-    """Zarr attrs must be JSON: numpy scalars and arrays become Python values."""
-    out: dict[str, Any] = {}
-    for k, v in attrs.items():
-        if isinstance(v, np.generic):
-            v = v.item()
-        elif isinstance(v, np.ndarray):
-            v = v.tolist()
-        elif isinstance(v, os.PathLike):
-            v = os.fspath(v)
-        out[k] = v
-    return out

@@ -24,10 +24,19 @@ class Settings(BaseSettings):
 
     catalog: str = Field(default="./hvp-data/catalog", description="catalog URI: a directory or an fsspec URL")
     source_root: Path = Field(default=Path("./hvp-data/sources"), description="folder of dataset folders")
-    chunk_xy: int = Field(default=64, ge=8, description="spatial chunk edge of stored cubes (all bands per chunk)")
-    cube_codec: Literal["lz4", "zstd"] = Field(default="lz4", description="Blosc compressor of stored cubes "
-                                               "(lz4 decodes ~3x faster; zstd packs a few % tighter)")
-    compression_level: int = Field(default=5, ge=1, le=9, description="Blosc compression level of the cube store")
+    # Cube layout of new ingests (catalog/cubes.py explains the defaults, measured by bench/loader.py).
+    chunk_xy: int = Field(default=64, ge=8, description="spatial chunk edge of stored cubes")
+    cube_band_group: int = Field(default=0, ge=0, description="bands per chunk (0 = all bands in every chunk)")
+    cube_shard_xy: int = Field(default=1024, ge=0, description="shard edge in pixels, rounded up to whole chunks "
+                               "(0 = one file per chunk)")
+    cube_codec: Literal["none", "lz4", "zstd"] = Field(default="none", description="Blosc compressor of stored "
+                                                       "cubes (none: raw chunks; noisy sensor data barely "
+                                                       "compresses with codecs fast enough to feed a GPU)")
+    cube_shuffle: Literal["none", "byte", "bit"] = Field(default="none", description="Blosc shuffle filter")
+    compression_level: int = Field(default=1, ge=1, le=9, description="Blosc compression level of the cube store")
+    read_threads: int = Field(default=2, ge=1, description="chunk decode threads per process (a DataLoader "
+                              "worker uses 1)")
+    chunk_cache_mb: float = Field(default=256.0, ge=0, description="decoded-chunk cache per process (MB)")
     dask_address: str | None = Field(default=None, description="scheduler address of a running Dask cluster")
 
     # Pseudo-labelling. Without a checkpoint each model is built with random weights (tiny by default, so the
@@ -58,7 +67,9 @@ def get_settings() -> Settings:
 def cube_options(settings: Settings | None = None) -> dict[str, Any]:
     """The cube-store options a Catalog takes, as the settings give them (passed on to tasks and workers)."""
     s = settings or get_settings()
-    return {"chunk_xy": s.chunk_xy, "codec": s.cube_codec, "compression_level": s.compression_level}
+    layout = {"chunk_xy": s.chunk_xy, "band_group": s.cube_band_group, "shard_xy": s.cube_shard_xy,
+              "codec": s.cube_codec, "level": s.compression_level, "shuffle": s.cube_shuffle}
+    return {"layout": layout, "read_threads": s.read_threads, "chunk_cache_mb": s.chunk_cache_mb}
 
 
 def open_catalog(uri: str | None = None, settings: Settings | None = None) -> Catalog:

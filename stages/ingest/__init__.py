@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from catalog.cubes import dtype_sample, lossless_dtype
 from catalog.errors import InputError
 from catalog.labels import ingest_fingerprint, stored_fingerprints
 from catalog.readers.base import BandSubset, SourceItem, load_rgb
@@ -262,8 +263,12 @@ def prepare(spec: DatasetSpec, item: SourceItem, sha: str) -> CubeWrite:
         attrs["band_note"] = wl.band_note
     if notes := "; ".join(n for n in (wl.band_note, rgb_note) if n):
         attrs["note"] = notes
+    # the smallest lossless storage dtype (integer-valued floats, e.g. MATLAB doubles holding counts, stay
+    # integers), guessed from a sample; the writer checks every chunk and widens if the guess was too narrow
+    store_dtype = lossless_dtype(dtype_sample(data), np.dtype(data.dtype))
     return CubeWrite(dataset=spec.slug, image_id=f"{spec.slug}/{item.key}", key=item.key, sha256=sha, data=data,
-                     wavelength_nm=wl.nm, fwhm_nm=wl.fwhm_nm, rgb=rgb, extras=raw.extras, attrs=attrs)
+                     wavelength_nm=wl.nm, fwhm_nm=wl.fwhm_nm, rgb=rgb, extras=raw.extras, attrs=attrs,
+                     store_dtype=store_dtype)
 
 
 def new_dataset_folders(source_root: Path, catalog: Catalog) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import multiprocessing as mp
 import os
 from pathlib import Path
@@ -141,7 +142,10 @@ def test_verify_reads_catalogs_written_before_tiling(tmp_path: Path) -> None:
     row = _write(cat, "old", _cube(4))
     group = zarr.open_group(str(tmp_path / "cat" / row["location"]), mode="r+")
     attrs = dict(group.attrs)
-    assert attrs.pop("hash_tile") == [16, 50]  # one tile spans the width here, as the old strips did
+    assert attrs.pop("hash_tile") == [16, 16]  # one all-band chunk column per hash tile
+    strips = hashlib.sha256()  # catalogs before tiling hashed whole-width strips of `strip_rows` rows
+    for y0 in range(0, 40, 16):
+        strips.update(np.ascontiguousarray(_cube(4)[:, y0:y0 + 16]))
     group.attrs.clear()
-    group.attrs.update({**attrs, "strip_rows": 16})
+    group.attrs.update({**attrs, "strip_rows": 16, "content_sha256": strips.hexdigest()})
     assert cat.verify().ok == 1

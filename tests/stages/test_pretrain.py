@@ -359,3 +359,32 @@ def test_pretrain_flow_runs_two_steps_and_publishes_artifacts(catalog_uri: str, 
     assert result["steps_done"] == 2 and Path(result["plot_png"]).is_file()
     assert {a.type for a in found} == {"markdown", "table"}
     assert all("random-init" in (a.description or "") for a in found)
+
+
+def test_batches_decode_into_one_buffer_and_collate_without_copying(catalog_uri: str) -> None:
+    ds = PretrainDataset(catalog_uri, CROP, min_mask_pixels=4)
+    sig = ds.signatures[0]
+    keys = [(i, 5) for i, s in enumerate(ds.signatures) if s == sig][:3]
+    samples = ds.__getitems__(keys)
+    batch = collate(samples)
+    assert batch.cube.untyped_storage().data_ptr() == samples[0].cube.untyped_storage().data_ptr()
+    for n, key in enumerate(keys):  # the same crops, values and padding as one by one
+        torch.testing.assert_close(batch.cube[n], ds[key].cube, rtol=0, atol=0)
+
+
+def test_batches_cross_processes_with_small_tensors_by_value(catalog_uri: str) -> None:
+    import pickle
+    from multiprocessing.reduction import ForkingPickler
+
+    import torch.multiprocessing  # noqa: F401  (registers the shared-memory reductions of tensors)
+
+    ds = PretrainDataset(catalog_uri, CROP, min_mask_pixels=4)
+    batch = collate([ds[(0, 1)], ds[(0, 2)]])
+    _, fields = batch.__reduce__()
+    assert isinstance(fields[5][0], np.ndarray) and isinstance(fields[6][0], np.ndarray)  # masks, points by value
+    again = pickle.loads(ForkingPickler.dumps(batch))
+    for name in ("cube", "wavelengths", "gsd_m", "rgb"):
+        torch.testing.assert_close(getattr(again, name), getattr(batch, name), rtol=0, atol=0)
+    for a, b in zip(again.masks + again.points, batch.masks + batch.points, strict=True):
+        assert isinstance(a, torch.Tensor) and torch.equal(a, b)
+    assert again.image_ids == batch.image_ids and again.origins == batch.origins
