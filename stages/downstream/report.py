@@ -273,11 +273,12 @@ def _plot_overlays(t: TaskReport, out_dir: Path, weights: str) -> list[Path]:
 
 
 def write_report(out_dir: Path, tasks: Sequence[TaskReport], *, weights: str, preprocessing: str,
-                 model: str = "") -> ReportPaths:
+                 model: str = "", appendix: str = "") -> ReportPaths:
     """Write report.json, results.parquet, report.md and the plots under `out_dir`.
 
     `weights` is the backbone's provenance (a checkpoint sha256, or "random-init"), `preprocessing` the input
-    contract's name and `model` the registry name; all three are recorded in every file.
+    contract's name and `model` the registry name; all three are recorded in every file. `appendix` (markdown) is
+    added to report.md after the tables, e.g. the runs' sizes and timings.
     """
     if not tasks:
         raise ValueError("write_report: no task results to report.")
@@ -298,6 +299,7 @@ def write_report(out_dir: Path, tasks: Sequence[TaskReport], *, weights: str, pr
     md = [f"# Downstream report\n\nBackbone `{model or 'unnamed'}`, weights `{weights}`, preprocessing "
           f"`{preprocessing}`. Heads train on the frozen backbone's features (head-only adaptation).\n{warning}"]
     md += [markdown_table(t, weights) + "\n" for t in tasks]
+    md += [appendix.rstrip() + "\n"] if appendix.strip() else []
     md += ["Plots: " + ", ".join(f"[{p.name}](plots/{p.name})" for p in plots) + "\n"] if plots else []
     md_path = out_dir / "report.md"
     md_path.write_text("\n".join(md))
