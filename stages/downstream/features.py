@@ -17,6 +17,8 @@ says why, with the measurement), so track datasets are skipped here.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -134,6 +136,18 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' asked for but no CUDA device is visible; use 'auto' or 'cpu'.")
     return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+_LOADED: dict[str, Backbone] = {}
+
+
+def cached_backbone(spec: BackboneSpec, device: str = "auto") -> Backbone:
+    """`load_backbone`, once per process for a given spec and device (the flows' tasks share it)."""
+    key = json.dumps([dataclasses.asdict(spec), device], sort_keys=True, default=str)
+    if key not in _LOADED:
+        _LOADED.clear()  # one backbone in memory at a time
+        _LOADED[key] = load_backbone(spec, device)
+    return _LOADED[key]
 
 
 def load_backbone(spec: BackboneSpec, device: str = "auto") -> Backbone:

@@ -304,3 +304,18 @@ def write_report(out_dir: Path, tasks: Sequence[TaskReport], *, weights: str, pr
     md_path = out_dir / "report.md"
     md_path.write_text("\n".join(md))
     return ReportPaths(json_path, parquet_path, md_path, tuple(plots))
+
+
+def preview_data_uri(path: Path, max_side: int = 360, colours: int = 64) -> str:
+    """A PNG downscaled to at most `max_side` pixels and `colours` palette entries, as a base64 data URI: an image
+    a markdown viewer shows without access to the file (the Prefect UI's artifacts), a few tens of kB."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.thumbnail((max_side, max_side))
+        buffer = io.BytesIO()
+        image.convert("RGB").quantize(colors=colours).save(buffer, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
