@@ -88,7 +88,7 @@ SMALL_HEADS: dict[str, dict[str, Any]] = {
 SMALL_TRAIN: dict[str, dict[str, Any]] = {
     "segmentation": {"steps": 100, "batch_size": 4, "lr": 3e-3, "warmup_steps": 10},
     "saliency": {"steps": 100, "batch_size": 4, "lr": 3e-3, "warmup_steps": 10},
-    "tracking": {"steps": 100, "batch_size": 8, "lr": 3e-3, "warmup_steps": 10},
+    "tracking": {"steps": 100, "batch_size": 4, "lr": 3e-3, "warmup_steps": 10},
 }
 """Schedules for small layouts (100 steps: a few seconds per head on one CPU core)."""
 RUN_FILE, RESULT_FILE, OVERLAYS_FILE = "run.json", "result.json", "overlays.npz"
