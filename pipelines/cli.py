@@ -414,8 +414,8 @@ def features(catalog: CatalogOpt = None, checkpoint: CheckpointOpt = "random-ini
     with _progress() as bar:
         task = bar.add_task("features", total=len(ids))
         run = compute_features(cat, backbone, ids, batch_size, on_progress=lambda n: bar.advance(task, n))
-    console.print(f"{len(run.computed)} image(s) encoded, {len(run.cached)} cache hit(s) skipped in {run.seconds:.1f} s "
-                  f"(feature set {run.set_id}, catalog {cat.uri}/features)")
+    console.print(f"{len(run.computed)} image(s) encoded, {len(run.cached)} cache hit(s) skipped in "
+                  f"{run.seconds:.1f} s (feature set {run.set_id}, catalog {cat.uri}/features)")
 
 
 TaskArg = Annotated[str, typer.Argument(help="segmentation | saliency | tracking")]
@@ -511,8 +511,8 @@ def heads_run_all(out: Annotated[Path, typer.Option(help="report folder, with on
     else:
         from pipelines.downstream import downstream_flow
 
-        done = downstream_flow(catalog, checkpoint, model, preprocessing, chosen, str(out),  # type: ignore[arg-type]
-                               steps, _overrides(override), seed, device)
+        done = downstream_flow(catalog, checkpoint, model, preprocessing, chosen, str(out), steps,
+                               _overrides(override), seed, device)
         rows, report = done["table"], done["report"]
     _print_heads(rows, "downstream: head vs trivial baseline (primary metric)")
     console.print(f"report: {report}")

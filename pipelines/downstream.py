@@ -11,7 +11,7 @@ from typing import Any, Literal
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from catalog.store import Catalog
 from stages.downstream.features import RANDOM_INIT, BackboneSpec, cached_backbone, compute_features, feature_images
@@ -25,8 +25,6 @@ from stages.downstream.run import (
     task_spec,
     train_task,
 )
-
-Task = Literal["segmentation", "saliency", "tracking"]
 
 
 class BackboneParams(BaseModel):
@@ -70,11 +68,19 @@ class HeadsParams(BaseModel):
     catalog: str | None = Field(default=None, description="catalog URI (default: $HVP_CATALOG)")
     backbone: BackboneParams = Field(default_factory=BackboneParams)
     out_dir: str = Field(default="./hvp-data/runs/downstream", description="report and one run folder per task")
-    tasks: dict[Task, str] = Field(default_factory=lambda: dict(DEFAULT_DATASETS),
-                                   description="task -> labelled dataset (slug)")
+    tasks: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_DATASETS),
+                                  description="task (segmentation | saliency | tracking) -> labelled dataset slug")
     steps: int | None = Field(default=None, ge=1, description="training steps per head (default: by model size)")
     seed: int = 0
     device: str = Field(default="auto", description="auto | cuda | cpu")
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, value: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(value) - set(TASKS))
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}; choose among {list(TASKS)}")
+        return value
 
 
 # The catalog's feature store is the cache (a feature set id per backbone), so Prefect's own caching stays off.
@@ -162,20 +168,16 @@ def heads_flow(params: HeadsParams | None = None) -> dict[str, Any]:
 
 @flow(name="downstream", log_prints=True)
 def downstream_flow(catalog: str | None = None, checkpoint: str = RANDOM_INIT, model: str = "tiny",
-                    preprocessing: Literal["released", "crop_max"] = "released",
-                    tasks: dict[Task, str] | None = None, out_dir: str = "./hvp-data/runs/downstream",
-                    steps: int | None = None, overrides: dict[str, Any] | None = None, seed: int = 0,
-                    device: str = "auto") -> dict[str, Any]:
+                    preprocessing: str = "released", tasks: dict[str, str] | None = None,
+                    out_dir: str = "./hvp-data/runs/downstream", steps: int | None = None,
+                    overrides: dict[str, Any] | None = None, seed: int = 0, device: str = "auto") -> dict[str, Any]:
     """Features, then one head per task, then the report: what the DAG runs after pretraining (`checkpoint` is the
     pretraining run's folder or weights file). Returns {"report": report.json path, "markdown": report.md path,
     "table": one row per task (head vs baseline on the primary metric)}."""
-    backbone = BackboneParams(model=model, checkpoint=checkpoint, overrides=overrides, preprocessing=preprocessing,
-                              seed=seed)
-    chosen = dict(tasks or DEFAULT_DATASETS)
-    unknown = sorted(set(chosen) - set(TASKS))
-    if unknown:
-        raise ValueError(f"downstream_flow: unknown task(s) {unknown}; choose among {list(TASKS)}")
-    datasets = [d for t, d in chosen.items() if t != "tracking"]
+    backbone = BackboneParams(model=model, checkpoint=checkpoint, overrides=overrides,
+                              preprocessing=preprocessing, seed=seed)  # type: ignore[arg-type]  # validated here
+    heads = HeadsParams(catalog=catalog, backbone=backbone, out_dir=out_dir, tasks=dict(tasks or DEFAULT_DATASETS),
+                        steps=steps, seed=seed, device=device)
+    datasets = [d for t, d in heads.tasks.items() if t != "tracking"]
     features_flow(FeaturesParams(catalog=catalog, backbone=backbone, datasets=datasets, device=device))
-    return heads_flow(HeadsParams(catalog=catalog, backbone=backbone, out_dir=out_dir, tasks=chosen, steps=steps,
-                                  seed=seed, device=device))
+    return heads_flow(heads)

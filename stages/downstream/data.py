@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, overload
 
 import numpy as np
+import torch
 
 from catalog.features import FeatureStore
 from catalog.labels import LabelMap
@@ -86,8 +87,8 @@ class CatalogSamples(Sequence[Sample]):
         geometry: dict[str, Any] = {"input_size": tuple(attrs["input_size"]), "image_id": image_id,
                                     "frame_size": int(attrs["frame_size"])}
         if label.kind == "segmentation":
-            return SegmentationSample(features, label.array.astype(np.int64), **geometry)
-        return SaliencySample(features, label.array, **geometry)
+            return SegmentationSample(features, torch.from_numpy(label.array.astype(np.int64)), **geometry)
+        return SaliencySample(features, torch.from_numpy(label.array.astype(np.float32)), **geometry)
 
     def _get(self, index: int) -> Sample:
         if index < 0:

@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -65,6 +65,7 @@ from stages.downstream.features import (
 )
 from stages.downstream.metrics import TrackingCurves, confusion_matrix, scores_from_confusion
 from stages.downstream.report import PRIMARY, Overlay, ReportPaths, TaskReport, write_report
+from stages.downstream.samples import SaliencySample, SegmentationSample
 from stages.downstream.tasks import SaliencyTask, SegmentationTask, TrackingTask
 from stages.downstream.tracker import TrackerConfig, make_tracking_pairs, track_sequence
 from stages.downstream.train import HeadTrainConfig, TrainResult, resolve_device, train_head
@@ -275,7 +276,7 @@ def _segmentation_report(catalog: Catalog, head: nn.Module, data: TaskData, devi
     confusion = np.zeros((k, k), dtype=np.int64)
     kept: list[np.ndarray] = []
     for start in range(0, len(test), 8):  # pooled confusion: predictions are not all held at once
-        chunk = test[start:start + 8]
+        chunk = cast(list[SegmentationSample], test[start:start + 8])
         predictions = predict_segmentation(head, chunk, device)
         confusion += confusion_matrix(predictions, [s.target.numpy() for s in chunk], k, ignore)
         kept += predictions[:max(0, spec.overlays - len(kept))]
@@ -305,12 +306,13 @@ def _saliency_report(catalog: Catalog, head: nn.Module, data: TaskData, device: 
                      ) -> tuple[TaskReport, float]:
     spec, test = data.spec, data.test
     assert isinstance(test, CatalogSamples)
-    scored = evaluate_saliency(head, list(test), device)
+    samples = cast(list[SaliencySample], list(test))
+    scored = evaluate_saliency(head, samples, device)
     t0 = time.perf_counter()
-    baseline = evaluate_centre_prior([s.mask.numpy() for s in test])
+    baseline = evaluate_centre_prior([s.mask.numpy() for s in samples])
     baseline_s = time.perf_counter() - t0
     overlays = []
-    for image_id, sample, prediction in list(zip(data.test_ids, test, scored.predictions, strict=True))[
+    for image_id, sample, prediction in list(zip(data.test_ids, samples, scored.predictions, strict=True))[
             :spec.overlays]:
         rgb = _rgb(catalog, image_id, read_cube(catalog, image_id), _wavelengths(catalog, image_id))
         overlays.append(Overlay(rgb, image_id.split("/")[-1], sample.mask.numpy(), prediction))
@@ -409,7 +411,7 @@ def save_outcome(outcome: TaskOutcome, out_dir: Path) -> None:
             if value is not None:
                 arrays[f"{name}_{k}"] = np.asarray(value)
         overlays.append({"title": o.title, "boxes": {n: np.asarray(b).tolist() for n, b in o.boxes.items()}})
-    np.savez_compressed(out_dir / OVERLAYS_FILE, **arrays)
+    np.savez_compressed(out_dir / OVERLAYS_FILE, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds
     _write_json(out_dir / RESULT_FILE, {
         "fingerprint": outcome.fingerprint, "task": r.task, "dataset": r.dataset, "head": r.head,
         "baseline": r.baseline, "confusion": None if r.confusion is None else np.asarray(r.confusion).tolist(),
@@ -424,8 +426,7 @@ def load_outcome(out_dir: Path, skipped: bool = True) -> TaskOutcome:
     doc = json.loads((out_dir / RESULT_FILE).read_text())
     with np.load(out_dir / OVERLAYS_FILE) as arrays:
         overlays = [Overlay(arrays[f"image_{k}"], o["title"],
-                            arrays[f"target_{k}"] if f"target_{k}" in arrays else None,
-                            arrays[f"prediction_{k}"] if f"prediction_{k}" in arrays else None,
+                            arrays.get(f"target_{k}"), arrays.get(f"prediction_{k}"),
                             {n: np.asarray(b) for n, b in o["boxes"].items()})
                     for k, o in enumerate(doc["overlays"])]
     report = TaskReport(doc["task"], doc["dataset"], doc["head"], doc["baseline"],

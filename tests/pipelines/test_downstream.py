@@ -79,7 +79,7 @@ def test_flows_reuse_unchanged_work_and_publish_the_report(prefect_server: None,
 
     cat = labelled_catalog[0].uri
     tasks = {"saliency": "hssod"}  # every head's training is covered by tests/stages; one keeps the flow test short
-    first = downstream_flow(catalog=cat, out_dir=str(tmp_path), tasks=tasks, steps=2, seed=31,  # type: ignore[arg-type]
+    first = downstream_flow(catalog=cat, out_dir=str(tmp_path), tasks=tasks, steps=2, seed=31,
                             device="cpu")
     assert Path(first["report"]).is_file() and [r["task"] for r in first["table"]] == ["saliency"]
     assert not any(r["reused"] for r in first["table"])
@@ -90,9 +90,9 @@ def test_flows_reuse_unchanged_work_and_publish_the_report(prefect_server: None,
     rows = features_flow(FeaturesParams(catalog=cat, backbone=BackboneParams(seed=31), datasets=["hssod"],
                                         device="cpu"))
     assert rows[0]["computed"] == 0 and rows[0]["cached"] == 12 and "unchanged" in rows[0]["note"]
-    again = downstream_flow(catalog=cat, out_dir=str(tmp_path), tasks=tasks, steps=2, seed=31,  # type: ignore[arg-type]
+    again = downstream_flow(catalog=cat, out_dir=str(tmp_path), tasks=tasks, steps=2, seed=31,
                             device="cpu")
     assert all(r["reused"] for r in again["table"])
-    changed = downstream_flow(catalog=cat, out_dir=str(tmp_path), tasks=tasks, steps=3, seed=31,  # type: ignore[arg-type]
+    changed = downstream_flow(catalog=cat, out_dir=str(tmp_path), tasks=tasks, steps=3, seed=31,
                               device="cpu")
     assert changed["table"][0]["steps"] == 3 and not changed["table"][0]["reused"]
