@@ -83,6 +83,10 @@ class HeadsParams(BaseModel):
         return value
 
 
+DEFAULT_FEATURES = FeaturesParams()
+DEFAULT_HEADS = HeadsParams()
+
+
 # The catalog's feature store is the cache (a feature set id per backbone), so Prefect's own caching stays off.
 @task(name="features-dataset", tags=["gpu"], cache_policy=NO_CACHE, task_run_name="features {dataset}")
 def features_task(catalog_uri: str, backbone: dict[str, Any], dataset: str, splits: list[str] | None,
@@ -104,9 +108,8 @@ def features_task(catalog_uri: str, backbone: dict[str, Any], dataset: str, spli
 
 
 @flow(name="features", log_prints=True)
-def features_flow(params: FeaturesParams | None = None) -> list[dict[str, Any]]:
+def features_flow(params: FeaturesParams = DEFAULT_FEATURES) -> list[dict[str, Any]]:
     """Compute and cache the frozen backbone's features of labelled datasets (cache hits are skipped)."""
-    params = params or FeaturesParams()
     cat = Catalog(params.catalog)
     backbone = dataclasses.asdict(params.backbone.spec())
     rows = [features_task(cat.uri, backbone, d, params.splits, params.batch_size, params.device)
@@ -141,10 +144,9 @@ def _report_markdown(markdown: Path, plots: list[Path], description: str) -> str
 
 
 @flow(name="heads", log_prints=True)
-def heads_flow(params: HeadsParams | None = None) -> dict[str, Any]:
+def heads_flow(params: HeadsParams = DEFAULT_HEADS) -> dict[str, Any]:
     """Train one head per task on the frozen backbone's features (skipping those whose inputs did not change),
     score each against its trivial baseline and publish the report. Returns the report's paths and table."""
-    params = params or HeadsParams()
     cat = Catalog(params.catalog)
     spec = params.backbone.spec()
     backbone = cached_backbone(spec, params.device)

@@ -8,8 +8,8 @@ cached features always knows what produced them, and a rerun with the same input
 Compute path: cubes are read from the catalog, prepared one by one under the contract (`model.preprocess.prepare`),
 batched (images of one band set and GSD per forward pass), encoded with no autograd and the backbone frozen (bf16
 autocast on CUDA, fp32 on the CPU) and stored as float16 with per-chunk crc32c checksums (catalog/features.py).
-float16 storage was measured against float32 (bench/downstream.py): the head scores agree to within the noise of
-training.
+float16 storage was measured against float32 (bench/downstream.py, tiny at 128 px, 100 head steps, same seeds):
+segmentation mIoU 0.3342 vs 0.3346, saliency CC 0.8468 vs 0.8468; half the bytes, no loss that matters.
 
 Tracking does not read this cache: the online tracker encodes each search crop on the fly (stages/downstream/run.py
 says why, with the measurement), so track datasets are skipped here.

@@ -96,3 +96,18 @@ def test_flows_reuse_unchanged_work_and_publish_the_report(prefect_server: None,
     changed = downstream_flow(catalog=cat, out_dir=str(tmp_path), tasks=tasks, steps=3, seed=31,
                               device="cpu")
     assert changed["table"][0]["steps"] == 3 and not changed["table"][0]["reused"]
+
+
+def test_deployment_parameters_are_valid_parameter_models() -> None:
+    import yaml
+
+    from pipelines.downstream import FeaturesParams, HeadsParams
+
+    spec = yaml.safe_load((Path(__file__).resolve().parents[2] / "prefect.yaml").read_text())
+    deployments = {d["name"]: d for d in spec["deployments"]}
+    features = FeaturesParams(**deployments["features"]["parameters"]["params"])
+    heads = HeadsParams(**deployments["heads"]["parameters"]["params"])
+    assert features.backbone.checkpoint == heads.backbone.checkpoint == "random-init"
+    assert set(heads.tasks) == {"segmentation", "saliency", "tracking"}
+    with pytest.raises(ValueError, match="unknown task"):
+        HeadsParams(tasks={"detection": "hssod"})
