@@ -13,6 +13,7 @@ from typing import Any, overload
 import numpy as np
 import torch
 
+from catalog.errors import InputError
 from catalog.features import FeatureStore
 from catalog.labels import LabelMap
 from catalog.store import Catalog
@@ -22,15 +23,28 @@ from stages.downstream.samples import SaliencySample, SegmentationSample, Tracki
 Sample = SegmentationSample | SaliencySample
 
 
+def check_label_kind(catalog: Catalog, dataset: str, kind: str) -> None:
+    """An InputError unless the dataset is catalogued with labels of `kind` (segmentation, saliency, track)."""
+    df = catalog.images(dataset)
+    kinds = sorted({str(k) for k in df["label_kind"].dropna()}) if not df.empty else []
+    if kind not in kinds:
+        found = f"its labels are {', '.join(kinds)}" if kinds else "it has no labelled images (is it ingested?)"
+        raise InputError(catalog.uri, "dataset", f"'{dataset}' has no {kind} labels: {found}",
+                         f"pass a dataset with {kind} labels (`hvp datasets` lists the labelled ones)")
+
+
 def split_images(catalog: Catalog, dataset: str, split: str) -> list[str]:
-    """The labelled image ids of one split; a ValueError naming the splits the dataset has when it is empty."""
+    """The labelled image ids of one split; an InputError naming the splits the dataset has when it is empty."""
     ids = catalog.labelled(dataset, split)
     if not ids:
-        df = catalog.images(dataset)
-        present = sorted({str(s) for s in df["split"].dropna()}) if not df.empty else []
-        raise ValueError(f"dataset '{dataset}' has no labelled images in split '{split}' in the catalog at "
-                         f"{catalog.uri} (its splits: {present or 'none; is it ingested?'}); pass another split")
+        raise InputError(catalog.uri, "split", f"dataset '{dataset}' has no labelled images in split '{split}'",
+                         f"pass one of its splits: {_splits(catalog, dataset) or 'none; is it ingested?'}")
     return ids
+
+
+def _splits(catalog: Catalog, dataset: str) -> list[str]:
+    df = catalog.images(dataset)
+    return sorted({str(s) for s in df["split"].dropna()}) if not df.empty else []
 
 
 @dataclass(frozen=True)
@@ -136,8 +150,8 @@ def split_sequences(catalog: Catalog, dataset: str, split: str, default_gsd_m: f
     """The complete tracking sequences of one split, frames read from the catalog; a ValueError when none."""
     seq_ids = catalog.sequences(dataset, split)
     if not seq_ids:
-        raise ValueError(f"dataset '{dataset}' has no complete tracking sequence in split '{split}' in the catalog at "
-                         f"{catalog.uri} (see `Catalog.sequences('{dataset}')`); pass another split")
+        raise InputError(catalog.uri, "split", f"dataset '{dataset}' has no complete tracking sequence in split "
+                         f"'{split}'", f"pass one of its splits: {_splits(catalog, dataset) or 'none'}")
     out = []
     for seq_id in seq_ids:
         track = catalog.sequence(seq_id)

@@ -205,7 +205,7 @@ def cube_info(catalog: Catalog, image_id: str, default_gsd_m: float) -> CubeInfo
     wavelengths = np.asarray(member(group, "wavelength")[...], dtype=np.float64)
     gsd = group.attrs.get("gsd_m")
     known = isinstance(gsd, int | float) and float(gsd) > 0
-    return CubeInfo(image_id, str(row["sha256"]), wavelengths, float(gsd) if known else default_gsd_m,  # type: ignore[arg-type]
+    return CubeInfo(image_id, str(row["sha256"]), wavelengths, float(str(gsd)) if known else default_gsd_m,
                     "image" if known else "default")
 
 

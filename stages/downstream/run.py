@@ -52,6 +52,7 @@ from stages.downstream.data import (
     CatalogSamples,
     CatalogSequence,
     LabelInfo,
+    check_label_kind,
     labels_fingerprint,
     split_images,
     split_sequences,
@@ -194,6 +195,7 @@ def load_task_data(catalog: Catalog, backbone: Backbone, spec: TaskSpec, with_tr
     (cache hits are skipped). `with_train=False` reads the test split only (plus the train ids the segmentation
     baseline fits on)."""
     start = time.perf_counter()
+    check_label_kind(catalog, spec.dataset, LABEL_KINDS[spec.task])
     if spec.task == "tracking":
         gsd = backbone.spec.default_gsd_m
         test_seqs = split_sequences(catalog, spec.dataset, spec.test_split, gsd)
@@ -207,9 +209,6 @@ def load_task_data(catalog: Catalog, backbone: Backbone, spec: TaskSpec, with_tr
     compute_features(catalog, backbone, needed, on_progress=on_progress)
     test = CatalogSamples(catalog, backbone.set_id, test_ids, spec.variant)
     train = CatalogSamples(catalog, backbone.set_id, train_ids, spec.variant) if with_train else None
-    if test.info.kind != LABEL_KINDS[spec.task]:
-        raise ValueError(f"dataset '{spec.dataset}' has {test.info.kind} labels; the {spec.task} head needs "
-                         f"{LABEL_KINDS[spec.task]} labels (choose a {spec.task} dataset, see `hvp datasets`)")
     return TaskData(spec, train, test, train_ids, test_ids, test.info, time.perf_counter() - start)
 
 
@@ -499,10 +498,10 @@ def train_task(catalog: Catalog, backbone: Backbone, spec: TaskSpec, run_dir: Pa
             logger.info("%s: inputs unchanged (fingerprint %s); reusing the result in %s", spec.task,
                         inputs["fingerprint"][:12], run_dir)
             return load_outcome(run_dir, skipped=True)
+    data = load_task_data(catalog, backbone, spec, on_progress=on_progress)
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_json(run_file, {**inputs, "catalog": catalog.uri, "backbone": backbone_record(backbone.spec),
                            "backbone_descriptor": backbone.descriptor, "spec": spec.to_dict()})
-    data = load_task_data(catalog, backbone, spec, on_progress=on_progress)
     head = new_head(spec, backbone, data.info)
     t0 = time.perf_counter()
     result = fit_head(head, data, backbone, run_dir, on_step)
