@@ -170,3 +170,15 @@ def test_a_run_folder_is_reused_refused_or_replaced(labelled_catalog: tuple, tmp
         train_task(cat, backbone, longer, tmp_path)
     replaced = train_task(cat, backbone, longer, tmp_path, replace=True)
     assert not replaced.skipped and replaced.steps == 3
+
+
+def test_a_wrong_dataset_or_split_names_the_field_and_the_fix(labelled_catalog: tuple, tmp_path: Path) -> None:
+    cat, _ = labelled_catalog
+    backbone = cached_backbone(BackboneSpec(), device="cpu")
+    wrong_kind = task_spec("segmentation", "tiny", 128, dataset="hot-2023-vis", device="cpu")
+    with pytest.raises(InputError, match=r"field 'dataset'.*no segmentation labels: its labels are track"):
+        train_task(cat, backbone, wrong_kind, tmp_path)
+    no_split = task_spec("saliency", "tiny", 128, dataset="hssod", test_split="val", device="cpu")
+    with pytest.raises(InputError, match=r"field 'split'.*pass one of its splits: \['test', 'train'\]"):
+        train_task(cat, backbone, no_split, tmp_path)
+    assert not (tmp_path / "run.json").exists()  # nothing was recorded for runs that never started
