@@ -182,3 +182,20 @@ def test_a_wrong_dataset_or_split_names_the_field_and_the_fix(labelled_catalog: 
     with pytest.raises(InputError, match=r"field 'split'.*pass one of its splits: \['test', 'train'\]"):
         train_task(cat, backbone, no_split, tmp_path)
     assert not (tmp_path / "run.json").exists()  # nothing was recorded for runs that never started
+
+
+@pytest.mark.slow
+def test_the_released_b_layout_runs_every_head_at_the_paper_sizes(labelled_catalog: tuple, tmp_path: Path) -> None:
+    """hypervision_b at its released 512 px frame through the same path: paper-sized heads (about 15.7 M, 4.1 M and
+    25.9 M trainable parameters), one step each; the CUDA path (bf16) is the same code."""
+    cat, _ = labelled_catalog
+    backbone = load_backbone(BackboneSpec(model="hypervision_b"), device="cpu")
+    assert backbone.img_size == 512 and backbone.layout.strides == (16, 32, 32, 32)
+    sizes = {"segmentation": (15.5e6, 16.0e6), "saliency": (4.0e6, 4.3e6), "tracking": (25.4e6, 26.0e6)}
+    for task, (low, high) in sizes.items():
+        spec = task_spec(task, "hypervision_b", backbone.img_size, dataset=TASK_DATASETS[task], steps=1,
+                         device="cpu", pairs_per_sequence=1)
+        assert spec.train.batch_size == 8 and spec.tracker.crop_px == 512
+        outcome = train_task(cat, backbone, spec, tmp_path / task)
+        assert low < outcome.trainable_parameters < high, task
+        assert json.loads((tmp_path / task / "report.json").read_text())["provenance"]["model"] == "hypervision_b"
