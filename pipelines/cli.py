@@ -372,16 +372,16 @@ def _print_heads(rows: list[dict[str, Any]], title: str) -> None:
     """Head vs baseline per task on the primary metric, with the head's size, steps and time (fits 80 columns)."""
     from rich import box
 
-    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
-    for name in ("task", "dataset", "metric", "head", "baseline", "margin", "params", "steps"):
-        table.add_column(name, no_wrap=name in ("task", "metric"))
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), collapse_padding=True)
+    for name in ("task", "dataset", "metric", "head", "baseline", "margin", "params"):
+        table.add_column(name, no_wrap=True)
     for r in rows:
         table.add_row(r["task"], r["dataset"], r["metric"], f"{r['head']:.3f}", f"{r['baseline']:.3f}",
-                      f"{r['margin']:+.3f}", f"{r['trainable_parameters']:,}", str(r["steps"]))
+                      f"{r['margin']:+.3f}", f"{r['trainable_parameters']:,}")
     console.print(table)
     for r in rows:
-        console.print(f"{r['task']}: {r['seconds']:.1f} s, {r['train_items']} train / {r['test_items']} test items"
-                      + (" (reused: inputs unchanged)" if r["reused"] else ""))
+        console.print(f"{r['task']}: {r['steps']} steps, {r['seconds']:.1f} s, {r['train_items']} train / "
+                      f"{r['test_items']} test items" + (" (reused: inputs unchanged)" if r["reused"] else ""))
 
 
 @app.command("features")
