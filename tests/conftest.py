@@ -41,3 +41,27 @@ def ingested_sources(fixture_sources: tuple[Path, dict], tmp_path_factory: pytes
         results.append(ingest_item(cat, spec, item_for(Path(w.folder), spec, w.primary), w.known_sha256))
     cat.compact()
     return cat, truth, results
+
+
+@pytest.fixture(scope="session")
+def labelled_catalog(tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    """The labelled fixtures of the paper's benchmarks (HSI Drive v2.0, HSSOD, HOT-2023 VIS) ingested once:
+    (Catalog, source root). Downstream tests add cached features to it (each under its own backbone seed when it
+    counts what is computed) and must not change anything else."""
+    from catalog.fixtures import write_dataset
+    from catalog.specs import spec_for_folder
+    from catalog.store import Catalog
+    from stages.ingest import ingest_item, item_for, plan
+
+    root = tmp_path_factory.mktemp("labelled-sources")
+    for slug in ("hsi-drive-v2-0", "hssod", "hot-2023-vis"):
+        write_dataset(slug, root)
+    cat = Catalog(tmp_path_factory.mktemp("labelled") / "catalog").init()
+    work = plan(root, cat)
+    assert not work.problems
+    for w in work.items:
+        spec = spec_for_folder(Path(w.folder))
+        assert spec is not None
+        ingest_item(cat, spec, item_for(Path(w.folder), spec, w.primary), w.known_sha256)
+    cat.compact()
+    return cat, root

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from model.hyperfree import HyperFree
-from model.preprocess import extract_features
+from model.preprocess import DEFAULT_CONTRACT, extract_features
 from stages.downstream.tracker import FeatureFn
+from stages.downstream.train import autocast
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -21,14 +22,14 @@ def freeze(module: nn.Module) -> nn.Module:
 
 
 def backbone_feature_fn(model: HyperFree, wavelengths_nm: Sequence[float] | np.ndarray,
-                        gsd_m: float = 1.0) -> FeatureFn:
-    """Features of an (H, W, C) cube or crop through the frozen backbone (released preprocessing, no gradient),
-    as float32 tensors on the model's device."""
+                        gsd_m: float = 1.0, contract: str = DEFAULT_CONTRACT) -> FeatureFn:
+    """Features of an (H, W, C) cube or crop through the frozen backbone (preprocessing `contract`, no gradient,
+    bf16 autocast on CUDA), as float32 tensors on the model's device."""
     freeze(model)
     wavelengths = np.asarray(wavelengths_nm, dtype=np.float64)
 
     def features(cube: np.ndarray) -> list[torch.Tensor]:
-        with torch.no_grad():
-            return [f.float() for f in extract_features(model, cube, wavelengths, gsd_m)]
+        with torch.no_grad(), autocast(model.device):
+            return [f.float() for f in extract_features(model, cube, wavelengths, gsd_m, contract)]
 
     return features

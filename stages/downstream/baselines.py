@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,25 +48,32 @@ class SpectralClassifier:
 
 
 def fit_spectral_classifier(
-    cubes: Sequence[np.ndarray],
-    targets: Sequence[np.ndarray],
+    cubes: Iterable[np.ndarray],
+    targets: Iterable[np.ndarray],
     num_classes: int,
     ignore_index: int | None,
     max_pixels: int = 200_000,
     l2: float = 1e-4,
     seed: int = 0,
+    pixels_per_image: int | None = None,
 ) -> SpectralClassifier:
     """Fit the per-pixel classifier on up to `max_pixels` labelled pixels drawn uniformly (seeded) from the
-    training cubes (H, W, C) and class maps (H, W)."""
+    training cubes (H, W, C) and class maps (H, W). With `pixels_per_image`, each image contributes at most that
+    many of its labelled pixels (seeded), so cubes can stream from an iterator without all being held at once."""
     xs, ys = [], []
+    gen = torch.Generator().manual_seed(seed + 1)
     for i, (cube, target) in enumerate(zip(cubes, targets, strict=True)):
         if cube.shape[:2] != np.shape(target):
             raise ValueError(f"Spectral baseline: cube {i} is {cube.shape[:2]} but its class map "
                              f"{np.shape(target)}; give each label map at its cube's size.")
         y = torch.from_numpy(np.asarray(target).astype(np.int64).ravel())
         keep = y != ignore_index if ignore_index is not None else torch.ones_like(y, dtype=torch.bool)
-        xs.append(_pixels(cube, i)[keep])
-        ys.append(y[keep])
+        x, y = _pixels(cube, i)[keep], y[keep]
+        if pixels_per_image is not None and len(y) > pixels_per_image:
+            pick = torch.randperm(len(y), generator=gen)[:pixels_per_image]
+            x, y = x[pick], y[pick]
+        xs.append(x)
+        ys.append(y)
     x, y = torch.cat(xs), torch.cat(ys)
     if not len(y):
         raise ValueError("Spectral baseline: no labelled pixel in the training split.")

@@ -273,11 +273,12 @@ def _plot_overlays(t: TaskReport, out_dir: Path, weights: str) -> list[Path]:
 
 
 def write_report(out_dir: Path, tasks: Sequence[TaskReport], *, weights: str, preprocessing: str,
-                 model: str = "") -> ReportPaths:
+                 model: str = "", appendix: str = "") -> ReportPaths:
     """Write report.json, results.parquet, report.md and the plots under `out_dir`.
 
     `weights` is the backbone's provenance (a checkpoint sha256, or "random-init"), `preprocessing` the input
-    contract's name and `model` the registry name; all three are recorded in every file.
+    contract's name and `model` the registry name; all three are recorded in every file. `appendix` (markdown) is
+    added to report.md after the tables, e.g. the runs' sizes and timings.
     """
     if not tasks:
         raise ValueError("write_report: no task results to report.")
@@ -298,7 +299,23 @@ def write_report(out_dir: Path, tasks: Sequence[TaskReport], *, weights: str, pr
     md = [f"# Downstream report\n\nBackbone `{model or 'unnamed'}`, weights `{weights}`, preprocessing "
           f"`{preprocessing}`. Heads train on the frozen backbone's features (head-only adaptation).\n{warning}"]
     md += [markdown_table(t, weights) + "\n" for t in tasks]
+    md += [appendix.rstrip() + "\n"] if appendix.strip() else []
     md += ["Plots: " + ", ".join(f"[{p.name}](plots/{p.name})" for p in plots) + "\n"] if plots else []
     md_path = out_dir / "report.md"
     md_path.write_text("\n".join(md))
     return ReportPaths(json_path, parquet_path, md_path, tuple(plots))
+
+
+def preview_data_uri(path: Path, max_side: int = 360, colours: int = 64) -> str:
+    """A PNG downscaled to at most `max_side` pixels and `colours` palette entries, as a base64 data URI: an image
+    a markdown viewer shows without access to the file (the Prefect UI's artifacts), a few tens of kB."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.thumbnail((max_side, max_side))
+        buffer = io.BytesIO()
+        image.convert("RGB").quantize(colors=colours).save(buffer, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
