@@ -339,7 +339,8 @@ def demo(workdir: Annotated[Path, typer.Option(help="where sources, the catalog 
          plain: Annotated[bool, typer.Option(help="ingest without Prefect first (the DAG's ingest then skips)")
                           ] = False) -> None:
     """The main job end to end on fixture data with tiny random-init models: make fixtures, then run the
-    `hypervision` flow (ingest, label with the three branches, fuse, pretrain a few steps) with the demo profile on
+    `hypervision` flow (ingest, label with the three branches, fuse, pretrain a few steps, cache the pretrained
+    backbone's features, train and score the three task heads) with the demo profile on
     a temporary local server, exactly as the UI's `hypervision` deployment does; stages with unchanged inputs
     skip."""
     from catalog.fixtures import make_fixtures
@@ -356,7 +357,7 @@ def demo(workdir: Annotated[Path, typer.Option(help="where sources, the catalog 
     if plain:
         console.print(_table("ingest (plain)", _ingest(sources, catalog, None, None, None, True)))
     console.print("[bold]hypervision[/bold] flow, profile demo (tiny random-init models, loose thresholds): "
-                  "ingest -> label spatial, spectral, material -> fuse -> pretrain")
+                  "ingest -> label spatial, spectral, material -> fuse -> pretrain -> features -> heads")
     out = hypervision_flow(Profile.demo, PathParams(source_root=str(sources), catalog=catalog,
                                                     runs=str(workdir / "runs")))
     console.print(_table("stages", out["stages"]))
@@ -378,6 +379,11 @@ def demo(workdir: Annotated[Path, typer.Option(help="where sources, the catalog 
 
     loaded = load_checkpoint(create_model("tiny"), Path(result["checkpoint"]) / "model.safetensors")
     console.print(f"checkpoint loads back: {len(loaded.missing)} missing, {len(loaded.unexpected)} unexpected keys")
+    heads = out["outputs"].get("heads")
+    if heads:
+        _print_heads(heads["table"], "heads on the frozen pretrained backbone vs trivial baselines (random-init "
+                                     "student and teacher pretrained a few steps: the figures show the plumbing)")
+        console.print(f"report: {heads['report']}  ({heads['markdown']})")
 
 
 @app.command("ui")

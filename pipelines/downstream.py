@@ -11,9 +11,11 @@ from typing import Any, Literal
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.states import State
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from infra.settings import open_catalog
+from pipelines.wiring import gpu_slot, skipped
 from stages.downstream.features import RANDOM_INIT, BackboneSpec, cached_backbone, compute_features, feature_images
 from stages.downstream.report import preview_data_uri
 from stages.downstream.run import (
@@ -91,7 +93,7 @@ DEFAULT_HEADS = HeadsParams()
 @task(name="features-dataset", tags=["gpu"], cache_policy=NO_CACHE, task_run_name="features {dataset}")
 def features_task(catalog_uri: str, backbone: dict[str, Any], dataset: str, splits: list[str] | None,
                   batch_size: int, device: str) -> dict[str, Any]:
-    """Encode one dataset's labelled images the cache lacks; returns a summary row."""
+    """Encode one dataset's labelled images the cache lacks (holding a `gpu` slot); returns a summary row."""
     cat = open_catalog(catalog_uri)
     loaded = cached_backbone(BackboneSpec(**backbone), device)
     ids, skipped = feature_images(cat, [dataset], splits)
@@ -100,7 +102,8 @@ def features_task(catalog_uri: str, backbone: dict[str, Any], dataset: str, spli
     if skipped:
         print(f"{dataset}: skipped: {skipped[dataset]}")
         return {**row, "note": skipped[dataset]}
-    run = compute_features(cat, loaded, ids, batch_size=batch_size)
+    with gpu_slot():
+        run = compute_features(cat, loaded, ids, batch_size=batch_size)
     print(f"{dataset}: {len(run.computed)} image(s) encoded, {len(run.cached)} cache hit(s) skipped (unchanged "
           f"inputs) into feature set {run.set_id} ({loaded.provenance})")
     return {**row, "computed": len(run.computed), "cached": len(run.cached), "seconds": round(run.seconds, 2),
@@ -108,8 +111,9 @@ def features_task(catalog_uri: str, backbone: dict[str, Any], dataset: str, spli
 
 
 @flow(name="features", log_prints=True)
-def features_flow(params: FeaturesParams = DEFAULT_FEATURES) -> list[dict[str, Any]]:
-    """Compute and cache the frozen backbone's features of labelled datasets (cache hits are skipped)."""
+def features_flow(params: FeaturesParams = DEFAULT_FEATURES) -> list[dict[str, Any]] | State:
+    """Compute and cache the frozen backbone's features of labelled datasets (cache hits are skipped; with
+    nothing to compute the stage says so)."""
     cat = open_catalog(params.catalog)
     backbone = dataclasses.asdict(params.backbone.spec())
     rows = [features_task(cat.uri, backbone, d, params.splits, params.batch_size, params.device)
@@ -118,15 +122,21 @@ def features_flow(params: FeaturesParams = DEFAULT_FEATURES) -> list[dict[str, A
         RANDOM_INIT, "") else ""
     create_table_artifact(key="features-summary", table=rows or [{"dataset": "(none)"}],
                           description=f"Frozen {params.backbone.model} features cached in `{cat.uri}`{note}.")
+    if rows and not any(r["computed"] for r in rows):
+        cached = sum(r["cached"] for r in rows)
+        return skipped("features", f"all {cached} images already have features of this backbone cached", rows)
     return rows
 
 
 @task(name="heads-train", tags=["gpu"], cache_policy=NO_CACHE, task_run_name="heads {spec[task]} {spec[dataset]}")
 def head_task(catalog_uri: str, backbone: dict[str, Any], spec: dict[str, Any], run_dir: str,
               device: str) -> dict[str, Any]:
-    """Train, score and report one head (its run folder is reused when its inputs did not change)."""
+    """Train, score and report one head holding a `gpu` slot (its run folder is reused when its inputs did not
+    change)."""
     loaded = cached_backbone(BackboneSpec(**backbone), device)
-    outcome = train_task(open_catalog(catalog_uri), loaded, TaskSpec.from_dict(spec), Path(run_dir), replace=True)
+    with gpu_slot():
+        outcome = train_task(open_catalog(catalog_uri), loaded, TaskSpec.from_dict(spec), Path(run_dir),
+                             replace=True)
     row = outcome.summary()
     if outcome.skipped:
         print(f"{row['task']}: inputs unchanged (fingerprint {outcome.fingerprint[:12]}): reused {run_dir}")
@@ -144,7 +154,7 @@ def _report_markdown(markdown: Path, plots: list[Path], description: str) -> str
 
 
 @flow(name="heads", log_prints=True)
-def heads_flow(params: HeadsParams = DEFAULT_HEADS) -> dict[str, Any]:
+def heads_flow(params: HeadsParams = DEFAULT_HEADS) -> dict[str, Any] | State:
     """Train one head per task on the frozen backbone's features (skipping those whose inputs did not change),
     score each against its trivial baseline and publish the report. Returns the report's paths and table."""
     cat = open_catalog(params.catalog)
@@ -165,7 +175,11 @@ def heads_flow(params: HeadsParams = DEFAULT_HEADS) -> dict[str, Any]:
                              markdown=_report_markdown(result.report.markdown, list(result.report.plots), weights),
                              description=f"Downstream report, backbone weights {weights}")
     print(f"report: {result.report.json}")
-    return {"report": str(result.report.json), "markdown": str(result.report.markdown), "table": rows}
+    out = {"report": str(result.report.json), "markdown": str(result.report.markdown), "table": rows}
+    if rows and all(r["reused"] for r in rows):
+        return skipped("heads", f"all {len(rows)} heads' inputs unchanged (features, labels, parameters): "
+                                "their results were reused", out)
+    return out
 
 
 @flow(name="downstream", log_prints=True)
@@ -182,4 +196,5 @@ def downstream_flow(catalog: str | None = None, checkpoint: str = RANDOM_INIT, m
                         steps=steps, seed=seed, device=device)
     datasets = [d for t, d in heads.tasks.items() if t != "tracking"]
     features_flow(FeaturesParams(catalog=catalog, backbone=backbone, datasets=datasets, device=device))
-    return heads_flow(heads)
+    result = heads_flow(heads)
+    return result.result() if isinstance(result, State) else result

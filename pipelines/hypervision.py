@@ -1,14 +1,13 @@
 """The whole pipeline as one Prefect DAG, the `hypervision` flow: ingest -> label (spatial, spectral, material)
--> fuse -> pretrain [-> downstream stages], each stage a dependent subflow.
+-> fuse -> pretrain -> features -> heads (with the report), each stage a dependent subflow.
 
 Each stage is keyed on catalog content (source sha256, labeler ids, fusion id, checkpoint sha256) and returns a
 "Skipped" state saying so when its inputs are unchanged; retries are on I/O errors only (see the stage modules).
 
-Extension point: DOWNSTREAM. Stages after pretraining (frozen features -> task heads -> report) are appended to it
-as ``DownstreamStage(name, run)`` where ``run(ctx)`` calls the stage's own flow as a subflow and returns its
-summary; ``ctx`` (a DagContext) carries the resolved paths, labeler ids, the pretraining result (checkpoint,
-run folder) and every earlier stage's output. They then run, in order, after pretraining in every `hypervision`
-run, and appear in its summary artifact.
+Stages after pretraining are the DOWNSTREAM list of ``DownstreamStage(name, run)``, where ``run(ctx)`` calls the
+stage's own flow as a subflow and returns its summary; ``ctx`` (a DagContext) carries the resolved paths, labeler
+ids, the pretraining result (checkpoint, run folder) and every earlier stage's output. Today: frozen features of
+the labelled datasets from the run's pretrained checkpoint, then one head per task and the report (heads).
 """
 
 from __future__ import annotations
@@ -23,12 +22,15 @@ from prefect import flow
 from prefect.artifacts import create_table_artifact
 from prefect.states import State
 
+from pipelines.downstream import BackboneParams, FeaturesParams, HeadsParams, features_flow, heads_flow
 from pipelines.ingest import ingest_flow
 from pipelines.label import fuse_flow, label_branch_flow
 from pipelines.params import (
+    DEFAULT_DOWNSTREAM,
     DEFAULT_LABEL,
     DEFAULT_PATHS,
     DEFAULT_PRETRAIN,
+    DownstreamParams,
     LabelParams,
     PathParams,
     PretrainParams,
@@ -40,7 +42,7 @@ from pipelines.params import (
     resolve_pretrain,
 )
 from pipelines.pretrain import pretrain_flow
-from pipelines.wiring import in_process_subflows, markdown_table, publish_markdown
+from pipelines.wiring import in_process_subflows, markdown_table, publish_markdown, skipped
 
 
 @dataclass
@@ -50,6 +52,11 @@ class DagContext:
     profile: Profile
     paths: ResolvedPaths
     label: ResolvedLabel
+    model: str = "tiny"
+    """The pretrained registry layout (the frozen backbone of the downstream stages)."""
+    preprocessing: str = "released"
+    """The preprocessing contract pretraining used, which the downstream stages keep."""
+    downstream: DownstreamParams = DEFAULT_DOWNSTREAM
     pretrain: dict[str, Any] = field(default_factory=dict)
     """The pretraining result: out_dir, checkpoint, final metrics, student/teacher weights."""
     outputs: dict[str, Any] = field(default_factory=dict)
@@ -64,8 +71,50 @@ class DownstreamStage:
     run: Callable[[DagContext], Any]
 
 
-#: Stages run after pretraining, in order (features -> heads -> report as they land).
-DOWNSTREAM: list[DownstreamStage] = []
+def _backbone(ctx: DagContext) -> BackboneParams:
+    """The frozen backbone of the downstream stages: the run's pretrained checkpoint, its layout."""
+    return BackboneParams(model=ctx.model, checkpoint=str(ctx.pretrain["checkpoint"]),
+                          preprocessing=ctx.preprocessing)  # type: ignore[arg-type]  # a contract name
+
+
+def _task_datasets(ctx: DagContext) -> tuple[dict[str, str], list[str]]:
+    """The chosen tasks' benchmark datasets that the catalog holds, and a note for each that it lacks."""
+    from infra.settings import open_catalog
+    from stages.downstream.run import DEFAULT_DATASETS
+
+    images = open_catalog(ctx.paths.catalog).images()
+    held = set(images.loc[images["label_kind"].notna(), "dataset"]) if not images.empty else set()
+    wanted = {t.value: DEFAULT_DATASETS[t.value] for t in ctx.downstream.tasks}
+    missing = [f"{t} needs {d}, which the catalog does not hold" for t, d in wanted.items() if d not in held]
+    return {t: d for t, d in wanted.items() if d in held}, missing
+
+
+def _features(ctx: DagContext) -> Any:
+    """Cache the frozen backbone's features of the labelled datasets the heads train on."""
+    tasks, missing = _task_datasets(ctx)
+    datasets = [d for t, d in tasks.items() if t != "tracking"]  # the tracker encodes its crops on the fly
+    if not datasets:
+        why = "; ".join([*missing, *(["tracking encodes its search crops on the fly"] if tasks else [])])
+        return skipped("features", f"no image to encode ({why})", [])
+    return features_flow(FeaturesParams(catalog=ctx.paths.catalog, backbone=_backbone(ctx), datasets=datasets,
+                                        device=ctx.downstream.device.value), return_state=True)
+
+
+def _heads(ctx: DagContext) -> Any:
+    """One head per task on the cached features, scored against its baseline; the report."""
+    tasks, missing = _task_datasets(ctx)
+    for note in missing:
+        print(f"heads: left out: {note}")
+    if not tasks:
+        return skipped("heads", "; ".join(missing) or "no task chosen", {})
+    out_dir = str(Path(ctx.paths.runs) / f"downstream-{ctx.model}")
+    return heads_flow(HeadsParams(catalog=ctx.paths.catalog, backbone=_backbone(ctx), out_dir=out_dir,
+                                  tasks=tasks, steps=ctx.downstream.steps, device=ctx.downstream.device.value),
+                      return_state=True)
+
+
+#: Stages run after pretraining, in order.
+DOWNSTREAM: list[DownstreamStage] = [DownstreamStage("features", _features), DownstreamStage("heads", _heads)]
 
 
 @dataclass
@@ -107,9 +156,10 @@ def _ensure_sources(profile: Profile, source_root: str) -> None:
 @flow(name="hypervision", log_prints=True)
 def hypervision_flow(profile: Profile = Profile.demo, paths: PathParams = DEFAULT_PATHS,
                      label: LabelParams = DEFAULT_LABEL, pretrain: PretrainParams = DEFAULT_PRETRAIN,
-                     ingest_workers: int = 1) -> dict[str, Any]:
-    """The whole pipeline: ingest, label with the three branches, fuse, pretrain (then the downstream stages);
-    stages whose inputs are unchanged skip. Returns the per-stage summary and each stage's output.
+                     downstream: DownstreamParams = DEFAULT_DOWNSTREAM, ingest_workers: int = 1) -> dict[str, Any]:
+    """The whole pipeline: ingest, label with the three branches, fuse, pretrain, then frozen features and one
+    head per task with the report; stages whose inputs are unchanged skip. Returns the per-stage summary and each
+    stage's output.
 
     Args:
         profile: demo (fixtures, tiny random-init models, loose thresholds) or production (the settings' models,
@@ -117,14 +167,17 @@ def hypervision_flow(profile: Profile = Profile.demo, paths: PathParams = DEFAUL
         paths: Source root, catalog and runs folder (resolved to absolute paths and shown in the run).
         label: Branches, each branch's labeler thresholds and tau.
         pretrain: Model, steps, batch and checkpoints of pretraining.
+        downstream: Tasks, steps and device of head-only adaptation on the pretrained, frozen backbone.
         ingest_workers: More than 1 ingests on a local Dask cluster of that many processes.
     """
     p = resolve_paths(paths)
     resolved = resolve_label(profile, label)
-    _publish_parameters(profile, p, resolved, resolve_pretrain(profile, pretrain))
+    pretrain_kw = resolve_pretrain(profile, pretrain)
+    _publish_parameters(profile, p, resolved, pretrain_kw)
     _ensure_sources(profile, p.source_root)
     records: list[StageRecord] = []
-    ctx = DagContext(profile, p, resolved)
+    ctx = DagContext(profile, p, resolved, model=str(pretrain_kw["model"]),
+                     preprocessing=str(pretrain_kw.get("preprocessing", "released")), downstream=downstream)
     ctx.outputs["ingest"] = _run_stage(records, "ingest", lambda: ingest_flow(
         p.source_root, p.catalog, p.datasets, ingest_workers, return_state=True))
     for branch in resolved.branches:
@@ -141,11 +194,11 @@ def hypervision_flow(profile: Profile = Profile.demo, paths: PathParams = DEFAUL
     ctx.pretrain = _run_stage(records, "pretrain", lambda: pretrain_flow(
         catalog=p.catalog, runs=p.runs, datasets=p.datasets, profile=profile, return_state=True, **given))
     ctx.outputs["pretrain"] = ctx.pretrain
-    for stage in DOWNSTREAM:
-        def downstream(s: DownstreamStage = stage) -> Any:
+    for stage in DOWNSTREAM if downstream.tasks else []:
+        def run_downstream(s: DownstreamStage = stage) -> Any:
             return s.run(ctx)
 
-        ctx.outputs[stage.name] = _run_stage(records, stage.name, downstream)
+        ctx.outputs[stage.name] = _run_stage(records, stage.name, run_downstream)
     rows = [vars(r) for r in records]
     create_table_artifact(key="hypervision-stages", table=rows,
                           description="Each stage of the run: its final state (Skipped when its inputs were "

@@ -285,7 +285,30 @@ def resolve_pretrain(profile: Profile, pretrain: PretrainParams) -> dict[str, An
     return {**base, **given}
 
 
+class Task(StrEnum):
+    """Downstream tasks, each a head on the frozen backbone scored against a trivial baseline."""
+
+    segmentation = "segmentation"
+    saliency = "saliency"
+    tracking = "tracking"
+
+
+class DownstreamParams(BaseModel):
+    """Head-only adaptation after pretraining: the frozen backbone is the run's pretrained checkpoint, its
+    features are cached in the catalog, one head per task trains on them and the report compares each with a
+    trivial baseline and the paper's figures."""
+
+    model_config = _FORM
+
+    tasks: list[Task] = Field(default_factory=lambda: list(Task), description="Tasks to run (segmentation on HSI "
+                              "Drive v2.0, salient objects on HSSOD, tracking on HOT-2023 VIS). Empty: none.")
+    steps: int | None = Field(default=None, ge=1, description="Training steps per head. Empty: by model size "
+                              "(100 for tiny).")
+    device: Device = Field(default=Device.auto, description="auto (CUDA when available), cpu or cuda.")
+
+
 #: Defaults of the flows' grouped parameters (frozen: shared safely as default values).
 DEFAULT_PATHS = PathParams()
 DEFAULT_LABEL = LabelParams()
 DEFAULT_PRETRAIN = PretrainParams()
+DEFAULT_DOWNSTREAM = DownstreamParams()

@@ -43,11 +43,35 @@ def retry_on_io(task: Any, task_run: Any, state: Any) -> bool:
 
 @contextmanager
 def gpu_slot() -> Iterator[None]:
-    """Hold one slot of the global `gpu` concurrency limit while model work runs (no-op where it is missing)."""
+    """Hold one slot of the global `gpu` concurrency limit while model work runs (no-op where the server has no
+    such limit, e.g. the temporary server of a CLI run: `hvp ui` creates it)."""
     from prefect.concurrency.sync import concurrency
 
+    if not _gpu_limit_exists():
+        yield
+        return
     with concurrency(GPU_LIMIT, occupy=1, strict=False):
         yield
+
+
+_GPU_LIMIT_SEEN: dict[str, bool] = {}
+
+
+def _gpu_limit_exists() -> bool:
+    """Whether the current Prefect API has the `gpu` limit (asked once per API address and process)."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL
+
+    api = str(PREFECT_API_URL.value())
+    if api not in _GPU_LIMIT_SEEN:
+        try:
+            with get_client(sync_client=True) as client:
+                client.read_global_concurrency_limit_by_name(GPU_LIMIT)
+            _GPU_LIMIT_SEEN[api] = True
+        except ObjectNotFound:
+            _GPU_LIMIT_SEEN[api] = False
+    return _GPU_LIMIT_SEEN[api]
 
 
 @contextmanager

@@ -112,8 +112,16 @@ class Backbone:
 
     @property
     def provenance(self) -> str:
-        """Weights as reports show them: "random-init (seed N)" or the checkpoint's sha256."""
-        return f"{RANDOM_INIT} (seed {self.spec.seed})" if self.spec.random_init else self.weights
+        """Weights as reports show them: "random-init (seed N)", the checkpoint's sha256, and for a pretraining
+        checkpoint whose run started from random weights "<sha256> (random-init student pretrained N steps)"."""
+        if self.spec.random_init:
+            return f"{RANDOM_INIT} (seed {self.spec.seed})"
+        origin = self.descriptor.get("origin") or {}
+        if RANDOM_INIT in (origin.get("student_weights"), origin.get("teacher_weights")):
+            who = " and ".join(k.split("_")[0] for k in ("student_weights", "teacher_weights")
+                               if origin.get(k) == RANDOM_INIT)
+            return f"{self.weights[:12]} ({RANDOM_INIT} {who} pretrained {origin.get('step', '?')} steps)"
+        return self.weights
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -130,6 +138,18 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise InputError(p, "checkpoint", "is neither a weights file nor a pretraining checkpoint or run folder",
                      "pass a .safetensors/.pth file, a pretraining checkpoint folder (checkpoints/step_N), a "
                      "pretraining run folder (its latest checkpoint is used), or random-init")
+
+
+def checkpoint_origin(path: Path) -> dict[str, str]:
+    """What a pretraining checkpoint's safetensors metadata says of its origin (step, student and teacher
+    weights at the start of the run); empty for other files."""
+    if path.suffix != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata() or {}
+    return {k: meta[k] for k in ("step", "student_weights", "teacher_weights", "model") if k in meta}
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -161,6 +181,7 @@ def load_backbone(spec: BackboneSpec, device: str = "auto") -> Backbone:
         model = create_model(name, **overrides)
     load: dict[str, Any] | None = None
     source = None
+    origin: dict[str, str] = {}
     if spec.random_init:
         weights = RANDOM_INIT
         logger.warning("features: no checkpoint given; the %s backbone has random-init weights (seed %d): results "
@@ -172,6 +193,7 @@ def load_backbone(spec: BackboneSpec, device: str = "auto") -> Backbone:
         weights, source = report.sha256, str(path)
         load = {"strict": spec.strict, "dropped": sorted(report.dropped), "missing": sorted(report.missing),
                 "resized": sorted(report.resized)}
+        origin = checkpoint_origin(path)
     dev = resolve_device(device)
     freeze(model).to(dev)
     descriptor = {
@@ -182,7 +204,8 @@ def load_backbone(spec: BackboneSpec, device: str = "auto") -> Backbone:
         "dtype": spec.dtype, "feature_info": config.encoder.feature_info,
     }
     set_id = feature_set_id(descriptor)
-    return Backbone(model=model, spec=spec, weights=weights, descriptor={**descriptor, "source": source},
+    return Backbone(model=model, spec=spec, weights=weights, descriptor={**descriptor, "source": source,
+                                                                         "origin": origin},
                     set_id=set_id, layout=feature_layout(config.encoder), device=dev)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from catalog.store import Catalog
 from infra.settings import Settings
 from model.registry import list_models
 from pipelines.params import (
+    DownstreamParams,
     LabelParams,
     MaterialParams,
     ModelName,
@@ -25,6 +27,7 @@ from pipelines.params import (
     Profile,
     SpatialParams,
     SpectralParams,
+    Task,
     resolve_label,
     resolve_paths,
     resolve_pretrain,
@@ -53,7 +56,7 @@ def test_run_form_is_typed_with_descriptions_and_enums() -> None:
 
     schema = parameter_schema(hypervision_flow).model_dump()
     top = schema["properties"]
-    assert set(top) == {"profile", "paths", "label", "pretrain", "ingest_workers"}
+    assert set(top) == {"profile", "paths", "label", "pretrain", "downstream", "ingest_workers"}
     assert all(p.get("description") for p in top.values())
     assert schema["definitions"]["Profile"]["enum"] == ["demo", "production"]
     assert schema["definitions"]["Branch"]["enum"] == ["spatial", "spectral", "material"]
@@ -167,16 +170,22 @@ def test_hypervision_dag_runs_every_stage_then_skips_them(prefect_server: None, 
 
     src = tmp_path / "src"
     write_dataset("hsi-road", src)
+    write_dataset("hot-2023-vis", src)  # evaluation only: tracked by the heads stage, never labelled or pretrained
     paths = PathParams(source_root=str(src), catalog=str(tmp_path / "cat"), runs=str(tmp_path / "runs"))
     label = LabelParams(spectral=SpectralParams(stride=3, max_objects=3), overlays=1)
-    out = hypervision_flow(Profile.demo, paths, label)
+    downstream = DownstreamParams(tasks=[Task.segmentation, Task.tracking], steps=20)
+    out = hypervision_flow(Profile.demo, paths, label, downstream=downstream)
     stages = [r["stage"] for r in out["stages"]]
-    assert stages == ["ingest", "label-spatial", "label-spectral", "label-material", "fuse", "pretrain"]
-    assert {r["state"] for r in out["stages"]} == {"Completed"}
+    assert stages == ["ingest", "label-spatial", "label-spectral", "label-material", "fuse", "pretrain", "features",
+                      "heads"]
+    states = {r["stage"]: r["state"] for r in out["stages"]}
+    assert states.pop("features") == "Skipped"  # segmentation's dataset is absent, the tracker encodes on the fly
+    assert set(states.values()) == {"Completed"}
     assert out["paths"]["catalog"] == str(tmp_path / "cat")
     cat = Catalog(str(tmp_path / "cat"))
-    images = list(cat.images()["image_id"])
-    assert len(images) == out["outputs"]["ingest"][0]["ingested"] >= 1
+    images = list(cat.images().query("pretraining")["image_id"])
+    ingested = {r["dataset"]: r["ingested"] for r in out["outputs"]["ingest"]}
+    assert len(images) == ingested["hsi-road"] >= 1 and ingested["hot-2023-vis"] >= 10
     for branch in ("spatial", "spectral", "material"):
         summary = out["outputs"][f"label-{branch}"]
         assert summary["labelled"] == len(images) and summary["masks"] >= len(images), branch
@@ -185,8 +194,13 @@ def test_hypervision_dag_runs_every_stage_then_skips_them(prefect_server: None, 
     trained = out["outputs"]["pretrain"]
     assert trained["steps_done"] == 6 and Path(trained["checkpoint"], "model.safetensors").is_file()
     assert Path(trained["out_dir"]).parent == tmp_path / "runs"
+    heads = out["outputs"]["heads"]
+    assert [r["task"] for r in heads["table"]] == ["tracking"] and Path(heads["report"]).is_file()
+    report = json.loads(Path(heads["report"]).read_text())
+    assert set(report["tasks"]) == {"tracking"} and "random-init" in report["provenance"]["weights"]
 
-    again = hypervision_flow(Profile.demo, paths, label)
+    again = hypervision_flow(Profile.demo, paths, label, downstream=downstream)
     assert [(r["stage"], r["state"]) for r in again["stages"]] == [(s, "Skipped") for s in stages]
-    assert "unchanged" in again["stages"][0]["note"] and "already" in again["stages"][-1]["note"]
+    notes = {r["stage"]: r["note"] for r in again["stages"]}
+    assert "unchanged" in notes["ingest"] and "already" in notes["pretrain"] and "reused" in notes["heads"]
     assert again["outputs"]["pretrain"]["checkpoint"] == trained["checkpoint"]
