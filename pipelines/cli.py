@@ -107,23 +107,13 @@ def _ingest(source_dir: Path, catalog: str | None, datasets: list[str] | None, w
 
         _flows()
         return run_ingest(str(source_dir), catalog, datasets, workers, dask_address)
-    from catalog.specs import spec_for_folder
     from infra.settings import open_catalog
     from stages import ingest as stage
 
     cat = open_catalog(catalog).init()
-    work = stage.plan(source_dir, cat, datasets)
-    stage.record_problems(cat, work.problems)
-    results = []
     with _progress() as bar:
-        task = bar.add_task("ingest", total=len(work.items))
-        for w in work.items:
-            spec = spec_for_folder(Path(w.folder))
-            assert spec is not None
-            results.append(stage.ingest_item(cat, spec, stage.item_for(Path(w.folder), spec, w.primary),
-                                             w.known_sha256))
-            bar.advance(task)
-    cat.compact()
+        task = bar.add_task("ingest", total=None)
+        results, work = stage.ingest_all(cat, source_dir, datasets, on_item=lambda _: bar.advance(task))
     return stage.summarize(results, work.problems)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,21 +27,12 @@ def fixture_sources(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dic
 def ingested_sources(fixture_sources: tuple[Path, dict], tmp_path_factory: pytest.TempPathFactory) -> tuple:
     """The whole fixture tree ingested once with plain stage calls: (Catalog, {slug: [FixtureImage]}, results).
     Tests that share it must not change it."""
-    from catalog.specs import spec_for_folder
     from catalog.store import Catalog
-    from stages.ingest import ingest_item, item_for, plan, record_problems
+    from stages.ingest import ingest_all
 
     root, truth = fixture_sources
     cat = Catalog(tmp_path_factory.mktemp("cat") / "catalog").init()
-    work = plan(root, cat)
-    record_problems(cat, work.problems)
-    results = []
-    for w in work.items:
-        spec = spec_for_folder(Path(w.folder))
-        assert spec is not None
-        results.append(ingest_item(cat, spec, item_for(Path(w.folder), spec, w.primary), w.known_sha256))
-    cat.compact()
-    return cat, truth, results
+    return cat, truth, ingest_all(cat, root)[0]
 
 
 @pytest.fixture(scope="session")
@@ -65,3 +57,15 @@ def labelled_catalog(tmp_path_factory: pytest.TempPathFactory) -> tuple:
         ingest_item(cat, spec, item_for(Path(w.folder), spec, w.primary), w.known_sha256)
     cat.compact()
     return cat, root
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Small tensors on a shared 2-core machine: one intra-op thread is ~10x faster than two fighting for cores
+    (modules of small-model tests use it with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -4,8 +4,6 @@ scheduler and RNG state in state.pt (read with weights_only=True), a `latest` po
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +15,7 @@ from torch import nn
 from catalog.errors import InputError
 from model.heads import head_from_hparams
 from model.safeload import torch_load
+from stages.checkpoint_dir import latest_checkpoint_dir, save_checkpoint_dir
 
 HEAD_FILE = "head.safetensors"
 STATE_FILE = "state.pt"
@@ -34,36 +33,27 @@ def save_head_checkpoint(
 ) -> Path:
     """Write checkpoints/step_<step>/ (head.safetensors, state.pt, config.json), point `latest` at it and keep the
     newest `keep` checkpoints. `resolved` holds task, head, train config and provenance (JSON-friendly)."""
-    root = run_dir / "checkpoints"
-    final = root / f"step_{step:07d}"
-    tmp = root / f".tmp-{final.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     meta = {"step": str(step), "task": resolved["task"]["name"], "head_hparams": json.dumps(resolved["head"]),
             "weights": resolved["weights"], "preprocessing": resolved["preprocessing"]}
     tensors = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
-    save_file(tensors, str(tmp / HEAD_FILE), metadata=meta)
     rng = {"torch": torch.get_rng_state(),
            "cuda": [s.cpu() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []}
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng},
-               tmp / STATE_FILE)
-    (tmp / CONFIG_FILE).write_text(json.dumps({**resolved, "step": step}, indent=2))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    pointer = root / "latest.tmp"
-    pointer.write_text(final.name)
-    os.replace(pointer, root / "latest")
-    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+
+    def write(folder: Path) -> None:
+        save_file(tensors, str(folder / HEAD_FILE), metadata=meta)
+        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "rng": rng}, folder / STATE_FILE)
+        (folder / CONFIG_FILE).write_text(json.dumps({**resolved, "step": step}, indent=2))
+
+    return save_checkpoint_dir(run_dir, step, write, keep)
 
 
 def latest_head_checkpoint(run_dir: Path) -> Path | None:
     """The committed checkpoint directory that `latest` names, or None."""
-    pointer = run_dir / "checkpoints" / "latest"
-    if not pointer.is_file():
+    found = latest_checkpoint_dir(run_dir)
+    if found is None:
         return None
-    path = run_dir / "checkpoints" / pointer.read_text().strip()
+    pointer, path = found
     if not (path / HEAD_FILE).is_file():
         raise InputError(pointer, "latest", f"names {path.name}, which has no {HEAD_FILE}",
                          "delete the checkpoints folder to start over, or restore the named checkpoint")

@@ -11,6 +11,7 @@ import fnmatch
 import hashlib
 import os
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -201,6 +202,23 @@ def ingest_item(catalog: Catalog, spec: DatasetSpec, item: SourceItem, known_sha
         catalog.add_quarantine(spec.slug, src, type(exc).__name__, "file", message,
                                "the file is malformed for its format; re-export it, or report a reader bug with it")
         return IngestResult(spec.slug, src, "quarantined", None, f"{src}: {message}")
+
+
+def ingest_all(catalog: Catalog, source_root: str | Path, datasets: list[str] | None = None,
+               on_item: Callable[[IngestResult], None] | None = None) -> tuple[list[IngestResult], Plan]:
+    """Plan and ingest every file under ``source_root`` in this process, one after another, then compact the
+    catalog: the plain (no Prefect) path of the CLI and of tests. ``on_item`` sees each result as it lands."""
+    work = plan(source_root, catalog, datasets)
+    record_problems(catalog, work.problems)
+    results = []
+    for w in work.items:
+        spec = spec_for_folder(Path(w.folder))
+        assert spec is not None  # plan() only lists folders with a spec
+        results.append(ingest_item(catalog, spec, item_for(Path(w.folder), spec, w.primary), w.known_sha256))
+        if on_item is not None:
+            on_item(results[-1])
+    catalog.compact()
+    return results, work
 
 
 def ingest_path(catalog_uri: str, folder: str, primary: str, known_sha256: str | None = None,

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +15,7 @@ from torch import nn
 from model import load_checkpoint
 from model.pretraining import PretrainModule
 from model.safeload import torch_load
+from stages.checkpoint_dir import latest_checkpoint_dir, save_checkpoint_dir
 from stages.pretraining.config import RUNTIME_FIELDS, STAGE_VERSION
 
 
@@ -52,35 +51,26 @@ def save_checkpoint(run_dir: Path, step: int, module: PretrainModule, optimizer:
                     scheduler: torch.optim.lr_scheduler.LRScheduler, resolved: dict[str, Any], keep: int) -> Path:
     """Write checkpoints/step_<step>/ (model.safetensors, distill.safetensors, state.pt, config.json), then
     point checkpoints/latest at it (the commit point), and drop all but the newest `keep`."""
-    root = run_dir / "checkpoints"
-    final = root / f"step_{step:07d}"
-    tmp = root / f".tmp-{final.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     meta = {"step": str(step), "student_weights": resolved["student_weights"],
             "teacher_weights": resolved["teacher_weights"], "model": resolved["model_config"]["name"],
             "preprocessing": json.dumps(resolved["preprocessing"], sort_keys=True)}
-    save_file(_tensors(module.student), str(tmp / "model.safetensors"), metadata=meta)
-    save_file(_tensors(module.head), str(tmp / "distill.safetensors"), metadata=meta)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": rng_state(), "stage_version": STAGE_VERSION}, tmp / "state.pt")
-    (tmp / "config.json").write_text(json.dumps(resolved, indent=2, default=str))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    pointer = root / "latest.tmp"
-    pointer.write_text(final.name)
-    os.replace(pointer, root / "latest")
-    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+
+    def write(folder: Path) -> None:
+        save_file(_tensors(module.student), str(folder / "model.safetensors"), metadata=meta)
+        save_file(_tensors(module.head), str(folder / "distill.safetensors"), metadata=meta)
+        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "rng": rng_state(), "stage_version": STAGE_VERSION}, folder / "state.pt")
+        (folder / "config.json").write_text(json.dumps(resolved, indent=2, default=str))
+
+    return save_checkpoint_dir(run_dir, step, write, keep)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The committed checkpoint the `latest` pointer names, or None."""
-    pointer = run_dir / "checkpoints" / "latest"
-    if not pointer.is_file():
+    found = latest_checkpoint_dir(run_dir)
+    if found is None:
         return None
-    path = run_dir / "checkpoints" / pointer.read_text().strip()
+    pointer, path = found
     if not (path / "state.pt").is_file():
         raise FileNotFoundError(f"{pointer} names {path}, which has no state.pt; delete the pointer to restart, "
                                 "or point it at an intact step_* folder.")

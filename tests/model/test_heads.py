@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -25,13 +23,7 @@ from model.registry import create_model, get_config
 TARGETS = {"segmentation": 15.7e6, "saliency": 4.1e6, "tracking": 25.9e6}  # the paper's head sizes
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny tensors on a shared 2-core machine: one intra-op thread is ~10x faster than two fighting for cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_feature_layout_of_the_released_b_layout() -> None:

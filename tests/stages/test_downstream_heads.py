@@ -3,7 +3,6 @@ trivial baseline by a margin, checkpoints and resumes exactly, and never touches
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -31,13 +30,7 @@ from stages.downstream.train import HeadTrainConfig, train_head
 IGNORE = 255
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny tensors on a shared 2-core machine: one intra-op thread is ~10x faster than two fighting for cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # ------------------------------------------------------------------------------------------------ segmentation

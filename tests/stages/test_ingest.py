@@ -11,18 +11,11 @@ import pytest
 from catalog.fixtures.broken import make_broken_fixtures
 from catalog.specs import builtin_specs, spec_for_folder
 from catalog.store import Catalog
-from stages.ingest import ingest_item, item_for, plan, record_problems
+from stages.ingest import ingest_all, plan
 
 
 def _run(source: Path, catalog: Catalog, datasets: list[str] | None = None) -> list:
-    work = plan(source, catalog, datasets)
-    record_problems(catalog, work.problems)
-    results = []
-    for w in work.items:
-        spec = spec_for_folder(Path(w.folder))
-        results.append(ingest_item(catalog, spec, item_for(Path(w.folder), spec, w.primary), w.known_sha256))
-    catalog.compact()
-    return results
+    return ingest_all(catalog, source, datasets)[0]
 
 
 @pytest.fixture(scope="module")

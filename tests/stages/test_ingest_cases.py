@@ -19,18 +19,11 @@ from catalog.fixtures.hsd import write_hsd
 from catalog.specs import load_spec_file, spec_for_folder
 from catalog.store import INDEX_SCHEMA, Catalog
 from stages import ingest as stage
-from stages.ingest import IngestResult, ingest_item, item_for, list_items, plan, record_problems
+from stages.ingest import IngestResult, ingest_item, item_for, list_items, plan
 
 
 def _run(source: Path | str, catalog: Catalog) -> tuple[list[IngestResult], stage.Plan]:
-    work = plan(source, catalog)
-    record_problems(catalog, work.problems)
-    results = []
-    for w in work.items:
-        spec = spec_for_folder(Path(w.folder))
-        assert spec is not None
-        results.append(ingest_item(catalog, spec, item_for(Path(w.folder), spec, w.primary), w.known_sha256))
-    return results, work
+    return stage.ingest_all(catalog, source)
 
 
 def _dataset(folder: Path, **spec: object) -> Path:

@@ -15,7 +15,7 @@ from catalog.errors import CatalogError
 from catalog.fixtures import FixtureImage, write_dataset
 from catalog.specs import spec_for_folder
 from catalog.store import Catalog
-from stages.ingest import IngestResult, ingest_item, item_for, plan, record_problems
+from stages.ingest import IngestResult, ingest_all, ingest_item, item_for, plan
 from stages.labelling.label import image_ids
 
 SEGMENTATION = ("hsi-drive-v2-0", "hyperspectral-city-v2", "my-lab-labels")
@@ -23,15 +23,7 @@ TRACKING = ("hot-2023-vis", "hot-2023-nir", "hot-2023-rednir")
 
 
 def _run(source: Path, catalog: Catalog, datasets: list[str] | None = None) -> list[IngestResult]:
-    work = plan(source, catalog, datasets)
-    record_problems(catalog, work.problems)
-    results = []
-    for w in work.items:
-        spec = spec_for_folder(Path(w.folder))
-        assert spec is not None
-        results.append(ingest_item(catalog, spec, item_for(Path(w.folder), spec, w.primary), w.known_sha256))
-    catalog.compact()
-    return results
+    return ingest_all(catalog, source, datasets)[0]
 
 
 def test_label_maps_splits_and_roles_round_trip(ingested_sources: tuple[Catalog, dict, list],

@@ -1,0 +1,38 @@
+"""Checkpoint folders shared by the training stages (pretraining, task heads): each checkpoint is written to a
+temporary folder, renamed to ``checkpoints/step_<N>``, then the ``latest`` pointer file is replaced (the commit
+point), and all but the newest ``keep`` are dropped. A killed writer leaves at most a stale temporary folder that
+the next save replaces; a reader follows ``latest`` and never sees half a checkpoint."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+
+def save_checkpoint_dir(run_dir: Path, step: int, write: Callable[[Path], None], keep: int) -> Path:
+    """Create ``run_dir/checkpoints/step_<step>`` from what ``write(folder)`` puts in a fresh temporary folder,
+    point ``latest`` at it and keep the newest ``keep`` checkpoints; returns the committed folder."""
+    root = run_dir / "checkpoints"
+    final = root / f"step_{step:07d}"
+    tmp = root / f".tmp-{final.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    pointer = root / "latest.tmp"
+    pointer.write_text(final.name)
+    os.replace(pointer, root / "latest")
+    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint_dir(run_dir: Path) -> tuple[Path, Path] | None:
+    """``(pointer file, the folder it names)`` of the committed checkpoint, or None when there is none yet."""
+    pointer = run_dir / "checkpoints" / "latest"
+    if not pointer.is_file():
+        return None
+    return pointer, run_dir / "checkpoints" / pointer.read_text().strip()
