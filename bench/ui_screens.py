@@ -1,12 +1,14 @@
 """Screenshots of the Prefect UI as a data engineer uses it, taken with headless Chromium (selenium).
 
-Against a running `hvp ui`: open Deployments, click `hypervision` -> Run -> Quick run (as the README says), wait for
-the run to finish, then save screenshots of the run form, the run's page, its subflows and every artifact page
-(images must show inline, tables fit, descriptions render). Look at the PNGs it writes.
+Against a running `hvp ui`: open Deployments, click a deployment (`hypervision` by default) -> Run -> Custom run
+(the typed form, saved whole), then Run -> Quick run (as the README says), wait for the run to finish, then save
+screenshots of the run's page (its logs show the resolved paths), its subflows, artifacts and parameters tabs, and
+every artifact page of the deployment's stages (images must show inline, tables fit, descriptions render). Look at
+the PNGs it writes.
 
 Needs Debian's `chromium` and `chromium-driver` and selenium (not a project dependency; any venv):
 
-    python bench/ui_screens.py --url http://127.0.0.1:4200 --out /tmp/screens [--no-run]
+    python bench/ui_screens.py --url http://127.0.0.1:4200 --out /tmp/screens [--deployment heads] [--no-run]
 """
 
 from __future__ import annotations
@@ -19,8 +21,16 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-ARTIFACT_KEYS = ["hypervision-parameters", "hypervision-stages", "ingest-summary", "label-spatial", "label-spectral",
-                 "label-material", "fuse-report", "fuse-overlays", "pretrain-loss", "pretrain-metrics"]
+#: The artifacts each deployment's run publishes, in the order a person reads them.
+ARTIFACT_KEYS: dict[str, list[str]] = {
+    "hypervision": ["hypervision-parameters", "hypervision-stages", "ingest-summary", "label-spatial",
+                    "label-spectral", "label-material", "fuse-report", "fuse-overlays", "pretrain-loss",
+                    "pretrain-metrics", "features-summary", "heads-report", "heads-report-markdown"],
+    "features": ["features-summary"],
+    "heads": ["heads-report", "heads-report-markdown"],
+}
+#: Tallest screenshot taken, in pixels (long artifact pages are cut there).
+MAX_HEIGHT = 9000
 
 
 def api(url: str, path: str, body: dict[str, Any] | None = None) -> Any:
@@ -47,12 +57,21 @@ def browser(width: int, height: int) -> Any:
 
 
 def shot(driver: Any, url: str | None, out: Path, name: str, wait: float = 4.0) -> Path:
-    """Open ``url`` (None: stay on the current page), let the app render, save ``out/name.png``."""
+    """Open ``url`` (None: stay on the current page), let the app render, save ``out/name.png`` as tall as the
+    page's content (up to MAX_HEIGHT), then restore the window's size."""
     if url is not None:
         driver.get(url)
     time.sleep(wait)
+    size = driver.get_window_size()
+    # the app scrolls inside an inner element: the tallest scrollHeight is the content's height
+    height = driver.execute_script("return Math.max(...Array.from(document.querySelectorAll('*'), "
+                                   "e => e.scrollHeight))")
+    if height > size["height"]:
+        driver.set_window_size(size["width"], min(int(height) + 40, MAX_HEIGHT))
+        time.sleep(1.5)
     path = out / f"{name}.png"
     driver.save_screenshot(str(path))
+    driver.set_window_size(size["width"], size["height"])
     print(f"{path}  <- {url or driver.current_url}")
     return path
 
@@ -74,27 +93,47 @@ def click_text(driver: Any, text: str, timeout: float = 20.0) -> None:
     raise RuntimeError(f"no visible element with text {text!r} on {driver.current_url}")
 
 
+def open_tab(driver: Any, run_url: str, tab: str) -> None:
+    """Open a flow run's page and click one of its tabs (Logs, Subflow Runs, Artifacts, Parameters, ...)."""
+    from selenium.webdriver.common.by import By
+
+    driver.get(run_url)
+    time.sleep(4)
+    for el in driver.find_elements(By.XPATH, f"//*[@role='tab' or self::button][normalize-space(.)='{tab}']"):
+        if el.is_displayed():
+            el.click()
+            return
+    raise RuntimeError(f"no tab {tab!r} on {run_url}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--url", default="http://127.0.0.1:4200")
     ap.add_argument("--out", type=Path, default=Path("ui-screens"))
-    ap.add_argument("--no-run", action="store_true", help="screenshot the latest hypervision run, start none")
+    ap.add_argument("--deployment", default="hypervision", help="deployment to open and run")
+    ap.add_argument("--no-run", action="store_true", help="screenshot the deployment's latest run, start none")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for the run")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     url = args.url.rstrip("/")
-    dep = next(d for d in api(url, "/deployments/filter", {}) if d["name"] == "hypervision")
+    name = args.deployment
+    dep = next(d for d in api(url, "/deployments/filter", {}) if d["name"] == name)
     driver = browser(1600, 1000)
     try:
-        shot(driver, f"{url}/deployments", args.out, "01-deployments")
-        shot(driver, f"{url}/deployments/deployment/{dep['id']}/run", args.out, "02-run-form", wait=6)
+        shot(driver, f"{url}/deployments", args.out, f"{name}-01-deployments")
+        driver.get(f"{url}/deployments/deployment/{dep['id']}")
+        time.sleep(4)
+        click_text(driver, "Run")
+        time.sleep(1)
+        shot(driver, None, args.out, f"{name}-02-run-menu", wait=1)
+        click_text(driver, "Custom run")
+        shot(driver, None, args.out, f"{name}-03-custom-run-form", wait=6)
         before = {r["id"] for r in api(url, "/flow_runs/filter", {"deployments": {"id": {"any_": [dep["id"]]}}})}
         if not args.no_run:
             driver.get(f"{url}/deployments/deployment/{dep['id']}")
             time.sleep(4)
             click_text(driver, "Run")
             time.sleep(1)
-            shot(driver, None, args.out, "03-run-menu", wait=1)
             click_text(driver, "Quick run")
             time.sleep(3)
         runs = api(url, "/flow_runs/filter", {"deployments": {"id": {"any_": [dep["id"]]}},
@@ -103,7 +142,7 @@ def main() -> None:
         if not new:
             raise RuntimeError("the Quick run click started no flow run")
         run_id = new[0]["id"]
-        print(f"hypervision flow run {run_id}")
+        print(f"{name} flow run {run_id}")
         deadline = time.monotonic() + args.timeout
         while time.monotonic() < deadline:
             state = api(url, f"/flow_runs/{run_id}")["state"]
@@ -111,19 +150,19 @@ def main() -> None:
                 break
             time.sleep(10)
         print(f"final state: {state['type']} {state['name']}: {state.get('message')}")
-        shot(driver, f"{url}/runs/flow-run/{run_id}", args.out, "04-run", wait=6)
-        shot(driver, f"{url}/runs/flow-run/{run_id}?tab=Subflow%20Runs", args.out, "05-run-subflows", wait=5)
-        shot(driver, f"{url}/runs/flow-run/{run_id}?tab=Artifacts", args.out, "06-run-artifacts", wait=5)
-        shot(driver, f"{url}/runs/flow-run/{run_id}?tab=Parameters", args.out, "07-run-parameters", wait=5)
-        driver.set_window_size(1600, 2200)  # artifact pages are long: overlays, tables
-        for i, key in enumerate(ARTIFACT_KEYS):
+        run_url = f"{url}/runs/flow-run/{run_id}"
+        shot(driver, run_url, args.out, f"{name}-04-run", wait=6)
+        for i, tab in enumerate(("Subflow Runs", "Artifacts", "Parameters")):
+            open_tab(driver, run_url, tab)
+            shot(driver, None, args.out, f"{name}-{5 + i:02d}-run-{tab.lower().replace(' ', '-')}", wait=4)
+        for i, key in enumerate(ARTIFACT_KEYS.get(name, [])):
             latest = api(url, "/artifacts/filter", {"artifacts": {"key": {"any_": [key]}}, "sort": "CREATED_DESC",
                                                     "limit": 1})
             if not latest:
                 print(f"no artifact {key}")
                 continue
-            shot(driver, f"{url}/artifacts/artifact/{latest[0]['id']}", args.out, f"{10 + i:02d}-artifact-{key}",
-                 wait=5)
+            shot(driver, f"{url}/artifacts/artifact/{latest[0]['id']}", args.out,
+                 f"{name}-{10 + i:02d}-artifact-{key}", wait=5)
     finally:
         driver.quit()
 

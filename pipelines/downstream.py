@@ -1,92 +1,77 @@
 """Prefect wiring of the downstream stages: frozen features (one task per dataset) and head-only adaptation (one
 task per head), each reusing what its inputs already produced, then the report as artifacts. Logic lives in
-stages.downstream; `downstream_flow` is what the DAG calls after pretraining."""
+stages.downstream; the `hypervision` DAG calls `features_flow` and `heads_flow` after pretraining.
+
+Parameters follow pipelines.params: empty fields take the profile's values (the backbone's layout) or the
+settings' paths, resolved to absolute ones and printed in the run. An empty checkpoint is the latest finished
+pretraining run of the layout under the runs folder (random-init when there is none), and an empty report folder
+is `<runs>/downstream-<model>-<feature set id>`, keyed on the frozen backbone as pretraining runs are keyed on
+their inputs.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.states import State
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from infra.settings import open_catalog
+from model.registry import resolve_name
+from pipelines.params import (
+    BENCHMARKS,
+    DEFAULT_BACKBONE,
+    DEFAULT_DOWNSTREAM,
+    BackboneParams,
+    Device,
+    DownstreamParams,
+    PathParams,
+    Profile,
+    Task,
+    absolute_path,
+    resolve_paths,
+)
+from pipelines.pretrain import latest_finished_run
 from pipelines.wiring import gpu_slot, skipped
 from stages.downstream.features import RANDOM_INIT, BackboneSpec, cached_backbone, compute_features, feature_images
 from stages.downstream.report import preview_data_uri
-from stages.downstream.run import (
-    DEFAULT_DATASETS,
-    TASKS,
-    TaskSpec,
-    load_outcome,
-    summarise,
-    task_spec,
-    train_task,
-)
+from stages.downstream.run import load_outcome, summarise, task_spec, train_task
+
+#: Longest side of a report plot embedded in the markdown artifact (the plots are at most ~860 px wide).
+PLOT_PREVIEW_SIDE = 640
 
 
-class BackboneParams(BaseModel):
-    """The frozen backbone: a registry layout, its weights and the preprocessing contract."""
-
-    model_config = ConfigDict(extra="forbid")
-    model: str = Field(default="tiny", description="registry name: tiny | hypervision_b | hypervision_l | "
-                       "hypervision_h | hyperfree_b")
-    checkpoint: str = Field(default=RANDOM_INIT, description="weights file, pretraining checkpoint or run folder, "
-                            "or random-init")
-    seed: int = Field(default=0, description="seed of random-init weights")
-    overrides: dict[str, Any] | None = Field(default=None, description="create_model overrides, e.g. "
-                                             '{"img_size": 256}; none: the model\'s downstream defaults')
-    preprocessing: Literal["released", "crop_max"] = "released"
-    strict: bool = Field(default=True, description="strict checkpoint loading")
-
-    def spec(self) -> BackboneSpec:
-        """The stage's BackboneSpec."""
-        return BackboneSpec(model=self.model, checkpoint=self.checkpoint, seed=self.seed, overrides=self.overrides,
-                            preprocessing=self.preprocessing, strict=self.strict)
-
-
-class FeaturesParams(BaseModel):
-    """Parameters of the `features` flow."""
-
-    model_config = ConfigDict(extra="forbid")
-    catalog: str | None = Field(default=None, description="catalog URI (default: $HVP_CATALOG)")
-    backbone: BackboneParams = Field(default_factory=BackboneParams)
-    datasets: list[str] = Field(default_factory=lambda: [DEFAULT_DATASETS["segmentation"],
-                                                         DEFAULT_DATASETS["saliency"]],
-                                description="labelled datasets whose images to encode (tracking sets are skipped)")
-    splits: list[str] | None = Field(default=None, description="only these splits (default: all)")
-    batch_size: int = Field(default=8, ge=1)
-    device: str = Field(default="auto", description="auto | cuda | cpu")
+def resolve_backbone(profile: Profile, backbone: BackboneParams, runs: str) -> tuple[BackboneSpec, str]:
+    """The frozen backbone of a run and where its weights come from: the layout given or the profile's, the
+    checkpoint given (absolute) or the latest finished pretraining run of that layout under ``runs``, else
+    random-init."""
+    model = backbone.model_name(profile)
+    checkpoint = backbone.checkpoint or None
+    if checkpoint is None:
+        latest = latest_finished_run(runs, model)
+        checkpoint = str(latest["checkpoint"]) if latest else RANDOM_INIT
+        origin = (f"the latest finished pretraining run of {model} under {runs}" if latest else
+                  f"random-init: no finished pretraining run of {model} under {runs}")
+    elif checkpoint == RANDOM_INIT:
+        origin = "random-init, as asked"
+    else:
+        checkpoint = absolute_path(checkpoint)
+        origin = "as given"
+    spec = BackboneSpec(model=model, checkpoint=checkpoint, seed=backbone.seed, overrides=backbone.overrides,
+                        preprocessing=backbone.preprocessing.value, strict=backbone.strict)
+    return spec, origin
 
 
-class HeadsParams(BaseModel):
-    """Parameters of the `heads` flow."""
-
-    model_config = ConfigDict(extra="forbid")
-    catalog: str | None = Field(default=None, description="catalog URI (default: $HVP_CATALOG)")
-    backbone: BackboneParams = Field(default_factory=BackboneParams)
-    out_dir: str = Field(default="./hvp-data/runs/downstream", description="report and one run folder per task")
-    tasks: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_DATASETS),
-                                  description="task (segmentation | saliency | tracking) -> labelled dataset slug")
-    steps: int | None = Field(default=None, ge=1, description="training steps per head (default: by model size)")
-    seed: int = 0
-    device: str = Field(default="auto", description="auto | cuda | cpu")
-
-    @field_validator("tasks")
-    @classmethod
-    def _known_tasks(cls, value: dict[str, str]) -> dict[str, str]:
-        unknown = sorted(set(value) - set(TASKS))
-        if unknown:
-            raise ValueError(f"unknown task(s) {unknown}; choose among {list(TASKS)}")
-        return value
-
-
-DEFAULT_FEATURES = FeaturesParams()
-DEFAULT_HEADS = HeadsParams()
+def held_benchmarks(catalog: str, tasks: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+    """The tasks whose labelled dataset the catalog holds, and a note for each task whose dataset it lacks."""
+    images = open_catalog(catalog).images()
+    held = set(images.loc[images["label_kind"].notna(), "dataset"]) if not images.empty else set()
+    missing = [f"{t} needs {d}, which the catalog does not hold" for t, d in tasks.items() if d not in held]
+    return {t: d for t, d in tasks.items() if d in held}, missing
 
 
 # The catalog's feature store is the cache (a feature set id per backbone), so Prefect's own caching stays off.
@@ -96,12 +81,12 @@ def features_task(catalog_uri: str, backbone: dict[str, Any], dataset: str, spli
     """Encode one dataset's labelled images the cache lacks (holding a `gpu` slot); returns a summary row."""
     cat = open_catalog(catalog_uri)
     loaded = cached_backbone(BackboneSpec(**backbone), device)
-    ids, skipped = feature_images(cat, [dataset], splits)
+    ids, left_out = feature_images(cat, [dataset], splits)
     row: dict[str, Any] = {"dataset": dataset, "feature_set": loaded.set_id, "weights": loaded.provenance,
                            "images": len(ids), "computed": 0, "cached": 0, "seconds": 0.0, "note": ""}
-    if skipped:
-        print(f"{dataset}: skipped: {skipped[dataset]}")
-        return {**row, "note": skipped[dataset]}
+    if left_out:
+        print(f"{dataset}: skipped: {left_out[dataset]}")
+        return {**row, "note": left_out[dataset]}
     with gpu_slot():
         run = compute_features(cat, loaded, ids, batch_size=batch_size)
     print(f"{dataset}: {len(run.computed)} image(s) encoded, {len(run.cached)} cache hit(s) skipped (unchanged "
@@ -111,17 +96,45 @@ def features_task(catalog_uri: str, backbone: dict[str, Any], dataset: str, spli
 
 
 @flow(name="features", log_prints=True)
-def features_flow(params: FeaturesParams = DEFAULT_FEATURES) -> list[dict[str, Any]] | State:
-    """Compute and cache the frozen backbone's features of labelled datasets (cache hits are skipped; with
-    nothing to compute the stage says so)."""
-    cat = open_catalog(params.catalog)
-    backbone = dataclasses.asdict(params.backbone.spec())
-    rows = [features_task(cat.uri, backbone, d, params.splits, params.batch_size, params.device)
-            for d in params.datasets]
-    note = " (random-init weights: features show the plumbing, not quality)" if params.backbone.checkpoint in (
-        RANDOM_INIT, "") else ""
-    create_table_artifact(key="features-summary", table=rows or [{"dataset": "(none)"}],
-                          description=f"Frozen {params.backbone.model} features cached in `{cat.uri}`{note}.")
+def features_flow(catalog: str | None = None, backbone: BackboneParams = DEFAULT_BACKBONE,
+                  datasets: list[str] | None = None, splits: list[str] | None = None, batch_size: int = 8,
+                  device: Device = Device.auto, profile: Profile = Profile.production,
+                  runs: str | None = None) -> list[dict[str, Any]] | State:
+    """Compute and cache the frozen backbone's multi-scale features of labelled datasets in the catalog (images
+    already cached for the same weights, model, overrides and preprocessing are skipped; with nothing to compute
+    the stage says so). Returns one row per dataset.
+
+    Args:
+        catalog: Catalog directory or fsspec URL. Empty: `HVP_CATALOG` (default `./hvp-data/catalog`).
+        backbone: The frozen backbone: layout, weights (empty: the latest finished pretraining run) and
+            preprocessing.
+        datasets: Labelled datasets (slugs) whose images to encode; tracking sets are skipped (the tracker encodes
+            its crops on the fly). Empty: the segmentation and saliency benchmarks (`hsi-drive-v2-0`, `hssod`).
+        splits: Only images of these splits. Empty: all.
+        batch_size: Images encoded per batch.
+        device: auto (CUDA when available), cpu or cuda.
+        profile: Which defaults fill the empty fields: demo (`tiny`) or production (the -B layout).
+        runs: Folder of training runs, where the latest pretraining run is looked up. Empty: `runs` beside a local
+            catalog.
+    """
+    paths = resolve_paths(PathParams(catalog=catalog, runs=runs))
+    spec, origin = resolve_backbone(profile, backbone, paths.runs)
+    chosen = datasets or [BENCHMARKS[Task.segmentation.value], BENCHMARKS[Task.saliency.value]]
+    print(f"features, profile {profile.value}: catalog {paths.catalog}; backbone {spec.model}, weights "
+          f"{spec.checkpoint or RANDOM_INIT} ({origin}); datasets {', '.join(chosen)}")
+    record = dataclasses.asdict(spec)
+    dev = Device(device).value
+    rows = [features_task(paths.catalog, record, d, splits, batch_size, dev) for d in chosen]
+    note = " Random-init weights: features show the plumbing, not quality." if spec.random_init else ""
+    short = [{"dataset": r["dataset"], "images": r["images"], "computed": r["computed"], "cached": r["cached"],
+              "s": r["seconds"], "note": r["note"]} for r in rows]
+    first = rows[0] if rows else {"feature_set": "-", "weights": RANDOM_INIT}
+    create_table_artifact(key="features-summary", table=short or [{"dataset": "(none)"}],
+                          description=f"Frozen `{spec.model}` features, feature set `{first['feature_set']}`, "
+                                      f"weights {first['weights']}, cached in `{paths.catalog}`.{note}")
+    if rows and not any(r["images"] for r in rows):
+        return skipped("features", "no labelled image to encode (" + "; ".join(
+            f"{r['dataset']}: {r['note']}" for r in rows) + ")", rows)
     if rows and not any(r["computed"] for r in rows):
         cached = sum(r["cached"] for r in rows)
         return skipped("features", f"all {cached} images already have features of this backbone cached", rows)
@@ -133,6 +146,8 @@ def head_task(catalog_uri: str, backbone: dict[str, Any], spec: dict[str, Any], 
               device: str) -> dict[str, Any]:
     """Train, score and report one head holding a `gpu` slot (its run folder is reused when its inputs did not
     change)."""
+    from stages.downstream.run import TaskSpec
+
     loaded = cached_backbone(BackboneSpec(**backbone), device)
     with gpu_slot():
         outcome = train_task(open_catalog(catalog_uri), loaded, TaskSpec.from_dict(spec), Path(run_dir),
@@ -146,36 +161,71 @@ def head_task(catalog_uri: str, backbone: dict[str, Any], spec: dict[str, Any], 
     return row
 
 
-def _report_markdown(markdown: Path, plots: list[Path], description: str) -> str:
-    """The report's markdown with its plots embedded as small data-URI previews (no file links)."""
+def _short_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A head's summary row with short columns, so that the table fits the UI's width."""
+    return {"task": row["task"], "dataset": row["dataset"], "metric": row["metric"], "head": row["head"],
+            "baseline": row["baseline"], "margin": row["margin"], "params": row["trainable_parameters"],
+            "steps": row["steps"], "train/test": f"{row['train_items']}/{row['test_items']}", "s": row["seconds"],
+            "reused": row["reused"]}
+
+
+def _report_markdown(markdown: Path, plots: list[Path], weights: str) -> str:
+    """The report's markdown for the UI: the plots embedded as data-URI previews (no file links), and this run's
+    rows named `this run` (the weights are stated once, above the tables, so that the tables fit)."""
     text = "\n".join(line for line in markdown.read_text().splitlines() if not line.startswith("Plots: "))
-    previews = "\n\n".join(f"**{p.stem}**\n\n![{p.stem}]({preview_data_uri(p)})" for p in plots)
-    return f"{text}\n\n## Plots\n\n{previews}\n\nReport files: `{markdown.parent}` ({description}).\n"
+    text = text.replace(f"| this run ({weights}) |", "| this run |")
+    previews = "\n\n".join(f"**{p.stem}**\n\n![{p.stem}]({preview_data_uri(p, PLOT_PREVIEW_SIDE)})" for p in plots)
+    return f"{text}\n\n## Plots\n\n{previews}\n\nReport files: `{markdown.parent}` (weights {weights}).\n"
 
 
 @flow(name="heads", log_prints=True)
-def heads_flow(params: HeadsParams = DEFAULT_HEADS) -> dict[str, Any] | State:
-    """Train one head per task on the frozen backbone's features (skipping those whose inputs did not change),
-    score each against its trivial baseline and publish the report. Returns the report's paths and table."""
-    cat = open_catalog(params.catalog)
-    spec = params.backbone.spec()
-    backbone = cached_backbone(spec, params.device)
-    out_dir = Path(params.out_dir)
-    specs = [task_spec(t, backbone.descriptor["model"], backbone.img_size, dataset=d, steps=params.steps,
-                       seed=params.seed, device=params.device) for t, d in params.tasks.items()]
+def heads_flow(catalog: str | None = None, backbone: BackboneParams = DEFAULT_BACKBONE,
+               downstream: DownstreamParams = DEFAULT_DOWNSTREAM, out_dir: str | None = None, seed: int = 0,
+               profile: Profile = Profile.production, runs: str | None = None) -> dict[str, Any] | State:
+    """Train one head per task on the frozen backbone's features (a task whose inputs did not change reuses its
+    result; a task whose dataset the catalog lacks is left out, saying so), score each against its trivial baseline
+    and publish the report. Returns the report's paths and table.
+
+    Args:
+        catalog: Catalog directory or fsspec URL. Empty: `HVP_CATALOG` (default `./hvp-data/catalog`).
+        backbone: The frozen backbone: layout, weights (empty: the latest finished pretraining run) and
+            preprocessing.
+        downstream: Tasks (each with its labelled dataset), training steps per head and device.
+        out_dir: Report folder, with one run folder per task. Empty: `<runs>/downstream-<model>-<feature set id>`.
+        seed: Seed of head training.
+        profile: Which defaults fill the empty fields: demo (`tiny`) or production (the -B layout).
+        runs: Folder of training runs (pretraining runs, reports). Empty: `runs` beside a local catalog.
+    """
+    paths = resolve_paths(PathParams(catalog=catalog, runs=runs))
+    spec, origin = resolve_backbone(profile, backbone, paths.runs)
+    tasks, missing = held_benchmarks(paths.catalog, downstream.task_datasets())
+    for note in missing:
+        print(f"heads: left out: {note}")
+    if not tasks:
+        return skipped("heads", "; ".join(missing) or "no task chosen", {})
+    device = Device(downstream.device).value
+    loaded = cached_backbone(spec, device)
+    folder = Path(absolute_path(out_dir)) if out_dir else Path(paths.runs) / f"downstream-{spec.model}-{loaded.set_id}"
+    print(f"heads, profile {profile.value}: catalog {paths.catalog}; backbone {spec.model}, weights "
+          f"{loaded.provenance} ({origin}); tasks {', '.join(f'{t} on {d}' for t, d in tasks.items())}; report "
+          f"folder {folder}")
+    specs = [task_spec(t, loaded.descriptor["model"], loaded.img_size, dataset=d, steps=downstream.steps,
+                       seed=seed, device=device) for t, d in tasks.items()]
     record = dataclasses.asdict(spec)
-    rows = [head_task(cat.uri, record, s.to_dict(), str(out_dir / s.task), params.device) for s in specs]
-    outcomes = [load_outcome(out_dir / s.task, skipped=row["reused"]) for s, row in zip(specs, rows, strict=True)]
-    result = summarise(out_dir, outcomes, backbone)
-    weights = backbone.provenance
-    create_table_artifact(key="heads-report", table=rows,
-                          description=f"Head vs trivial baseline per task ({backbone.descriptor['model']}, weights "
-                                      f"{weights}); primary metric, trainable parameters, seconds.")
+    rows = [head_task(paths.catalog, record, s.to_dict(), str(folder / s.task), device) for s in specs]
+    outcomes = [load_outcome(folder / s.task, skipped=row["reused"]) for s, row in zip(specs, rows, strict=True)]
+    result = summarise(folder, outcomes, loaded)
+    weights = loaded.provenance
+    create_table_artifact(key="heads-report", table=[_short_row(r) for r in rows],
+                          description=f"Head vs trivial baseline per task on the primary metric (`{spec.model}`, "
+                                      f"weights {weights}); params: the head's trainable parameters; s: seconds. "
+                                      f"Report folder `{folder}`.")
     create_markdown_artifact(key="heads-report-markdown",
                              markdown=_report_markdown(result.report.markdown, list(result.report.plots), weights),
                              description=f"Downstream report, backbone weights {weights}")
     print(f"report: {result.report.json}")
-    out = {"report": str(result.report.json), "markdown": str(result.report.markdown), "table": rows}
+    out = {"report": str(result.report.json), "markdown": str(result.report.markdown), "table": rows,
+           "left_out": missing}
     if rows and all(r["reused"] for r in rows):
         return skipped("heads", f"all {len(rows)} heads' inputs unchanged (features, labels, parameters): "
                                 "their results were reused", out)
@@ -185,16 +235,19 @@ def heads_flow(params: HeadsParams = DEFAULT_HEADS) -> dict[str, Any] | State:
 @flow(name="downstream", log_prints=True)
 def downstream_flow(catalog: str | None = None, checkpoint: str = RANDOM_INIT, model: str = "tiny",
                     preprocessing: str = "released", tasks: dict[str, str] | None = None,
-                    out_dir: str = "./hvp-data/runs/downstream", steps: int | None = None,
+                    out_dir: str | None = None, steps: int | None = None,
                     overrides: dict[str, Any] | None = None, seed: int = 0, device: str = "auto") -> dict[str, Any]:
-    """Features, then one head per task, then the report: what the DAG runs after pretraining (`checkpoint` is the
-    pretraining run's folder or weights file). Returns {"report": report.json path, "markdown": report.md path,
-    "table": one row per task (head vs baseline on the primary metric)}."""
-    backbone = BackboneParams(model=model, checkpoint=checkpoint, overrides=overrides,
-                              preprocessing=preprocessing, seed=seed)  # type: ignore[arg-type]  # validated here
-    heads = HeadsParams(catalog=catalog, backbone=backbone, out_dir=out_dir, tasks=dict(tasks or DEFAULT_DATASETS),
-                        steps=steps, seed=seed, device=device)
-    datasets = [d for t, d in heads.tasks.items() if t != "tracking"]
-    features_flow(FeaturesParams(catalog=catalog, backbone=backbone, datasets=datasets, device=device))
-    result = heads_flow(heads)
+    """Features, then one head per task, then the report (`hvp heads run-all`): `checkpoint` is a pretraining
+    run's folder or a weights file, `tasks` maps each task to its labelled dataset (empty: the three benchmarks).
+    Returns {"report": report.json path, "markdown": report.md path, "table": one row per task (head vs baseline
+    on the primary metric)}."""
+    backbone = BackboneParams.model_validate({"model": resolve_name(model), "checkpoint": checkpoint, "seed": seed,
+                                              "overrides": overrides, "preprocessing": preprocessing})
+    chosen = dict(tasks or BENCHMARKS)
+    params = DownstreamParams.model_validate({"tasks": list(chosen), "benchmarks": chosen, "steps": steps,
+                                              "device": device})
+    whole_images = [d for t, d in chosen.items() if t != Task.tracking.value]  # the tracker encodes crops on the fly
+    if whole_images:
+        features_flow(catalog, backbone, whole_images, device=params.device)
+    result = heads_flow(catalog, backbone, params, out_dir, seed)
     return result.result() if isinstance(result, State) else result

@@ -22,7 +22,7 @@ from prefect import flow
 from prefect.artifacts import create_table_artifact
 from prefect.states import State
 
-from pipelines.downstream import BackboneParams, FeaturesParams, HeadsParams, features_flow, heads_flow
+from pipelines.downstream import features_flow, heads_flow, held_benchmarks
 from pipelines.ingest import ingest_flow
 from pipelines.label import fuse_flow, label_branch_flow
 from pipelines.params import (
@@ -30,6 +30,7 @@ from pipelines.params import (
     DEFAULT_LABEL,
     DEFAULT_PATHS,
     DEFAULT_PRETRAIN,
+    BackboneParams,
     DownstreamParams,
     LabelParams,
     PathParams,
@@ -37,6 +38,7 @@ from pipelines.params import (
     Profile,
     ResolvedLabel,
     ResolvedPaths,
+    Task,
     resolve_label,
     resolve_paths,
     resolve_pretrain,
@@ -73,43 +75,25 @@ class DownstreamStage:
 
 def _backbone(ctx: DagContext) -> BackboneParams:
     """The frozen backbone of the downstream stages: the run's pretrained checkpoint, its layout."""
-    return BackboneParams(model=ctx.model, checkpoint=str(ctx.pretrain["checkpoint"]),
-                          preprocessing=ctx.preprocessing)  # type: ignore[arg-type]  # a contract name
-
-
-def _task_datasets(ctx: DagContext) -> tuple[dict[str, str], list[str]]:
-    """The chosen tasks' benchmark datasets that the catalog holds, and a note for each that it lacks."""
-    from infra.settings import open_catalog
-    from stages.downstream.run import DEFAULT_DATASETS
-
-    images = open_catalog(ctx.paths.catalog).images()
-    held = set(images.loc[images["label_kind"].notna(), "dataset"]) if not images.empty else set()
-    wanted = {t.value: DEFAULT_DATASETS[t.value] for t in ctx.downstream.tasks}
-    missing = [f"{t} needs {d}, which the catalog does not hold" for t, d in wanted.items() if d not in held]
-    return {t: d for t, d in wanted.items() if d in held}, missing
+    return BackboneParams.model_validate({"model": ctx.model, "checkpoint": str(ctx.pretrain["checkpoint"]),
+                                          "preprocessing": ctx.preprocessing})
 
 
 def _features(ctx: DagContext) -> Any:
     """Cache the frozen backbone's features of the labelled datasets the heads train on."""
-    tasks, missing = _task_datasets(ctx)
-    datasets = [d for t, d in tasks.items() if t != "tracking"]  # the tracker encodes its crops on the fly
+    tasks, missing = held_benchmarks(ctx.paths.catalog, ctx.downstream.task_datasets())
+    datasets = [d for t, d in tasks.items() if t != Task.tracking.value]  # the tracker encodes its crops on the fly
     if not datasets:
         why = "; ".join([*missing, *(["tracking encodes its search crops on the fly"] if tasks else [])])
         return skipped("features", f"no image to encode ({why})", [])
-    return features_flow(FeaturesParams(catalog=ctx.paths.catalog, backbone=_backbone(ctx), datasets=datasets,
-                                        device=ctx.downstream.device.value), return_state=True)
+    return features_flow(ctx.paths.catalog, _backbone(ctx), datasets, device=ctx.downstream.device,
+                         profile=ctx.profile, runs=ctx.paths.runs, return_state=True)
 
 
 def _heads(ctx: DagContext) -> Any:
-    """One head per task on the cached features, scored against its baseline; the report."""
-    tasks, missing = _task_datasets(ctx)
-    for note in missing:
-        print(f"heads: left out: {note}")
-    if not tasks:
-        return skipped("heads", "; ".join(missing) or "no task chosen", {})
-    out_dir = str(Path(ctx.paths.runs) / f"downstream-{ctx.model}")
-    return heads_flow(HeadsParams(catalog=ctx.paths.catalog, backbone=_backbone(ctx), out_dir=out_dir,
-                                  tasks=tasks, steps=ctx.downstream.steps, device=ctx.downstream.device.value),
+    """One head per task on the cached features, scored against its baseline; the report (in
+    `<runs>/downstream-<model>-<feature set id>`, where the `heads` deployment finds it too)."""
+    return heads_flow(ctx.paths.catalog, _backbone(ctx), ctx.downstream, profile=ctx.profile, runs=ctx.paths.runs,
                       return_state=True)
 
 
@@ -173,7 +157,7 @@ def hypervision_flow(profile: Profile = Profile.demo, paths: PathParams = DEFAUL
     p = resolve_paths(paths)
     resolved = resolve_label(profile, label)
     pretrain_kw = resolve_pretrain(profile, pretrain)
-    _publish_parameters(profile, p, resolved, pretrain_kw)
+    _publish_parameters(profile, p, resolved, pretrain_kw, downstream)
     _ensure_sources(profile, p.source_root)
     records: list[StageRecord] = []
     ctx = DagContext(profile, p, resolved, model=str(pretrain_kw["model"]),
@@ -216,8 +200,9 @@ def _model_label(model_config: dict[str, Any]) -> str:
 
 
 def _publish_parameters(profile: Profile, paths: ResolvedPaths, label: ResolvedLabel,
-                        pretrain: dict[str, Any]) -> None:
-    """The run's resolved parameters (absolute paths, each labeler's configuration) as a markdown artifact."""
+                        pretrain: dict[str, Any], downstream: DownstreamParams) -> None:
+    """The run's resolved parameters (absolute paths, each labeler's configuration, pretraining, the downstream
+    tasks) as a markdown artifact."""
     path_rows = [{"what": k, "value": f"`{v}`"} for k, v in paths.model_dump().items()]
     labeler_rows = [{"branch": b, "model": _model_label(c["model_config"]),
                      "checkpoint": Path(c["checkpoint"]).name if c["checkpoint"] else "random-init",
@@ -225,11 +210,14 @@ def _publish_parameters(profile: Profile, paths: ResolvedPaths, label: ResolvedL
                      "iou thr": c["params"].get("pred_iou_thresh", "default"),
                      "stability thr": c["params"].get("stability_score_thresh", "default")}
                     for b, c in label.configs.items()]
+    task_rows = [{"task": t, "dataset": d} for t, d in downstream.task_datasets().items()]
     text = (f"## Run parameters (profile `{profile.value}`)\n\n### Paths\n\n{markdown_table(path_rows)}\n"
             f"### Labelers (branches run: {', '.join(label.branches)}; tau = {label.tau})\n\n"
             f"{markdown_table(labeler_rows)}\n### Pretraining\n\n"
-            f"{markdown_table([{'field': k, 'value': v} for k, v in pretrain.items()])}")
+            f"{markdown_table([{'field': k, 'value': v} for k, v in pretrain.items()])}\n"
+            f"### Downstream (frozen pretrained backbone; head steps: {downstream.steps or 'by model size'}; device "
+            f"{downstream.device.value})\n\n{markdown_table(task_rows)}")
     print(f"profile {profile.value}; paths: " + ", ".join(f"{k}={v}" for k, v in paths.model_dump().items()))
     publish_markdown("hypervision-parameters", text,
                      description=f"Resolved parameters of this run (profile `{profile.value}`): absolute paths, "
-                                 "labeler configurations, pretraining settings.")
+                                 "labeler configurations, pretraining settings, downstream tasks.")

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from infra.settings import Settings, get_settings
 from model.preprocess import CONTRACTS
 from model.registry import list_models
+from stages.downstream.run import DEFAULT_DATASETS
 from stages.labelling.label import labeler_config
 from stages.labelling.sam2_models import TINY_MODEL_CONFIG, available_configs
 
@@ -113,7 +114,8 @@ class ResolvedPaths(BaseModel):
     datasets: list[str] | None
 
 
-def _absolute(path: str | Path) -> str:
+def absolute_path(path: str | Path) -> str:
+    """A local path made absolute (against the working directory, `~` expanded); a URL as it is."""
     text = str(path)
     return text if "://" in text else str(Path(text).expanduser().resolve())
 
@@ -121,12 +123,12 @@ def _absolute(path: str | Path) -> str:
 def resolve_paths(paths: PathParams, settings: Settings | None = None) -> ResolvedPaths:
     """Absolute source root, catalog and runs folder of a run (URLs are kept as they are)."""
     s = settings or get_settings()
-    catalog = _absolute(paths.catalog or s.catalog)
+    catalog = absolute_path(paths.catalog or s.catalog)
     if paths.runs:
-        runs = _absolute(paths.runs)
+        runs = absolute_path(paths.runs)
     else:
-        runs = str(Path(catalog).parent / "runs") if "://" not in catalog else _absolute("./hvp-data/runs")
-    return ResolvedPaths(source_root=_absolute(paths.source_root or s.source_root), catalog=catalog, runs=runs,
+        runs = str(Path(catalog).parent / "runs") if "://" not in catalog else absolute_path("./hvp-data/runs")
+    return ResolvedPaths(source_root=absolute_path(paths.source_root or s.source_root), catalog=catalog, runs=runs,
                          datasets=paths.datasets or None)
 
 
@@ -232,7 +234,7 @@ def resolve_label(profile: Profile, label: LabelParams, settings: Settings | Non
             model_config["model"] = p.model.value
         checkpoint = p.checkpoint or base["checkpoint"]
         configs[branch.value] = {"model_config": model_config,
-                                 "checkpoint": _absolute(checkpoint) if checkpoint else None,
+                                 "checkpoint": absolute_path(checkpoint) if checkpoint else None,
                                  "params": {**base["params"], **p.overrides()}}
     tau = label.tau if label.tau is not None else s.fuse_tau
     return ResolvedLabel(branches=[b.value for b in label.branches] or [b.value for b in Branch], configs=configs,
@@ -281,7 +283,7 @@ def resolve_pretrain(profile: Profile, pretrain: PretrainParams) -> dict[str, An
             given[key] = getattr(pretrain, key).value
     for key in ("teacher_checkpoint", "student_checkpoint", "out"):
         if key in given:
-            given[key] = _absolute(given[key])
+            given[key] = absolute_path(given[key])
     return {**base, **given}
 
 
@@ -293,6 +295,13 @@ class Task(StrEnum):
     tracking = "tracking"
 
 
+#: Each task's benchmark dataset (stages.downstream.run.DEFAULT_DATASETS): what an empty `benchmarks` means.
+BENCHMARKS: dict[str, str] = dict(DEFAULT_DATASETS)
+if set(BENCHMARKS) != {t.value for t in Task}:  # pragma: no cover - guards the two lists drifting apart
+    raise ImportError(f"pipelines.params.Task lists {[t.value for t in Task]} but stages.downstream.run."
+                      f"DEFAULT_DATASETS has {list(BENCHMARKS)}: update the enum")
+
+
 class DownstreamParams(BaseModel):
     """Head-only adaptation after pretraining: the frozen backbone is the run's pretrained checkpoint, its
     features are cached in the catalog, one head per task trains on them and the report compares each with a
@@ -302,9 +311,44 @@ class DownstreamParams(BaseModel):
 
     tasks: list[Task] = Field(default_factory=lambda: list(Task), description="Tasks to run (segmentation on HSI "
                               "Drive v2.0, salient objects on HSSOD, tracking on HOT-2023 VIS). Empty: none.")
+    benchmarks: dict[Task, str] | None = Field(default=None, description="Labelled dataset (slug) per task, e.g. "
+                                               '`{"segmentation": "hyperspectral-city-v2"}`. Empty: `hsi-drive-v2-0`, '
+                                               "`hssod`, `hot-2023-vis`.")
     steps: int | None = Field(default=None, ge=1, description="Training steps per head. Empty: by model size "
                               "(100 for tiny).")
     device: Device = Field(default=Device.auto, description="auto (CUDA when available), cpu or cuda.")
+
+    def task_datasets(self) -> dict[str, str]:
+        """The chosen tasks, each with its labelled dataset."""
+        given = {t.value: d for t, d in (self.benchmarks or {}).items()}
+        return {t.value: given.get(t.value, BENCHMARKS[t.value]) for t in self.tasks}
+
+
+class BackboneParams(BaseModel):
+    """The frozen backbone of the downstream stages: a registry layout, its weights and the preprocessing contract;
+    empty fields take the profile's values."""
+
+    model_config = _FORM
+
+    model: ModelName | None = Field(default=None, description="Registry layout. Empty: demo `tiny`; production "  # type: ignore[valid-type]
+                                    "the -B HyperVision layout (the profile's pretraining model).")
+    checkpoint: str | None = Field(default=None, description="Weights file, pretraining checkpoint or run folder, or "
+                                   "`random-init`. Empty: the latest finished pretraining run of this model under "
+                                   "`<runs>` (random-init when there is none).")
+    seed: int = Field(default=0, description="Seed of random-init weights.")
+    overrides: dict[str, Any] | None = Field(default=None, description="create_model overrides, e.g. "
+                                             '`{"img_size": 256}`. Empty: the model\'s downstream defaults (128 px '
+                                             "for tiny).")
+    preprocessing: Preprocessing = Field(default=Preprocessing.released, description="Preprocessing contract of the "
+                                         "inputs (model.preprocess); keep the one pretraining used.")
+    strict: bool = Field(default=True, description="Load the checkpoint strictly (keys and shapes must match the "
+                         "layout).")
+
+    def model_name(self, profile: Profile) -> str:
+        """The registry layout: the one given, else the profile's pretraining model."""
+        if self.model is not None:
+            return str(self.model.value)
+        return str(DEMO_PRETRAIN["model"]) if profile is Profile.demo else production_model()
 
 
 #: Defaults of the flows' grouped parameters (frozen: shared safely as default values).
@@ -312,3 +356,4 @@ DEFAULT_PATHS = PathParams()
 DEFAULT_LABEL = LabelParams()
 DEFAULT_PRETRAIN = PretrainParams()
 DEFAULT_DOWNSTREAM = DownstreamParams()
+DEFAULT_BACKBONE = BackboneParams()

@@ -170,6 +170,21 @@ def _finished(folder: Path, key: str) -> dict[str, Any] | None:
     return result
 
 
+def latest_finished_run(runs: str, model: str) -> dict[str, Any] | None:
+    """The stored result of the most recently finished pretraining run of ``model`` under ``runs`` (its
+    ``pretrain-<model>-<inputs key>`` folders), or None: what the downstream stages take as their backbone when
+    none is named."""
+    found: list[tuple[float, dict[str, Any]]] = []
+    for key_file in Path(runs).glob(f"pretrain-{model}-*/{KEY_FILE}"):
+        try:
+            result = json.loads(key_file.read_text()).get("result", {})
+        except (OSError, ValueError):
+            continue
+        if Path(result.get("checkpoint") or "/nonexistent").exists():
+            found.append((key_file.stat().st_mtime, result))
+    return max(found, key=lambda f: f[0])[1] if found else None
+
+
 def _publish(model: str, result: dict[str, Any]) -> None:
     """The loss plot (embedded) and the final metrics as artifacts named pretrain-*."""
     weights = f"student `{result['student_weights'][:12]}`, teacher `{result['teacher_weights'][:12]}`"

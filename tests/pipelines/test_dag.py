@@ -198,9 +198,18 @@ def test_hypervision_dag_runs_every_stage_then_skips_them(prefect_server: None, 
     assert [r["task"] for r in heads["table"]] == ["tracking"] and Path(heads["report"]).is_file()
     report = json.loads(Path(heads["report"]).read_text())
     assert set(report["tasks"]) == {"tracking"} and "random-init" in report["provenance"]["weights"]
+    folder = Path(heads["report"]).parent  # keyed on the frozen backbone, under the runs folder
+    assert folder.parent == tmp_path / "runs" and folder.name.startswith("downstream-tiny-")
+    assert heads["left_out"] == ["segmentation needs hsi-drive-v2-0, which the catalog does not hold"]
 
     again = hypervision_flow(Profile.demo, paths, label, downstream=downstream)
     assert [(r["stage"], r["state"]) for r in again["stages"]] == [(s, "Skipped") for s in stages]
     notes = {r["stage"]: r["note"] for r in again["stages"]}
     assert "unchanged" in notes["ingest"] and "already" in notes["pretrain"] and "reused" in notes["heads"]
     assert again["outputs"]["pretrain"]["checkpoint"] == trained["checkpoint"]
+    # the `heads` deployment's defaults (profile demo, nothing else) find this run's backbone and report
+    from pipelines.downstream import heads_flow
+
+    alone = heads_flow(paths.catalog, downstream=downstream, profile=Profile.demo, runs=paths.runs,
+                       return_state=True)
+    assert alone.name == "Skipped" and alone.result()["report"] == heads["report"]

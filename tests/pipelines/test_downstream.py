@@ -68,7 +68,8 @@ def _artifacts() -> dict[str, list[str]]:
 
 def test_flows_reuse_unchanged_work_and_publish_the_report(prefect_server: None, labelled_catalog: tuple,
                                                            tmp_path: Path) -> None:
-    from pipelines.downstream import BackboneParams, FeaturesParams, downstream_flow, features_flow
+    from pipelines.downstream import downstream_flow, features_flow
+    from pipelines.params import BackboneParams, Profile
 
     cat = labelled_catalog[0].uri
     tasks = {"saliency": "hssod"}  # every head's training is covered by tests/stages; one keeps the flow test short
@@ -80,8 +81,11 @@ def test_flows_reuse_unchanged_work_and_publish_the_report(prefect_server: None,
     assert {"features-summary", "heads-report", "heads-report-markdown"} <= set(artifacts)
     markdown = artifacts["heads-report-markdown"][-1]
     assert "data:image/png;base64," in markdown and "file://" not in markdown and "random-init" in markdown
-    rows = features_flow(FeaturesParams(catalog=cat, backbone=BackboneParams(seed=31), datasets=["hssod"],
-                                        device="cpu"))
+    assert "| this run |" in markdown  # the weights are said once above the tables, which then fit the UI
+    state = features_flow(cat, BackboneParams(seed=31), ["hssod"], device="cpu", profile=Profile.demo,
+                          return_state=True)
+    rows = state.result()
+    assert state.name == "Skipped"
     assert rows[0]["computed"] == 0 and rows[0]["cached"] == 12 and "unchanged" in rows[0]["note"]
     again = downstream_flow(catalog=cat, out_dir=str(tmp_path), tasks=tasks, steps=2, seed=31,
                             device="cpu")
@@ -91,16 +95,51 @@ def test_flows_reuse_unchanged_work_and_publish_the_report(prefect_server: None,
     assert changed["table"][0]["steps"] == 3 and not changed["table"][0]["reused"]
 
 
-def test_deployment_parameters_are_valid_parameter_models() -> None:
+def test_deployments_name_the_demo_profile_and_forms_are_typed() -> None:
     import yaml
+    from prefect.utilities.callables import parameter_schema
 
-    from pipelines.downstream import FeaturesParams, HeadsParams
+    from pipelines.downstream import features_flow, heads_flow
 
     spec = yaml.safe_load((Path(__file__).resolve().parents[2] / "prefect.yaml").read_text())
     deployments = {d["name"]: d for d in spec["deployments"]}
-    features = FeaturesParams(**deployments["features"]["parameters"]["params"])
-    heads = HeadsParams(**deployments["heads"]["parameters"]["params"])
-    assert features.backbone.checkpoint == heads.backbone.checkpoint == "random-init"
-    assert set(heads.tasks) == {"segmentation", "saliency", "tracking"}
-    with pytest.raises(ValueError, match="unknown task"):
-        HeadsParams(tasks={"detection": "hssod"})
+    assert deployments["features"]["parameters"] == deployments["heads"]["parameters"] == {"profile": "demo"}
+    for flow in (features_flow, heads_flow):
+        schema = parameter_schema(flow).model_dump()
+        top = schema["properties"]
+        assert {"profile", "catalog", "runs", "backbone"} <= set(top) and all(p.get("description") for p in
+                                                                              top.values()), flow.name
+        backbone = schema["definitions"]["BackboneParams"]["properties"]
+        assert all(f.get("description") for f in backbone.values())
+        assert schema["definitions"]["ModelName"]["enum"] and schema["definitions"]["Device"]["enum"]
+    heads = parameter_schema(heads_flow).model_dump()["definitions"]
+    assert heads["Task"]["enum"] == ["segmentation", "saliency", "tracking"]
+
+
+def test_empty_fields_resolve_to_the_latest_pretraining_run_and_absolute_paths(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from pipelines.downstream import resolve_backbone
+    from pipelines.params import BackboneParams, DownstreamParams, Profile, Task
+
+    runs = tmp_path / "runs"
+    spec, origin = resolve_backbone(Profile.demo, BackboneParams(), str(runs))
+    assert spec.model == "tiny" and spec.random_init and "no finished pretraining run" in origin
+    for name, age in (("pretrain-tiny-old", 100), ("pretrain-tiny-new", 10), ("pretrain-hyperfree_b-x", 0)):
+        checkpoint = runs / name / "checkpoints" / "step_6"
+        checkpoint.mkdir(parents=True)
+        key = runs / name / "inputs-key.json"
+        key.write_text(json.dumps({"key": "k", "result": {"checkpoint": str(checkpoint)}}))
+        os.utime(key, (key.stat().st_mtime - age,) * 2)
+    (runs / "pretrain-tiny-unfinished").mkdir()
+    spec, origin = resolve_backbone(Profile.demo, BackboneParams(), str(runs))
+    assert spec.checkpoint == str(runs / "pretrain-tiny-new" / "checkpoints" / "step_6") and "latest" in origin
+    monkeypatch.chdir(tmp_path)
+    spec, _ = resolve_backbone(Profile.demo, BackboneParams(checkpoint="runs/pretrain-tiny-old"), str(runs))
+    assert spec.checkpoint == str(runs / "pretrain-tiny-old")
+    spec, _ = resolve_backbone(Profile.production, BackboneParams(checkpoint="random-init"), str(runs))
+    assert spec.random_init and spec.model == "hypervision_b"
+    chosen = DownstreamParams(tasks=[Task.tracking, Task.segmentation],
+                              benchmarks={Task.segmentation: "hyperspectral-city-v2"})
+    assert chosen.task_datasets() == {"tracking": "hot-2023-vis", "segmentation": "hyperspectral-city-v2"}
