@@ -54,8 +54,11 @@ def test_features_are_computed_once_and_equal_the_contract(labelled_catalog: tup
     assert backbone.img_size == 128 and backbone.weights == "random-init"
     first = compute_features(cat, backbone, ids, batch_size=5)
     assert len(first.computed) == 24 and first.cached == ()
+    stale = Path(cat.storage.path("features", backbone.set_id, "x@000000000000.zarr.tmp-0000000000000000-dead"))
+    stale.mkdir()  # a killed writer's half-written group (its lease is gone)
     again = compute_features(cat, backbone, ids)
     assert again.computed == () and len(again.cached) == 24  # a rerun computes nothing
+    assert not stale.exists()  # ... but cleans up after a killed run
     other = load_backbone(BackboneSpec(seed=12, overrides={"img_size": 64}), device="cpu")
     assert other.set_id != backbone.set_id
     store = FeatureStore(cat)
