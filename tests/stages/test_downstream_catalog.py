@@ -108,6 +108,30 @@ def test_the_backbone_stays_frozen_through_the_catalog_path(labelled_catalog: tu
     assert json.loads(again.report.json.read_text())["tasks"] == doc["tasks"]
 
 
+def test_a_run_killed_while_reporting_reports_on_the_rerun(labelled_catalog: tuple, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """result.json is the commit point: a run killed while writing its report is not taken as finished (the rerun
+    reused the result and the report never appeared when result.json was written first)."""
+    import stages.downstream.run as run_module
+
+    cat, _ = labelled_catalog
+    backbone = cached_backbone(BackboneSpec(seed=17), device="cpu")
+    spec = _quick("saliency", backbone.img_size)
+
+    def killed(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_module, "write_task_report", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train_task(cat, backbone, spec, tmp_path)
+    monkeypatch.undo()
+    assert not (tmp_path / "result.json").exists()
+    again = train_task(cat, backbone, spec, tmp_path)
+    assert not again.skipped and again.report.head
+    assert json.loads((tmp_path / "report.json").read_text())["tasks"]["saliency"]["head"] == again.report.head
+    assert (tmp_path / "report.md").is_file()
+
+
 # The done-when: the tiny random-init backbone at its downstream defaults (128 px frame, 100 head steps), each head
 # against its trivial baseline on the labelled fixtures, by a margin.
 def _default_run(cat: Catalog, task: str, tmp_path: Path) -> dict[str, dict[str, float]]:
