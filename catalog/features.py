@@ -108,7 +108,9 @@ class FeatureStore:
         return self._index
 
     def compact(self) -> int:
-        """Merge the index's part files into one; returns the number merged."""
+        """Remove the temporaries of writers that are gone (a killed run's half-written groups and index parts) and
+        merge the index's part files into one; returns the number merged."""
+        self.storage.remove_stale_temporaries()
         return self.storage.compact_table("features/index", FEATURE_INDEX_SCHEMA, latest="created_at",
                                           unique=["feature_set", "image_id"])
 

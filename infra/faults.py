@@ -9,7 +9,17 @@ result must equal a run that was never interrupted:
 - every part file reads (no torn rows) and no image or mask set is committed twice;
 - the index and every mask set equal the uninterrupted run's (masks complete, byte for byte);
 - pretraining resumed from its last committed checkpoint and ends with the uninterrupted run's metrics and
-  weights, bit for bit.
+  weights, bit for bit;
+- the feature cache (``features``, and read by ``heads``) has one index row per entry, every entry reads back
+  through its checksums and equals the uninterrupted run's byte for byte, and no group is stored unindexed;
+- every head resumed from its latest checkpoint, and its training log, final weights, result and report equal the
+  uninterrupted run's; the run folder holds the same files (no temporary, no half-pruned checkpoint).
+
+``features`` and ``heads`` are two stages, as in the DAG (the heads stage finds every feature cached and trains):
+the features stage's points are all feature-cache writes, the heads stage's are checkpoints, logs, results and
+reports, so each is hit as often as the other instead of one drowning the other's points. Both start from the
+catalog the pretraining left with the labelled benchmark fixtures ingested (uninterrupted, in the set-up) and
+use the uninterrupted pretraining run's checkpoint as the frozen backbone, as the DAG does.
 
 The stages run as the CLI's plain path runs them (the same stage functions the flows call). Each killed run is a
 child forked from a server process that preloaded the pipeline's modules, so a trial costs the stage's own work.
@@ -19,6 +29,7 @@ child forked from a server process that preloaded the pipeline's modules, so a t
 from __future__ import annotations
 
 import builtins
+import contextlib
 import dataclasses
 import functools
 import io
@@ -29,7 +40,7 @@ import os
 import shutil
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,9 +48,11 @@ from typing import Any
 import numpy as np
 
 #: The stages under test, in pipeline order (each starts from the previous one's result).
-STAGES = ("ingest", "label", "fuse", "pretrain")
+STAGES = ("ingest", "label", "fuse", "pretrain", "features", "heads")
 #: Fixture datasets the harness ingests (small: every trial re-runs a stage).
 DATASETS = ("hot-2024-rednir", "cave")
+#: Labelled benchmark fixtures, ingested before the features stage: one dataset per head task.
+HEAD_DATASETS = {"segmentation": "hsi-drive-v2-0", "saliency": "hssod", "tracking": "hot-2023-vis"}
 #: Tiny labeler settings (random-init models, permissive thresholds, few prompts).
 LABEL_SETTINGS: dict[str, Any] = {
     "sam2_model": {"config": "configs/sam2.1/sam2.1_hiera_t.yaml", "image_size": 64},
@@ -52,13 +65,17 @@ TAU = 0.7
 #: A short pretraining run with a checkpoint every two steps.
 PRETRAIN: dict[str, Any] = {"steps": 6, "batch_size": 2, "crop_size": 16, "min_mask_pixels": 2,
                             "checkpoint_every": 2, "device": "cpu"}
+#: Short head runs: a checkpoint every two steps, two tracking pairs per sequence, one example per report.
+HEADS: dict[str, Any] = {"steps": 6, "checkpoint_every": 2, "pairs_per_sequence": 2, "overlays": 1}
 PRELOAD = ["infra.faults", "stages.ingest", "stages.labelling.label", "stages.labelling.spatial",
-           "stages.labelling.spectral", "stages.labelling.material", "stages.pretraining"]
+           "stages.labelling.spectral", "stages.labelling.material", "stages.pretraining", "stages.downstream.run"]
 
 
 # ---------------------------------------------------------------------------------------------- the stages
-def run_stage(stage: str, catalog: str, run_dir: str, source: str) -> None:
-    """Run one stage to completion, as `hvp <stage> --plain` would (idempotent: it does what is left to do)."""
+def run_stage(stage: str, catalog: str, run_dir: str, source: str, backbone: str = "") -> None:
+    """Run one stage to completion, as `hvp <stage> --plain` would (idempotent: it does what is left to do).
+    ``run_dir`` is the pretraining run (pretrain) or the heads' report folder (heads); ``backbone`` the pretraining
+    run whose checkpoint the features and heads stages freeze."""
     import torch
 
     torch.set_num_threads(1)
@@ -98,8 +115,39 @@ def run_stage(stage: str, catalog: str, run_dir: str, source: str) -> None:
         from stages.pretraining import PretrainConfig, train
 
         train(PretrainConfig.preset("tiny", catalog=catalog, out_dir=run_dir, **PRETRAIN), resume=True)
+    elif stage == "features":
+        from catalog.store import Catalog
+        from stages.downstream.features import BackboneSpec, compute_features, feature_images, load_backbone
+
+        cat = Catalog(catalog)
+        loaded = load_backbone(BackboneSpec(checkpoint=backbone), "cpu")
+        ids, _ = feature_images(cat, [d for t, d in HEAD_DATASETS.items() if t != "tracking"])
+        compute_features(cat, loaded, ids)
+    elif stage == "heads":
+        from catalog.store import Catalog
+        from stages.downstream.features import BackboneSpec, load_backbone
+        from stages.downstream.run import summarise, train_task
+
+        cat = Catalog(catalog)
+        loaded = load_backbone(BackboneSpec(checkpoint=backbone), "cpu")
+        outcomes = [train_task(cat, loaded, spec, Path(run_dir) / spec.task, replace=True)
+                    for spec in head_specs(loaded.img_size)]
+        summarise(Path(run_dir), outcomes, loaded)
     else:
         raise ValueError(f"unknown stage {stage!r}: choose from {', '.join(STAGES)}")
+
+
+def head_specs(img_size: int) -> list[Any]:
+    """The heads stage's task specs: every task on its benchmark fixture, HEADS's short schedule, on the CPU."""
+    from stages.downstream.run import task_spec
+
+    steps, every = HEADS["steps"], HEADS["checkpoint_every"]
+    specs = []
+    for task, dataset in HEAD_DATASETS.items():
+        spec = task_spec(task, "tiny", img_size, dataset=dataset, steps=steps, device="cpu",
+                         pairs_per_sequence=HEADS["pairs_per_sequence"], overlays=HEADS["overlays"])
+        specs.append(dataclasses.replace(spec, train=dataclasses.replace(spec.train, checkpoint_every=every)))
+    return specs
 
 
 @functools.cache
@@ -183,12 +231,13 @@ def _install(points: _Points) -> None:
         setattr(os, name, point(getattr(os, name)))
 
 
-def _child(stages: tuple[str, ...], catalog: str, run_dir: str, source: str, kill_at: int, count_file: str) -> None:
+def _child(stages: tuple[str, ...], catalog: str, run_dir: str, source: str, kill_at: int, count_file: str,
+           backbone: str) -> None:
     """Stages run in a forked child, killed at ``kill_at`` (0: runs to the end and records its point count)."""
     points = _Points(kill_at)
     _install(points)
     for stage in stages:
-        run_stage(stage, catalog, run_dir, source)
+        run_stage(stage, catalog, run_dir, source, backbone)
     with open(count_file, "w") as fh:
         fh.write(str(points.count))
 
@@ -206,11 +255,11 @@ def _context() -> Any:
 
 
 def run_child(stages: str | tuple[str, ...], catalog: str, run_dir: str, source: str, kill_at: int,
-              count_file: str) -> int:
+              count_file: str, backbone: str = "") -> int:
     """Run a stage (or several, in order) in a fresh child killed at ``kill_at`` (0: never); returns the child's
     exit code (-9 when killed)."""
     stages = (stages,) if isinstance(stages, str) else stages
-    proc = _context().Process(target=_child, args=(stages, catalog, run_dir, source, kill_at, count_file))
+    proc = _context().Process(target=_child, args=(stages, catalog, run_dir, source, kill_at, count_file, backbone))
     proc.start()
     proc.join()
     return int(proc.exitcode if proc.exitcode is not None else 1)
@@ -220,52 +269,67 @@ def run_child(stages: str | tuple[str, ...], catalog: str, run_dir: str, source:
 @dataclass
 class Setup:
     """The harness's world: fixture sources, the catalog before each stage and after an uninterrupted run of it
-    (the reference), the uninterrupted pretraining run, and how many kill points each stage has."""
+    (the reference), the uninterrupted pretraining run (also the downstream stages' frozen backbone) and heads'
+    report folder, and how many kill points each stage has."""
 
     root: str
     source: str
     before: dict[str, str] = field(default_factory=dict)
     after: dict[str, str] = field(default_factory=dict)
     run_dir: str = ""
+    heads_dir: str = ""
     points: dict[str, int] = field(default_factory=dict)
 
 
 def build_setup(root: Path) -> Setup:
-    """Write the fixtures and run every stage once, uninterrupted, in a child that counts its points."""
+    """Write the fixtures and run every stage once, uninterrupted, in a child that counts its points (the labelled
+    benchmark fixtures are ingested, uninterrupted too, before the features stage)."""
     from catalog.fixtures import write_dataset
 
     root = Path(root).absolute()
-    setup = Setup(root=str(root), source=str(root / "src"))
+    setup = Setup(root=str(root), source=str(root / "src"), run_dir=str(root / "run-reference"),
+                  heads_dir=str(root / "heads-reference"))
     for slug in DATASETS:
         write_dataset(slug, root / "src")
+    for slug in HEAD_DATASETS.values():
+        write_dataset(slug, root / "labelled-src")
     previous = root / "catalog-empty"
     previous.mkdir(parents=True)
     for stage in STAGES:
+        if stage == "features":
+            labelled = root / "catalog-labelled"
+            shutil.copytree(previous, labelled)
+            _uninterrupted("ingest", labelled, "", str(root / "labelled-src"), root / "points-labelled.txt", "")
+            previous = labelled
         after = root / f"catalog-{stage}"
         shutil.copytree(previous, after)
         setup.before[stage], setup.after[stage] = str(previous), str(after)
-        run_dir = root / "run-reference"
         count = root / f"points-{stage}.txt"
-        code = run_child(stage, str(after), str(run_dir), setup.source, 0, str(count))
-        if code != 0:
-            raise RuntimeError(f"the uninterrupted {stage} run failed (exit {code}); run it alone to see why")
+        _uninterrupted(stage, after, setup.heads_dir if stage == "heads" else setup.run_dir, setup.source, count,
+                       setup.run_dir)
         setup.points[stage] = int(count.read_text())
         previous = after
-    setup.run_dir = str(root / "run-reference")
     return setup
+
+
+def _uninterrupted(stage: str, catalog: Path, run_dir: str, source: str, count: Path, backbone: str) -> None:
+    code = run_child(stage, str(catalog), run_dir, source, 0, str(count), backbone)
+    if code != 0:
+        raise RuntimeError(f"the uninterrupted {stage} run failed (exit {code}); run it alone to see why")
 
 
 # ---------------------------------------------------------------------------------------------- one trial
 @dataclass
 class Trial:
-    """One kill-and-rerun: where it was killed, whether the kill fired, and every problem found after the rerun."""
+    """One kill-and-rerun: where it was killed, whether the kill fired, the checkpoint step each training run had
+    committed when killed (pretrain, or a head's task) and every problem found after the rerun."""
 
     stage: str
     kill_at: int
     points: int
     killed: bool
     problems: list[str]
-    resumed_from: int | None = None
+    resumed_from: dict[str, int] = field(default_factory=dict)
 
     @property
     def survived(self) -> bool:
@@ -288,48 +352,78 @@ def trial(setup: Setup, stage: str, kill_at: int, workdir: Path) -> Trial:
     catalog = workdir / "catalog"
     shutil.copytree(setup.before[stage], catalog)
     run_dir = workdir / "run"
-    code = run_child(stage, str(catalog), str(run_dir), setup.source, kill_at, str(workdir / "count.txt"))
+    code = run_child(stage, str(catalog), str(run_dir), setup.source, kill_at, str(workdir / "count.txt"),
+                     setup.run_dir)
     if code not in (0, -signal.SIGKILL):
         return Trial(stage, kill_at, setup.points[stage], False, [f"the killed run failed on its own (exit {code})"])
-    resumed = _latest_step(run_dir) if stage == "pretrain" else None
+    committed = _committed_steps(stage, run_dir)
     problems: list[str] = []
     resumes = _Resumes()
-    trainer_log = logging.getLogger("stages.pretraining.trainer")
-    level, propagate = trainer_log.level, trainer_log.propagate
-    trainer_log.addHandler(resumes)
-    trainer_log.setLevel(logging.INFO)
-    trainer_log.propagate = False  # heard here, not printed
     try:
-        run_stage(stage, str(catalog), str(run_dir), setup.source)
+        with resumes.listening():
+            run_stage(stage, str(catalog), str(run_dir), setup.source, setup.run_dir)
     except Exception as exc:  # the rerun must succeed: its failure is what the trial found
         problems.append(f"the rerun failed: {type(exc).__name__}: {exc}")
     else:
         problems += check(setup, stage, catalog, run_dir)
-        if resumed and resumes.steps != [resumed]:
-            problems.append(f"the rerun resumed at {resumes.steps or 'no step'}, not at the last checkpoint's "
-                            f"step {resumed}")
-    finally:
-        trainer_log.removeHandler(resumes)
-        trainer_log.setLevel(level)
-        trainer_log.propagate = propagate
-    return Trial(stage, kill_at, setup.points[stage], code == -signal.SIGKILL, problems, resumed)
+        if resumes.steps != committed:
+            problems.append(f"the rerun resumed at {resumes.steps or 'no step'}, not at the last committed "
+                            f"checkpoints {committed or '(none)'}")
+    return Trial(stage, kill_at, setup.points[stage], code == -signal.SIGKILL, problems, committed)
 
 
 class _Resumes(logging.Handler):
-    """Collects the steps the trainer says it resumed at."""
+    """Collects the steps the trainers say they resumed at: pretraining's ("Resumed <run> at step N") and each
+    head's ("resuming the <task> head from <checkpoint> (step N)"), by run."""
+
+    LOGGERS = ("stages.pretraining.trainer", "stages.downstream.train")
 
     def __init__(self) -> None:
         super().__init__(logging.INFO)
-        self.steps: list[int] = []
+        self.steps: dict[str, int] = {}
 
     def emit(self, record: logging.LogRecord) -> None:
-        if str(record.msg).startswith("Resumed") and isinstance(record.args, tuple):
-            self.steps.append(int(str(record.args[1])))
+        args = record.args if isinstance(record.args, tuple) else ()
+        if str(record.msg).startswith("Resumed") and len(args) > 1:
+            self.steps["pretrain"] = int(str(args[1]))
+        elif str(record.msg).startswith("resuming the") and len(args) > 2:
+            self.steps[str(args[0])] = int(str(args[2]))
+
+    @contextlib.contextmanager
+    def listening(self) -> Iterator[None]:
+        """Hear the trainers' INFO records while the block runs (heard here, not printed)."""
+        saved = []
+        for name in self.LOGGERS:
+            log = logging.getLogger(name)
+            saved.append((log, log.level, log.propagate))
+            log.addHandler(self)
+            log.setLevel(logging.INFO)
+            log.propagate = False
+        try:
+            yield
+        finally:
+            for log, level, propagate in saved:
+                log.removeHandler(self)
+                log.setLevel(level)
+                log.propagate = propagate
 
 
-def _latest_step(run_dir: Path) -> int:
-    """The step of the run's committed checkpoint (0 without one)."""
-    pointer = run_dir / "checkpoints" / "latest"
+def _committed_steps(stage: str, run_dir: Path) -> dict[str, int]:
+    """The step of each training run's committed checkpoint that a rerun must resume from: the pretraining run's,
+    or each head's whose result is not yet written."""
+    if stage == "pretrain":
+        step = _latest_step(run_dir / "checkpoints")
+        return {"pretrain": step} if step else {}
+    if stage == "heads":
+        steps = {task: _latest_step(run_dir / task / "checkpoints") for task in HEAD_DATASETS
+                 if not (run_dir / task / "result.json").is_file()}
+        return {task: step for task, step in steps.items() if step}
+    return {}
+
+
+def _latest_step(checkpoints: Path) -> int:
+    """The step of the checkpoint a ``latest`` pointer names (0 without one)."""
+    pointer = checkpoints / "latest"
     return int(pointer.read_text().strip().removeprefix("step_")) if pointer.is_file() else 0
 
 
@@ -356,6 +450,10 @@ def check(setup: Setup, stage: str, catalog: Path, run_dir: Path) -> list[str]:
     problems += _same_masks(cat, ref)
     if stage == "pretrain":
         problems += _same_run(Path(setup.run_dir), run_dir)
+    if stage in ("features", "heads"):
+        problems += _same_features(cat, ref)
+    if stage == "heads":
+        problems += _same_heads(Path(setup.heads_dir), run_dir)
     return problems
 
 
@@ -402,6 +500,100 @@ def _same_run(ref_dir: Path, run_dir: Path) -> list[str]:
                       / "model.safetensors"))
     if a.keys() != b.keys() or any(not bool((a[k] == b[k]).all()) for k in a):
         out.append("final weights differ from the uninterrupted run's")
+    return out
+
+
+def _same_features(cat: Any, ref: Any) -> list[str]:
+    """The feature cache holds each entry once, every entry reads back through its checksums with the uninterrupted
+    run's bytes and attrs, every feature set's descriptor is the same, and no group is stored unindexed."""
+    from catalog.features import FEATURE_INDEX_SCHEMA, FeatureStore
+
+    try:  # every part file reads: no torn rows
+        raw = cat.storage.read_table("features/index", FEATURE_INDEX_SCHEMA)[0].to_pandas()
+    except Exception as exc:
+        return [f"a feature index part does not read: {exc}"]
+    keys = ["feature_set", "image_id"]
+    out = [f"feature entry committed twice: {s} {i}" for s, i in raw.loc[raw.duplicated(keys), keys].itertuples(
+        index=False)]
+    mine, theirs = FeatureStore(cat), FeatureStore(ref)
+    columns = [*keys, "image_sha256", "location", "maps", "dtype"]
+    rows, want = (sorted(map(tuple, store.index()[columns].itertuples(index=False))) for store in (mine, theirs))
+    if rows != want:
+        out.append(f"feature index differs from the uninterrupted run's ({len(rows)} entries vs {len(want)})")
+    for set_id in sorted(set(theirs.index()["feature_set"])):
+        try:
+            if mine.descriptor(set_id) != theirs.descriptor(set_id):
+                out.append(f"feature set {set_id}: descriptor differs from the uninterrupted run's")
+        except KeyError:
+            out.append(f"feature set {set_id}: descriptor missing")
+    for row in theirs.index().to_dict("records"):
+        set_id, image_id = str(row["feature_set"]), str(row["image_id"])
+        try:
+            got = mine.read(set_id, image_id)
+        except Exception as exc:  # missing, or a chunk that fails its checksum
+            out.append(f"features of {image_id} do not read: {type(exc).__name__}: {exc}")
+            continue
+        expected = theirs.read(set_id, image_id)
+        same = len(got.maps) == len(expected.maps) and all(
+            a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+            for a, b in zip(got.maps, expected.maps, strict=False))
+        if not same or got.attrs != expected.attrs:
+            out.append(f"features of {image_id} differ from the uninterrupted run's")
+    indexed = set(mine.index()["location"])
+    out += [f"feature group stored but not indexed: {g}" for g in cat.storage.groups("features") if g not in indexed]
+    return out
+
+
+def _same_heads(ref_dir: Path, run_dir: Path) -> list[str]:
+    """Every head's training log (each step once), final weights, result (timings aside), examples and report, and
+    the combined report, equal the uninterrupted run's; the folder holds the same files (no temporary left, no
+    half-pruned checkpoint)."""
+    import pandas as pd
+    from safetensors.torch import load_file
+
+    def files(root: Path) -> list[str]:
+        return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+
+    mine, theirs = files(run_dir), files(ref_dir)
+    out = [f"heads' run folder: {name} {what}" for names, what in (
+        (sorted(set(mine) - set(theirs)), "is left over"), (sorted(set(theirs) - set(mine)), "is missing"))
+        for name in names]
+
+    def same(name: str, read: Callable[[Path], Any], what: str = "") -> None:
+        try:
+            a, b = read(run_dir / name), read(ref_dir / name)
+        except Exception as exc:  # missing or torn
+            out.append(f"{name}{what} does not read: {type(exc).__name__}: {exc}")
+            return
+        if not (a.equals(b) if isinstance(a, pd.DataFrame) else a == b):
+            out.append(f"{name}{what} differs from the uninterrupted run's")
+
+    def weights(checkpoints: Path) -> dict[str, bytes]:
+        latest = checkpoints / (checkpoints / "latest").read_text().strip()
+        return {k: v.numpy().tobytes() for k, v in load_file(str(latest / "head.safetensors")).items()}
+
+    def result(path: Path) -> dict[str, Any]:
+        doc: dict[str, Any] = json.loads(path.read_text())
+        doc.pop("timings")
+        return doc
+
+    def examples(path: Path) -> dict[str, bytes]:
+        with np.load(path) as arrays:
+            return {k: arrays[k].tobytes() for k in arrays.files}
+
+    def report_md(path: Path) -> str:  # the appendix holds the timings
+        return path.read_text().split("## Runs")[0]
+
+    for task in HEAD_DATASETS:
+        same(f"{task}/train_log.csv", lambda p: p.read_text())
+        same(f"{task}/checkpoints", weights, " (the final head weights)")
+        same(f"{task}/result.json", result)
+        same(f"{task}/overlays.npz", examples)
+    for folder in ("", *HEAD_DATASETS):
+        prefix = f"{folder}/" if folder else ""
+        same(f"{prefix}report.json", lambda p: json.loads(p.read_text()))
+        same(f"{prefix}results.parquet", pd.read_parquet)
+        same(f"{prefix}report.md", report_md)
     return out
 
 

@@ -314,8 +314,7 @@ def compute_features(catalog: Catalog, backbone: Backbone, image_ids: Sequence[s
         store.commit(rows)
         if on_progress is not None:
             on_progress(len(infos))
-    if todo:
-        store.compact()
+    store.compact()  # also when nothing was computed: a killed run's temporaries and parts are cleaned up
     seconds = time.perf_counter() - start
     logger.info("features %s: %d computed, %d cached (skipped) in %.1f s", backbone.set_id, len(todo), len(cached),
                 seconds)

@@ -11,7 +11,8 @@ Run folder of one head (`train_task`)::
 
 A rerun whose inputs (feature set: weights sha256 or random-init + seed, model, overrides, preprocessing; the
 split's labels; the task's parameters) did not change reuses the result and says so; a run killed mid-training
-resumes from its latest checkpoint.
+resumes from its latest checkpoint. result.json is written last, atomically: a folder without it is unfinished
+(a run killed while scoring or reporting scores and reports again).
 
 Tracking features come from the frozen backbone on the fly, one forward pass per search crop, rather than from
 crops of cached whole-frame feature maps. The tracker cuts a square of about twice the target's context size around
@@ -400,7 +401,8 @@ def _write_json(path: Path, doc: dict[str, Any]) -> None:
 
 
 def save_outcome(outcome: TaskOutcome, out_dir: Path) -> None:
-    """Write result.json and overlays.npz (enough to rebuild the report without recomputing anything)."""
+    """Write overlays.npz, then result.json atomically (enough to rebuild the report without recomputing anything).
+    result.json marks a finished run folder: write it after everything else the run writes."""
     r = outcome.report
     arrays: dict[str, np.ndarray] = {}
     overlays = []
@@ -511,8 +513,8 @@ def train_task(catalog: Catalog, backbone: Backbone, spec: TaskSpec, run_dir: Pa
     report, timings = evaluate_head(catalog, head, backbone, data)
     outcome = TaskOutcome(report, run_dir, inputs["fingerprint"], result.trainable_parameters, result.steps,
                           data.counts, {"features_s": data.features_s, "train_s": train_s, **timings})
-    save_outcome(outcome, run_dir)
     write_task_report(run_dir, [outcome], backbone)
+    save_outcome(outcome, run_dir)  # last: result.json is the commit point a rerun reuses
     return outcome
 
 

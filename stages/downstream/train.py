@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -137,17 +138,21 @@ def _check_resume(checkpoint: Path, resolved: dict[str, Any]) -> None:
     logger.info("resuming the %s head from %s (step %s)", config["task"]["name"], checkpoint, config["step"])
 
 
-def _append_log(run_dir: Path, rows: list[tuple[int, float, float]], start: int) -> None:
+def _write_log(run_dir: Path, rows: list[tuple[int, float, float]], start: int) -> None:
+    """Rewrite the training log as its rows before `start` (those of the committed checkpoints; later ones are
+    from a killed attempt, run again since) followed by `rows`; atomically, so a kill never tears it."""
     path = run_dir / LOG_FILE
     kept: list[list[str]] = []
     if start and path.is_file():
         with path.open() as handle:
             kept = [r for r in list(csv.reader(handle))[1:] if int(r[0]) < start]
-    with path.open("w", newline="") as handle:
+    tmp = path.with_name(f".{LOG_FILE}.tmp")
+    with tmp.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["step", "loss", "lr"])
         writer.writerows(kept)
         writer.writerows(rows)
+    os.replace(tmp, path)
 
 
 def train_head(
@@ -220,9 +225,9 @@ def train_head(
         if on_step is not None:
             on_step(step, losses[-1])
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
+            _write_log(run_dir, rows, start)  # first: a committed checkpoint always has its steps logged
             checkpoint = save_head_checkpoint(run_dir, step + 1, head, optimizer, scheduler, resolved,
                                               config.keep_checkpoints)
-            _append_log(run_dir, rows, start)
             start, rows = step + 1, []
     if checkpoint is None:
         raise RuntimeError(f"train_head: nothing was trained or found in {run_dir}.")

@@ -84,3 +84,35 @@ def test_a_failed_write_leaves_nothing_visible(tmp_path: Path, monkeypatch: pyte
     monkeypatch.undo()
     assert not list((tmp_path / "cat" / "features").rglob("*.zarr*"))
     assert store.cached("s1", {"ds/a": "a" * 64}) == set()
+
+
+KILLED_WRITER = """
+import os, signal, sys
+import numpy as np
+from catalog.features import FeatureStore
+from catalog.store import Catalog
+
+store = FeatureStore(Catalog(sys.argv[1]))
+store.storage.commit_folder = lambda tmp, rel: os.kill(os.getpid(), signal.SIGKILL)  # dies before the rename
+store.write_group("s1", "ds/a", "a" * 64, [np.ones((2, 4, 4), np.float32)], {})
+"""
+
+
+def test_a_killed_writers_temporaries_are_removed_by_compact(tmp_path: Path) -> None:
+    """kill -9 in the middle of a feature write leaves its temporary group; the next compact (every
+    compute_features ends with one) removes it, so the catalog verifies clean again."""
+    import subprocess
+    import sys
+
+    cat = Catalog(tmp_path / "cat").init()
+    store = FeatureStore(cat)
+    store.commit([store.write_group("s1", "ds/b", "b" * 64, _maps(5), {})])
+    killed = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(tmp_path / "cat")],
+                            cwd=Path(__file__).resolve().parents[2])
+    assert killed.returncode == -9
+    [stale] = cat.verify().stale
+    assert stale.startswith("features/s1/ds/a@aaaaaaaaaaaa.zarr.tmp-")
+    store.compact()
+    report = cat.verify()
+    assert report.healthy and not report.stale and not report.in_progress
+    assert store.cached("s1", {"ds/a": "a" * 64, "ds/b": "b" * 64}) == {"ds/b"}  # the written entry is untouched

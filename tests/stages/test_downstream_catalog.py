@@ -47,8 +47,11 @@ def test_features_are_computed_once_and_equal_the_contract(labelled_catalog: tup
     assert backbone.img_size == 128 and backbone.weights == "random-init"
     first = compute_features(cat, backbone, ids, batch_size=5)
     assert len(first.computed) == 24 and first.cached == ()
+    stale = Path(cat.storage.path("features", backbone.set_id, "x@000000000000.zarr.tmp-0000000000000000-dead"))
+    stale.mkdir()  # a killed writer's half-written group (its lease is gone)
     again = compute_features(cat, backbone, ids)
     assert again.computed == () and len(again.cached) == 24  # a rerun computes nothing
+    assert not stale.exists()  # ... but cleans up after a killed run
     other = load_backbone(BackboneSpec(seed=12, overrides={"img_size": 64}), device="cpu")
     assert other.set_id != backbone.set_id
     store = FeatureStore(cat)
@@ -96,6 +99,30 @@ def test_the_backbone_stays_frozen_through_the_catalog_path(labelled_catalog: tu
     again = run_downstream(cat, spec, specs, tmp_path, device="cpu")
     assert all(r["reused"] for r in again.table)
     assert json.loads(again.report.json.read_text())["tasks"] == doc["tasks"]
+
+
+def test_a_run_killed_while_reporting_reports_on_the_rerun(labelled_catalog: tuple, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """result.json is the commit point: a run killed while writing its report is not taken as finished (the rerun
+    reused the result and the report never appeared when result.json was written first)."""
+    import stages.downstream.run as run_module
+
+    cat, _ = labelled_catalog
+    backbone = cached_backbone(BackboneSpec(seed=17), device="cpu")
+    spec = _quick("saliency", backbone.img_size)
+
+    def killed(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_module, "write_task_report", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train_task(cat, backbone, spec, tmp_path)
+    monkeypatch.undo()
+    assert not (tmp_path / "result.json").exists()
+    again = train_task(cat, backbone, spec, tmp_path)
+    assert not again.skipped and again.report.head
+    assert json.loads((tmp_path / "report.json").read_text())["tasks"]["saliency"]["head"] == again.report.head
+    assert (tmp_path / "report.md").is_file()
 
 
 # The done-when: the tiny random-init backbone at its downstream defaults (128 px frame, 100 head steps), each head

@@ -4,6 +4,7 @@ trivial baseline by a margin, checkpoints and resumes exactly, and never touches
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -107,6 +108,38 @@ def test_checkpoint_resume_ends_with_the_same_head(tmp_path: Path) -> None:
     again = train_head(_segmentation_head(), task, samples, config, tmp_path / "resumed", weights="random-init",
                        preprocessing="synthetic")
     assert again.losses == () and again.resumed_from == 6
+
+
+def test_a_run_killed_after_a_checkpoint_keeps_every_logged_step(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checkpoint is the commit point: the steps it covers are logged before it is committed, so a run killed
+    right after committing one resumes with a complete log (it lost the steps before the checkpoint when the log was
+    written after it)."""
+    import stages.downstream.train as train_module
+
+    samples, _ = _segmentation_data(4, seed=6)
+    task = SegmentationTask(3, IGNORE)
+    config = HeadTrainConfig(steps=6, batch_size=2, lr=3e-3, warmup_steps=2, checkpoint_every=3)
+    train_head(_segmentation_head(), task, samples, config, tmp_path / "straight", weights="random-init",
+               preprocessing="synthetic")
+    save = train_module.save_head_checkpoint
+
+    def killed_after_commit(*args: Any, **kwargs: Any) -> Path:
+        save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "save_head_checkpoint", killed_after_commit)
+    with pytest.raises(KeyboardInterrupt):
+        train_head(_segmentation_head(), task, samples, config, tmp_path / "resumed", weights="random-init",
+                   preprocessing="synthetic")
+    monkeypatch.undo()
+    again = train_head(_segmentation_head(), task, samples, config, tmp_path / "resumed", weights="random-init",
+                       preprocessing="synthetic")
+    assert again.resumed_from == 3
+    log = (tmp_path / "resumed" / "train_log.csv").read_text()
+    assert [line.split(",")[0] for line in log.splitlines()[1:]] == ["0", "1", "2", "3", "4", "5"]
+    assert log == (tmp_path / "straight" / "train_log.csv").read_text()  # seeded on the CPU: the same bits
+    assert not list((tmp_path / "resumed").glob(".*.tmp"))
 
 
 def test_resume_refuses_a_different_run(tmp_path: Path) -> None:
