@@ -1,7 +1,8 @@
 """Checkpoint folders shared by the training stages (pretraining, task heads): each checkpoint is written to a
 temporary folder, renamed to ``checkpoints/step_<N>``, then the ``latest`` pointer file is replaced (the commit
-point), and all but the newest ``keep`` are dropped. A killed writer leaves at most a stale temporary folder that
-the next save replaces; a reader follows ``latest`` and never sees half a checkpoint."""
+point), and all but the newest ``keep`` are dropped. A killed writer leaves at most a stale temporary folder or a
+half-dropped old checkpoint, which the next save or a resume (`prune_checkpoints`) removes; a reader follows
+``latest`` and never sees half a checkpoint."""
 
 from __future__ import annotations
 
@@ -25,9 +26,24 @@ def save_checkpoint_dir(run_dir: Path, step: int, write: Callable[[Path], None],
     pointer = root / "latest.tmp"
     pointer.write_text(final.name)
     os.replace(pointer, root / "latest")
-    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    prune_checkpoints(run_dir, keep)
     return final
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    """Drop every checkpoint folder but the newest ``keep`` (never the one ``latest`` names) and the temporaries
+    of a killed save. A resume calls it too: a kill while an old checkpoint was being removed leaves part of its
+    folder, and a run resumed at its last step saves nothing more that would remove it."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return
+    found = latest_checkpoint_dir(run_dir)
+    committed = found[1].name if found else None
+    for tmp in root.glob(".tmp-step_*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
+        if old.name != committed:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def latest_checkpoint_dir(run_dir: Path) -> tuple[Path, Path] | None:

@@ -25,6 +25,7 @@ from torch import nn
 
 from catalog.errors import InputError
 from model.heads import count_trainable_parameters
+from stages.checkpoint_dir import prune_checkpoints
 from stages.downstream.checkpoints import (
     CONFIG_FILE,
     latest_head_checkpoint,
@@ -190,6 +191,7 @@ def train_head(
     start = 0
     latest = latest_head_checkpoint(run_dir) if resume else None
     if latest is not None:
+        prune_checkpoints(run_dir, config.keep_checkpoints)
         _check_resume(latest, resolved)
         state = read_training_state(latest)
         restored, _ = load_head(latest)

@@ -40,6 +40,7 @@ from model.distill import DistillHead, RGBTeacher
 from model.losses import segmentation_loss
 from model.preprocess import check_contract, describe, prepare_batch
 from model.pretraining import PretrainModule, StudentOutput, student_token_dim
+from stages.checkpoint_dir import prune_checkpoints
 from stages.pretraining.checkpoints import config_diff, latest_checkpoint, load_training_state, save_checkpoint
 from stages.pretraining.config import RANDOM_INIT, STAGE_VERSION, PretrainConfig, PretrainResult
 from stages.pretraining.data import BandSignatureBatchSampler, PretrainBatch, PretrainDataset, collate, scan_catalog
@@ -219,6 +220,8 @@ def _train(config: PretrainConfig, rt: Runtime, resume: bool, until_step: int | 
             raise ValueError(f"Cannot resume {run_dir}: the config differs from the checkpoint's in {diff}; "
                              "resume with the saved config (checkpoints/latest/config.json) or use a new out_dir.")
         start = load_training_state(ckpt, module, trainer.optimizer, trainer.scheduler)
+        if rt.is_main:
+            prune_checkpoints(run_dir, config.keep_checkpoints)
         logger.info("Resumed %s at step %d from %s", run_dir, start, ckpt)
     elif latest_checkpoint(run_dir) is not None:
         raise FileExistsError(f"{run_dir} already holds a run; pass resume=True to continue it or use a new out_dir.")
