@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +48,7 @@ COLUMNS: dict[str, list[tuple[str, str | None, float]]] = {
                      ("mIoU %", "miou", 100.0)],
     "tracking": [("AUC", "success_auc", 1.0), ("DP@20", "precision_20", 1.0)],
     "saliency": [("AUC", "auc", 1.0), ("CC", "cc", 1.0), ("MAE", "mae", 1.0),
-                 ("4th column (name lost in the paper's text)", None, 1.0), ("max F", "max_f", 1.0),
+                 ("4th *", None, 1.0), ("max F", "max_f", 1.0),
                  ("S-measure", "s_measure", 1.0), ("E-measure", "e_measure", 1.0)],
 }
 # The paper's figures (Tables 2-4), per task and dataset key, in the order of the paper's columns.
@@ -179,7 +180,16 @@ def markdown_table(t: TaskReport, weights: str) -> str:
         lines.append(f"The paper reports no figures for {t.dataset}.")
     else:
         lines.append(f"Rows marked paper: the published figures on {PAPER_NAMES[key]}, not measured by this run.")
+    if any(label.endswith("*") for label, _, _ in columns):
+        lines.append("")
+        lines.append("\\* A column of the paper's table whose name is lost in the paper's text; its figures are "
+                     "quoted, this run does not compute it.")
     return "\n".join(lines)
+
+
+def _wrap(text: str, width: int) -> str:
+    """A plot title broken into lines of at most ``width`` characters, so that it stays inside the figure."""
+    return textwrap.fill(text, width, break_long_words=False)
 
 
 def _plot_curves(t: TaskReport, out_dir: Path, weights: str) -> list[Path]:
@@ -196,7 +206,7 @@ def _plot_curves(t: TaskReport, out_dir: Path, weights: str) -> list[Path]:
                                                                           t.baseline)):
             ax.plot(x_of(curves), y_of(curves), label=f"{label} [{score} {scores.get(score, float('nan')):.3f}]")
         ax.set(xlabel=xlabel, ylabel=f"{name} rate", ylim=(0, 1.02),
-               title=f"{t.dataset}: {name} plot\nbackbone {weights}")
+               title=f"{t.dataset}: {name} plot\n" + _wrap(f"backbone {weights}", 48))
         ax.legend(loc="best", fontsize=8)
         path = out_dir / f"tracking_{name}.png"
         fig.tight_layout()
@@ -222,7 +232,8 @@ def _plot_confusion(t: TaskReport, out_dir: Path, weights: str) -> list[Path]:
         for j in range(len(shown)):
             ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=6,
                     color="white" if norm[i, j] > 0.5 else "black")
-    ax.set(xlabel="predicted", ylabel="target", title=f"{t.dataset} (row-normalised)\nbackbone {weights}")
+    ax.set(xlabel="predicted", ylabel="target",
+           title=f"{t.dataset} (row-normalised)\n" + _wrap(f"backbone {weights}", 48))
     fig.colorbar(image, ax=ax, fraction=0.046)
     path = out_dir / "segmentation_confusion.png"
     fig.tight_layout()
@@ -264,7 +275,7 @@ def _plot_overlays(t: TaskReport, out_dir: Path, weights: str) -> list[Path]:
                 ax.set_title(label, fontsize=8)
         for ax in row:
             ax.axis("off")
-    fig.suptitle(f"{t.dataset}: {t.task} examples (backbone {weights})", fontsize=9)
+    fig.suptitle(_wrap(f"{t.dataset}: {t.task} examples (backbone {weights})", 72), fontsize=9)
     path = out_dir / f"{t.task}_examples.png"
     fig.tight_layout()
     fig.savefig(path, dpi=90)
