@@ -176,7 +176,7 @@ def measure_layout(root: Path, layout: CubeLayout, cube: np.ndarray, wl: np.ndar
     for y, x in p512:
         crop(y, x, s512)
     r["mbs"] = len(p512) * cube.shape[0] * s512 * s512 * cube.itemsize / 2**20 / (time.perf_counter() - t0)
-    cat.fs.rm(cat.root, recursive=True)
+    cat.storage.fs.rm(cat.root, recursive=True)
     return r
 
 
