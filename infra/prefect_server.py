@@ -19,12 +19,22 @@ from typing import Any
 PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent(parent: int) -> None:
-    """In the forked child, before exec: ask for SIGKILL when the parent dies (and die now if it already has)."""
+def _die_with_parent(parent: int, sig: int = signal.SIGKILL) -> None:
+    """In the forked child, before exec: ask for ``sig`` when the parent dies (and die now if it already has)."""
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    libc.prctl(PR_SET_PDEATHSIG, sig)
     if os.getppid() != parent:
         os._exit(1)
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> Any:
+    """A ``preexec_fn`` for subprocess.Popen that delivers ``sig`` to the child when this process dies, however it
+    dies (``kill -9`` included; SIGTERM lets the child stop its own children). None elsewhere than Linux. The
+    signal fires when the thread that started the child exits: start children from the main thread."""
+    if not sys.platform.startswith("linux"):
+        return None
+    parent = os.getpid()
+    return lambda: _die_with_parent(parent, sig)
 
 
 def start_temporary_server() -> str | None:

@@ -4,7 +4,8 @@ It starts `prefect server start --host 127.0.0.1`, creates the `local` process w
 concurrency limit (one slot: labelling and training take turns), registers every deployment of prefect.yaml
 without questions, makes the fixture sources when the source root is empty, starts a worker and the watcher,
 prints the URL, and on Ctrl-C or SIGTERM stops everything it started (each child runs in its own process group,
-so the server's own children go with it).
+so the server's own children go with it). Killed outright (``kill -9``), it cannot stop them itself: each child
+gets SIGTERM from the kernel then (Linux's parent-death signal) and stops its own children.
 """
 
 from __future__ import annotations
@@ -40,10 +41,13 @@ class Children:
 
     def start(self, name: str, cmd: Sequence[str], env: dict[str, str], log: Path, cwd: Path) -> None:
         """Start ``cmd`` in a new session (its own process group), output to ``log``."""
+        from infra.prefect_server import die_with_parent
+
         log.parent.mkdir(parents=True, exist_ok=True)
-        with log.open("ab") as fh:
+        with log.open("ab") as fh:  # SIGTERM reaches the child even when `hvp ui` itself is killed with kill -9
             self.procs[name] = subprocess.Popen(list(cmd), env=env, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT,
-                                                stdin=subprocess.DEVNULL, start_new_session=True)
+                                                stdin=subprocess.DEVNULL, start_new_session=True,
+                                                preexec_fn=die_with_parent())
         self.logs[name] = log
 
     def dead(self) -> list[str]:

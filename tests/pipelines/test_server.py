@@ -127,3 +127,27 @@ def test_schedule_and_arrival_trigger_fire_on_a_real_server(tmp_path: Path) -> N
     from pipelines.ui import port_free
 
     assert port_free("127.0.0.1", port)  # nothing listens on the server's port any more
+
+
+@pytest.mark.slow
+def test_hvp_ui_killed_with_kill_9_leaves_no_server_or_worker(tmp_path: Path) -> None:
+    work, port = tmp_path / "hvp", _free_port()
+    write_dataset("hsi-road", work / "sources")
+    env = {**os.environ}
+    env.pop("PREFECT_API_URL", None)
+    log = tmp_path / "hvp-ui.log"
+    with log.open("wb") as fh:
+        ui = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "ui", "--workdir", str(work), "--port",
+                               str(port)], cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    try:
+        _wait_for(lambda: "Prefect UI:" in log.read_text() or ui.poll() is not None, 600, "hvp ui to start", log)
+        assert ui.poll() is None, log.read_text()
+        assert len(_owned_pids(work / "prefect")) >= 2  # the server and the worker run
+    finally:
+        os.kill(ui.pid, signal.SIGKILL)  # no chance to stop its children itself
+        ui.wait(30)
+    _wait_for(lambda: not _owned_pids(work / "prefect"), 120, "the server and the worker to stop", log)
+    from pipelines.ui import port_free
+
+    _wait_for(lambda: port_free("127.0.0.1", port), 60, "the server's port to be free", log)
