@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +35,7 @@ from catalog import cubes
 from catalog import labels as label_store
 from catalog.cubes import CubeLayout, CubeReader, CubeWrite, FileAccess
 from catalog.masks import MaskStore
-from catalog.storage import Storage, member, now_utc
+from catalog.storage import TMP, Storage, member, now_utc
 
 FORMAT = {"format": "hvp-catalog", "version": 1}
 #: Chunk-reader defaults; the CLI and flows pass the settings' values (HVP_READ_THREADS, HVP_CHUNK_CACHE_MB).
@@ -148,6 +148,18 @@ class Catalog:
             "dataset": dataset, "source_path": source_path, "error_class": error_class, "field": field_name,
             "message": message, "fix": fix, "quarantined_at": now_utc()}], QUARANTINE_SCHEMA)
 
+    def has_cube(self, dataset: str, key: str) -> bool:
+        """Whether any version of an image's cube is stored (complete or not, indexed or not): one folder listing,
+        not an index read."""
+        prefix = f"{key.rsplit('/', 1)[-1]}@"
+        folder = os.path.dirname(self.location_for(dataset, key, ""))
+        try:
+            names = self.storage.fs.ls(self.storage.path(folder), detail=False)
+        except FileNotFoundError:
+            return False
+        return any(os.path.basename(str(n).rstrip("/")).startswith(prefix) and TMP not in os.path.basename(str(n))
+                   for n in names)
+
     def indexed(self, image_id: str, sha256: str, label_sha256: str | None = None) -> bool:
         """Whether the index (read afresh) already holds ``image_id`` at this source sha256 (and label sha256) as
         its latest row."""
@@ -190,17 +202,23 @@ class Catalog:
             return False
         return bool(group.attrs.get("complete", False))
 
-    def write_cube(self, cw: CubeWrite, on_strip: Any = None, commit: bool = True) -> dict[str, Any]:
+    def write_cube(self, cw: CubeWrite, on_strip: Any = None, commit: bool = True,
+                   source_sha256: Callable[[], str] | None = None) -> dict[str, Any]:
         """Store one image strip by strip (bounded memory) and commit its index row; returns the row.
 
         The cube goes to a content-addressed location: if a complete group already sits there (a run killed after
         the write but before the commit), it is re-used and only the row is written. ``commit=False`` writes no
         row (a repair rewrites a cube its row already names).
+
+        ``source_sha256``, on a local catalog, is how to get the source hash that ``cw.sha256`` then lacks (e.g.
+        the result of a hash running on another thread): the cube is written to a temporary first and the hash is
+        asked for only when it is needed to name the content-addressed location, so hashing overlaps the write.
         """
         from catalog.validate import finite_block
 
+        if source_sha256 is not None and self.storage.local:
+            return self._write_then_address(cw, on_strip, commit, source_sha256)
         location = self.location_for(cw.dataset, cw.key, cw.sha256)
-        b, h, w = (int(s) for s in cw.data.shape)
         dtype = np.dtype(cw.store_dtype if cw.store_dtype is not None else cw.data.dtype)
         if self.is_complete(location):  # stored by an earlier run: its dtype is what the row records
             self.cubes.forget(location)
@@ -218,6 +236,33 @@ class Catalog:
             except BaseException:
                 self.storage.discard(target, location)
                 raise
+        return self._commit_row(cw, location, dtype, commit)
+
+    def _write_then_address(self, cw: CubeWrite, on_strip: Any, commit: bool,
+                            source_sha256: Callable[[], str]) -> dict[str, Any]:
+        """`write_cube` for a cube whose source hash is still being computed: write it to a temporary, then move
+        it to the location the hash names (replacing a leftover there, complete or not: it holds the same
+        source)."""
+        from catalog.validate import finite_block
+
+        target = self.storage.temporary(f"cubes/{cw.dataset}/{cw.key}@pending.zarr")
+        try:
+            content_sha, dtype = cubes.write_group(self._files, self.storage.path(target), cw, self.layout,
+                                                   finite_block, on_strip, self.TILE_BYTES)
+            cw.sha256 = source_sha256()
+            location = self.location_for(cw.dataset, cw.key, cw.sha256)
+            self.storage.commit_folder(target, location)
+            self.cubes.forget(location)
+            group = zarr.open_group(self.storage.zarr_store(location), mode="r+", zarr_format=3)
+            group.attrs.update({"complete": True, "content_sha256": content_sha, "source_sha256": cw.sha256})
+        except BaseException:
+            self.storage.remove(target)
+            raise
+        return self._commit_row(cw, location, dtype, commit)
+
+    def _commit_row(self, cw: CubeWrite, location: str, dtype: np.dtype, commit: bool) -> dict[str, Any]:
+        """The index row of a stored cube, written (the commit point) unless ``commit`` is False."""
+        b, h, w = (int(s) for s in cw.data.shape)
         row = {
             "dataset": cw.dataset, "image_id": cw.image_id, "bands": b, "wl_min": float(cw.wavelength_nm[0]),
             "wl_max": float(cw.wavelength_nm[-1]), "height": h, "width": w, "dtype": dtype.str.lstrip("<>|="),

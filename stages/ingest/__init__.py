@@ -12,6 +12,7 @@ import hashlib
 import os
 from collections import defaultdict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -171,6 +172,11 @@ def ingest_item(catalog: Catalog, spec: DatasetSpec, item: SourceItem, known_sha
     src = os.path.abspath(item.primary)
     image_id = f"{spec.slug}/{item.key}"
     try:
+        if known_sha256 is None and catalog.storage.local:
+            labels = item_labels.resolve(spec, item)
+            with catalog.storage.lock(f"ingest/{image_id}"):
+                if not catalog.has_cube(spec.slug, item.key):
+                    return _ingest_new(catalog, spec, item, labels, src, image_id, on_strip)
         sha = source_sha256(item)
         labels = item_labels.resolve(spec, item)
         location = catalog.location_for(spec.slug, item.key, sha)
@@ -202,6 +208,22 @@ def ingest_item(catalog: Catalog, spec: DatasetSpec, item: SourceItem, known_sha
         catalog.add_quarantine(spec.slug, src, type(exc).__name__, "file", message,
                                "the file is malformed for its format; re-export it, or report a reader bug with it")
         return IngestResult(spec.slug, src, "quarantined", None, f"{src}: {message}")
+
+
+def _ingest_new(catalog: Catalog, spec: DatasetSpec, item: SourceItem, labels: Any, src: str, image_id: str,
+                on_strip: Any) -> IngestResult:
+    """Store an image the catalog has never held (the caller holds its ingest lock): the source is hashed on a
+    thread while the cube is written to a temporary, which then moves to the location the hash names. There is
+    no stored version to compare with, so nothing waits for the hash before the write."""
+    with ThreadPoolExecutor(1, thread_name_prefix="hvp-source-hash") as pool:
+        hashing = pool.submit(source_sha256, item)
+        try:
+            cw = prepare(spec, item, "")
+            item_labels.attach(catalog, spec, item, labels, cw)
+            catalog.write_cube(cw, on_strip=on_strip, source_sha256=hashing.result)
+        finally:
+            hashing.cancel()
+    return IngestResult(spec.slug, src, "ingested", image_id, cw.attrs.get("note", ""))
 
 
 def ingest_all(catalog: Catalog, source_root: str | Path, datasets: list[str] | None = None,

@@ -128,3 +128,36 @@ def test_unknown_source_root_is_a_clear_error(tmp_path: Path) -> None:
 
     with pytest.raises(InputError, match="SOURCE_DIR"):
         plan(tmp_path / "missing")
+
+
+def test_a_new_image_is_hashed_while_it_is_written_and_lands_where_its_hash_says(
+        fixture_sources: tuple[Path, dict], tmp_path: Path) -> None:
+    """A never-stored image takes the overlapped path (source hash on a thread, cube to a temporary, then moved to
+    its content-addressed location); the result equals the hash-first path's, and a second ingest skips it."""
+    import zarr
+
+    from stages.ingest import ingest_item, item_for, prepare, source_sha256
+
+    source, _ = fixture_sources
+    work = plan(source, Catalog(str(tmp_path / "plan")).init(), ["cave"])
+    w = work.items[0]
+    spec = spec_for_folder(Path(w.folder))
+    assert spec is not None
+    item = item_for(Path(w.folder), spec, w.primary)
+    sha = source_sha256(item)
+    overlapped, first = Catalog(str(tmp_path / "a")).init(), Catalog(str(tmp_path / "b")).init()
+    assert not overlapped.has_cube(spec.slug, item.key)
+    assert ingest_item(overlapped, spec, item).status == "ingested"  # overlapped: nothing stored before
+    assert overlapped.has_cube(spec.slug, item.key)
+    first.write_cube(prepare(spec, item, sha))  # the hash-first path
+    a, b = (c.images().iloc[0] for c in (overlapped, first))
+    assert a["sha256"] == b["sha256"] == sha and a["location"] == b["location"] == overlapped.location_for(
+        spec.slug, item.key, sha)
+    attrs = [dict(zarr.open_group(str(tmp_path / n / a["location"]), mode="r").attrs) for n in ("a", "b")]
+    assert attrs[0]["source_sha256"] == attrs[1]["source_sha256"] == sha
+    assert attrs[0]["content_sha256"] == attrs[1]["content_sha256"] and attrs[0]["complete"]
+    np.testing.assert_array_equal(overlapped.open(a["image_id"]).values, first.open(b["image_id"]).values)
+    report = overlapped.verify()
+    assert report.healthy and not report.stale and not report.in_progress
+    again = ingest_item(overlapped, spec, item)  # no plan: the stored cube sends it down the hash-first path
+    assert again.status == "skipped" and "already catalogued" in again.message
