@@ -8,7 +8,10 @@ the PNGs it writes.
 
 Needs Debian's `chromium` and `chromium-driver` and selenium (not a project dependency; any venv):
 
-    python bench/ui_screens.py --url http://127.0.0.1:4200 --out /tmp/screens [--deployment heads] [--no-run]
+    python bench/ui_screens.py --url http://127.0.0.1:4200 --out /tmp/screens [--deployment heads] [--no-run] [--json]
+
+It ends with one JSON line `{"figures": [...]}`: whether the run the click started completed, how many of the
+deployment's artifacts had no page, and the run's wall time in seconds.
 """
 
 from __future__ import annotations
@@ -113,12 +116,14 @@ def main() -> None:
     ap.add_argument("--deployment", default="hypervision", help="deployment to open and run")
     ap.add_argument("--no-run", action="store_true", help="screenshot the deployment's latest run, start none")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for the run")
+    ap.add_argument("--json", action="store_true", help="also print the run's final state as JSON")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     url = args.url.rstrip("/")
     name = args.deployment
     dep = next(d for d in api(url, "/deployments/filter", {}) if d["name"] == name)
     driver = browser(1600, 1000)
+    missing: list[str] = []
     try:
         shot(driver, f"{url}/deployments", args.out, f"{name}-01-deployments")
         driver.get(f"{url}/deployments/deployment/{dep['id']}")
@@ -150,6 +155,7 @@ def main() -> None:
                 break
             time.sleep(10)
         print(f"final state: {state['type']} {state['name']}: {state.get('message')}")
+        run = api(url, f"/flow_runs/{run_id}")
         run_url = f"{url}/runs/flow-run/{run_id}"
         shot(driver, run_url, args.out, f"{name}-04-run", wait=6)
         for i, tab in enumerate(("Subflow Runs", "Artifacts", "Parameters")):
@@ -160,11 +166,23 @@ def main() -> None:
                                                     "limit": 1})
             if not latest:
                 print(f"no artifact {key}")
+                missing.append(key)
                 continue
             shot(driver, f"{url}/artifacts/artifact/{latest[0]['id']}", args.out,
                  f"{name}-{10 + i:02d}-artifact-{key}", wait=5)
     finally:
         driver.quit()
+    completed = state is not None and state["type"] == "COMPLETED"
+    if args.json:
+        print(json.dumps({"run": run_id, "state": state, "artifacts_missing": missing}))
+    figures = [
+        {"name": f"{name} run started from the UI completed", "value": int(completed), "target": 1,
+         "met": completed},
+        {"name": f"{name} artifacts without a page", "value": len(missing), "target": 0, "met": not missing},
+        {"name": f"{name} run wall s", "value": round(float(run.get("total_run_time") or 0.0), 1),
+         "target": None, "met": None},
+    ]
+    print(json.dumps({"figures": figures}))
 
 
 if __name__ == "__main__":
