@@ -85,14 +85,13 @@ def plain_run(src: Path, catalog: str, runs: Path, steps: int) -> dict[str, floa
 def plain_downstream(cat: Any, checkpoint: str, out_dir: Path) -> dict[str, float]:
     """Features, then one head per task whose benchmark the catalog holds, then the report, as the DAG runs them
     (demo profile: the tiny layout, the pretrained checkpoint frozen); seconds per stage."""
-    from pipelines.downstream import held_benchmarks
     from pipelines.params import DEFAULT_DOWNSTREAM, Task
     from stages.downstream.features import BackboneSpec, compute_features, feature_images, load_backbone
-    from stages.downstream.run import summarise, task_spec, train_task
+    from stages.downstream.run import held_benchmarks, summarise, task_spec, train_task
 
     times: dict[str, float] = {}
     t0 = time.perf_counter()
-    tasks, _ = held_benchmarks(cat.uri, DEFAULT_DOWNSTREAM.task_datasets())
+    tasks, _ = held_benchmarks(cat, DEFAULT_DOWNSTREAM.task_datasets())
     backbone = load_backbone(BackboneSpec(model="tiny", checkpoint=checkpoint), "cpu")
     ids, _ = feature_images(cat, [d for t, d in tasks.items() if t != Task.tracking.value])
     compute_features(cat, backbone, ids)

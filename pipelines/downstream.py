@@ -39,7 +39,7 @@ from pipelines.pretrain import latest_finished_run
 from pipelines.wiring import gpu_slot, skipped
 from stages.downstream.features import RANDOM_INIT, BackboneSpec, cached_backbone, compute_features, feature_images
 from stages.downstream.report import preview_data_uri
-from stages.downstream.run import load_outcome, summarise, task_spec, train_task
+from stages.downstream.run import held_benchmarks, load_outcome, summarise, task_spec, train_task
 
 #: Longest side of a report plot embedded in the markdown artifact (the plots are at most ~860 px wide).
 PLOT_PREVIEW_SIDE = 640
@@ -64,14 +64,6 @@ def resolve_backbone(profile: Profile, backbone: BackboneParams, runs: str) -> t
     spec = BackboneSpec(model=model, checkpoint=checkpoint, seed=backbone.seed, overrides=backbone.overrides,
                         preprocessing=backbone.preprocessing.value, strict=backbone.strict)
     return spec, origin
-
-
-def held_benchmarks(catalog: str, tasks: dict[str, str]) -> tuple[dict[str, str], list[str]]:
-    """The tasks whose labelled dataset the catalog holds, and a note for each task whose dataset it lacks."""
-    images = open_catalog(catalog).images()
-    held = set(images.loc[images["label_kind"].notna(), "dataset"]) if not images.empty else set()
-    missing = [f"{t} needs {d}, which the catalog does not hold" for t, d in tasks.items() if d not in held]
-    return {t: d for t, d in tasks.items() if d in held}, missing
 
 
 # The catalog's feature store is the cache (a feature set id per backbone), so Prefect's own caching stays off.
@@ -198,7 +190,7 @@ def heads_flow(catalog: str | None = None, backbone: BackboneParams = DEFAULT_BA
     """
     paths = resolve_paths(PathParams(catalog=catalog, runs=runs))
     spec, origin = resolve_backbone(profile, backbone, paths.runs)
-    tasks, missing = held_benchmarks(paths.catalog, downstream.task_datasets())
+    tasks, missing = held_benchmarks(open_catalog(paths.catalog), downstream.task_datasets())
     for note in missing:
         print(f"heads: left out: {note}")
     if not tasks:

@@ -22,7 +22,8 @@ from prefect import flow
 from prefect.artifacts import create_table_artifact
 from prefect.states import State
 
-from pipelines.downstream import features_flow, heads_flow, held_benchmarks
+from infra.settings import open_catalog
+from pipelines.downstream import features_flow, heads_flow
 from pipelines.ingest import ingest_flow
 from pipelines.label import fuse_flow, label_branch_flow
 from pipelines.params import (
@@ -45,6 +46,7 @@ from pipelines.params import (
 )
 from pipelines.pretrain import pretrain_flow
 from pipelines.wiring import in_process_subflows, markdown_table, publish_markdown, skipped
+from stages.downstream.run import held_benchmarks
 
 
 @dataclass
@@ -81,7 +83,7 @@ def _backbone(ctx: DagContext) -> BackboneParams:
 
 def _features(ctx: DagContext) -> Any:
     """Cache the frozen backbone's features of the labelled datasets the heads train on."""
-    tasks, missing = held_benchmarks(ctx.paths.catalog, ctx.downstream.task_datasets())
+    tasks, missing = held_benchmarks(open_catalog(ctx.paths.catalog), ctx.downstream.task_datasets())
     datasets = [d for t, d in tasks.items() if t != Task.tracking.value]  # the tracker encodes its crops on the fly
     if not datasets:
         why = "; ".join([*missing, *(["tracking encodes its search crops on the fly"] if tasks else [])])

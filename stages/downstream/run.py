@@ -136,6 +136,15 @@ class TaskSpec:
         return cls(**values)
 
 
+def held_benchmarks(catalog: Catalog, tasks: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+    """The tasks (task -> labelled dataset) whose dataset the catalog holds with labels, and a note for each task
+    whose dataset it lacks."""
+    images = catalog.images()
+    held = set(images.loc[images["label_kind"].notna(), "dataset"]) if not images.empty else set()
+    missing = [f"{t} needs {d}, which the catalog does not hold" for t, d in tasks.items() if d not in held]
+    return {t: d for t, d in tasks.items() if d in held}, missing
+
+
 def task_spec(task: str, model: str, img_size: int, dataset: str | None = None, steps: int | None = None,
               seed: int = 0, device: str = "auto", **fields: Any) -> TaskSpec:
     """A task's spec with the defaults for the backbone's size: small heads and short schedules for small layouts,

@@ -219,3 +219,12 @@ def test_the_released_b_layout_runs_every_head_at_the_paper_sizes(labelled_catal
         outcome = train_task(cat, backbone, spec, tmp_path / task)
         assert low < outcome.trainable_parameters < high, task
         assert json.loads((tmp_path / task / "report.json").read_text())["provenance"]["model"] == "hypervision_b"
+
+
+def test_held_benchmarks_leaves_out_tasks_whose_dataset_the_catalog_lacks(labelled_catalog: tuple) -> None:
+    from stages.downstream.run import DEFAULT_DATASETS, held_benchmarks
+
+    cat = labelled_catalog[0]
+    held, missing = held_benchmarks(cat, {**DEFAULT_DATASETS, "segmentation": "hyperspectral-city-v2"})
+    assert held == {"saliency": "hssod", "tracking": "hot-2023-vis"}
+    assert missing == ["segmentation needs hyperspectral-city-v2, which the catalog does not hold"]
