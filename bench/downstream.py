@@ -30,9 +30,9 @@ DATASETS = {"segmentation": "hsi-drive-v2-0", "saliency": "hssod", "tracking": "
 
 def make_catalog(root: Path) -> Any:
     """The labelled fixtures of the three benchmarks, ingested."""
+    from catalog.catalog import Catalog
     from catalog.fixtures import write_dataset
     from catalog.specs import spec_for_folder
-    from catalog.store import Catalog
     from stages.ingest import ingest_item, item_for, plan
 
     for slug in DATASETS.values():

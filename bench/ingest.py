@@ -63,7 +63,7 @@ def sample():  # anonymous RSS: the process's own memory, not the page cache it 
         time.sleep(0.005)
 threading.Thread(target=sample, daemon=True).start()
 from catalog.specs import spec_for_folder
-from catalog.store import Catalog
+from catalog.catalog import Catalog
 from stages.ingest import ingest_item, item_for
 folder, catalog = Path(sys.argv[1]), sys.argv[2]
 spec = spec_for_folder(folder)

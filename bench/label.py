@@ -45,7 +45,7 @@ def main() -> None:
     figures: list[dict] = []
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
-    from catalog.store import Catalog
+    from catalog.catalog import Catalog
     from pipelines.cli import _ingest
     from pipelines.label import label_flow, relabel_flow
     from pipelines.params import LabelParams, Profile, resolve_label

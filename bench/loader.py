@@ -39,11 +39,11 @@ import h5py
 import numpy as np
 import scipy.io
 
+from catalog.catalog import Catalog
 from catalog.cubes import CubeLayout, CubeWrite
 from catalog.fixtures.synth import scene, to_dtype
 from catalog.readers.base import SourceItem
 from catalog.specs import parse_spec
-from catalog.store import Catalog
 from stages.ingest import ingest_item, item_for
 
 DEFAULT = CubeLayout()

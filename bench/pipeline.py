@@ -34,9 +34,9 @@ TARGET = 1.3
 
 def plain_run(src: Path, catalog: str, runs: Path, steps: int) -> dict[str, float]:
     """Every stage as plain function calls with the demo profile's values; seconds per stage."""
+    from catalog.catalog import Catalog
     from catalog.masks import MaskStore
     from catalog.specs import spec_for_folder
-    from catalog.store import Catalog
     from pipelines.params import DEFAULT_LABEL, DEMO_PRETRAIN, Profile, resolve_label
     from stages import ingest
     from stages import pretraining as pretrain

@@ -32,10 +32,10 @@ REPO = Path(__file__).resolve().parents[1]
 def make_catalog(root: Path, images: int = 8, size: int = 96, bands: int = 31, name: str = "bench") -> str:
     """A catalog of ``images`` cubes with synthetic fused masks (rectangles) standing in for labels and the
     stored false colour that labelling leaves."""
+    from catalog.catalog import Catalog
     from catalog.fixtures.synth import scene, to_dtype
     from catalog.masks import MaskSet, MaskStore, table_from_masks
     from catalog.specs import parse_spec
-    from catalog.store import Catalog
     from stages.ingest import ingest_item, item_for
     from stages.labelling.falsecolor import ensure_falsecolor
 
@@ -71,7 +71,7 @@ def loader_vs_memory(catalog: str, steps: int, blocks: int, workers: int, device
     import torch
     from torch.utils.data import DataLoader
 
-    from catalog.store import Catalog
+    from catalog.catalog import Catalog
     from stages.pretraining import PretrainConfig
     from stages.pretraining.data import BandSignatureBatchSampler, PretrainDataset, collate, scan_catalog
     from stages.pretraining.runtime import setup_runtime
@@ -137,10 +137,10 @@ def loader_vs_memory(catalog: str, steps: int, blocks: int, workers: int, device
 def big_catalog(root: Path, side: int = 1024, bands: int = 204) -> str:
     """One ``side`` x ``side`` image of ``bands`` bands, generated strip by strip (never whole in memory as
     floats), with fused masks and a stored false colour standing in for what labelling leaves."""
+    from catalog.catalog import Catalog
     from catalog.fixtures.synth import scene, to_dtype
     from catalog.masks import MaskSet, MaskStore, table_from_masks
     from catalog.specs import parse_spec
-    from catalog.store import Catalog
     from stages.ingest import ingest_item, item_for
 
     rng = np.random.default_rng(1)
@@ -174,7 +174,7 @@ def loader_alone(root: Path, workers: int) -> None:
     decode thread), and at 512 px with ``workers`` DataLoader workers."""
     from torch.utils.data import DataLoader
 
-    from catalog.store import Catalog
+    from catalog.catalog import Catalog
     from stages.pretraining.data import PretrainDataset, scan_catalog
 
     uri = big_catalog(root)

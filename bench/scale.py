@@ -140,7 +140,7 @@ def main() -> None:
         times = {n: r[0] for n, r in runs.items()}
         busy = {n: r[1] for n, r in runs.items()}
         load1 = os.getloadavg()[0]
-        from catalog.store import Catalog
+        from catalog.catalog import Catalog
 
         same = (Catalog(f"file://{root / 'cat-1w'}").images().drop(columns="ingested_at").equals(
             Catalog(f"file://{root / 'cat-2w'}").images().drop(columns="ingested_at")))

@@ -1,6 +1,6 @@
 """Cube chunk storage: how an image's arrays lie on disk, how ingest writes them and how loaders read them back.
 
-Every image is a Zarr v3 group (see catalog/store.py); its ``cube`` array is ``(band, y, x)`` in the smallest
+Every image is a Zarr v3 group (see catalog/catalog.py); its ``cube`` array is ``(band, y, x)`` in the smallest
 lossless dtype, cut into chunks of ``band_group`` bands x ``chunk_xy`` x ``chunk_xy`` pixels, each chunk encoded as
 little-endian bytes, optionally compressed with Blosc, and closed by a CRC-32C (Zarr v3's ``crc32c`` codec), so
 any Zarr v3 reader can read the catalog and every chunk is verified whenever it is read. The layout is recorded in
@@ -52,7 +52,7 @@ from xarray.backends import BackendArray
 from xarray.core import indexing
 from zarr.codecs import BloscCodec, BloscShuffle, BytesCodec, Crc32cCodec
 
-from catalog.errors import CatalogError, CorruptChunkError
+from infra.errors import CatalogError, CorruptChunkError
 
 LAYOUT_VERSION = 2
 """Recorded as ``layout_version`` in every cube group written; a group without it is layout 1."""
@@ -818,7 +818,7 @@ class CubeWrite:
     extras: dict[str, np.ndarray] = field(default_factory=dict)
     store_dtype: np.dtype | None = None
     index_fields: dict[str, Any] = field(default_factory=dict)
-    """Split, pretraining, label and sequence columns of the index row (see catalog/labels.py)."""
+    """Split, pretraining, label and sequence columns of the index row (see catalog/annotations.py)."""
 
 
 class _Widen(Exception):

@@ -17,10 +17,10 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from catalog.errors import InputError
-from catalog.labels import LabelSpec, Role, SplitSpec, check_dataset_labels, default_roles
+from catalog.annotations import AnnotationSpec, Role, SplitSpec, check_dataset_labels, default_roles
 from catalog.readers import READERS, get_reader
 from catalog.readers.base import Reader, ReaderOptions
+from infra.errors import InputError
 
 SPEC_FILENAME = "dataset.yaml"
 #: Bounds on what a spec may ask for: a dataset.yaml is input like any other and may be hostile.
@@ -114,7 +114,7 @@ class DatasetSpec(BaseModel):
     notes: str | None = None
     roles: list[Role] = Field(default_factory=default_roles, min_length=1,
                               description="pretraining, evaluation (labelled downstream data) or both")
-    labels: LabelSpec | None = None
+    labels: AnnotationSpec | None = None
     splits: SplitSpec | None = None
     pretraining_splits: list[str] = Field(default_factory=lambda: ["train"],
                                           description="with both roles: the splits pretraining may use")

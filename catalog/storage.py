@@ -1,7 +1,7 @@
 """The file-system layer every catalog store builds on: paths, atomic writes, part tables, writer leases, locks.
 
 A ``Storage`` is one catalog root on a file system (a local directory or any fsspec URL). The cube store
-(``catalog.store``) and the mask store (``catalog.masks``) both write through it and never reach into each other.
+(``catalog.catalog``) and the mask store (``catalog.masks``) both write through it and never reach into each other.
 
 Writers never expose half-written files: a local write goes to a temporary beside its target
 (``<target>.tmp-<lease id>-<random>``) and is renamed into place; an object store receives whole objects. Every
@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import zarr
 
-from catalog.errors import CatalogError
+from infra.errors import CatalogError
 
 #: Marker of a temporary in a file or folder name; what follows is ``<lease id>-<random>``.
 TMP = ".tmp-"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from catalog.errors import InputError
+from infra.errors import InputError
 
 #: Band centres outside this range (nm) are not plausible for the cameras this catalog takes.
 WL_MIN_NM, WL_MAX_NM = 300.0, 2600.0

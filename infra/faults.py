@@ -80,8 +80,8 @@ def run_stage(stage: str, catalog: str, run_dir: str, source: str, backbone: str
 
     torch.set_num_threads(1)
     if stage == "ingest":
+        from catalog.catalog import Catalog
         from catalog.specs import spec_for_folder
-        from catalog.store import Catalog
         from stages.ingest import ingest_item, item_for, plan, record_problems
 
         cat = Catalog(catalog).init()
@@ -93,7 +93,7 @@ def run_stage(stage: str, catalog: str, run_dir: str, source: str, backbone: str
             ingest_item(cat, spec, item_for(Path(w.folder), spec, w.primary), w.known_sha256)
         cat.compact()
     elif stage == "label":
-        from catalog.store import Catalog
+        from catalog.catalog import Catalog
         from stages.labelling import label
 
         cat = Catalog(catalog)
@@ -102,7 +102,7 @@ def run_stage(stage: str, catalog: str, run_dir: str, source: str, backbone: str
                 label.label_image(cat, image_id, labeler)
         cat.mask_store.compact()
     elif stage == "fuse":
-        from catalog.store import Catalog
+        from catalog.catalog import Catalog
         from stages.labelling import label
         from stages.labelling.fuse import fusion_id
 
@@ -116,7 +116,7 @@ def run_stage(stage: str, catalog: str, run_dir: str, source: str, backbone: str
 
         train(PretrainConfig.preset("tiny", catalog=catalog, out_dir=run_dir, **PRETRAIN), resume=True)
     elif stage == "features":
-        from catalog.store import Catalog
+        from catalog.catalog import Catalog
         from stages.downstream.features import BackboneSpec, compute_features, feature_images, load_backbone
 
         cat = Catalog(catalog)
@@ -124,7 +124,7 @@ def run_stage(stage: str, catalog: str, run_dir: str, source: str, backbone: str
         ids, _ = feature_images(cat, [d for t, d in HEAD_DATASETS.items() if t != "tracking"])
         compute_features(cat, loaded, ids)
     elif stage == "heads":
-        from catalog.store import Catalog
+        from catalog.catalog import Catalog
         from stages.downstream.features import BackboneSpec, load_backbone
         from stages.downstream.run import summarise, train_task
 
@@ -430,8 +430,8 @@ def _latest_step(checkpoints: Path) -> int:
 # ---------------------------------------------------------------------------------------------- checks
 def check(setup: Setup, stage: str, catalog: Path, run_dir: Path) -> list[str]:
     """Everything wrong with a catalog (and run) after a rerun, compared with the uninterrupted reference."""
+    from catalog.catalog import INDEX_SCHEMA, Catalog
     from catalog.masks import MASK_INDEX_SCHEMA
-    from catalog.store import INDEX_SCHEMA, Catalog
 
     cat, ref = Catalog(str(catalog)), Catalog(setup.after[stage])
     report = cat.verify()

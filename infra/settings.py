@@ -14,7 +14,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:
-    from catalog.store import Catalog
+    from catalog.catalog import Catalog
 
 
 class Settings(BaseSettings):
@@ -75,7 +75,7 @@ def cube_options(settings: Settings | None = None) -> dict[str, Any]:
 def open_catalog(uri: str | None = None, settings: Settings | None = None) -> Catalog:
     """The catalog at ``uri`` (default: HVP_CATALOG) with the settings' cube options: how the CLI and the flows
     open it; everything below them takes a Catalog or its URI and options as arguments."""
-    from catalog.store import Catalog
+    from catalog.catalog import Catalog
 
     s = settings or get_settings()
     return Catalog(uri or s.catalog, **cube_options(s))

@@ -22,8 +22,9 @@ from segment_anything.modeling.prompt_encoder import PromptEncoder
 from segment_anything.modeling.transformer import TwoWayTransformer
 from torch import nn
 
-from catalog.errors import InputError
+from infra.errors import InputError
 from model.encoder import EncoderConfig, HyperFreeImageEncoder
+from model.registry import FAMILY_HYPERFREE, create_model, list_models
 from model.safeload import torch_load
 
 logger = logging.getLogger(__name__)
@@ -233,10 +234,8 @@ def _listed(keys: Sequence[str], limit: int = 12) -> str:
 def matching_layouts(state: Mapping[str, torch.Tensor]) -> list[str]:
     """Registered layouts that load the checkpoint strictly (at some image size): same keys, same shapes except
     the global blocks' relative-position tables."""
-    from model.registry import create_model, list_models
-
     found = []
-    for name in list_models():
+    for name in list_models(FAMILY_HYPERFREE):
         with torch.device("meta"):
             candidate = create_model(name)
         own = candidate.state_dict()

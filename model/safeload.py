@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from catalog.errors import InputError
+from infra.errors import InputError
 
 
 class UnsafeCheckpointError(InputError):

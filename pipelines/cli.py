@@ -431,7 +431,7 @@ def _overrides(items: list[str] | None) -> dict[str, Any] | None:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            from catalog.errors import InputError
+            from infra.errors import InputError
 
             raise InputError("--override", item, "is not KEY=VALUE", "write e.g. --override img_size=256")
         try:
@@ -602,7 +602,7 @@ def heads_run_all(out: Annotated[Path, typer.Option(help="report folder, with on
 def main() -> None:
     """The `hvp` entry point: bad input and missing files print one clear line (file, field, fix), not a
     traceback, and exit with status 2."""
-    from catalog.errors import InputError
+    from infra.errors import InputError
 
     try:
         app()

@@ -16,8 +16,8 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.states import State
 
+from catalog.catalog import Catalog
 from catalog.masks import MaskStore
-from catalog.store import Catalog
 from infra.settings import get_settings, open_catalog
 from pipelines.params import (
     DEFAULT_LABEL,

@@ -27,7 +27,7 @@ def fixture_sources(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dic
 def ingested_sources(fixture_sources: tuple[Path, dict], tmp_path_factory: pytest.TempPathFactory) -> tuple:
     """The whole fixture tree ingested once with plain stage calls: (Catalog, {slug: [FixtureImage]}, results).
     Tests that share it must not change it."""
-    from catalog.store import Catalog
+    from catalog.catalog import Catalog
     from stages.ingest import ingest_all
 
     root, truth = fixture_sources
@@ -40,9 +40,9 @@ def labelled_catalog(tmp_path_factory: pytest.TempPathFactory) -> tuple:
     """The labelled fixtures of the paper's benchmarks (HSI Drive v2.0, HSSOD, HOT-2023 VIS) ingested once:
     (Catalog, source root). Downstream tests add cached features to it (each under its own backbone seed when it
     counts what is computed) and must not change anything else."""
+    from catalog.catalog import Catalog
     from catalog.fixtures import write_dataset
     from catalog.specs import spec_for_folder
-    from catalog.store import Catalog
     from stages.ingest import ingest_item, item_for, plan
 
     root = tmp_path_factory.mktemp("labelled-sources")

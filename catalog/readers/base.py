@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from catalog.errors import InputError
+from infra.errors import InputError
 
 
 class ArrayLike(Protocol):

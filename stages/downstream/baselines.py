@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from stages.downstream.evaluate import SaliencyEval, SegmentationEval, TrackingEval, score_tracks
-from stages.downstream.metrics import confusion_matrix, saliency_metrics, scores_from_confusion
 from stages.downstream.samples import TrackingSequence
+from stages.metrics import confusion_matrix, saliency_metrics, scores_from_confusion
 
 
 def _pixels(cube: np.ndarray, index: int) -> torch.Tensor:

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from catalog.errors import InputError
+from infra.errors import InputError
 from model.heads import head_from_hparams
 from model.safeload import torch_load
 from stages.checkpoint_dir import latest_checkpoint_dir, save_checkpoint_dir

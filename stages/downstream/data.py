@@ -13,10 +13,10 @@ from typing import Any, overload
 import numpy as np
 import torch
 
-from catalog.errors import InputError
+from catalog.annotations import AnnotationMap
+from catalog.catalog import Catalog
 from catalog.features import FeatureStore
-from catalog.labels import LabelMap
-from catalog.store import Catalog
+from infra.errors import InputError
 from stages.downstream.features import CubeInfo, cube_info, read_cube, read_features
 from stages.downstream.samples import SaliencySample, SegmentationSample, TrackingSequence
 
@@ -35,7 +35,7 @@ def check_label_kind(catalog: Catalog, dataset: str, kind: str) -> None:
 
 def split_images(catalog: Catalog, dataset: str, split: str) -> list[str]:
     """The labelled image ids of one split; an InputError naming the splits the dataset has when it is empty."""
-    ids = catalog.labelled(dataset, split)
+    ids = catalog.annotated(dataset, split)
     if not ids:
         raise InputError(catalog.uri, "split", f"dataset '{dataset}' has no labelled images in split '{split}'",
                          f"pass one of its splits: {_splits(catalog, dataset) or 'none; is it ingested?'}")
@@ -84,9 +84,9 @@ class CatalogSamples(Sequence[Sample]):
             raise ValueError(f"image '{self.image_ids[0]}' has a {first.kind} label; samples are for segmentation "
                              "and saliency (tracking reads sequences)")
 
-    def label(self, index: int) -> LabelMap:
+    def label(self, index: int) -> AnnotationMap:
         """The label map of image `index` (read from the catalog, checksums verified)."""
-        return self.catalog.labels(self.image_ids[index], self.variant)
+        return self.catalog.annotations(self.image_ids[index], self.variant)
 
     def __len__(self) -> int:
         return len(self.image_ids)

@@ -10,7 +10,10 @@ import torch
 from torch import nn
 
 from model.heads.tracking import TrackingHead
-from stages.downstream.metrics import (
+from stages.downstream.samples import SaliencySample, SegmentationSample, TrackingSequence, stack_features
+from stages.downstream.tracker import FeatureFn, TrackerConfig, track_sequence
+from stages.downstream.train import autocast
+from stages.metrics import (
     TrackingCurves,
     confusion_matrix,
     saliency_metrics,
@@ -18,9 +21,6 @@ from stages.downstream.metrics import (
     tracking_curves,
     tracking_metrics,
 )
-from stages.downstream.samples import SaliencySample, SegmentationSample, TrackingSequence, stack_features
-from stages.downstream.tracker import FeatureFn, TrackerConfig, track_sequence
-from stages.downstream.train import autocast
 
 
 @dataclass(frozen=True)

@@ -29,10 +29,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from catalog.errors import InputError
+from catalog.catalog import Catalog
 from catalog.features import DTYPES, FeatureStore, feature_set_id
 from catalog.storage import member
-from catalog.store import Catalog
+from infra.errors import InputError
 from model import HyperFree, create_model, describe, get_config, load_checkpoint
 from model.heads import FeatureLayout, feature_layout
 from model.preprocess import DEFAULT_CONTRACT, check_contract, prepare

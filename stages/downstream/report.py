@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from stages.downstream.metrics import TrackingCurves  # noqa: E402
+from stages.metrics import TrackingCurves  # noqa: E402
 
 TASKS = ("segmentation", "saliency", "tracking")
 PRIMARY: dict[str, tuple[str, bool]] = {

@@ -43,8 +43,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from catalog.errors import InputError
-from catalog.store import Catalog
+from catalog.catalog import Catalog
+from infra.errors import InputError
 from model.heads import build_head, count_trainable_parameters
 from stages.downstream.backbone import backbone_feature_fn
 from stages.downstream.baselines import evaluate_centre_prior, evaluate_first_box, fit_spectral_classifier
@@ -66,12 +66,12 @@ from stages.downstream.features import (
     load_backbone,
     read_cube,
 )
-from stages.downstream.metrics import TrackingCurves, confusion_matrix, scores_from_confusion
 from stages.downstream.report import PRIMARY, Overlay, ReportPaths, TaskReport, write_report
 from stages.downstream.samples import SaliencySample, SegmentationSample
 from stages.downstream.tasks import SaliencyTask, SegmentationTask, TrackingTask
 from stages.downstream.tracker import TrackerConfig, make_tracking_pairs, track_sequence
 from stages.downstream.train import HeadTrainConfig, TrainResult, resolve_device, train_head
+from stages.metrics import TrackingCurves, confusion_matrix, scores_from_confusion
 
 logger = logging.getLogger(__name__)
 
@@ -293,17 +293,17 @@ def _segmentation_report(catalog: Catalog, head: nn.Module, data: TaskData, devi
     t0 = time.perf_counter()
     per_image = max(1, 200_000 // len(data.train_ids))
     model = fit_spectral_classifier((read_cube(catalog, i) for i in data.train_ids),
-                                    (catalog.labels(i, spec.variant).array for i in data.train_ids), k, ignore,
+                                    (catalog.annotations(i, spec.variant).array for i in data.train_ids), k, ignore,
                                     seed=spec.train.seed, pixels_per_image=per_image)
     base = np.zeros_like(confusion)
     for i in data.test_ids:
-        base += confusion_matrix([model.predict(read_cube(catalog, i))], [catalog.labels(i, spec.variant).array],
+        base += confusion_matrix([model.predict(read_cube(catalog, i))], [catalog.annotations(i, spec.variant).array],
                                  k, ignore)
     baseline_s = time.perf_counter() - t0
     overlays = []
     for image_id, prediction in zip(data.test_ids, kept, strict=False):
         rgb = _rgb(catalog, image_id, read_cube(catalog, image_id), _wavelengths(catalog, image_id))
-        target = catalog.labels(image_id, spec.variant).array.astype(np.int64)
+        target = catalog.annotations(image_id, spec.variant).array.astype(np.int64)
         if ignore is not None:
             target[target == ignore] = -1  # drawn black, as the report draws unlabelled pixels
         overlays.append(Overlay(rgb, image_id.split("/")[-1], target, prediction))

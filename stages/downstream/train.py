@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from catalog.errors import InputError
+from infra.errors import InputError
 from model.heads import count_trainable_parameters
 from stages.checkpoint_dir import prune_checkpoints
 from stages.downstream.checkpoints import (

@@ -14,7 +14,7 @@ import re
 from functools import cache
 from pathlib import Path
 
-from catalog.errors import InputError
+from infra.errors import InputError
 
 #: Files and folders one dataset walk may visit before it stops with an error (a runaway tree or link farm).
 MAX_ENTRIES = 1_000_000

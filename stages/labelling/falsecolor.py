@@ -23,7 +23,7 @@ import colour
 import numpy as np
 
 if TYPE_CHECKING:
-    from catalog.store import Catalog
+    from catalog.catalog import Catalog
 
 VISIBLE_NM = (400.0, 700.0)
 MIN_VISIBLE_BANDS = 3

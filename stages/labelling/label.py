@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from catalog.catalog import Catalog
 from catalog.masks import MaskSet, MaskStore
-from catalog.store import Catalog
 from infra.settings import Settings, get_settings
 from stages.labelling import fuse as fusion
 from stages.labelling.falsecolor import ensure_falsecolor

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from catalog.catalog import Catalog
 from catalog.masks import MaskSet
-from catalog.store import Catalog
 
 RANDOM_INIT = "random-init"
 

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from catalog.catalog import Catalog
 from catalog.masks import MaskStore, PackedMasks
-from catalog.store import Catalog
 from stages.labelling.falsecolor import to_rgb
 
 DEFAULT_GSD_M = 0.01
@@ -54,7 +54,7 @@ class ImageInfo:
 
 
 def scan_catalog(catalog: Catalog, datasets: Sequence[str] | None = None) -> list[ImageInfo]:
-    """Every catalogued image that pretraining may use (not an evaluation image, see catalog/labels.py) and that
+    """Every catalogued image that pretraining may use (not an evaluation image, see catalog/annotations.py) and that
     has a fused mask set (optionally of the given datasets), sorted by id."""
     index = MaskStore(catalog).index()
     fused = set(index.loc[index["branch"] == "fused", "image_id"]) if not index.empty else set()

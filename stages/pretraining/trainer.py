@@ -34,7 +34,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from catalog.store import Catalog
+from catalog.catalog import Catalog
 from model import LoadReport, create_model, load_checkpoint
 from model.distill import DistillHead, RGBTeacher
 from model.losses import segmentation_loss

@@ -13,9 +13,9 @@ import torch
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
+from catalog.catalog import Catalog, CubeWrite
 from catalog.cubes import CubeLayout, lossless_dtype
-from catalog.errors import CorruptChunkError
-from catalog.store import Catalog, CubeWrite
+from infra.errors import CorruptChunkError
 
 LAYOUTS = [
     CubeLayout(chunk_xy=16),  # the default: one shard per image here

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from catalog.catalog import Catalog
 from catalog.features import CHUNK_XY, FeatureCorruptError, FeatureStore, feature_set_id
-from catalog.store import Catalog
 
 
 def _maps(seed: int) -> list[np.ndarray]:
@@ -90,7 +90,7 @@ KILLED_WRITER = """
 import os, signal, sys
 import numpy as np
 from catalog.features import FeatureStore
-from catalog.store import Catalog
+from catalog.catalog import Catalog
 
 store = FeatureStore(Catalog(sys.argv[1]))
 store.storage.commit_folder = lambda tmp, rel: os.kill(os.getpid(), signal.SIGKILL)  # dies before the rename

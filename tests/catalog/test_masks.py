@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from catalog.catalog import Catalog
 from catalog.masks import MaskSet, MaskStore, table_from_masks
-from catalog.store import Catalog
 
 
 def _masks(n: int = 5, h: int = 13, w: int = 21) -> np.ndarray:

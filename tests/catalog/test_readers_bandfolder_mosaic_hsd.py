@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from catalog.errors import InputError
 from catalog.fixtures import FixtureImage, write_dataset
 from catalog.fixtures.hsd import write_hsd
 from catalog.fixtures.mosaic import mosaic
 from catalog.readers.base import RawCube, SourceItem, load_rgb
 from catalog.readers.mosaic import MosaicOptions
 from catalog.specs import DatasetSpec, builtin_specs
+from infra.errors import InputError
 
 SLUGS = ["cave", "hot-2024-vis", "hot-2024-nir", "hot-2024-rednir", "hyperspectral-city-v2"]
 

@@ -14,13 +14,13 @@ import rasterio
 import rasterio.io
 import tifffile
 
-from catalog.errors import InputError
 from catalog.fixtures import FixtureImage, write_dataset
 from catalog.fixtures.envi import write_envi
 from catalog.readers.base import AxisView, RawCube, SourceItem, get_reader
 from catalog.readers.envi import EnviArray, EnviOptions
 from catalog.readers.tiff import TiffArray, TiffOptions
 from catalog.specs import DatasetSpec, builtin_specs, parse_spec
+from infra.errors import InputError
 
 ENVI_SLUGS = ["deephs-nir", "deephs-vis", "deephs-viscor", "hyperblood", "lib-hsi", "virginia-tech-tree",
               "apple-fire-blight"]

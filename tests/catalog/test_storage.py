@@ -20,9 +20,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from catalog.errors import CatalogError, CorruptChunkError
+from catalog.catalog import INDEX_SCHEMA, Catalog, CubeWrite
 from catalog.storage import Lease, Storage
-from catalog.store import INDEX_SCHEMA, Catalog, CubeWrite
+from infra.errors import CatalogError, CorruptChunkError
 from pipelines.cli import app
 
 REPO = Path(__file__).resolve().parents[2]
@@ -48,7 +48,7 @@ def _wait_for(predicate: object, timeout: float = 60.0) -> None:
 SLOW_WRITER = textwrap.dedent("""
     import sys, time
     import numpy as np
-    from catalog.store import Catalog, CubeWrite
+    from catalog.catalog import Catalog, CubeWrite
 
     class Slow:  # a lazy source that takes its time: the write is still going when it is killed
         shape, dtype = (4, 64, 64), np.dtype("uint16")

@@ -30,13 +30,13 @@ def test_the_checks_catch_damage(setup: faults.Setup, tmp_path: Path) -> None:
     """The harness is only as good as its checks: a duplicated row, lost masks and a torn part are all found."""
     import shutil
 
-    from catalog.store import Catalog
+    from catalog.catalog import Catalog
 
     catalog = tmp_path / "catalog"
     shutil.copytree(setup.after["fuse"], catalog)
     cat = Catalog(str(catalog))
     row = {k: None if v is None or v != v else v for k, v in cat.images().iloc[0].to_dict().items()}  # NaN->null
-    from catalog.store import INDEX_SCHEMA
+    from catalog.catalog import INDEX_SCHEMA
 
     cat.storage.write_part("index", [row], INDEX_SCHEMA)  # the same image committed twice
     mask_part = sorted((catalog / "masks" / "index").glob("part-*.parquet"))[0]

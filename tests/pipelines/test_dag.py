@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 import yaml
 
+from catalog.catalog import Catalog
 from catalog.fixtures import write_dataset
 from catalog.masks import MaskStore
-from catalog.store import Catalog
 from infra.settings import Settings
 from model.registry import list_models
 from pipelines.params import (

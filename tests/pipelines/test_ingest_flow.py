@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from catalog.catalog import Catalog
 from catalog.fixtures import write_dataset
 from catalog.fixtures.broken import make_broken_fixtures
-from catalog.store import Catalog
 
 REPO = Path(__file__).resolve().parents[2]
 

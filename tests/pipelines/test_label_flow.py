@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from catalog.catalog import Catalog
 from catalog.fixtures import write_dataset
 from catalog.masks import MaskStore
-from catalog.store import Catalog
 from pipelines.params import LabelParams, Profile, SpatialParams, SpectralParams, resolve_label
 from stages.labelling import label as stage
 from stages.labelling.fuse import fusion_id

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from catalog.catalog import Catalog
 from catalog.fixtures import write_dataset
-from catalog.store import Catalog
 from infra import faults
 
 

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
+from catalog.catalog import Catalog
 from catalog.fixtures import write_dataset
-from catalog.store import Catalog
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from catalog.catalog import Catalog
 from catalog.fixtures import write_dataset
 from catalog.masks import MASK_INDEX_SCHEMA
-from catalog.store import Catalog
 from infra import faults
 
 

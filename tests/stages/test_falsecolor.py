@@ -146,9 +146,9 @@ def test_nan_cube_raises_naming_nan() -> None:
 
 
 def test_ensure_falsecolor_stores_the_rgb_once(tmp_path) -> None:
+    from catalog.catalog import Catalog
     from catalog.fixtures import write_dataset
     from catalog.specs import spec_for_folder
-    from catalog.store import Catalog
     from stages.ingest import ingest_item, item_for, plan
     from stages.labelling.falsecolor import ensure_falsecolor, to_rgb
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from catalog.catalog import Catalog
 from catalog.fixtures.broken import make_broken_fixtures
 from catalog.specs import builtin_specs, spec_for_folder
-from catalog.store import Catalog
 from stages.ingest import ingest_all, plan
 
 
@@ -124,7 +124,7 @@ def test_bad_input_is_quarantined_and_nothing_stored_is_damaged(tmp_path: Path) 
 
 
 def test_unknown_source_root_is_a_clear_error(tmp_path: Path) -> None:
-    from catalog.errors import InputError
+    from infra.errors import InputError
 
     with pytest.raises(InputError, match="SOURCE_DIR"):
         plan(tmp_path / "missing")

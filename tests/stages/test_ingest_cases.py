@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import yaml
 
-from catalog.errors import InputError
+from catalog.catalog import INDEX_SCHEMA, Catalog
 from catalog.fixtures.envi import write_envi
 from catalog.fixtures.hsd import write_hsd
 from catalog.specs import load_spec_file, spec_for_folder
-from catalog.store import INDEX_SCHEMA, Catalog
+from infra.errors import InputError
 from stages import ingest as stage
 from stages.ingest import IngestResult, ingest_item, item_for, list_items, plan
 

@@ -13,8 +13,8 @@ import h5py
 import numpy as np
 import scipy.io
 
-from catalog.errors import InputError
-from catalog.labels import LabelSpec
+from catalog.annotations import AnnotationSpec
+from infra.errors import InputError
 
 IMAGE_SUFFIXES = frozenset({".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg", ".gif"})
 FORMAT_BY_SUFFIX = {**dict.fromkeys(IMAGE_SUFFIXES, "image"), ".npy": "npy", ".npz": "npy", ".mat": "mat",
@@ -25,7 +25,7 @@ _MAT_KINDS = {"double": "f", "single": "f", "logical": "b"}
 _REEXPORT = "re-export the label file (a truncated or damaged copy cannot be read)"
 
 
-def label_format(path: Path, labels: LabelSpec) -> str:
+def label_format(path: Path, labels: AnnotationSpec) -> str:
     """The label file's format: the declared one, else told by the extension."""
     if labels.format != "auto":
         return labels.format
@@ -36,7 +36,7 @@ def label_format(path: Path, labels: LabelSpec) -> str:
     return fmt
 
 
-def read_label_map(path: Path, labels: LabelSpec) -> np.ndarray:
+def read_label_map(path: Path, labels: AnnotationSpec) -> np.ndarray:
     """The label file as a 2-D array (y, x) of its stored values (``options.transpose`` applied)."""
     fmt = label_format(path, labels)
     if fmt == "image":

@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from catalog.errors import CatalogError
+from catalog.catalog import Catalog
 from catalog.fixtures import FixtureImage, write_dataset
 from catalog.specs import spec_for_folder
-from catalog.store import Catalog
+from infra.errors import CatalogError
 from stages.ingest import IngestResult, ingest_all, ingest_item, item_for, plan
 from stages.labelling.label import image_ids
 
@@ -41,9 +41,9 @@ def test_label_maps_splits_and_roles_round_trip(ingested_sources: tuple[Catalog,
             if fx.label is None:  # Hyperspectral City's unlabelled test image: stored, unlabelled, no split
                 assert pd.isna(row["label_kind"])
                 with pytest.raises(KeyError, match=image_id):
-                    cat.labels(image_id)
+                    cat.annotation(image_id)
                 continue
-            got = cat.labels(image_id)
+            got = cat.annotation(image_id)
             assert got.kind == spec.labels.kind and got.image_id == image_id
             assert got.array.shape == fx.cube.shape[1:] and got.array.dtype.kind == "u"
             np.testing.assert_array_equal(got.array, fx.label, err_msg=image_id)
@@ -73,7 +73,7 @@ def test_sequences_round_trip_with_0_based_boxes(ingested_sources: tuple[Catalog
         row = cat.images().set_index("image_id").loc[f"{slug}/{expected[2].key}"]
         assert row["sequence_id"] == expected[2].sequence and row["frame_index"] == 2 and row["label_kind"] == "track"
         with pytest.raises(KeyError, match="sequence"):
-            cat.labels(f"{slug}/{expected[2].key}")
+            cat.annotation(f"{slug}/{expected[2].key}")
     assert cat.sequences("hot-2023-vis", split="test") == ["hot-2023-vis/validation/HSI-VIS/kite"]
     with pytest.raises(KeyError, match="no sequence"):
         cat.sequence("hot-2023-vis/validation/HSI-VIS/nothing")
@@ -81,26 +81,26 @@ def test_sequences_round_trip_with_0_based_boxes(ingested_sources: tuple[Catalog
 
 def test_labelled_images_per_split(ingested_sources: tuple[Catalog, dict, list]) -> None:
     cat, truth, _ = ingested_sources
-    counts = {split: len(cat.labelled("hsi-drive-v2-0", split)) for split in ("train", "val", "test")}
+    counts = {split: len(cat.annotated("hsi-drive-v2-0", split)) for split in ("train", "val", "test")}
     assert counts == {"train": 6, "val": 3, "test": 3}
-    assert len(cat.labelled("hyperspectral-city-v2")) == 12 == len(truth["hyperspectral-city-v2"]) - 1
-    assert [len(cat.labelled("hssod", s)) for s in ("train", "test")] == [10, 2]  # 0.8 / 0.2 in name order
-    assert cat.labelled("hssod", "test") == ["hssod/hyperspectral/0011", "hssod/hyperspectral/0012"]
-    assert cat.labelled("cave") == []
+    assert len(cat.annotated("hyperspectral-city-v2")) == 12 == len(truth["hyperspectral-city-v2"]) - 1
+    assert [len(cat.annotated("hssod", s)) for s in ("train", "test")] == [10, 2]  # 0.8 / 0.2 in name order
+    assert cat.annotated("hssod", "test") == ["hssod/hyperspectral/0011", "hssod/hyperspectral/0012"]
+    assert cat.annotated("cave") == []
 
 
 def test_hs3bench_variant_folds_water_into_unlabelled(ingested_sources: tuple[Catalog, dict, list]) -> None:
     cat, truth, _ = ingested_sources
     fx = next(f for f in truth["hsi-drive-v2-0"] if f.label is not None and (f.label == 8).any())
     image_id = f"hsi-drive-v2-0/{fx.key}"
-    full, hs3 = cat.labels(image_id), cat.labels(image_id, variant="hs3bench")
+    full, hs3 = cat.annotation(image_id), cat.annotation(image_id, variant="hs3bench")
     assert len(full.class_names) == 11 and len(hs3.class_names) == 10 and "water" not in hs3.class_names
     assert hs3.ignore_index == 0 and hs3.variant == "hs3bench"
     np.testing.assert_array_equal(hs3.array[full.array == 8], 0)
     np.testing.assert_array_equal(hs3.array[full.array == 10], 9)  # glass moves down one place
     assert hs3.class_names[9] == "glass"
     with pytest.raises(KeyError, match="hs3bench"):
-        cat.labels(image_id, variant="no-such-variant")
+        cat.annotation(image_id, variant="no-such-variant")
 
 
 def test_evaluation_images_stay_out_of_pretraining(ingested_sources: tuple[Catalog, dict, list]) -> None:
@@ -150,7 +150,7 @@ def test_bad_labels_are_quarantined_and_stored_labels_stay_intact(
         small: tuple[Path, Catalog, dict[str, list[FixtureImage]]]) -> None:
     src, cat, truth = small
     drive = src / "hsi-drive-v2-0"
-    before = {i: cat.labels(i).array for i in cat.labelled("hsi-drive-v2-0")}
+    before = {i: cat.annotation(i).array for i in cat.annotated("hsi-drive-v2-0")}
     sequence_before = cat.sequence("hot-2023-nir/training/HSI-NIR/duck").boxes
     rows_before = len(cat.images())
     labelled = [fx for fx in truth["hsi-drive-v2-0"]]
@@ -190,7 +190,7 @@ def test_bad_labels_are_quarantined_and_stored_labels_stay_intact(
     # what was stored is untouched: rows, label maps and sequences as before
     assert len(cat.images()) == rows_before and cat.verify().healthy
     for image_id, array in before.items():
-        np.testing.assert_array_equal(cat.labels(image_id).array, array)
+        np.testing.assert_array_equal(cat.annotation(image_id).array, array)
     np.testing.assert_array_equal(cat.sequence("hot-2023-nir/training/HSI-NIR/duck").boxes, sequence_before)
 
 
@@ -234,7 +234,7 @@ def test_unchanged_images_are_skipped_and_a_split_change_rewrites_only_rows(
     assert sorted(p.name for p in Path(cat.root, "cubes").rglob("*.zarr")) == cubes  # the cube is re-used
     row = cat.images().set_index("image_id").loc[changed[0].image_id]
     assert row["split"] == "train" and bool(row["pretraining"])
-    assert len(cat.labelled("hsi-drive-v2-0", "train")) == 7
+    assert len(cat.annotated("hsi-drive-v2-0", "train")) == 7
     report = cat.verify()
     assert report.healthy and len(report.orphans) == 1  # the label group of the old split assignment
 
@@ -254,6 +254,6 @@ def test_missing_split_list_is_quarantined_with_its_path(tmp_path: Path) -> None
 def test_label_dtype_and_ids_of_a_user_dataset(ingested_sources: tuple[Catalog, dict, list]) -> None:
     cat, truth, _ = ingested_sources
     fx = truth["my-lab-labels"][0]
-    got = cat.labels(f"my-lab-labels/{fx.key}")  # from masks/<stem>.mat, key 'gt', declared in dataset.yaml
+    got = cat.annotation(f"my-lab-labels/{fx.key}")  # from masks/<stem>.mat, key 'gt', declared in dataset.yaml
     assert got.array.dtype == np.uint8 and set(np.unique(got.array)) <= {0, 1, 2, 255}
     assert got.source_path.endswith(".mat") and got.num_classes == 3

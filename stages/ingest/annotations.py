@@ -19,8 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from catalog.errors import InputError
-from catalog.labels import (
+from catalog.annotations import (
     declaration_json,
     label_attrs,
     label_location,
@@ -28,10 +27,11 @@ from catalog.labels import (
     write_label_group,
     write_track_row,
 )
+from catalog.catalog import Catalog, CubeWrite, now_utc
+from catalog.readers.annotations import class_ids, read_boxes, read_label_map, saliency_mask
 from catalog.readers.base import SourceItem
-from catalog.readers.labels import class_ids, read_boxes, read_label_map, saliency_mask
 from catalog.specs import DatasetSpec
-from catalog.store import Catalog, CubeWrite, now_utc
+from infra.errors import InputError
 
 #: Boxes may overhang the frame by this many pixels (annotation rounding) before they count as outside it.
 BOX_TOLERANCE_PX = 1.0

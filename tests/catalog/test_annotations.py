@@ -12,23 +12,23 @@ import scipy.io
 import zarr
 from PIL import Image
 
-from catalog.errors import CatalogError, CorruptChunkError, InputError
-from catalog.fixtures.matlab import write_mat_v73
-from catalog.labels import (
-    LabelSpec,
+from catalog.annotations import (
+    AnnotationSpec,
     apply_variant,
     chunk_checksums,
     label_location,
     may_pretrain,
-    read_labels,
+    read_annotation,
     write_label_group,
 )
-from catalog.readers.labels import class_ids, read_boxes, read_label_map, saliency_mask
-from catalog.store import Catalog, CubeWrite
+from catalog.catalog import Catalog, CubeWrite
+from catalog.fixtures.matlab import write_mat_v73
+from catalog.readers.annotations import class_ids, read_boxes, read_label_map, saliency_mask
+from infra.errors import CatalogError, CorruptChunkError, InputError
 
 
-def seg(**kw: object) -> LabelSpec:
-    return LabelSpec(**{"kind": "segmentation", "files": "x", "class_names": ["a", "b", "c"], **kw})
+def seg(**kw: object) -> AnnotationSpec:
+    return AnnotationSpec(**{"kind": "segmentation", "files": "x", "class_names": ["a", "b", "c"], **kw})
 
 
 MAP = np.arange(20, dtype=np.uint8).reshape(4, 5) % 3
@@ -52,7 +52,7 @@ def test_colour_png_is_rejected_for_classes_but_read_as_a_mask(tmp_path: Path) -
     with pytest.raises(InputError) as err:
         read_label_map(tmp_path / "c.png", seg())
     assert err.value.field == "labels.files" and "single-channel" in err.value.fix
-    mask = saliency_mask(read_label_map(tmp_path / "c.png", LabelSpec(kind="saliency", files="x")), None)
+    mask = saliency_mask(read_label_map(tmp_path / "c.png", AnnotationSpec(kind="saliency", files="x")), None)
     np.testing.assert_array_equal(mask, (rgb[..., 0] > 0).astype(np.uint8))
     grey3 = np.repeat(MAP[..., None], 3, axis=-1)
     Image.fromarray(grey3).save(tmp_path / "g.png")  # a grey map saved as RGB: equal channels collapse
@@ -154,17 +154,17 @@ def _catalog_with_label(tmp_path: Path) -> tuple[Catalog, str, np.ndarray]:
 
 def test_label_round_trip_and_chunk_checksums(tmp_path: Path) -> None:
     cat, location, label = _catalog_with_label(tmp_path)
-    got = cat.labels("ds/img")
+    got = cat.annotation("ds/img")
     np.testing.assert_array_equal(got.array, label)
     assert got.kind == "segmentation" and got.class_names == ["a", "b", "c"] and got.source_path == "/src/img.png"
     assert set(chunk_checksums(label, 8)) == {f"{j}.{i}" for j in range(3) for i in range(4)}
-    assert cat.labelled("ds") == ["ds/img"] and cat.labelled("ds", "test") == []
+    assert cat.annotated("ds") == ["ds/img"] and cat.annotated("ds", "test") == []
     row = cat.images().iloc[0]
     assert row["split"] == "train" and bool(row["pretraining"]) and row["label_kind"] == "segmentation"
     arr = zarr.open_group(str(tmp_path / "cat" / location), mode="r+")["label"]
     arr[17, 25] = 2 if label[17, 25] != 2 else 1
     with pytest.raises(CorruptChunkError) as err:
-        read_labels(cat, "ds/img")
+        read_annotation(cat, "ds/img")
     assert err.value.chunk == (2, 3) and err.value.array == "label" and "ds/img" in str(err.value)
     report = cat.verify()
     assert report.corrupt == ["ds/img"] and not report.healthy
@@ -181,7 +181,7 @@ def test_verify_reports_missing_and_orphan_label_groups(tmp_path: Path) -> None:
     report = cat.verify()
     assert report.missing == ["ds/img"] and not report.healthy
     with pytest.raises(CatalogError, match="label group"):
-        cat.labels("ds/img")
+        cat.annotation("ds/img")
 
 
 def test_images_without_labels_say_so(tmp_path: Path) -> None:
@@ -190,9 +190,9 @@ def test_images_without_labels_say_so(tmp_path: Path) -> None:
                              data=np.ones((3, 4, 4), np.uint16), wavelength_nm=np.array([500.0, 600.0, 700.0]),
                              attrs={}))
     with pytest.raises(KeyError, match="ds/plain"):
-        cat.labels("ds/plain")
+        cat.annotation("ds/plain")
     row = cat.images().iloc[0]
     assert bool(row["pretraining"]) and pd.isna(row["split"]) and pd.isna(row["frame_index"])
-    assert cat.sequences() == [] and cat.labelled("ds") == []
+    assert cat.sequences() == [] and cat.annotated("ds") == []
     with pytest.raises(KeyError, match="no sequence"):
         cat.sequence("ds/none")

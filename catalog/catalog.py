@@ -6,7 +6,7 @@ Layout under the catalog URI (a directory or any fsspec URL)::
     cubes/<dataset>/<key>@<sha12>.zarr         group: cube (band, y, x) native dtype, wavelength, [fwhm, rgb, extras/]
     index/part-*.parquet                       one row per image (a part per writer, merged by compact())
     quarantine/part-*.parquet                  one row per rejected source file
-    labels/..., tracks/...                     labels of downstream datasets (see catalog/labels.py)
+    labels/..., tracks/...                     labels of downstream datasets (see catalog/annotations.py)
     leases/<id>.json, locks/                   writer leases and lock files (see catalog/storage.py)
 
 Cube paths are content-addressed by the source sha256, so a re-ingest never overwrites a stored cube; the index
@@ -31,8 +31,8 @@ import pyarrow.compute as pc
 import xarray as xr
 import zarr
 
+from catalog import annotations as annotation_store
 from catalog import cubes
-from catalog import labels as label_store
 from catalog.cubes import CubeLayout, CubeReader, CubeWrite, FileAccess
 from catalog.masks import MaskStore
 from catalog.storage import TMP, Storage, member, now_utc
@@ -47,7 +47,7 @@ INDEX_SCHEMA = pa.schema([
     ("wl_max", pa.float64()), ("height", pa.int32()), ("width", pa.int32()), ("dtype", pa.string()),
     ("sha256", pa.string()), ("location", pa.string()), ("ingested_at", pa.timestamp("us", tz="UTC")),
     ("source_path", pa.string()), ("has_rgb", pa.bool_()), ("reader", pa.string()),
-    *label_store.INDEX_FIELDS,  # split, pretraining, label and sequence columns (catalog/labels.py)
+    *annotation_store.INDEX_FIELDS,  # split, pretraining, label and sequence columns (catalog/annotations.py)
 ])
 QUARANTINE_SCHEMA = pa.schema([
     ("dataset", pa.string()), ("source_path", pa.string()), ("error_class", pa.string()), ("field", pa.string()),
@@ -181,7 +181,7 @@ class Catalog:
                 + self.storage.compact_table("index", INDEX_SCHEMA, latest="ingested_at",
                                              unique=["image_id", "sha256", "location", "label_sha256"])
                 + self.storage.compact_table("quarantine", QUARANTINE_SCHEMA)
-                + label_store.compact_tracks(self))
+                + annotation_store.compact_tracks(self))
 
     def drop_images(self, image_ids: list[str]) -> None:
         """Remove images' rows from the index for good (their cubes become orphans); used by repair."""
@@ -352,25 +352,25 @@ class Catalog:
         except FileNotFoundError:
             return None
 
-    # ------------------------------------------------------------------ labels (catalog/labels.py)
-    def labels(self, image_id: str, variant: str | None = None) -> label_store.LabelMap:
+    # ------------------------------------------------------------------ annotations (catalog/annotations.py)
+    def annotation(self, image_id: str, variant: str | None = None) -> annotation_store.AnnotationMap:
         """The segmentation class map or saliency mask of one image, aligned with its cube; ``variant`` applies a
         relabelling its dataset declares (e.g. HSI Drive's 'hs3bench'). KeyError naming the image if it has none;
         every chunk is checked against its ingest checksum."""
-        return label_store.read_labels(self, image_id, variant)
+        return annotation_store.read_annotation(self, image_id, variant)
 
-    def sequence(self, seq_id: str) -> label_store.TrackSequence:
+    def sequence(self, seq_id: str) -> annotation_store.TrackSequence:
         """One tracking sequence: its frames' image ids in order and one (x, y, w, h) box per frame in 0-based
         pixels of the stored cube. KeyError if unknown; CatalogError if some frame is not catalogued."""
-        return label_store.read_sequence(self, seq_id)
+        return annotation_store.read_sequence(self, seq_id)
 
     def sequences(self, dataset: str | None = None, split: str | None = None) -> list[str]:
         """Ids of the complete tracking sequences (optionally of one dataset and split), sorted."""
-        return label_store.list_sequences(self, dataset, split)
+        return annotation_store.list_sequences(self, dataset, split)
 
-    def labelled(self, dataset: str, split: str | None = None) -> list[str]:
+    def annotated(self, dataset: str, split: str | None = None) -> list[str]:
         """Ids of a dataset's labelled images (optionally of one split; track frames included), sorted."""
-        return label_store.labelled_images(self, dataset, split)
+        return annotation_store.annotated_images(self, dataset, split)
 
     # ------------------------------------------------------------------ masks
     @property
@@ -425,7 +425,7 @@ class Catalog:
         report.orphans = [g for g in self.storage.groups("cubes") if g not in indexed]
         for tmp in self.storage.temporaries():
             (report.in_progress if tmp.alive else report.stale).append(tmp.rel)
-        label_store.verify_labels(self, df, report)
+        annotation_store.verify_labels(self, df, report)
         return report
 
     def _check_cube(self, image_id: str, location: str, checksums: bool) -> Problem | None:

@@ -34,13 +34,13 @@ import pyarrow as pa
 import zarr
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from catalog.errors import CatalogError, CorruptChunkError
 from catalog.storage import member
+from infra.errors import CatalogError, CorruptChunkError
 
 if TYPE_CHECKING:
-    from catalog.store import Catalog, VerifyReport
+    from catalog.catalog import Catalog, VerifyReport
 
-LabelKind = Literal["segmentation", "saliency", "track"]
+AnnotationKind = Literal["segmentation", "saliency", "track"]
 Role = Literal["pretraining", "evaluation"]
 SALIENCY_CLASSES = ["background", "salient"]
 
@@ -82,7 +82,7 @@ class LabelVariant(BaseModel):
     drop: list[str] = Field(min_length=1)
 
 
-class LabelSpec(BaseModel):
+class AnnotationSpec(BaseModel):
     """The labels of a dataset: their kind, where each image's label file is, how to read it, what ids mean.
 
     ``files``: path templates relative to the dataset folder ({dir} {parent} {stem} {base} {path} expand, globs
@@ -93,7 +93,7 @@ class LabelSpec(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    kind: LabelKind
+    kind: AnnotationKind
     files: list[str] = Field(min_length=1)
     format: Literal["auto", "image", "npy", "mat", "boxes"] = "auto"
     options: LabelReadOptions = Field(default_factory=LabelReadOptions)
@@ -108,7 +108,7 @@ class LabelSpec(BaseModel):
         return [v] if isinstance(v, str) else v
 
     @model_validator(mode="after")
-    def _check(self) -> LabelSpec:
+    def _check(self) -> AnnotationSpec:
         if self.kind == "segmentation":
             if not self.class_names or len(self.class_names) < 2:
                 raise ValueError("segmentation labels need 'class_names' (at least 2; list position = class id)")
@@ -211,12 +211,12 @@ def may_pretrain(roles: list[str], pretraining_splits: list[str], split: str | N
 
 # ---------------------------------------------------------------------------------------------- data model
 @dataclass
-class LabelMap:
+class AnnotationMap:
     """One image's label: ``array`` (H, W) integer class ids (saliency: 0 background, 1 salient), aligned with
     the cube; ``class_names[i]`` names id i; pixels equal to ``ignore_index`` carry no label."""
 
     image_id: str
-    kind: LabelKind
+    kind: AnnotationKind
     array: np.ndarray
     class_names: list[str]
     ignore_index: int | None
@@ -348,8 +348,8 @@ def _check_chunks(catalog: Catalog, image_id: str, location: str, array: np.ndar
                                     "its sha256 differs from the one recorded at ingest")
 
 
-def read_labels(catalog: Catalog, image_id: str, variant: str | None = None) -> LabelMap:
-    """See ``Catalog.labels``."""
+def read_annotation(catalog: Catalog, image_id: str, variant: str | None = None) -> AnnotationMap:
+    """See ``Catalog.annotation``."""
     row = catalog.row(image_id)
     location = row.get("label_location")
     if not isinstance(location, str) or not location:
@@ -357,7 +357,7 @@ def read_labels(catalog: Catalog, image_id: str, variant: str | None = None) -> 
         hint = (f"; it is frame {row.get('frame_index')} of sequence '{seq}', whose boxes "
                 f"`Catalog.sequence('{seq}')` gives" if isinstance(seq, str) and seq else
                 "; it was stored without one (its dataset declares none, or its label file was absent and not "
-                "required; `Catalog.labelled` lists the labelled images)")
+                "required; `Catalog.annotated` lists the labelled images)")
         raise KeyError(f"image '{image_id}' has no label map{hint}")
     array, attrs = read_label_array(catalog, image_id, location)
     kind = str(attrs["kind"])
@@ -373,7 +373,7 @@ def read_labels(catalog: Catalog, image_id: str, variant: str | None = None) -> 
         assert ignore_index is not None  # a variant needs one (checked in the spec)
         array, names, ignore_index = apply_variant(array, names, ignore_index,
                                                    [str(d) for d in variants[variant]["drop"]])
-    return LabelMap(image_id=image_id, kind=kind, array=array, class_names=names,  # type: ignore[arg-type]
+    return AnnotationMap(image_id=image_id, kind=kind, array=array, class_names=names,  # type: ignore[arg-type]
                     ignore_index=ignore_index, source_path=str(attrs.get("source_path", "")), variant=variant)
 
 
@@ -427,8 +427,8 @@ def list_sequences(catalog: Catalog, dataset: str | None = None, split: str | No
     return sorted(seq for seq, rows in tracks.groupby("sequence_id") if _complete(rows))
 
 
-def labelled_images(catalog: Catalog, dataset: str, split: str | None = None) -> list[str]:
-    """See ``Catalog.labelled``."""
+def annotated_images(catalog: Catalog, dataset: str, split: str | None = None) -> list[str]:
+    """See ``Catalog.annotated``."""
     df = catalog.images(dataset)
     if df.empty:
         return []
@@ -441,7 +441,7 @@ def labelled_images(catalog: Catalog, dataset: str, split: str | None = None) ->
 def verify_labels(catalog: Catalog, index: pd.DataFrame, report: VerifyReport) -> None:
     """Add label problems to a verify report: a missing, partial or corrupt label group is a problem of its image
     (re-ingesting the image repairs it); label groups no index row names are orphans."""
-    from catalog.store import Problem
+    from catalog.catalog import Problem
 
     named: set[str] = set()
     if not index.empty and "label_location" in index:
@@ -461,9 +461,9 @@ def verify_labels(catalog: Catalog, index: pd.DataFrame, report: VerifyReport) -
     report.orphans += [g for g in catalog.storage.groups("labels") if g not in named]
 
 
-def label_attrs(spec_labels: LabelSpec, image_id: str, dataset: str, source_path: str, source_sha256: str,
+def label_attrs(spec_labels: AnnotationSpec, image_id: str, dataset: str, source_path: str, source_sha256: str,
                 label_sha256: str) -> dict[str, Any]:
-    """The attrs stored with a label map: everything ``Catalog.labels`` needs without the spec."""
+    """The attrs stored with a label map: everything ``Catalog.annotation`` needs without the spec."""
     return {"kind": spec_labels.kind, "class_names": spec_labels.names(), "ignore_index": spec_labels.ignore_index,
             "variants": {k: v.model_dump() for k, v in spec_labels.variants.items()}, "image_id": image_id,
             "dataset": dataset, "source_path": source_path, "source_sha256": source_sha256,
