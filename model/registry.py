@@ -1,70 +1,43 @@
-"""Named model layouts and `create_model`, timm style. A name says what it builds:
+"""The model registry, timm style: every layout is registered by the module that defines its family
+(`model.layouts` for HyperFree / HyperVision) and built by name with `create_model(name, **overrides)`.
 
-- ``hypervision_b`` / ``hypervision_l`` / ``hypervision_h``: the released HyperVision -B/-L/-H layouts, key for key
-  (`build_HyperVision_b/l/h` defaults: global attention and patch merging where the builders put them), at the
-  released example's image size 512 (override ``img_size``; a strict load resizes the relative-position tables
-  the way the released loader does);
-- ``hyperfree_b``: HyperFree-b as its tuning-free scripts build it (1024 px, global attention at 2, 5, 8, 11, no
-  merging): the material pseudo-labeller's layout;
-- ``tiny``: CPU-sized, for tests and demos.
-
-``base`` and ``huge`` are kept as aliases of the layouts they always were (``hyperfree_b``, ``hypervision_h``) and
-log what they resolve to.
+An entry holds the family's config dataclass, the builder, how flat overrides apply to the config and the feature
+layout (to size heads without building the model). Aliases are former names kept for the layouts they always were;
+they log what they resolve to.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from model.encoder import EncoderConfig
-from model.hyperfree import HyperFree, ModelConfig
+from torch import nn
+
+from infra.registry import Registry
 
 logger = logging.getLogger(__name__)
 
-RELEASED_IMG_SIZE = 512
-"""Image size of the released HyperVision example (the builders' own default is 1024)."""
+FAMILY_HYPERFREE = "hyperfree"
+"""HyperFree's encoder, prompt encoder and mask decoder (HyperFree-b, HyperVision -B/-L/-H, tiny)."""
 
-_CONFIGS: dict[str, ModelConfig] = {
-    # CPU-sized for tests: a forward pass takes milliseconds.
-    "tiny": ModelConfig(
-        name="tiny",
-        encoder=EncoderConfig(
-            img_size=64,
-            patch_size=8,
-            embed_dim=64,
-            depth=2,
-            num_heads=2,
-            window_size=4,
-            global_attn_indexes=(1,),
-            out_chans=32,
-            contrast_heads=2,
-            contrast_window=4,
-        ),
-        decoder_mlp_dim=64,
-        decoder_num_heads=2,
-        mask_in_chans=4,
-        iou_head_hidden_dim=32,
-    ),
-    "hyperfree_b": ModelConfig(name="hyperfree_b"),
-    "hypervision_b": ModelConfig(
-        name="hypervision_b",
-        encoder=EncoderConfig(img_size=RELEASED_IMG_SIZE, global_attn_indexes=(5, 8, 11), merge_indexes=(3, 12)),
-    ),
-    "hypervision_l": ModelConfig(
-        name="hypervision_l",
-        encoder=EncoderConfig(img_size=RELEASED_IMG_SIZE, embed_dim=1024, depth=24, num_heads=16,
-                              global_attn_indexes=(11, 17, 23), merge_indexes=(6, 24)),
-    ),
-    "hypervision_h": ModelConfig(
-        name="hypervision_h",
-        encoder=EncoderConfig(img_size=RELEASED_IMG_SIZE, embed_dim=1280, depth=32, num_heads=16,
-                              global_attn_indexes=(15, 23, 31), merge_indexes=(8, 32)),
-    ),
-}
 
-ALIASES: dict[str, str] = {"base": "hyperfree_b", "huge": "hypervision_h"}
+@dataclass(frozen=True)
+class ModelEntry:
+    """One registered layout: its family, config, builder, override rule and feature layout."""
+
+    name: str
+    family: str
+    config: Any
+    build: Callable[[Any], nn.Module]
+    override: Callable[[Any, dict[str, Any]], Any]
+    """(config, flat overrides) -> config; raises ValueError naming the valid fields."""
+    feature_info: Callable[[Any], list[dict[str, Any]]]
+
+
+MODELS: Registry[ModelEntry] = Registry("model")
+ALIASES: dict[str, str] = {}
 """Former names, kept for the layouts they always built."""
 
 _RETIRED: dict[str, str] = {
@@ -72,13 +45,20 @@ _RETIRED: dict[str, str] = {
              "-L layout is 'hypervision_l'",
 }
 
-_ENCODER_FIELDS = {f.name for f in dataclasses.fields(EncoderConfig)}
-_MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)} - {"name", "encoder"}
+
+def register_model(entry: ModelEntry) -> ModelEntry:
+    """Add a layout to the registry (called by the module defining its family)."""
+    return MODELS.add(entry.name, entry)
 
 
-def list_models() -> list[str]:
-    """Layout names accepted by `create_model` (aliases aside)."""
-    return sorted(_CONFIGS)
+def register_alias(alias: str, name: str) -> None:
+    """Keep `alias` as a former name of layout `name`."""
+    ALIASES[alias] = name
+
+
+def list_models(family: str | None = None) -> list[str]:
+    """Layout names accepted by `create_model` (aliases aside), optionally of one family."""
+    return [n for n in MODELS.names() if family is None or MODELS.get(n).family == family]
 
 
 def resolve_name(name: str) -> str:
@@ -86,37 +66,31 @@ def resolve_name(name: str) -> str:
     if name in ALIASES:
         logger.warning("Model name %r is an alias: it builds %r.", name, ALIASES[name])
         return ALIASES[name]
-    if name not in _CONFIGS:
+    if name not in MODELS:
         retired = f"{_RETIRED[name]}. " if name in _RETIRED else ""
         raise ValueError(f"Unknown model {name!r}. {retired}Choose one of {list_models()} "
                          f"(aliases: {sorted(ALIASES)}).")
     return name
 
 
-def get_config(name: str, **overrides: Any) -> ModelConfig:
-    """The named config with flat overrides (encoder or decoder field names) applied and validated."""
-    name = resolve_name(name)
-    unknown = set(overrides) - _ENCODER_FIELDS - _MODEL_FIELDS
-    if unknown:
-        raise ValueError(
-            f"Unknown override(s) {sorted(unknown)} for model {name!r}; "
-            f"valid: {sorted(_ENCODER_FIELDS | _MODEL_FIELDS)}."
-        )
-    base = _CONFIGS[name]
-    enc_over = {k: v for k, v in overrides.items() if k in _ENCODER_FIELDS}
-    if enc_over and "feature_indexes" not in enc_over:
-        enc_over["feature_indexes"] = None  # re-resolve from the overridden indexes
-    encoder = dataclasses.replace(base.encoder, **enc_over)
-    return dataclasses.replace(
-        base, encoder=encoder, **{k: v for k, v in overrides.items() if k in _MODEL_FIELDS}
-    )
+def model_entry(name: str) -> ModelEntry:
+    """The registry entry a name (or alias) builds."""
+    return MODELS.get(resolve_name(name))
+
+
+def get_config(name: str, **overrides: Any) -> Any:
+    """The named layout's config with flat overrides applied and validated."""
+    entry = model_entry(name)
+    return entry.override(entry.config, overrides) if overrides else entry.config
 
 
 def feature_info(name: str, **overrides: Any) -> list[dict[str, Any]]:
-    """The encoder's `feature_info` for a registry name, without building the model (to size heads)."""
-    return get_config(name, **overrides).encoder.feature_info
+    """The encoder's feature layout (channels and stride per level) without building the model (to size heads)."""
+    entry = model_entry(name)
+    return entry.feature_info(get_config(name, **overrides))
 
 
-def create_model(name: str, **overrides: Any) -> HyperFree:
-    """Build a randomly initialised model; load weights with `model.load_checkpoint` (strict by default)."""
-    return HyperFree(get_config(name, **overrides))
+def create_model(name: str, **overrides: Any) -> Any:
+    """Build a randomly initialised model; load weights with the family's loader (strict by default)."""
+    entry = model_entry(name)
+    return entry.build(get_config(name, **overrides))

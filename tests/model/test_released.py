@@ -28,7 +28,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from catalog.errors import InputError
+from infra.errors import InputError
 from model import create_model, feature_info, get_config, load_checkpoint
 from model.hyperfree import HyperFree
 from model.preprocess import extract_features, prepare
@@ -233,7 +233,9 @@ def test_golden_values_of_the_released_code_are_reproduced() -> None:
     assert shapes == {"16/map0": (32, 4, 4), "16/map1": (32, 2, 2), "16/map2": (32, 2, 2), "16/map3": (256, 2, 2),
                       "16/low_res": (3, 8, 8), "16/iou": (3,)}
     for key in expected.files:
-        np.testing.assert_allclose(got[key], expected[key], rtol=1e-4, atol=1e-5, err_msg=key)
+        # float32 through a ViT stack: summation order differs between CPU kernels and thread counts (measured
+        # up to 1.5e-5 here); a wrong weight or layout differs by 0.4 or more (see the crop_max control below)
+        np.testing.assert_allclose(got[key], expected[key], rtol=1e-4, atol=1e-4, err_msg=key)
     assert not np.allclose(got["16/map3"], got["128/map3"])  # band count changes the embedding
 
 
@@ -250,7 +252,9 @@ def test_released_code_writes_the_golden_values() -> None:
     expected = np.load(GOLDEN)
     got = released_outputs(load_released())
     for key in expected.files:
-        np.testing.assert_allclose(got[key], expected[key], rtol=1e-4, atol=1e-5, err_msg=key)
+        # float32 through a ViT stack: summation order differs between CPU kernels and thread counts (measured
+        # up to 1.5e-5 here); a wrong weight or layout differs by 0.4 or more (see the crop_max control below)
+        np.testing.assert_allclose(got[key], expected[key], rtol=1e-4, atol=1e-4, err_msg=key)
 
 
 @pytest.mark.slow
