@@ -26,8 +26,7 @@ from catalog.readers.base import BandSubset, SourceItem, load_rgb
 from catalog.specs import SPEC_FILENAME, DatasetSpec, spec_for_folder
 from catalog.validate import cube_shape, wavelengths_nm
 from infra.errors import InputError
-from stages.ingest import annotations as item_annotations
-from stages.ingest import discover
+from stages.ingest import annotate, discover
 
 STAGE_VERSION = "1"
 #: Errors reading a source file that a retry cannot cure: the file is quarantined at once.
@@ -167,18 +166,18 @@ def ingest_item(catalog: Catalog, spec: DatasetSpec, item: SourceItem, known_sha
     """Read, validate and store one image; bad input is quarantined (never raised), and so is a source file that
     cannot be read for good (no permission, gone); other I/O errors propagate so the caller can retry. An unchanged
     image (same source sha256 and labels as catalogued) writes nothing; a bad label quarantines the image before
-    anything of it is written (stages/ingest/annotations.py). Ingests of the same image at once are serialised by a
+    anything of it is written (stages/ingest/annotate.py). Ingests of the same image at once are serialised by a
     lock: the second waits, then finds the image stored and skips it."""
     src = os.path.abspath(item.primary)
     image_id = f"{spec.slug}/{item.key}"
     try:
         if known_sha256 is None and catalog.storage.local:
-            labels = item_annotations.resolve(spec, item)
+            labels = annotate.resolve(spec, item)
             with catalog.storage.lock(f"ingest/{image_id}"):
                 if not catalog.has_cube(spec.slug, item.key):
                     return _ingest_new(catalog, spec, item, labels, src, image_id, on_strip)
         sha = source_sha256(item)
-        labels = item_annotations.resolve(spec, item)
+        labels = annotate.resolve(spec, item)
         location = catalog.location_for(spec.slug, item.key, sha)
         if known_sha256 == ingest_fingerprint(sha, labels.label_sha256) and catalog.is_complete(location):
             return IngestResult(spec.slug, src, "skipped", image_id, "unchanged (same source sha256 and labels)")
@@ -187,7 +186,7 @@ def ingest_item(catalog: Catalog, spec: DatasetSpec, item: SourceItem, known_sha
                 return IngestResult(spec.slug, src, "skipped", image_id,
                                     "already catalogued (same source sha256 and labels)")
             cw = prepare(spec, item, sha)
-            item_annotations.attach(catalog, spec, item, labels, cw)
+            annotate.attach(catalog, spec, item, labels, cw)
             catalog.write_cube(cw, on_strip=on_strip)
         return IngestResult(spec.slug, src, "ingested", image_id, cw.attrs.get("note", ""))
     except InputError as exc:
@@ -219,7 +218,7 @@ def _ingest_new(catalog: Catalog, spec: DatasetSpec, item: SourceItem, labels: A
         hashing = pool.submit(source_sha256, item)
         try:
             cw = prepare(spec, item, "")
-            item_annotations.attach(catalog, spec, item, labels, cw)
+            annotate.attach(catalog, spec, item, labels, cw)
             catalog.write_cube(cw, on_strip=on_strip, source_sha256=hashing.result)
         finally:
             hashing.cancel()

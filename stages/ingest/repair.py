@@ -15,8 +15,7 @@ from catalog.catalog import Catalog, Problem, VerifyReport
 from catalog.readers.base import SourceItem
 from catalog.specs import DatasetSpec, spec_for_folder
 from infra.errors import InputError
-from stages.ingest import annotations as item_annotations
-from stages.ingest import item_for, prepare, source_sha256
+from stages.ingest import annotate, item_for, prepare, source_sha256
 
 REINGEST_FIX = "re-run `hvp ingest` on the dataset's folder: the current source is stored as a new cube"
 
@@ -101,12 +100,12 @@ def _repair_image(catalog: Catalog, problem: Problem) -> Repair:
 def _repair_label(catalog: Catalog, problem: Problem, row: Any, spec: DatasetSpec, item: SourceItem) -> Repair:
     """Rewrite one image's damaged label group from its unchanged label file (the cube is left alone); a label
     file that changed since ingest is left to a new ingest."""
-    labels = item_annotations.resolve(spec, item)
+    labels = annotate.resolve(spec, item)
     if labels.label_sha256 != row.get("label_sha256"):
         return Repair(problem.image_id, problem.kind, "failed", f"its label group is {problem.kind} and its label "
                       f"file changed since it was ingested; {REINGEST_FIX}")
     with catalog.storage.lock(f"ingest/{problem.image_id}"):
         catalog.storage.remove(problem.location)
-        item_annotations.attach(catalog, spec, item, labels, prepare(spec, item, str(row["sha256"])))
+        annotate.attach(catalog, spec, item, labels, prepare(spec, item, str(row["sha256"])))
     return Repair(problem.image_id, problem.kind, "reingested", f"label rewritten from {labels.label_path} "
                   "(sha256 unchanged)")
