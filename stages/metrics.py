@@ -1,5 +1,7 @@
 """Downstream metrics as the paper's benchmarks compute them: HS3-Bench segmentation scores, the salient-object
-measures of SMN / pysodmetrics, and OTB one-pass tracking curves.
+measures of SMN / pysodmetrics, OTB one-pass tracking curves, and the airborne zero-shot scores (pixel
+classification OA / AA / kappa, one-class precision / recall / F1, HyperFree's five detection AUCs, change-detection
+scores of the change class).
 
 Counting and curve code comes from torchmetrics where it has the metric (confusion matrix, binned ROC AUC, Pearson
 correlation). S-measure (Fan et al., ICCV 2017), E-measure (Fan et al., IJCAI 2018) and the F-measure curve follow
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torchmetrics.functional import pearson_corrcoef
-from torchmetrics.functional.classification import binary_auroc, multiclass_confusion_matrix
+from torchmetrics.functional.classification import binary_auroc, binary_roc, multiclass_confusion_matrix
 
 ArrayLike = np.ndarray | torch.Tensor
 """A numpy array or a torch tensor (moved to the CPU when read)."""
@@ -316,3 +318,94 @@ def tracking_metrics(pred_boxes: ArrayLike | Sequence[ArrayLike],
         "success_auc": float(curves.success.mean()),
         "precision_20": float(curves.precision[int(np.flatnonzero(ERROR_THRESHOLDS == 20)[0])]),
     }
+
+
+# ------------------------------------------------------------------------------------------ airborne zero-shot
+def _flat_pair(pred: ArrayLike, target: ArrayLike, what: str) -> tuple[np.ndarray, np.ndarray]:
+    p, t = _numpy(pred), _numpy(target)
+    if p.shape != t.shape:
+        raise ValueError(f"{what}: prediction has shape {p.shape} but its target {t.shape}; score maps of the "
+                         "scene's size.")
+    return p.ravel(), t.ravel()
+
+
+def classification_metrics(pred: ArrayLike, target: ArrayLike, ignore_index: int | None = 0) -> dict[str, object]:
+    """Pixel classification scores over the pixels whose target is not `ignore_index`: `oa` (overall accuracy),
+    `aa` (mean of the per-class accuracies), `kappa` (Cohen's) and `per_class` (class id -> accuracy, for the
+    classes present in the target). A predicted id absent from the target (e.g. 0, "unassigned") counts as wrong."""
+    p, t = _flat_pair(pred, target, "classification_metrics")
+    p, t = p.astype(np.int64), t.astype(np.int64)
+    keep = t != ignore_index if ignore_index is not None else np.ones(t.shape, dtype=bool)
+    p, t = p[keep], t[keep]
+    if not t.size:
+        raise ValueError("classification_metrics: no labelled pixel to score (every target pixel is ignore_index).")
+    if (p < 0).any() or (t < 0).any():
+        raise ValueError("classification_metrics: class ids must be >= 0.")
+    k = int(max(p.max(), t.max())) + 1
+    cm = multiclass_confusion_matrix(torch.from_numpy(p), torch.from_numpy(t), k, validate_args=False).numpy()
+    cm = cm.astype(np.float64)
+    n = cm.sum()
+    support = cm.sum(axis=1)
+    present = np.flatnonzero(support > 0)
+    per_class = {int(c): float(cm[c, c] / support[c]) for c in present}
+    po = float(np.trace(cm) / n)
+    pe = float((cm.sum(axis=0) * support).sum() / n**2)
+    kappa = (po - pe) / (1 - pe) if pe < 1 else 1.0
+    return {"oa": po, "aa": float(np.mean(list(per_class.values()))), "kappa": float(kappa), "per_class": per_class}
+
+
+def one_class_metrics(pred: ArrayLike, positive: ArrayLike, valid: ArrayLike | None = None) -> dict[str, float]:
+    """Precision, recall and F1 of a binary map against a positive-class mask, over the `valid` pixels (HyperFree's
+    one-class evaluation: the labelled pixels only); 0 where a ratio has no denominator."""
+    p, g = _flat_pair(pred, positive, "one_class_metrics")
+    keep = _numpy(valid).ravel().astype(bool) if valid is not None else np.ones(p.shape, dtype=bool)
+    p, g = p[keep].astype(bool), g[keep].astype(bool)
+    tp = float(np.sum(p & g))
+    fp = float(np.sum(p & ~g))
+    fn = float(np.sum(~p & g))
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1}
+
+
+def detection_auc(scores: ArrayLike, gt: ArrayLike) -> dict[str, float]:
+    """HyperFree's (and HyperSIGMA's) five detection AUCs of a score map in [0, 1] against a binary ground truth:
+    the exact ROC (every distinct score a threshold; torchmetrics), its first point (nothing detected) dropped as
+    the released code drops it, then trapezoid areas `auc_pd_pf` (Pd over Pf), `auc_tau_pd` (Pd over the
+    threshold), `auc_tau_pf` (Pf over the threshold), `auc_oa` = pd_pf + tau_pd - tau_pf and `auc_snpr` =
+    tau_pd / tau_pf (inf when tau_pf is 0)."""
+    s, g = _flat_pair(scores, gt, "detection_auc")
+    s = s.astype(np.float64)
+    if not np.isfinite(s).all() or s.min() < 0 or s.max() > 1:
+        raise ValueError("detection_auc: scores must be finite and in [0, 1]; min-max normalise the score map.")
+    g = g.astype(bool)
+    if g.all() or not g.any():
+        raise ValueError("detection_auc: the ground truth needs both target and background pixels.")
+    fpr_t, tpr_t, _ = binary_roc(torch.from_numpy(s), torch.from_numpy(g.astype(np.int64)), thresholds=None,
+                                 validate_args=False)
+    fpr, tpr = fpr_t.double().numpy()[1:], tpr_t.double().numpy()[1:]
+    thr = np.unique(s)[::-1]  # the thresholds after the first, in float64 (torchmetrics returns float32 ones)
+    pd_pf = float(abs(np.trapezoid(tpr, fpr)))
+    tau_pd = float(abs(np.trapezoid(tpr, thr)))
+    tau_pf = float(abs(np.trapezoid(fpr, thr)))
+    return {"auc_pd_pf": pd_pf, "auc_tau_pd": tau_pd, "auc_tau_pf": tau_pf, "auc_oa": pd_pf + tau_pd - tau_pf,
+            "auc_snpr": tau_pd / tau_pf if tau_pf else float("inf")}
+
+
+def change_metrics(pred: ArrayLike, gt: ArrayLike) -> dict[str, float]:
+    """Binary change-map scores: `oa`, `kappa`, and `precision` (user's accuracy), `recall` (producer's
+    accuracy), `f1` and `iou` of the change class (1), as HyperFree's change-detection evaluator counts them."""
+    p, g = _flat_pair(pred, gt, "change_metrics")
+    p, g = p.astype(bool), g.astype(bool)
+    tp = float(np.sum(p & g))
+    fp = float(np.sum(p & ~g))
+    fn = float(np.sum(~p & g))
+    tn = float(np.sum(~p & ~g))
+    n = tp + fp + fn + tn
+    oa = (tp + tn) / n
+    pe = ((tp + fp) * (tp + fn) + (fn + tn) * (fp + tn)) / n**2
+    return {"oa": oa, "kappa": (oa - pe) / (1 - pe) if pe < 1 else 1.0,
+            "precision": tp / (tp + fp) if tp + fp else 0.0, "recall": tp / (tp + fn) if tp + fn else 0.0,
+            "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0,
+            "iou": tp / (tp + fp + fn) if tp + fp + fn else 0.0}
