@@ -71,7 +71,7 @@ def test_detection_auc_equals_the_released_computation(binary: bool) -> None:
     want = {"auc_pd_pf": trap(tpr, fpr), "auc_tau_pd": trap(tpr, thr), "auc_tau_pf": trap(fpr, thr)}
     want["auc_oa"] = want["auc_pd_pf"] + want["auc_tau_pd"] - want["auc_tau_pf"]
     want["auc_snpr"] = want["auc_tau_pd"] / want["auc_tau_pf"]
-    assert got == pytest.approx(want, rel=1e-9)
+    assert got == pytest.approx(want, rel=1e-6)  # torchmetrics divides in float32
     if binary:  # two ROC points after the first is dropped: (pf, pd) at 1 and (1, 1) at 0
         pd, pf = float(np.mean(scores[gt] == 1)), float(np.mean(scores[~gt] == 1))
         assert got["auc_pd_pf"] == pytest.approx((1 - pf) * (1 + pd) / 2)
