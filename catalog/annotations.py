@@ -1,13 +1,20 @@
 """Labels of downstream datasets: what a spec declares, how labels are stored, and how they are read back.
 
-Three kinds: ``segmentation`` (a class map aligned with the cube, with class names and an ignore index),
-``saliency`` (a binary mask) and ``track`` (a sequence of frames, one box per frame). Split membership is data:
-the index row of every image carries its ``split`` and whether pretraining may use it.
+Kinds: ``segmentation`` (a class map aligned with the cube, with class names and an ignore index), ``saliency``
+(a binary mask) and ``track`` (a sequence of frames, one box per frame); and for airborne scenes, which are single
+images split by pixels: ``pixel_classes`` (a class map, 0 = unlabelled, with a per-pixel split drawn with a recorded
+seed: N labelled pixels per class, or a fraction, the rest test), ``target_map`` / ``anomaly_map`` (a binary map;
+a target map may name a target spectrum file) and ``change_pair`` (a second co-registered cube of the scene and a
+binary change map). Split membership is data: the index row of every image carries its ``split`` (an airborne
+scene without split rules: ``pixels`` for pixel classes, else ``test``) and whether pretraining may use it.
 
 Layout under the catalog (beside ``cubes/``)::
 
     labels/<dataset>/<key>@<label_sha12>.zarr   group: array ``label`` (y, x), chunked like the cube, one sha256
-                                                per chunk in the attrs; kind, class names, ignore index, source
+                                                per chunk in the attrs; kind, class names, ignore index, source;
+                                                airborne extras beside it (``pixel_split`` (y, x) 0 unlabelled /
+                                                1 train / 2 test, ``target_spectrum`` (band,), ``second`` (band,
+                                                y, x)), each with its sha256 in the attrs
     tracks/part-*.parquet                       one row per frame of a sequence: its index and box (0-based
                                                 x, y, w, h in pixels of the stored cube)
 
@@ -40,7 +47,16 @@ from infra.errors import CatalogError, CorruptChunkError
 if TYPE_CHECKING:
     from catalog.catalog import Catalog, VerifyReport
 
-AnnotationKind = Literal["segmentation", "saliency", "track"]
+AnnotationKind = Literal["segmentation", "saliency", "track", "pixel_classes", "target_map", "anomaly_map",
+                         "change_pair"]
+AIRBORNE_KINDS = ("pixel_classes", "target_map", "anomaly_map", "change_pair")
+"""Kinds of single-scene airborne benchmarks (split by pixels, not by images)."""
+BINARY_KINDS = ("saliency", "target_map", "anomaly_map", "change_pair")
+"""Kinds whose map is binary (0 background, 1 positive)."""
+SCENE_SPLIT = {"pixel_classes": "pixels", "target_map": "test", "anomaly_map": "test", "change_pair": "test"}
+"""The split of an airborne scene that no split rule names."""
+PIXEL_TRAIN, PIXEL_TEST = 1, 2
+"""Values of a stored per-pixel split (0: unlabelled)."""
 Role = Literal["pretraining", "evaluation"]
 SALIENCY_CLASSES = ["background", "salient"]
 
@@ -72,6 +88,36 @@ class LabelReadOptions(BaseModel):
     threshold: float | None = Field(default=None, gt=0)
     one_based: bool = True
     clip_boxes: bool = False
+    spectrum_key: str | None = None
+    second_key: str | None = None
+
+
+class PixelSplit(BaseModel):
+    """How a pixel-class scene is split: ``per_class`` labelled (train) pixels per class, or a ``fraction`` of each
+    class's pixels (at least one), drawn with ``seed``; every other labelled pixel is test."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    per_class: int | None = Field(default=None, gt=0)
+    fraction: float | None = Field(default=None, gt=0, lt=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _one(self) -> PixelSplit:
+        if (self.per_class is None) == (self.fraction is None):
+            raise ValueError("give one of 'per_class' (labelled pixels per class) or 'fraction'")
+        return self
+
+    def draw(self, class_map: np.ndarray) -> np.ndarray:
+        """The split map (y, x) uint8: 0 unlabelled, 1 train, 2 test; classes in ascending id order, each drawing
+        from its pixels in row-major order with one generator seeded by ``seed``."""
+        rng = np.random.default_rng(self.seed)
+        out = np.where(class_map > 0, PIXEL_TEST, 0).astype(np.uint8)
+        flat = out.reshape(-1)
+        for c in np.unique(class_map[class_map > 0]):
+            idx = np.flatnonzero(class_map.reshape(-1) == c)
+            n = self.per_class if self.per_class is not None else max(1, round(self.fraction * idx.size))  # type: ignore[operator]
+            flat[rng.choice(idx, size=min(n, idx.size), replace=False)] = PIXEL_TRAIN
+        return out
 
 
 class LabelVariant(BaseModel):
@@ -101,6 +147,9 @@ class AnnotationSpec(BaseModel):
     ignore_index: int | None = Field(default=None, ge=0)
     variants: dict[str, LabelVariant] = Field(default_factory=dict)
     required: bool = True
+    pixel_split: PixelSplit | None = None
+    target_spectrum: str | None = None
+    second: str | None = None
 
     @field_validator("files", mode="before")
     @classmethod
@@ -109,13 +158,16 @@ class AnnotationSpec(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> AnnotationSpec:
-        if self.kind == "segmentation":
+        self._check_airborne()
+        if self.kind in ("segmentation", "pixel_classes"):
             if not self.class_names or len(self.class_names) < 2:
                 raise ValueError("segmentation labels need 'class_names' (at least 2; list position = class id)")
         elif self.class_names is not None and (self.kind == "track" or self.class_names != SALIENCY_CLASSES):
             raise ValueError(f"'class_names' is for segmentation labels; {self.kind} labels have none to set")
         if self.class_names is not None and len(set(self.class_names)) != len(self.class_names):
             raise ValueError("'class_names' has duplicates; give each class id its own name")
+        if self.kind == "pixel_classes":
+            return self
         if self.kind != "segmentation" and (self.ignore_index is not None or self.variants):
             raise ValueError(f"'ignore_index' and 'variants' are for segmentation labels, not {self.kind}")
         if self.kind == "track" and self.format not in ("auto", "boxes"):
@@ -133,10 +185,31 @@ class AnnotationSpec(BaseModel):
                 raise ValueError(f"variant '{name}' drops the ignored class itself")
         return self
 
+    def _check_airborne(self) -> None:
+        """Rules of the airborne kinds: which of pixel_split / target_spectrum / second each needs or refuses."""
+        if (self.kind == "pixel_classes") != (self.pixel_split is not None):
+            raise ValueError("'pixel_split' (labelled pixels per class, seeded) is needed by pixel_classes labels "
+                             f"and only by them (kind is {self.kind})")
+        if self.kind == "pixel_classes" and (self.ignore_index not in (None, 0) or self.variants):
+            raise ValueError("pixel_classes labels use 0 for unlabelled pixels: remove 'ignore_index' and 'variants'")
+        if self.kind == "pixel_classes" and self.class_names and self.class_names[0] != "unlabelled":
+            raise ValueError("pixel_classes labels reserve id 0 for unlabelled pixels: make 'unlabelled' the first "
+                             "of 'class_names'")
+        if self.target_spectrum is not None and self.kind != "target_map":
+            raise ValueError(f"'target_spectrum' is for target_map labels, not {self.kind}")
+        if (self.kind == "change_pair") != (self.second is not None):
+            raise ValueError("'second' (path template of the second date's cube) is needed by change_pair labels "
+                             f"and only by them (kind is {self.kind})")
+        if self.kind in AIRBORNE_KINDS[1:] and self.class_names is not None:
+            raise ValueError(f"{self.kind} labels are binary: remove 'class_names'")
+
     def names(self) -> list[str]:
-        """The class names of the stored labels (saliency: background, salient; track: none)."""
+        """The class names of the stored labels (binary maps: background and the positive class; track: none)."""
         if self.kind == "saliency":
             return list(SALIENCY_CLASSES)
+        if self.kind in AIRBORNE_KINDS[1:]:
+            return ["background", {"target_map": "target", "anomaly_map": "anomaly", "change_pair": "change"}[
+                self.kind]]
         return list(self.class_names or [])
 
 
@@ -183,7 +256,8 @@ def check_dataset_labels(spec: Any) -> None:
     roles = list(spec.roles)
     if len(set(roles)) != len(roles):
         raise ValueError("'roles' lists a role twice")
-    if "evaluation" in roles and (spec.labels is None or spec.splits is None):
+    airborne = spec.labels is not None and spec.labels.kind in AIRBORNE_KINDS
+    if "evaluation" in roles and (spec.labels is None or (spec.splits is None and not airborne)):
         raise ValueError("a dataset with the 'evaluation' role needs 'labels' and 'splits' (which images "
                          "train a head and which evaluate it)")
     if spec.labels is not None and spec.labels.kind == "track" and spec.sample_every != 1:
@@ -222,6 +296,23 @@ class AnnotationMap:
     ignore_index: int | None
     source_path: str
     variant: str | None = None
+    pixel_split: np.ndarray | None = None
+    """pixel_classes: (H, W) uint8, 0 unlabelled, 1 train (prompt), 2 test."""
+    target_spectrum: np.ndarray | None = None
+    """target_map: the target spectrum (band,), if the dataset gives one."""
+    second: np.ndarray | None = None
+    """change_pair: the second date's cube (band, H, W), co-registered with the image's cube."""
+    protocol: dict[str, Any] | None = None
+    """pixel_classes: the split protocol that drew ``pixel_split`` (per_class or fraction, seed)."""
+
+    def pixels(self, split: str) -> np.ndarray:
+        """(H, W) bool: the labelled pixels of ``split`` ('train' or 'test') of a pixel-class scene."""
+        if self.pixel_split is None:
+            raise KeyError(f"image '{self.image_id}' has no per-pixel split (its labels are {self.kind})")
+        codes = {"train": PIXEL_TRAIN, "test": PIXEL_TEST}
+        if split not in codes:
+            raise KeyError(f"per-pixel split '{split}'; choose train or test")
+        return self.pixel_split == codes[split]
 
     @property
     def num_classes(self) -> int:
@@ -272,9 +363,11 @@ def chunk_checksums(array: np.ndarray, chunk: int) -> dict[str, str]:
     return out
 
 
-def write_label_group(catalog: Catalog, location: str, array: np.ndarray, attrs: dict[str, Any]) -> None:
-    """Store a label map (y, x) with per-chunk checksums at ``location``; a complete group there is re-used.
-    Written to a leased temporary and renamed (locally), so a reader never sees half a label."""
+def write_label_group(catalog: Catalog, location: str, array: np.ndarray, attrs: dict[str, Any],
+                      extras: dict[str, np.ndarray] | None = None) -> None:
+    """Store a label map (y, x) with per-chunk checksums at ``location``, and any ``extras`` arrays with their
+    sha256; a complete group there is re-used. Written to a leased temporary and renamed (locally), so a reader
+    never sees half a label."""
     if catalog.is_complete(location):
         return
     chunk = catalog.chunk_xy
@@ -284,8 +377,13 @@ def write_label_group(catalog: Catalog, location: str, array: np.ndarray, attrs:
         group = zarr.open_group(storage.zarr_store(target), mode="w", zarr_format=3)
         group.create_array("label", data=np.ascontiguousarray(array), chunks=(chunk, chunk),
                            dimension_names=("y", "x"))
+        extra_sha: dict[str, str] = {}
+        for name, value in (extras or {}).items():
+            data = np.ascontiguousarray(value)
+            group.create_array(name, data=data, chunks=data.shape or (1,))
+            extra_sha[name] = hashlib.sha256(data.tobytes()).hexdigest()
         group.update_attributes({**attrs, "chunk": chunk, "chunk_sha256": chunk_checksums(array, chunk),
-                                 "complete": True})  # one metadata write (attrs.update writes once per key)
+                                 "extra_sha256": extra_sha, "complete": True})  # one metadata write
         storage.commit_folder(target, location)  # replaces an incomplete leftover of a killed run
     except BaseException:
         storage.discard(target, location)
@@ -334,6 +432,28 @@ def read_label_array(catalog: Catalog, image_id: str, location: str) -> tuple[np
     return array, attrs
 
 
+def read_label_extras(catalog: Catalog, image_id: str, location: str, attrs: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The extra arrays of a label group (pixel split, target spectrum, second cube), each checked against its
+    recorded sha256."""
+    recorded = attrs.get("extra_sha256") or {}
+    assert isinstance(recorded, dict)
+    if not recorded:
+        return {}
+    group = zarr.open_group(catalog.storage.zarr_store(location), mode="r", zarr_format=3)
+    out: dict[str, np.ndarray] = {}
+    for name, sha in recorded.items():
+        try:
+            value = np.ascontiguousarray(np.asarray(member(group, name)[...]))
+        except Exception as exc:  # undecodable bytes: corruption, with the repair
+            raise CorruptChunkError(image_id, name, (0, 0), catalog.storage.path(location, name),
+                                    f"cannot be decoded ({type(exc).__name__}: {exc})") from exc
+        if hashlib.sha256(value.tobytes()).hexdigest() != sha:
+            raise CorruptChunkError(image_id, name, (0, 0), catalog.storage.path(location, name),
+                                    "its sha256 differs from the one recorded at ingest")
+        out[str(name)] = value
+    return out
+
+
 def _check_chunks(catalog: Catalog, image_id: str, location: str, array: np.ndarray, attrs: dict[str, Any]) -> None:
     recorded = attrs.get("chunk_sha256")
     chunk = int(str(attrs.get("chunk", 0)))
@@ -373,8 +493,12 @@ def read_annotation(catalog: Catalog, image_id: str, variant: str | None = None)
         assert ignore_index is not None  # a variant needs one (checked in the spec)
         array, names, ignore_index = apply_variant(array, names, ignore_index,
                                                    [str(d) for d in variants[variant]["drop"]])
+    extras = read_label_extras(catalog, image_id, location, attrs)
+    protocol = attrs.get("pixel_split")
     return AnnotationMap(image_id=image_id, kind=kind, array=array, class_names=names,  # type: ignore[arg-type]
-                    ignore_index=ignore_index, source_path=str(attrs.get("source_path", "")), variant=variant)
+                         ignore_index=ignore_index, source_path=str(attrs.get("source_path", "")), variant=variant,
+                         pixel_split=extras.get("pixel_split"), target_spectrum=extras.get("target_spectrum"),
+                         second=extras.get("second"), protocol=dict(protocol) if isinstance(protocol, dict) else None)
 
 
 def _tracks(catalog: Catalog) -> pd.DataFrame:
@@ -455,7 +579,8 @@ def verify_labels(catalog: Catalog, index: pd.DataFrame, report: VerifyReport) -
                 report.problems.append(Problem(image_id, "partial", location, "its label group was never completed"))
             else:
                 try:
-                    read_label_array(catalog, image_id, location)
+                    _, attrs = read_label_array(catalog, image_id, location)
+                    read_label_extras(catalog, image_id, location, attrs)
                 except Exception as exc:  # any failure to read a label is that image's problem, reported
                     report.problems.append(Problem(image_id, "corrupt", location, f"{type(exc).__name__}: {exc}"))
     report.orphans += [g for g in catalog.storage.groups("labels") if g not in named]
@@ -464,7 +589,10 @@ def verify_labels(catalog: Catalog, index: pd.DataFrame, report: VerifyReport) -
 def label_attrs(spec_labels: AnnotationSpec, image_id: str, dataset: str, source_path: str, source_sha256: str,
                 label_sha256: str) -> dict[str, Any]:
     """The attrs stored with a label map: everything ``Catalog.annotation`` needs without the spec."""
-    return {"kind": spec_labels.kind, "class_names": spec_labels.names(), "ignore_index": spec_labels.ignore_index,
+    ignore = 0 if spec_labels.kind == "pixel_classes" else spec_labels.ignore_index
+    split = spec_labels.pixel_split.model_dump() if spec_labels.pixel_split is not None else None
+    return {"kind": spec_labels.kind, "class_names": spec_labels.names(), "ignore_index": ignore,
+            "pixel_split": split,
             "variants": {k: v.model_dump() for k, v in spec_labels.variants.items()}, "image_id": image_id,
             "dataset": dataset, "source_path": source_path, "source_sha256": source_sha256,
             "label_sha256": label_sha256}

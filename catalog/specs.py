@@ -252,16 +252,20 @@ def _read_yaml(path: Path) -> Any:
         raise InputError(path, "<yaml>", f"not valid YAML ({exc})", "fix the YAML syntax") from None
 
 
+BUILTIN_FILES = ("specs/builtin.yaml", "specs/airborne.yaml")
+"""The built-in spec files: the pretraining subsets, then the airborne zero-shot benchmarks."""
+
+
 @cache
 def builtin_specs() -> dict[str, DatasetSpec]:
     """The built-in dataset subsets keyed by slug (which is also their folder name under a source root)."""
-    text = resources.files("catalog").joinpath("specs/builtin.yaml").read_text()
     out: dict[str, DatasetSpec] = {}
-    for entry in yaml.safe_load(text)["datasets"]:
-        spec = parse_spec(entry, "catalog/specs/builtin.yaml")
-        if spec.slug in out:
-            raise ValueError(f"duplicate built-in slug {spec.slug}")
-        out[spec.slug] = spec
+    for name in BUILTIN_FILES:
+        for entry in yaml.safe_load(resources.files("catalog").joinpath(name).read_text())["datasets"]:
+            spec = parse_spec(entry, f"catalog/{name}")
+            if spec.slug in out:
+                raise ValueError(f"duplicate built-in slug {spec.slug}")
+            out[spec.slug] = spec
     return out
 
 

@@ -214,6 +214,7 @@ class HyperFreeImageEncoder(SpectralPatchEmbed):
         grid_samples: int | None,
         generator: torch.Generator | None,
         collect: bool,
+        band_draws: Sequence[int] | None = None,
     ) -> list[torch.Tensor]:
         """Embed, add the GSD position embedding, run the blocks and the neck; optionally collect stages."""
         cfg = self.config
@@ -222,7 +223,7 @@ class HyperFreeImageEncoder(SpectralPatchEmbed):
                 f"Expected (B, C, {cfg.img_size}, {cfg.img_size}) input, got {tuple(x.shape)}; "
                 "resize and pad with model.preprocess.prepare (or prepare_batch) first."
             )
-        tokens, _ = self.embed_patches(x, wavelengths_nm, grid_samples, generator)
+        tokens, _ = self.embed_patches(x, wavelengths_nm, grid_samples, generator, band_draws)
         pos = self.pos_embed_mlp(
             gsd_sincos_pos_embed(cfg.embed_dim, cfg.grid_size, gsd_tensor(gsd, x.shape[0], x.device))
         )
@@ -246,13 +247,15 @@ class HyperFreeImageEncoder(SpectralPatchEmbed):
         gsd: GsdLike = None,
         grid_samples: int | None = None,
         generator: torch.Generator | None = None,
+        band_draws: Sequence[int] | None = None,
     ) -> list[torch.Tensor]:
         """Official `multi_stage_features`: the `feature_indexes` block outputs (B, D, h, w), then the neck.
 
         `x` is (B, C, img_size, img_size), already normalised and padded; `gsd` is the effective GSD (m/pixel)
-        per image. `grid_samples` opts into the training-mode random grid-band subset (see spectral.py).
+        per image. `grid_samples` opts into the training-mode random grid-band subset (see spectral.py);
+        `band_draws` replays one such draw (HyperFree's task scripts encode with a random draw).
         """
-        return self._run(x, wavelengths_nm, gsd, grid_samples, generator, collect=True)
+        return self._run(x, wavelengths_nm, gsd, grid_samples, generator, collect=True, band_draws=band_draws)
 
     def forward_features(
         self,

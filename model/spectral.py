@@ -131,20 +131,25 @@ def match_bands(wavelengths_nm: Sequence[float] | np.ndarray | torch.Tensor) -> 
 
 
 def sample_grid_subset(
-    match: BandMatch, num_samples: int, generator: torch.Generator | None = None
+    match: BandMatch, num_samples: int, generator: torch.Generator | None = None,
+    draws: Sequence[int] | None = None,
 ) -> BandMatch:
     """The official training-mode band subset: `num_samples` grid matches drawn with replacement, sorted.
 
     HyperFree draws 40 indices (uniform, with replacement) over the grid matches computed BEFORE removing the
     key-used bands, sorts them, then removes entries whose input band the key bank uses; repeated draws stay
     (their kernels then count twice). Inputs with fewer than 20 bands have no grid part: returned as is.
+    `draws` gives the drawn indices (into the grid matches) instead of drawing them (a replayed draw).
     """
     full_input, full_bank = find_corresponding_indices(
         match.wavelengths_nm, GRID_WAVELENGTHS_NM, MATCH_TOLERANCE_NM
     )
     if len(match.wavelengths_nm) < MIN_BANDS_FOR_GRID or not full_input:
         return match
-    draws = torch.randint(0, len(full_input), (num_samples,), generator=generator).sort().values.tolist()
+    if draws is None:
+        draws = torch.randint(0, len(full_input), (num_samples,), generator=generator).sort().values.tolist()
+    elif any(not 0 <= d < len(full_input) for d in draws):
+        raise ValueError(f"band draws {list(draws)} index {len(full_input)} grid matches")
     key_used = set(match.key_input)
     kept = [(full_input[d], full_bank[d]) for d in draws if full_input[d] not in key_used]
     return BandMatch(
@@ -189,11 +194,13 @@ class SpectralPatchEmbed(nn.Module):
         wavelengths_nm: Sequence[float] | np.ndarray | torch.Tensor,
         grid_samples: int | None = None,
         generator: torch.Generator | None = None,
+        band_draws: Sequence[int] | None = None,
     ) -> tuple[torch.Tensor, BandMatch]:
         """Embed `x` (B, C, H, W) with wavelengths (C,) into tokens (B, D, H/p, W/p).
 
         `grid_samples=None` is the official inference path (all matches); an int draws the official
-        training-mode random grid subset of that many entries (HyperFree uses 40).
+        training-mode random grid subset of that many entries (HyperFree uses 40); `band_draws` replays a given
+        draw (indices into the grid matches, sorted) instead.
         """
         if x.shape[1] != len(wavelengths_nm):
             raise ValueError(
@@ -201,7 +208,9 @@ class SpectralPatchEmbed(nn.Module):
                 "pass one wavelength (nm) per band."
             )
         match = match_bands(wavelengths_nm)
-        if grid_samples is not None:
+        if band_draws is not None:
+            match = sample_grid_subset(match, len(band_draws), draws=band_draws)
+        elif grid_samples is not None:
             match = sample_grid_subset(match, grid_samples, generator)
         stride = (self.patch_size, self.patch_size)
         out_hw = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
@@ -231,6 +240,7 @@ class SpectralPatchEmbed(nn.Module):
         wavelengths_nm: Sequence[float] | np.ndarray | torch.Tensor,
         grid_samples: int | None = None,
         generator: torch.Generator | None = None,
+        band_draws: Sequence[int] | None = None,
     ) -> tuple[torch.Tensor, BandMatch]:
         """See `embed_patches`."""
         return self.embed_patches(x, wavelengths_nm, grid_samples, generator)

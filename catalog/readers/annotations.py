@@ -195,3 +195,45 @@ def _read_mat(path: Path, key: str | None) -> np.ndarray:
         raise InputError(path, "labels.files", f"cannot read '{name}' ({type(exc).__name__}: {exc})",
                          _REEXPORT) from exc
     return _squeeze_2d(path, np.asarray(loaded[name]), name)
+
+
+def binary_map(path: Path, array: np.ndarray, kind: str) -> np.ndarray:
+    """A binary ground-truth map as uint8 0/1: its values must be two levels, 0 and one positive value."""
+    values = np.unique(array)
+    if values.size > 2 or (values.size == 2 and values[0] != 0) or (values.size and values.min() < 0):
+        listing = ", ".join(f"{v:g}" for v in values[:6])
+        raise InputError(path, "labels.files", f"a {kind} map must be binary (0 and one positive value); it holds "
+                         f"{listing}{' ...' if values.size > 6 else ''}",
+                         "store 0 for background and 1 (or 255) for the positive pixels")
+    return (array > 0).astype(np.uint8)
+
+
+def read_spectrum(path: Path, key: str | None) -> np.ndarray:
+    """A target spectrum as float64 (band,): a text file (numbers separated by newlines, spaces or commas), .npy,
+    or a variable of a .mat (``labels.options.spectrum_key``, else the only numeric vector)."""
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        values = np.load(path, allow_pickle=False)
+    elif suffix == ".mat":
+        try:
+            loaded = scipy.io.loadmat(path)
+        except (ValueError, OSError, NotImplementedError) as exc:
+            raise InputError(path, "labels.target_spectrum", f"not a readable MAT-file ({exc})", _REEXPORT) from exc
+        vectors = [n for n, v in loaded.items() if not n.startswith("__") and isinstance(v, np.ndarray)
+                   and v.dtype.kind in "uif" and np.squeeze(v).ndim == 1]
+        name = key if key is not None else (vectors[0] if len(vectors) == 1 else None)
+        if name is None or name not in loaded:
+            raise InputError(path, "labels.options.spectrum_key", f"cannot tell the spectrum among {vectors}",
+                             "set labels.options.spectrum_key to the variable holding the target spectrum")
+        values = loaded[name]
+    else:
+        try:
+            values = np.array([float(t) for t in _BOX_SPLIT.split(path.read_text().strip()) if t])
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise InputError(path, "labels.target_spectrum", f"cannot read the spectrum ({exc})",
+                             "write one number per band, one per line") from exc
+    values = np.asarray(values, dtype=np.float64).reshape(-1)
+    if not values.size or not np.isfinite(values).all():
+        raise InputError(path, "labels.target_spectrum", "the spectrum is empty or holds NaN/inf values",
+                         "write one finite number per band")
+    return values

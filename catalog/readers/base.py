@@ -7,6 +7,7 @@ whose slices read only the requested region, so ingest can stream a cube larger 
 from __future__ import annotations
 
 import os
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -142,12 +143,14 @@ class SourceItem:
     stem_suffix: str | None = None
 
     def template_vars(self) -> dict[str, str]:
-        """Values for ``{dir}``, ``{parent}``, ``{stem}``, ``{base}`` and ``{path}`` in a spec's path templates."""
+        """Values for ``{dir}``, ``{parent}``, ``{stem}``, ``{base}``, ``{path}``, ``{up}`` (the folder above
+        ``{dir}``) and ``{index}`` (the stem's trailing number, e.g. a tile's) in a spec's path templates."""
         rel = self.primary.relative_to(self.root)
         stem = self.primary.stem
         base = stem[: -len(self.stem_suffix)] if self.stem_suffix and stem.endswith(self.stem_suffix) else stem
+        digits = re.search(r"(\d+)$", stem)
         return {"dir": rel.parent.as_posix(), "parent": rel.parent.name, "stem": stem, "base": base,
-                "path": rel.as_posix()}
+                "path": rel.as_posix(), "up": rel.parent.parent.as_posix(), "index": digits.group(1) if digits else ""}
 
     def resolve(self, template: str) -> Path | None:
         """The first file (sorted) matching a path template relative to the dataset folder, or None; a match that

@@ -20,6 +20,9 @@ from typing import Any
 import numpy as np
 
 from catalog.annotations import (
+    AIRBORNE_KINDS,
+    BINARY_KINDS,
+    SCENE_SPLIT,
     declaration_json,
     label_attrs,
     label_location,
@@ -28,8 +31,8 @@ from catalog.annotations import (
     write_track_row,
 )
 from catalog.catalog import Catalog, CubeWrite, now_utc
-from catalog.readers.annotations import class_ids, read_boxes, read_label_map, saliency_mask
-from catalog.readers.base import SourceItem
+from catalog.readers.annotations import binary_map, class_ids, read_boxes, read_label_map, read_spectrum, saliency_mask
+from catalog.readers.base import BandSubset, SourceItem
 from catalog.specs import DatasetSpec
 from infra.errors import InputError
 
@@ -70,9 +73,14 @@ def resolve(spec: DatasetSpec, item: SourceItem) -> ItemLabels:
     kind = spec.labels.kind if spec.labels is not None else None
     frame = frame_info(spec, item) if kind == "track" else None
     split = assign_split(spec, item, frame)
+    if split is None and kind in AIRBORNE_KINDS:
+        split = SCENE_SPLIT[kind]
     pretraining = may_pretrain(list(spec.roles), spec.pretraining_splits, split)
     label_path = find_label_file(spec, item) if spec.labels is not None else None
     file_sha = _file_sha256(label_path) if label_path is not None else None
+    companions = companion_files(spec, item) if label_path is not None else []
+    if file_sha is not None and companions:  # the spectrum / second cube are part of the label's content
+        file_sha = hashlib.sha256("".join([file_sha, *(_file_sha256(p) for p in companions)]).encode()).hexdigest()
     label_sha = None
     if declared:
         h = hashlib.sha256(declaration_json(spec).encode())
@@ -106,9 +114,11 @@ def attach(catalog: Catalog, spec: DatasetSpec, item: SourceItem, labels: ItemLa
                           frame_index=labels.frame.frame_index)
         else:
             stored = label_array(path, spec, height, width)
+            extras = airborne_extras(spec, item, stored, cw)
             location = label_location(spec.slug, item.key, labels.label_sha256)
             write_label_group(catalog, location, stored, label_attrs(
-                spec.labels, cw.image_id, spec.slug, str(path), labels.label_file_sha256, labels.label_sha256))
+                spec.labels, cw.image_id, spec.slug, str(path), labels.label_file_sha256, labels.label_sha256),
+                extras)
             fields.update(label_kind=spec.labels.kind, label_location=location)
     cw.index_fields = fields
 
@@ -128,6 +138,8 @@ def label_array(path: Path, spec: DatasetSpec, height: int, width: int) -> np.nd
                          "size")
     if labels.kind == "saliency":
         return saliency_mask(raw, labels.options.threshold)
+    if labels.kind in BINARY_KINDS:
+        return binary_map(path, raw, labels.kind)
     ids = class_ids(path, raw)
     names = labels.names()
     known = np.zeros(max(len(names), int(ids.max(initial=0)) + 1, (labels.ignore_index or 0) + 1), dtype=bool)
@@ -145,6 +157,70 @@ def label_array(path: Path, spec: DatasetSpec, height: int, width: int) -> np.nd
     top = max(int(ids.max(initial=0)), labels.ignore_index or 0)
     return ids.astype(np.uint8 if top <= np.iinfo(np.uint8).max else np.uint16 if top <= np.iinfo(np.uint16).max
                       else np.int32)
+
+
+# ---------------------------------------------------------------------------------------------- airborne
+def companion_files(spec: DatasetSpec, item: SourceItem) -> list[Path]:
+    """The label's other files: a target spectrum file and a change pair's second cube (InputError if declared
+    and missing)."""
+    labels = spec.labels
+    assert labels is not None
+    out = []
+    for field, template in (("labels.target_spectrum", labels.target_spectrum), ("labels.second", labels.second)):
+        if template is None:
+            continue
+        found = item.resolve(template)
+        if found is None:
+            raise InputError(item.primary, field, f"no file matches {template.format(**item.template_vars())!r}",
+                             f"put the file there or fix '{field}' in the dataset spec")
+        out.append(found)
+    return out
+
+
+def airborne_extras(spec: DatasetSpec, item: SourceItem, stored: np.ndarray, cw: CubeWrite) -> dict[str, np.ndarray]:
+    """What an airborne label stores beside its map: the per-pixel split, the target spectrum (one value per band
+    of the cube) or the second date's cube (the first's shape); InputError naming the file and field otherwise."""
+    labels = spec.labels
+    assert labels is not None
+    bands, height, width = (int(s) for s in cw.data.shape)
+    out: dict[str, np.ndarray] = {}
+    if labels.pixel_split is not None:
+        split = labels.pixel_split
+        if split.per_class is not None:
+            ids, counts = np.unique(stored[stored > 0], return_counts=True)
+            short = [f"{int(i)} ({int(c)} px)" for i, c in zip(ids, counts, strict=True) if c <= split.per_class]
+            if short:
+                raise InputError(item.primary, "labels.pixel_split.per_class", f"classes {', '.join(short)} have no "
+                                 f"pixel left to test after drawing {split.per_class} labelled pixels",
+                                 "lower per_class, or split by 'fraction'")
+        out["pixel_split"] = split.draw(stored)
+    spectrum_path, second_path = None, None
+    for path in companion_files(spec, item):
+        if labels.target_spectrum is not None and spectrum_path is None:
+            spectrum_path = path
+        else:
+            second_path = path
+    if spectrum_path is not None:
+        spectrum = read_spectrum(spectrum_path, labels.options.spectrum_key)
+        if spectrum.size != bands:
+            raise InputError(spectrum_path, "labels.target_spectrum", f"{spectrum.size} values for a {bands}-band "
+                             "cube", "give one value per band of the stored cube (after band_range)")
+        out["target_spectrum"] = spectrum
+    if second_path is not None:
+        second_item = SourceItem(dataset=spec.slug, root=item.root, primary=second_path, files=(second_path,),
+                                 key=item.key, stem_suffix=spec.stem_suffix)
+        options = spec.reader_options(second_path)
+        if labels.options.second_key is not None:  # the second date's variable has its own name (e.g. River)
+            options = options.model_copy(update={"key": labels.options.second_key})
+        data = spec.reader.read(second_item, options).data
+        if spec.band_range is not None:
+            data = BandSubset(data, spec.band_range.start, spec.band_range.stop)
+        if tuple(int(s) for s in data.shape) != (bands, height, width):
+            raise InputError(second_path, "labels.second", f"the second cube is {tuple(data.shape)} (band, y, x) but "
+                             f"the first is {(bands, height, width)}",
+                             "pair co-registered cubes of one scene with the same bands")
+        out["second"] = np.asarray(data[:, :, :])
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- tracks
