@@ -112,9 +112,11 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
 
 
 def change_vector(cube1_hwc: np.ndarray, cube2_hwc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Change-vector analysis: magnitude of the per-pixel difference of the two dates' band-standardised spectra,
-    scaled to [0, 1], and the binary change map at its Otsu threshold."""
+    """Change-vector analysis: magnitude of the per-pixel difference of the two dates' spectra, each date
+    standardised per band (a radiometric normalisation: illumination differences cancel), scaled to [0, 1], and
+    the binary change map at its Otsu threshold."""
     a, b = _pixels(cube1_hwc), _pixels(cube2_hwc)
-    scale = np.concatenate([a, b]).std(axis=0) + 1e-12
-    magnitude = _unit(np.linalg.norm((b - a) / scale, axis=1)).reshape(cube1_hwc.shape[:2])
+    a = (a - a.mean(axis=0)) / (a.std(axis=0) + 1e-12)
+    b = (b - b.mean(axis=0)) / (b.std(axis=0) + 1e-12)
+    magnitude = _unit(np.linalg.norm(b - a, axis=1)).reshape(cube1_hwc.shape[:2])
     return magnitude, (magnitude > otsu_threshold(magnitude)).astype(np.uint8)

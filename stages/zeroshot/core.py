@@ -49,7 +49,7 @@ class Stack:
         """Order the generator's masks (n, H, W) as the released `anns2mask` does."""
         masks = np.asarray(masks, dtype=bool)
         h, w = masks.shape[1:]
-        areas = masks.reshape(len(masks), -1).sum(axis=1)
+        areas = masks.reshape(len(masks), h * w).sum(axis=1)
         order = sorted(range(len(masks)), key=lambda i: int(areas[i]), reverse=True)
         if drop_large:
             order = [i for i in order if areas[i] / (h * w) <= LARGE_MASK_RATIO]
