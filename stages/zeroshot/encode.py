@@ -94,7 +94,7 @@ class ReleasedDraws:
     def __init__(self, seed: int) -> None:
         self.rng = random.Random(seed)
 
-    def next(self, wavelengths_nm: Sequence[float]) -> list[int]:
+    def next(self, wavelengths_nm: Sequence[float] | np.ndarray) -> list[int]:
         """The next draw for a cube of these wavelengths (indices into its grid-bank matches)."""
         n = len(find_corresponding_indices(np.asarray(wavelengths_nm, dtype=np.float64), GRID_WAVELENGTHS_NM,
                                            MATCH_TOLERANCE_NM)[0])

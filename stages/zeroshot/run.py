@@ -34,7 +34,9 @@ from stages.zeroshot.encode import (
 )
 from stages.zeroshot.report import write_report
 
-AMG_KEYS = ("pred_iou_thresh", "stability_score_thresh", "points_per_side")
+AMG_KEYS = ("pred_iou_thresh", "stability_score_thresh", "points_per_side", "box_nms_thresh")
+MAX_RELAX_POINTS = 128
+"""The most points per side a relaxed retry asks for (the AMG's cost grows with their square)."""
 
 
 @dataclass
@@ -121,7 +123,7 @@ def _feature(maps: list[np.ndarray], index: int) -> np.ndarray:
 
 
 def _thresholds(p: dict[str, Any]) -> dict[str, float]:
-    return {k: float(p[k]) for k in AMG_KEYS if k in p}
+    return {k: float(p[k]) for k in AMG_KEYS[:3] if k in p}
 
 
 def with_relax(cfg: ZeroShotConfig, p: dict[str, Any], attempt: Callable[[dict[str, Any]], TaskOutput]
@@ -137,9 +139,9 @@ def with_relax(cfg: ZeroShotConfig, p: dict[str, Any], attempt: Callable[[dict[s
             if not cfg.relax or step == cfg.relax_steps:
                 raise
             retries.append({"error": str(exc), **_thresholds(current)})
-            current = {**current, "pred_iou_thresh": max(0.0, current["pred_iou_thresh"] - 0.1),
-                       "stability_score_thresh": max(0.0, current["stability_score_thresh"] - 0.1),
-                       "points_per_side": int(current["points_per_side"]) * 2}
+            current = {**current, "pred_iou_thresh": current["pred_iou_thresh"] - 0.1,
+                       "stability_score_thresh": current["stability_score_thresh"] - 0.1,
+                       "points_per_side": min(int(current["points_per_side"]) * 2, MAX_RELAX_POINTS)}
             continue
         out.notes["relax_retries"] = retries
         out.notes["thresholds_used"] = _thresholds(current)
@@ -312,7 +314,7 @@ def _segment_point(catalog: Catalog, bb: Backbone, scene: Scene, p: dict[str, An
                       {"point": list(point)})
 
 
-_COMMON = {"points_per_side": 32}
+_COMMON = {"points_per_side": 32, "box_nms_thresh": 0.7}
 TASKS.add("classification", TaskDef("classification", {
     **_COMMON, "pred_iou_thresh": 0.3, "stability_score_thresh": 0.4, "feature_index": 1, "open_set_thresh": 0.0},
     ("pixel_classes",), _classification, "multi-class map from a few labelled pixels per class"))
@@ -320,14 +322,17 @@ TASKS.add("one_class", TaskDef("one_class", {
     **_COMMON, "pred_iou_thresh": 0.6, "stability_score_thresh": 0.7, "feature_index": 1, "class_prior": 0.3769,
     "positive_class": None}, ("pixel_classes",), _one_class, "one-class map from one pixel and a class prior"))
 TASKS.add("target", TaskDef("target", {
-    "points_per_side": 64, "pred_iou_thresh": 0.6, "stability_score_thresh": 0.5, "feature_index": 4,
+    "points_per_side": 64, "box_nms_thresh": 0.7, "pred_iou_thresh": 0.6, "stability_score_thresh": 0.5,
+    "feature_index": 4,
     "cosine_simi_thresh": 0.94, "dilate_kernel": 7, "target_spectrum": None}, ("target_map",), _target,
     "target map from a target spectrum"))
 TASKS.add("anomaly", TaskDef("anomaly", {
-    "points_per_side": 96, "pred_iou_thresh": 0.4, "stability_score_thresh": 0.4, "area_ratio_threshold": 0.0009},
+    "points_per_side": 96, "box_nms_thresh": 0.7, "pred_iou_thresh": 0.4, "stability_score_thresh": 0.4,
+    "area_ratio_threshold": 0.0009},
     ("anomaly_map",), _anomaly, "anomaly map: masks smaller than an area share"))
 TASKS.add("change", TaskDef("change", {
-    "points_per_side": 64, "pred_iou_thresh": 0.5, "stability_score_thresh": 0.6, "ratio_threshold": 0.74},
+    "points_per_side": 64, "box_nms_thresh": 0.7, "pred_iou_thresh": 0.5, "stability_score_thresh": 0.6,
+    "ratio_threshold": 0.74},
     ("change_pair",), _change, "change map of a co-registered pair"))
 TASKS.add("segment_all", TaskDef("segment_all", {
     **_COMMON, "pred_iou_thresh": 0.6, "stability_score_thresh": 0.6}, (), _segment_all,
