@@ -18,7 +18,11 @@ def test_all_31_subsets_declared_with_format_and_wavelengths() -> None:
     specs = builtin_specs()
     pretraining = {k for k, s in specs.items() if "pretraining" in s.roles}
     assert len(pretraining) == 31
-    assert set(specs) - pretraining == {"hot-2023-vis", "hot-2023-nir", "hot-2023-rednir"}  # evaluation only
+    airborne = {"whu-hi-longkou", "whu-hi-hanchuan", "whu-hi-honghu", "indian-pines", "pavia-university", "salinas",
+                "abu-beach", "hyperfree-stone", "aviris-targets", "hermiston", "river"}
+    assert set(specs) - pretraining == {"hot-2023-vis", "hot-2023-nir", "hot-2023-rednir", *airborne}  # evaluation
+    for slug in airborne:  # every airborne benchmark states its GSD (HyperFree's position embedding needs it)
+        assert specs[slug].gsd_m and specs[slug].labels is not None and specs[slug].roles == ["evaluation"]
     for spec in specs.values():
         assert spec.reader.name == spec.format
         assert spec.bands and (spec.images or "pretraining" not in spec.roles)
@@ -177,3 +181,20 @@ def test_released_orientation_band_range_and_assigned_wavelengths() -> None:
     assert np.array_equal(same, cube[:31]) and wl[-1] == 700
     with pytest.raises(InputError, match=r"hyperblood.released.*no band"):
         released_input(specs["hyperblood"], cube[:3], np.array([2000.0, 2100.0, 2200.0]))
+
+
+def test_airborne_label_declarations_are_checked(tmp_path: Path) -> None:
+    base = "name: Scene\nformat: npy\nfiles: '*.npy'\nwavelengths_nm: [500, 600, 700]\nroles: [evaluation]\n"
+    ok = load_spec_file(_write(tmp_path, base + "labels: {kind: pixel_classes, files: gt.npy, class_names: "
+                                              "[unlabelled, a, b], pixel_split: {fraction: 0.1, seed: 3}}\n"))
+    assert ok.labels is not None and ok.labels.pixel_split is not None and ok.splits is None
+    for labels, message in (
+        ("{kind: pixel_classes, files: gt.npy, class_names: [unlabelled, a]}", "pixel_split"),
+        ("{kind: pixel_classes, files: gt.npy, class_names: [a, b], pixel_split: {per_class: 1}}", "unlabelled"),
+        ("{kind: anomaly_map, files: gt.npy, target_spectrum: s.txt}", "target_spectrum"),
+        ("{kind: change_pair, files: gt.npy}", "second"),
+        ("{kind: pixel_classes, files: gt.npy, class_names: [unlabelled, a], pixel_split: "
+         "{per_class: 1, fraction: 0.5}}", "one of"),
+    ):
+        with pytest.raises(InputError, match=message):
+            load_spec_file(_write(tmp_path, base + f"labels: {labels}\n"))
