@@ -34,6 +34,8 @@ from stages.labelling.material import AMG_DEFAULTS, HyperFreeAutomaticMaskGenera
 from stages.zeroshot.core import Behaviour
 
 STAGE_VERSION = "1"
+CONTRACT: dict[str, str] = {"released": "crop_max", "fixed": "released"}
+"""The model.preprocess contract each behaviour encodes with."""
 RELEASED_BAND_DRAWS = 40
 """Grid bands HyperFree's encoder draws (with replacement) when its task scripts encode with test_mode=False."""
 
@@ -82,9 +84,7 @@ def released_values(cube_hwc: np.ndarray) -> np.ndarray:
 
 def model_input(cube_hwc: np.ndarray, behaviour: Behaviour) -> tuple[np.ndarray, str]:
     """The cube as the model receives it under ``behaviour`` and the preprocessing contract that follows."""
-    if behaviour == "released":
-        return released_values(cube_hwc), "crop_max"
-    return cube_hwc, "released"
+    return (released_values(cube_hwc) if behaviour == "released" else cube_hwc), CONTRACT[behaviour]
 
 
 class ReleasedDraws:
@@ -105,6 +105,30 @@ def _key(payload: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def generate_masks(model: Any, cube_hwc: np.ndarray, wavelengths: np.ndarray, gsd_m: float, amg: dict[str, Any],
+                   behaviour: Behaviour) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """The automatic masks (n, H, W) bool of a cube, in the generator's order, and the generator's records."""
+    values, contract = model_input(cube_hwc, behaviour)
+    records = HyperFreeAutomaticMaskGenerator(model, contract, **{**AMG_DEFAULTS, **amg}).generate(
+        values, wavelengths, gsd_m)
+    h, w = cube_hwc.shape[:2]
+    masks = (np.stack([r["segmentation"] for r in records]).astype(bool) if records
+             else np.zeros((0, h, w), dtype=bool))
+    return masks, records
+
+
+def encode_features(model: Any, cube_hwc: np.ndarray, wavelengths: np.ndarray, gsd_m: float, behaviour: Behaviour,
+                    band_draws: Sequence[int] | None = None, gsd_as_given: bool = False) -> list[np.ndarray]:
+    """A cube's multi-stage features (block outputs, then the neck), each (C, h, w) float32; see scene_features."""
+    values, contract = model_input(cube_hwc, behaviour)
+    enc = model.image_encoder
+    prepared = prepare(values, enc.img_size, contract, device=next(model.parameters()).device)
+    gsd = gsd_m if gsd_as_given else prepared.effective_gsd(gsd_m)
+    with torch.no_grad():
+        maps = enc.forward_intermediates(prepared.image, wavelengths, gsd, band_draws=band_draws)
+    return [m[0].float().cpu().numpy() for m in maps]
+
+
 def scene_masks(catalog: Catalog, backbone: Backbone, image_id: str, image_sha: str, cube_hwc: np.ndarray,
                 wavelengths: np.ndarray, gsd_m: float, amg: dict[str, Any], behaviour: Behaviour) -> np.ndarray:
     """The scene's automatic masks (n, H, W) bool in the generator's order, from the mask store when this
@@ -117,11 +141,7 @@ def scene_masks(catalog: Catalog, backbone: Backbone, image_id: str, image_sha: 
     cache_id = f"{image_id}@{image_sha[:12]}"
     if not store.missing(labeler_id, [cache_id]):
         return store.read(cache_id, labeler_id=labeler_id).masks
-    values, contract = model_input(cube_hwc, behaviour)
-    records = HyperFreeAutomaticMaskGenerator(backbone.model, contract, **params).generate(values, wavelengths, gsd_m)
-    h, w = cube_hwc.shape[:2]
-    masks = (np.stack([r["segmentation"] for r in records]).astype(bool) if records
-             else np.zeros((0, h, w), dtype=bool))
+    masks, records = generate_masks(backbone.model, cube_hwc, wavelengths, gsd_m, params, behaviour)
     iou = np.array([r["predicted_iou"] for r in records], dtype=np.float64)
     table = table_from_masks(masks, "zeroshot", score=iou, predicted_iou=iou,
                              stability=np.array([r["stability_score"] for r in records], dtype=np.float64))
@@ -137,7 +157,7 @@ def scene_features(catalog: Catalog, backbone: Backbone, image_id: str, image_sh
     """The scene's multi-stage features (block outputs, then the neck), each (C, h, w) float32, from the feature
     cache when computed before. ``band_draws`` replays a released random band draw; ``gsd_as_given`` passes
     ``gsd_m`` to the encoder unscaled (the released change detection encodes with GSD 1.0)."""
-    values, contract = model_input(cube_hwc, behaviour)
+    contract = CONTRACT[behaviour]
     descriptor = {"stage": "zeroshot", "version": STAGE_VERSION, "backbone": backbone.descriptor,
                   "contract": contract, "behaviour": behaviour, "gsd_m": gsd_m, "gsd_as_given": gsd_as_given,
                   "band_draws": list(band_draws) if band_draws is not None else None}
@@ -145,12 +165,7 @@ def scene_features(catalog: Catalog, backbone: Backbone, image_id: str, image_sh
     store = FeatureStore(catalog)
     if store.cached(set_id, {image_id: image_sha}):
         return [m.astype(np.float32) for m in store.read(set_id, image_id).maps]
-    enc = backbone.model.image_encoder
-    prepared = prepare(values, enc.img_size, contract, device=next(backbone.model.parameters()).device)
-    gsd = gsd_m if gsd_as_given else prepared.effective_gsd(gsd_m)
-    with torch.no_grad():
-        maps = enc.forward_intermediates(prepared.image, wavelengths, gsd, band_draws=band_draws)
-    arrays = [m[0].float().cpu().numpy() for m in maps]
+    arrays = encode_features(backbone.model, cube_hwc, wavelengths, gsd_m, behaviour, band_draws, gsd_as_given)
     store.register(set_id, descriptor)
     store.commit([store.write_group(set_id, image_id, image_sha, arrays, {"weights": backbone.weights},
                                     dtype="float32")])
