@@ -13,6 +13,13 @@ Needs the released repository on disk (never part of this project):
 
     .venv/bin/python bench/released_equivalence.py --released /path/to/HyperVision [--layouts b,l] [--json]
 
+Zero-shot tasks (``--hyperfree /path/to/HyperFree``, a checkout of the released HyperFree repository): the released
+task functions (Fine-tuning-free-manner/*/prompt_mask_feature_interaction.py) with the released automatic mask
+generator and model, beside ours (stages.zeroshot, behaviour ``released``) on identical perturbed random weights (a
+reduced ViT through the released `_build_HyperFree`, so it runs on a CPU) and the same 12-bit cube: the class map,
+one-class map, target map (before the demo's dilation), anomaly map and change map must be equal pixel for pixel.
+Stand-ins let the released scripts import without their unused dependencies (cv2, seaborn, sklearn, osgeo).
+
 Adjustments made to run the released code here, printed with the results: a stand-in for `osgeo` (GDAL, imported
 but unused by the model), and the released prompt encoder's grid set to the neck's (the released builder sizes it
 img_size / patch, which does not fit the mask decoder once patch merging has run).
@@ -22,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import sys
 import time
@@ -152,7 +160,8 @@ def compare_keys(pkg: types.ModuleType, layout: str, img_size: int) -> dict[str,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--released", required=True, help="checkout of the released HyperVision repository")
+    ap.add_argument("--released", help="checkout of the released HyperVision repository")
+    ap.add_argument("--hyperfree", help="checkout of the released HyperFree repository (zero-shot tasks)")
     ap.add_argument("--layouts", default="b,l", help="layouts compared numerically (b, l); h is key/shape level")
     ap.add_argument("--img", type=int, default=512, help="image size (the released example's 512)")
     ap.add_argument("--height", type=int, default=300)
@@ -160,6 +169,20 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="also print every row as JSON")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
+    if not args.released and not args.hyperfree:
+        ap.error("give --released (HyperVision) and/or --hyperfree (HyperFree)")
+    if args.hyperfree:
+        zs_rows = compare_zeroshot(args.hyperfree)
+        print(f"released HyperFree task functions: {args.hyperfree}; random-init (perturbed) reduced layout "
+              f"{ZS_LAYOUT}, 40x48 12-bit cube, behaviour 'released'")
+        for r in zs_rows:
+            print(f"{r['task']:26s} {'x'.join(map(str, r['shape'])):>10s} differing pixels {r['differing_pixels']:6d} "
+                  f"positives {r['positives']:5d} {'EQUAL' if r['equal'] else 'DIFFER'} {r['note']}")
+        print(json.dumps({"figures": [
+            {"name": f"zero-shot {r['task']} pixels differing from the released", "value": r["differing_pixels"],
+             "target": 0, "met": r["equal"] != r["task"].startswith("control")} for r in zs_rows]}))
+        if not args.released:
+            return
     pkg = import_released(args.released)
     print(f"released code: {args.released}; random-init weights (perturbed), image size {args.img}, "
           f"cube {args.height}x{args.width} uint16 12-bit + offset 1000, contract 'released', test_mode=True")
@@ -193,6 +216,171 @@ def main() -> None:
     if args.json:
         print(json.dumps({"rows": rows}))
     print(json.dumps({"figures": figures}))
+
+
+# ------------------------------------------------------------------------------------------------ zero-shot tasks
+ZS_TASKS = {"classification": "hyperspectral_classification", "one_class": "hyperspectral_one_class_classification",
+            "target": "hyperspectral_target_detection", "anomaly": "hyperspectral_anomaly_detection",
+            "change": "hyperspectral_change_detection"}
+ZS_PERTURB = 0.5
+"""Perturbation of the random weights: large, so that mask features depend on the image (they are nearly
+collinear with SAM's initialisation)."""
+OPEN_SET = 0.99
+"""Open-set threshold of the comparison: near 1, so that the released test on the last cosine bites."""
+ZS_LAYOUT = {"img_size": 256, "embed_dim": 64, "depth": 4, "num_heads": 2, "global_attn_indexes": (1, 3)}
+"""A reduced HyperFree layout (window 14, neck 256, SAM decoder as released) that both builders make."""
+
+
+def import_released_hyperfree(path: str | Path) -> tuple[types.ModuleType, dict[str, types.ModuleType]]:
+    """The released `HyperFree` package and its five task modules from a checkout (stand-ins for the modules the
+    task scripts import but the compared functions do not use)."""
+    for name in ("osgeo", "cv2", "seaborn", "sklearn", "sklearn.metrics"):
+        if name not in sys.modules:
+            stub = types.ModuleType(name)
+            for attr in ("gdal", "precision_score", "recall_score", "f1_score", "roc_auc_score", "roc_curve"):
+                setattr(stub, attr, None)
+            sys.modules[name] = stub
+    sys.modules["sklearn"].metrics = sys.modules["sklearn.metrics"]  # type: ignore[attr-defined]
+    root = Path(path).resolve()
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    pkg = importlib.import_module("HyperFree")
+    modules = {}
+    for task, folder in ZS_TASKS.items():
+        spec = importlib.util.spec_from_file_location(
+            f"released_{task}", root / "Fine-tuning-free-manner" / folder / "prompt_mask_feature_interaction.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        modules[task] = module
+    return pkg, modules
+
+
+def released_hyperfree(pkg: types.ModuleType, seed: int = 0) -> torch.nn.Module:
+    """The released builder's reduced model, every parameter but the weight banks perturbed (seeded)."""
+    torch.manual_seed(seed)
+    model = pkg._build_HyperFree(ZS_LAYOUT["embed_dim"], ZS_LAYOUT["depth"], ZS_LAYOUT["num_heads"],
+                                 list(ZS_LAYOUT["global_attn_indexes"]), None, 16,
+                                 image_size=ZS_LAYOUT["img_size"]).eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "weight_bank" not in name:
+                param.add_(torch.randn(param.shape, generator=gen) * ZS_PERTURB)
+    return model
+
+
+def zs_cube(seed: int, height: int = 40, width: int = 48, bands: int = 60) -> tuple[np.ndarray, np.ndarray]:
+    """A 12-bit (H, W, C) scene of rectangles with distinct spectra (above 500: both sides feed it raw)."""
+    from catalog.fixtures.synth import scene
+
+    wl = np.linspace(427.0, 1017.0, bands)
+    cube = scene(np.random.default_rng(seed), wl, height, width, objects=4, noise=0.01)
+    return np.round(np.moveaxis(cube, 0, -1) * 4095).astype(np.uint16), wl
+
+
+def compare_zeroshot(path: str | Path, pps: int = 8, seed: int = 0) -> list[dict[str, Any]]:
+    """Rows (task, output, shape, pixels differing, equal) of the released task functions against ours."""
+    import random
+
+    from model import create_model, load_checkpoint
+    from stages.zeroshot import core
+    from stages.zeroshot.core import MaskFeatures, Stack
+    from stages.zeroshot.encode import ReleasedDraws, encode_features, generate_masks
+
+    pkg, tasks = import_released_hyperfree(path)
+    released = released_hyperfree(pkg, seed)
+    ours = create_model("hyperfree_b", **ZS_LAYOUT).eval()
+    report = load_checkpoint(ours, released.state_dict(), strict=True)
+    assert report.is_exact, report
+    cube, wl = zs_cube(seed)
+    cube2, _ = zs_cube(seed + 7)
+    h, w = cube.shape[:2]
+    gsd = 0.5
+    gsd_released = torch.tensor([gsd * max(h, w) / ZS_LAYOUT["img_size"]])  # the demos' GSD / (1024 / max side)
+    rows: list[dict[str, Any]] = []
+
+    def generator(iou: float, stab: float) -> Any:
+        return pkg.SamAutomaticMaskGenerator(released, pred_iou_thresh=iou, stability_score_thresh=stab,
+                                             points_per_side=pps, box_nms_thresh=nms)
+
+    def ours_masks(img: np.ndarray, iou: float, stab: float) -> np.ndarray:
+        amg = {"pred_iou_thresh": iou, "stability_score_thresh": stab, "points_per_side": pps, "box_nms_thresh": nms}
+        return generate_masks(ours, img, wl, gsd, amg, "released")[0]
+
+    def row(task: str, mine: np.ndarray, theirs: np.ndarray, extra: str = "") -> None:
+        a, b = np.asarray(mine, dtype=np.float64), np.asarray(theirs, dtype=np.float64)
+        differ = int((a != b).sum()) if a.shape == b.shape else -1
+        rows.append({"task": task, "shape": list(a.shape), "differing_pixels": differ, "equal": differ == 0,
+                     "positives": int((b > 0).sum()), "note": extra})
+
+    # masks (the generators compared directly first: every task rests on them); random-init predicted IoUs are
+    # meaningless, so every mask is kept and NMS is off: many distinct masks, overlapping, of every size
+    iou, stab, nms = -100.0, -100.0, 1.0
+    theirs_anns = generator(iou, stab).generate(cube, wl.tolist(), gsd_released)
+    mine = ours_masks(cube, iou, stab)
+    theirs_masks = np.stack([a["segmentation"] for a in theirs_anns]) if theirs_anns else np.zeros((0, h, w))
+    row("automatic masks", mine, theirs_masks, f"{len(mine)} masks")
+    stack = Stack.of(mine)
+    covered = np.argwhere(stack.masks.any(0)) if len(stack) else np.zeros((0, 2), dtype=int)
+    if len(covered) < 3:
+        raise AssertionError("the random-init masks cover too few pixels to place prompts; try another seed")
+    prompts = [covered[i * len(covered) // 3] for i in range(3)]
+
+    maps = encode_features(ours, cube, wl, gsd, "released")
+    fi = 1
+    few_shots = []
+    for y, x in prompts:
+        m = np.zeros((h, w))
+        m[y, x] = 1
+        few_shots.append(m)
+    _, ref_map = tasks["classification"].hyperspectral_classification(
+        generator(iou, stab), cube, few_shots, wl.tolist(), fi, gsd_released, 0)
+    mine_map = core.classify(stack, MaskFeatures(maps[fi], (h, w)), [[tuple(p)] for p in prompts], [0, 1, 2], 0.0,
+                             "released", {})
+    row("classification", mine_map, ref_map, f"{len(np.unique(ref_map))} labels painted")
+    _, ref_open = tasks["classification"].hyperspectral_classification(
+        generator(iou, stab), cube, few_shots, wl.tolist(), -1, gsd_released, OPEN_SET)
+    mine_open = core.classify(stack, MaskFeatures(maps[-1], (h, w)), [[tuple(p)] for p in prompts], [0, 1, 2],
+                              OPEN_SET, "released", {})
+    row("classification, neck, open set", mine_open, ref_open, f"open_set_thresh {OPEN_SET}")
+
+    ref_occ = tasks["one_class"].hyperspectral_OCC(generator(iou, stab), cube, few_shots[0], 0.3, wl.tolist(), fi,
+                                                   gsd_released)
+    mine_occ = core.one_class(stack, MaskFeatures(maps[fi], (h, w)), tuple(prompts[0]), 0.3, "released", {})
+    row("one_class", mine_occ.map, ref_occ, f"threshold {mine_occ.threshold:.2f}")
+
+    spectrum = cube[prompts[1][0], prompts[1][1]].astype(np.float64)
+    random.seed(seed)
+    ref_td = tasks["target"].Hyperspectral_TD(generator(iou, stab), cube, spectrum, 0.999, wl.tolist(), -1,
+                                             gsd_released)
+    draws = ReleasedDraws(seed).next(wl)
+    td_maps = encode_features(ours, cube, wl, gsd, "released", band_draws=draws)
+    mine_td, _ = core.target_detection(stack, MaskFeatures(td_maps[-1], (h, w)), cube, spectrum, 0.999, 1, {})
+    row("target (before dilation)", mine_td, ref_td, "random band draw replayed")
+
+    ref_ad = tasks["anomaly"].hyperspectral_anomaly_detection(theirs_anns, 0.95)
+    row("anomaly", core.anomaly_detection(mine, 0.95), ref_ad, "area share 0.95")
+
+    random.seed(seed)
+    ref_cd, _, _ = tasks["change"].Hyperspectral_CD(generator(iou, stab), cube, cube2, wl.tolist(), gsd_released,
+                                                   0.74)
+    rd = ReleasedDraws(seed)
+    f1 = encode_features(ours, cube, wl, 1.0, "released", rd.next(wl), gsd_as_given=True)[-1]
+    m2 = ours_masks(cube2, iou, stab)
+    f2 = encode_features(ours, cube2, wl, 1.0, "released", rd.next(wl), gsd_as_given=True)[-1]
+    mine_cd, _ = core.change_detection(stack, Stack.of(m2), MaskFeatures(f1, (h, w), pad_aware=False),
+                                       MaskFeatures(f2, (h, w), pad_aware=False), 0.74, "released")
+    row("change", mine_cd, ref_cd, "random band draws replayed, GSD 1.0")
+    g1 = encode_features(ours, cube, wl, gsd, "fixed")[-1]
+    g2 = encode_features(ours, cube2, wl, gsd, "fixed")[-1]
+    fixed_cd, _ = core.change_detection(stack, Stack.of(m2), MaskFeatures(g1, (h, w)), MaskFeatures(g2, (h, w)),
+                                        0.74, "fixed")
+    row("control: change, fixed", fixed_cd, ref_cd, "the fixed behaviour: must differ from the released map")
+    return rows
 
 
 if __name__ == "__main__":
