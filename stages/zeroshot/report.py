@@ -107,17 +107,36 @@ def write_report(out_dir: Path, task: str, dataset: str, results: Sequence[tuple
         doc["note"] = RANDOM_INIT_NOTE
     json_path = out_dir / "report.json"
     json_path.write_text(json.dumps(doc, indent=2, default=_jsonable))
+    (out_dir / "report.md").write_text(markdown(task, dataset, scenes, paper, backbone, behaviour))
+    return rows, json_path
+
+
+def markdown(task: str, dataset: str, scenes: list[dict[str, Any]], paper: dict[str, Any] | None,
+             backbone: Backbone, behaviour: str) -> str:
+    """report.md: per scene a table of metrics with a column each for the zero-shot result, the baseline and the
+    paper (HyperFree's reported figure, on its metric's row)."""
     lines = [f"# Zero-shot {task} on {dataset}", "",
-             f"Backbone: {backbone.name}, weights {weights}; behaviour {behaviour}."]
+             f"Backbone: {backbone.name}, weights {backbone.weights}; behaviour {behaviour}."]
     if backbone.random_init:
         lines += ["", f"**{RANDOM_INIT_NOTE}.**"]
-    lines += ["", "| image | method | metric | value |", "|---|---|---|---|"]
-    lines += [f"| {r['image_id'] or '—'} | {r['method']} | {r['metric']} | {r['value']:.4f} |" for r in rows]
+    for scene in scenes:
+        lines += ["", f"## {scene['image_id']}", "",
+                  f"| metric | HyperFree zero-shot | baseline ({scene['baseline_method']}) | paper |",
+                  "|---|---|---|---|"]
+        for metric in dict.fromkeys([*scene["zeroshot"], *scene["baseline"]]):
+            mine, base = scene["zeroshot"].get(metric), scene["baseline"].get(metric)
+            ref = (float(paper["hyperfree"]) / float(paper["scale"])
+                   if paper is not None and paper["metric"] == metric else None)
+            lines.append(f"| {metric} | {_fmt(mine)} | {_fmt(base)} | {_fmt(ref)} |")
     if paper is not None:
-        lines += ["", f"Paper row: HyperFree's reported {paper['hyperfree']} (previous best {paper['previous_sota']})"
-                  f" as {paper['metric']}{' (presumed metric)' if paper.get('presumed') else ''}."]
-    (out_dir / "report.md").write_text("\n".join(lines) + "\n")
-    return rows, json_path
+        lines += ["", f"Paper: HyperFree's reported {paper['hyperfree']} (previous best {paper['previous_sota']}) as "
+                  f"{paper['metric']}{' (presumed metric)' if paper.get('presumed') else ''}"
+                  f"{'; ' + paper['note'] if paper.get('note') else ''}."]
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value: float | None) -> str:
+    return "—" if value is None else f"{value:.4f}"
 
 
 def _jsonable(value: Any) -> Any:

@@ -245,3 +245,84 @@ def test_pixel_split_is_recorded_and_bad_maps_quarantine(airborne, tmp_path: Pat
     assert results[0].status == "quarantined"
     q = bad.quarantine()
     assert q["field"].tolist() == ["labels.files"] and "binary" in q["message"].iloc[0]
+
+
+def test_the_report_table_has_a_paper_column(airborne) -> None:
+    from stages.zeroshot.run import ZeroShotConfig, run_zeroshot
+
+    catalog, _, root = airborne
+    result = run_zeroshot(catalog, ZeroShotConfig(task="anomaly", dataset="abu-beach", params=OPEN, init_seed=SEED,
+                                                  out=str(root / "md")))
+    text = (result.out_dir / "report.md").read_text()
+    assert "| metric | HyperFree zero-shot | baseline (RX) | paper |" in text and "random-init" in text
+    row = next(line for line in text.splitlines() if line.startswith("| auc_pd_pf |"))
+    assert row.rstrip(" |").endswith("0.9566")  # HyperFree's Beach2 figure on its metric's row
+
+
+def test_released_band_draws_replay_python_random_and_change_the_features() -> None:
+    import random
+
+    import torch
+
+    from model import create_model
+    from model.spectral import GRID_WAVELENGTHS_NM, MATCH_TOLERANCE_NM, find_corresponding_indices
+    from stages.zeroshot.encode import ReleasedDraws, encode_features
+
+    wl = np.linspace(427.0, 1017.0, 60)
+    draws = ReleasedDraws(5).next(wl)
+    rng = random.Random(5)
+    matches = len(find_corresponding_indices(wl, GRID_WAVELENGTHS_NM, MATCH_TOLERANCE_NM)[0])
+    assert matches > 60  # a band within 10 nm of two grid entries matches both
+    assert draws == sorted(rng.randint(0, matches - 1) for _ in range(40))
+    torch.manual_seed(0)
+    model = create_model("tiny").eval()
+    cube = np.random.default_rng(0).random((16, 16, 60)).astype(np.float32)
+    full = encode_features(model, cube, wl, 1.0, "fixed")[-1]
+    drawn = encode_features(model, cube, wl, 1.0, "fixed", band_draws=draws)[-1]
+    again = encode_features(model, cube, wl, 1.0, "fixed", band_draws=draws)[-1]
+    assert np.array_equal(drawn, again) and not np.allclose(full, drawn)
+
+
+@pytest.mark.parametrize(("what", "field"), [("spectrum", "labels.target_spectrum"), ("second", "labels.second")])
+def test_airborne_companions_are_checked_at_ingest(tmp_path: Path, what: str, field: str) -> None:
+    src = tmp_path / "src"
+    if what == "spectrum":
+        write_dataset("hyperfree-stone", src)
+        path = src / "hyperfree-stone" / "target_spectrum_stone.txt"
+        path.write_text("\n".join(path.read_text().splitlines()[:-3]) + "\n")  # 43 values for 46 bands
+    else:
+        write_dataset("hermiston", src)
+        import tifffile
+
+        path = src / "hermiston" / "val" / "time2" / "img2_1.tif"
+        tifffile.imwrite(path, tifffile.imread(path)[:, :20], photometric="minisblack", metadata=None)
+    catalog = Catalog(str(tmp_path / "cat")).init()
+    results, _ = ingest_all(catalog, src)
+    assert [r.status for r in results] == ["quarantined"]
+    q = catalog.quarantine()
+    assert q["field"].tolist() == [field] and q["source_path"].iloc[0] == str(path)
+
+
+def test_a_user_dataset_declares_pixel_classes_in_its_yaml(tmp_path: Path) -> None:
+    folder = tmp_path / "src" / "my-scene"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    gt = np.zeros((12, 10), dtype=np.uint8)
+    gt[:6] = 1
+    gt[6:] = 2
+    gt[0] = 0
+    np.save(folder / "scene.npy", rng.random((12, 10, 25)).astype(np.float32))
+    np.save(folder / "scene_gt.npy", gt)
+    (folder / "dataset.yaml").write_text(
+        "name: My Scene\nformat: npy\nfiles: scene.npy\noptions: {axes: yxb}\n"
+        "wavelengths_nm: {start: 450, stop: 950, count: 25}\ngsd_m: 2.0\nroles: [evaluation]\n"
+        "labels: {kind: pixel_classes, files: '{stem}_gt.npy', class_names: [unlabelled, field, forest],\n"
+        "         pixel_split: {fraction: 0.2, seed: 7}}\n")
+    catalog = Catalog(str(tmp_path / "cat")).init()
+    results, _ = ingest_all(catalog, tmp_path / "src")
+    assert results[0].status == "ingested", results[0].message
+    ann = catalog.annotation("my-scene/scene")
+    assert ann.protocol == {"per_class": None, "fraction": 0.2, "seed": 7}
+    train = ann.pixels("train")
+    assert [int((train & (gt == c)).sum()) for c in (1, 2)] == [10, 12]  # 20% of 50 and of 60 pixels
+    assert not (train & ann.pixels("test")).any() and ((train | ann.pixels("test")) == (gt > 0)).all()
