@@ -32,8 +32,11 @@ import xarray as xr
 import zarr
 
 from catalog import annotations as annotation_store
-from catalog import cubes
-from catalog.cubes import CubeLayout, CubeReader, CubeWrite, FileAccess
+from catalog.cubes.files import FileAccess
+from catalog.cubes.layout import CubeLayout
+from catalog.cubes.reader import CubeReader
+from catalog.cubes.writer import CubeWrite, write_group
+from catalog.cubes.xarray_view import open_dataarray
 from catalog.masks import MaskStore
 from catalog.storage import TMP, Storage, member, now_utc
 
@@ -61,7 +64,7 @@ class Catalog:
     """Read and write access to one catalog. Cheap to create; safe to use from several processes at once.
 
     Its options come as arguments (the CLI and flows read them from the settings, ``infra.settings.cube_options``):
-    ``layout`` is how new cubes are stored (catalog/cubes.py; ``chunk_xy`` alone gives the default layout with
+    ``layout`` is how new cubes are stored (catalog/cubes/layout.py; ``chunk_xy`` alone gives the default layout with
     that chunk edge); ``read_threads`` and ``chunk_cache_mb`` configure this process's chunk reader.
     """
 
@@ -77,7 +80,6 @@ class Catalog:
         self.chunk_cache_bytes = int(chunk_cache_mb * 2**20)
         self._files = FileAccess(self.storage.fs, self.storage.local)
         self._reader: CubeReader | None = None
-        self._device_readers: dict[str, cubes.DeviceBatchReader] = {}
         self._rows: pd.DataFrame | None = None
         self._mask_store: MaskStore | None = None
         self._missing: set[str] = set()  # derived arrays looked for and not found
@@ -227,8 +229,8 @@ class Catalog:
         else:
             target = self.storage.temporary(location)
             try:
-                content_sha, dtype = cubes.write_group(self._files, self.storage.path(target), cw, self.layout,
-                                                       finite_block, on_strip, self.TILE_BYTES)
+                content_sha, dtype = write_group(self._files, self.storage.path(target), cw, self.layout,
+                                                 finite_block, on_strip, self.TILE_BYTES)
                 self.storage.commit_folder(target, location)  # replaces an incomplete leftover of a killed run
                 self.cubes.forget(location)
                 group = zarr.open_group(self.storage.zarr_store(location), mode="r+", zarr_format=3)
@@ -247,8 +249,8 @@ class Catalog:
 
         target = self.storage.temporary(f"cubes/{cw.dataset}/{cw.key}@pending.zarr")
         try:
-            content_sha, dtype = cubes.write_group(self._files, self.storage.path(target), cw, self.layout,
-                                                   finite_block, on_strip, self.TILE_BYTES)
+            content_sha, dtype = write_group(self._files, self.storage.path(target), cw, self.layout,
+                                             finite_block, on_strip, self.TILE_BYTES)
             cw.sha256 = source_sha256()
             location = self.location_for(cw.dataset, cw.key, cw.sha256)
             self.storage.commit_folder(target, location)
@@ -284,13 +286,13 @@ class Catalog:
         Only the chunks a selection touches are read, each checked against its checksum (CorruptChunkError).
         ``rgb(image_id)`` gives the aligned RGB, if any.
         """
-        return cubes.open_dataarray(self.cubes, self.row(image_id)["location"])
+        return open_dataarray(self.cubes, self.row(image_id)["location"])
 
     def read_crop(self, location: str, y: int, x: int, size: int, bands: Sequence[int] | np.ndarray | None = None,
                   dtype: Any = None, out: np.ndarray | None = None) -> np.ndarray:
         """The ``size`` x ``size`` window at (y, x) (clipped at the image edge) of the cube at ``location``: all
         bands or the sorted ``bands``, in ``dtype`` (default: as stored), into ``out`` when given. The fast path
-        for training loaders (catalog/cubes.py): checksummed chunks decoded straight into the output."""
+        for training loaders (catalog/cubes/reader.py): checksummed chunks decoded straight into the output."""
         return self.cubes.read(location, (bands, slice(y, y + size), slice(x, x + size)), dtype=dtype, out=out)
 
     def read_image(self, image_id: str, bands: Sequence[int] | np.ndarray | None = None,
@@ -300,15 +302,9 @@ class Catalog:
 
     def read_batch(self, crops: Sequence[tuple[str, int, int]], size: int,
                    bands: Sequence[int] | np.ndarray | None = None, dtype: Any = np.float32,
-                   out: np.ndarray | None = None, device: Any = None) -> Any:
-        """``(N, bands, size, size)`` crops at (location, y, x), zero-padded past the image edge, as numpy in
-        ``dtype`` (into ``out``, e.g. a pinned buffer), or as a float32 tensor on ``device`` (on CUDA,
-        uncompressed chunks are staged in pinned memory and cut on the GPU; see ``cubes.DeviceBatchReader``)."""
-        if device is not None:
-            key = str(device)
-            if key not in self._device_readers or self._device_readers[key].reader is not self.cubes:
-                self._device_readers[key] = cubes.DeviceBatchReader(self.cubes, device)
-            return self._device_readers[key].read_batch(crops, size, bands)
+                   out: np.ndarray | None = None) -> np.ndarray:
+        """``(N, bands, size, size)`` crops at (location, y, x), zero-padded past the image edge, in ``dtype``
+        (into ``out``, e.g. a pinned buffer). Batches on a GPU: stages/pretraining/device_batches.py."""
         return self.cubes.read_batch(crops, size, bands, dtype, out)
 
     def read_rgb_crop(self, location: str, y: int, x: int, size: int) -> np.ndarray:

@@ -24,7 +24,7 @@ class Settings(BaseSettings):
 
     catalog: str = Field(default="./hvp-data/catalog", description="catalog URI: a directory or an fsspec URL")
     source_root: Path = Field(default=Path("./hvp-data/sources"), description="folder of dataset folders")
-    # Cube layout of new ingests (catalog/cubes.py explains the defaults, measured by bench/loader.py).
+    # Cube layout of new ingests (catalog/cubes/__init__.py explains the defaults, measured by bench/loader.py).
     chunk_xy: int = Field(default=64, ge=8, description="spatial chunk edge of stored cubes")
     cube_band_group: int = Field(default=0, ge=0, description="bands per chunk (0 = all bands in every chunk)")
     cube_shard_xy: int = Field(default=1024, ge=0, description="shard edge in pixels, rounded up to whole chunks "

@@ -20,8 +20,9 @@ from typing import Any, Literal
 import numpy as np
 
 from catalog.annotations import ingest_fingerprint, stored_fingerprints
-from catalog.catalog import Catalog, CubeWrite
-from catalog.cubes import dtype_sample, lossless_dtype
+from catalog.catalog import Catalog
+from catalog.cubes.dtypes import dtype_sample, lossless_dtype
+from catalog.cubes.writer import CubeWrite
 from catalog.readers.base import BandSubset, SourceItem, load_rgb
 from catalog.specs import SPEC_FILENAME, DatasetSpec, spec_for_folder
 from catalog.validate import cube_shape, wavelengths_nm

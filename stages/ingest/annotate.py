@@ -27,10 +27,12 @@ from catalog.annotations import (
     write_label_group,
     write_track_row,
 )
-from catalog.catalog import Catalog, CubeWrite, now_utc
+from catalog.catalog import Catalog
+from catalog.cubes.writer import CubeWrite
 from catalog.readers.annotations import class_ids, read_boxes, read_label_map, saliency_mask
 from catalog.readers.base import SourceItem
 from catalog.specs import DatasetSpec
+from catalog.storage import now_utc
 from infra.errors import InputError
 
 #: Boxes may overhang the frame by this many pixels (annotation rounding) before they count as outside it.

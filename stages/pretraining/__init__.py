@@ -1,4 +1,5 @@
-"""HyperVision pretraining: catalog crops with fused prompts (data), the restartable trainer, checkpoints, launcher.
+"""HyperVision pretraining: catalog crops with fused prompts (data), batches on the device (device_batches), the
+restartable trainer, checkpoints, launcher.
 
 The public entry points are re-exported here: `PretrainConfig`, `launch`, `train`, `PretrainResult`.
 """
