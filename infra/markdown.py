@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import string
+from typing import Any
 
 #: Every ASCII punctuation character: CommonMark lets a backslash escape each of them, and an escaped one is always
 #: literal text (no emphasis, link, image, autolink, entity, raw HTML, table cell or heading can start from it).
@@ -18,3 +19,9 @@ def escape_markdown(text: object) -> str:
     """``text`` (any value, via ``str``) as inline markdown that renders to exactly that text on one line:
     every ASCII punctuation character backslash-escaped, line breaks and control characters folded to a space."""
     return _PUNCTUATION.sub(r"\\\1", _CONTROL.sub(" ", str(text)))
+
+
+def escape_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of a table artifact with every text cell escaped (the Prefect UI renders each string cell as markdown);
+    numbers, booleans and None stay as they are, so the table still sorts them as values."""
+    return [{k: escape_markdown(v) if isinstance(v, str) else v for k, v in row.items()} for row in rows]

@@ -12,10 +12,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Completed, State
 
-from infra.markdown import escape_markdown
+from infra.markdown import escape_markdown, escape_rows
 
 #: Name of the global concurrency limit that labelling and training take a slot of (`hvp ui` creates it with one
 #: slot; where it does not exist, work proceeds unlimited).
@@ -136,3 +136,9 @@ def _cell(value: Any) -> str:
 def publish_markdown(key: str, markdown: str, description: str) -> None:
     """A markdown artifact named after its stage (``key``, e.g. ``fuse-overlays``)."""
     create_markdown_artifact(key=key, markdown=markdown, description=description)
+
+
+def publish_table(key: str, rows: list[dict[str, Any]], description: str) -> None:
+    """A table artifact whose text cells show as text (the UI renders each string cell as markdown, and datasets
+    name their own images, paths and classes)."""
+    create_table_artifact(key=key, table=escape_rows(rows), description=description)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import html
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -68,3 +69,19 @@ def test_planted_dataset_reaches_the_markdown_table_as_text(tmp_path: Path) -> N
     for row in rows:
         for value in row.values():
             assert str(value) in text
+
+
+def test_table_artifacts_escape_every_text_cell(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The UI renders each string cell of a table artifact as markdown: publish_table escapes them, numbers stay.
+    import pipelines.wiring as wiring
+
+    sent: dict[str, Any] = {}
+    monkeypatch.setattr(wiring, "create_table_artifact", lambda **kw: sent.update(kw))
+    rows = [{"dataset": PLANTED, "images": 3, "share": 0.5, "ok": True, "note": None}]
+    wiring.publish_table("ingest-summary", rows, "per dataset")
+    (cell,) = sent["table"]
+    assert {k: v for k, v in cell.items() if k != "dataset"} == {"images": 3, "share": 0.5, "ok": True, "note": None}
+    rendered = _render(cell["dataset"])
+    assert "<a" not in rendered and "<img" not in rendered
+    assert _text(rendered).strip() == PLANTED
+    assert sent["key"] == "ingest-summary" and rows[0]["dataset"] == PLANTED  # the caller's rows are not changed
