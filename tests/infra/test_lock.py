@@ -21,7 +21,7 @@ def lock_entries(text: str) -> dict[str, tuple[str, list[str]]]:
     """name -> (version, hashes) of every entry of a pip-compile lock."""
     out: dict[str, tuple[str, list[str]]] = {}
     for block in re.split(r"\n(?=[A-Za-z])", text):
-        m = re.match(r"([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)", block)
+        m = re.match(r"([A-Za-z0-9][A-Za-z0-9._-]*)(?:\[[^\]]*\])?==(\S+)", block)  # name[extras]==version
         if m:
             out[_name(m.group(1))] = (m.group(2), re.findall(r"--hash=sha256:([0-9a-f]{64})", block))
     return out
@@ -68,3 +68,4 @@ def test_the_lock_keeps_the_constraints_pins() -> None:
     assert {_name(k): v for k, v in pins.items()} == {k: v for k, (v, _) in lock.items()
                                                       if k not in ("setuptools", "wheel")}
     assert lock["torch"][0] == "2.14.1" and lock["torchvision"][0] == "0.29.1"
+    assert "sqlalchemy[asyncio]==" in LOCK.read_text()  # extras stay: pip's hash mode installs them as pinned
