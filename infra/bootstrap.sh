@@ -29,6 +29,8 @@ if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; 
   "${pip[@]}" --no-deps -r "$work/build.txt"
   "${pip[@]}" -r "$work/rest.txt"
   SAM2_BUILD_CUDA=0 "${pip[@]}" --no-deps -r "$work/sam2.txt"
+  rm -rf "$work"
+  trap - EXIT
   # the project itself (its dependencies are all installed above; a local folder has no hash to check)
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e "$root"
   "$venv/bin/python" -m pip check
