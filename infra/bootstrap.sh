@@ -16,14 +16,14 @@ if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; 
   "$py" -m venv "$venv"
   # Every distribution comes from the lock and must match one of its sha256 hashes (infra/lock.sh makes the lock
   # from pyproject.toml and the pins of infra/constraints.txt). Nothing is built in an isolated environment, whose
-  # build tools pip would fetch unchecked: the locked setuptools and wheel come first, then every other
-  # distribution (torch among them), then sam2, a source archive pinned by its hash, built against that torch
-  # without its CUDA extension.
+  # build tools pip would fetch unchecked: the locked pip, setuptools and wheel come first (pip's hash-checking mode
+  # needs pip 24 or later for extras such as sqlalchemy[asyncio]), then every other distribution (torch among them),
+  # then sam2, a source archive pinned by its hash, built against that torch without its CUDA extension.
   work="$(mktemp -d)"
   trap 'rm -rf "$work"' EXIT
   awk -v dir="$work" '
     /^[A-Za-z]/ { split($1, pin, "=="); name = tolower(pin[1])
-                  part = (name == "sam2") ? "sam2" : (name == "setuptools" || name == "wheel") ? "build" : "rest" }
+                  part = (name == "sam2") ? "sam2" : (name ~ /^(pip|setuptools|wheel)$/) ? "build" : "rest" }
     part != "" { print > (dir "/" part ".txt") }' "$lock"
   pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check --require-hashes --no-build-isolation)
   "${pip[@]}" --no-deps -r "$work/build.txt"

@@ -11,6 +11,6 @@ trap 'rm -rf "$scratch"' EXIT
 "$scratch/venv/bin/python" -m pip install --quiet pip-tools setuptools wheel
 cd "$root"
 # sam2 is a source archive: its metadata is built without CUDA and without build isolation (no torch download).
-SAM2_BUILD_CUDA=0 "$scratch/venv/bin/pip-compile" --quiet --generate-hashes --allow-unsafe \
+SAM2_BUILD_CUDA=0 "$scratch/venv/bin/pip-compile" --quiet --generate-hashes --allow-unsafe --no-strip-extras \
   --extra dev --no-build-isolation --no-emit-index-url --no-emit-find-links -c infra/constraints.txt \
   -o infra/requirements.lock pyproject.toml infra/requirements.in
