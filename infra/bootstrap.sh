@@ -16,9 +16,9 @@ if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; 
   "$py" -m venv "$venv"
   # Every distribution comes from the lock and must match one of its sha256 hashes (infra/lock.sh makes the lock
   # from pyproject.toml and the pins of infra/constraints.txt). Nothing is built in an isolated environment, whose
-  # build tools pip would fetch unchecked: the locked pip, setuptools and wheel come first (pip's hash-checking mode
-  # needs pip 24 or later for extras such as sqlalchemy[asyncio]), then every other distribution (torch among them),
-  # then sam2, a source archive pinned by its hash, built against that torch without its CUDA extension.
+  # build tools pip would fetch unchecked. The locked pip, setuptools and wheel come first (the pip bundled with
+  # Python 3.11 rejects extras such as sqlalchemy[asyncio] in hash-checking mode), then every other distribution
+  # (torch among them), then sam2, a source archive pinned by its hash, built against that torch without CUDA.
   work="$(mktemp -d)"
   trap 'rm -rf "$work"' EXIT
   awk -v dir="$work" '
