@@ -10,7 +10,7 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:
@@ -38,6 +38,9 @@ class Settings(BaseSettings):
                               "worker uses 1)")
     chunk_cache_mb: float = Field(default=256.0, ge=0, description="decoded-chunk cache per process (MB)")
     dask_address: str | None = Field(default=None, description="scheduler address of a running Dask cluster")
+    server_auth: SecretStr | None = Field(
+        default=None, description="basic-authentication credential 'user:password' of the Prefect server: servers "
+        "this project starts require it, its clients (CLI, worker, watcher) send it; never printed or logged")
 
     # Pseudo-labelling. Without a checkpoint each model is built with random weights (tiny by default, so the
     # pipeline runs anywhere) and every artifact says "random-init". JSON in the environment for dicts.
