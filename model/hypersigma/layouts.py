@@ -19,7 +19,7 @@ FAMILY_HYPERSIGMA = "hypersigma"
 
 LAYOUTS: dict[str, HyperSigmaConfig] = {
     "hypersigma_tiny": HyperSigmaConfig(
-        name="hypersigma_tiny", img_size=32, patch_size=4, in_chans=12, num_tokens=9, embed_dim=32, depth=4,
+        name="hypersigma_tiny", img_size=32, patch_size=4, in_chans=18, num_tokens=9, embed_dim=32, depth=4,
         num_heads=2, out_indices=(0, 1, 2, 3), interval=2, n_points=4, spec_dim=16, fused_dim=16, gate_hidden=16,
     ),
     "hypersigma_b": HyperSigmaConfig(name="hypersigma_b"),
