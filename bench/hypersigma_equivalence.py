@@ -26,10 +26,13 @@ import sys
 import types
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from model.hypersigma.mae import MAEKind
 
 SIZES = {"b": "base", "l": "large", "h": "huge"}
 TARGET = 1e-4
@@ -131,13 +134,13 @@ def released_fused_levels(model: torch.nn.Module, x: torch.Tensor, gate: str) ->
     """Spatial maps (finest first), spectral descriptor and fused maps as the released forward computes them
     (read with forward hooks on the released modules; the gate product is the released expression)."""
     seen: dict[str, torch.Tensor] = {}
-    hooks = [getattr(model, f"DR{k}").register_forward_hook(
+    hooks = [model.get_submodule(f"DR{k}").register_forward_hook(
         lambda _m, _i, out, k=k: seen.__setitem__(f"DR{k}", out)) for k in range(1, 5)]
-    hooks += [getattr(model, f"fc_spec{k}").register_forward_hook(
+    hooks += [model.get_submodule(f"fc_spec{k}").register_forward_hook(
         lambda _m, _i, out, k=k: seen.__setitem__(f"w{k}", out)) for k in range(1, 5)]
     try:
-        spatial = list(model.spat_encoder(x))  # coarsest first (fpn4 .. fpn1)
-        spectral = model.spec_encoder(x)[0]
+        spatial = list(model.get_submodule("spat_encoder")(x))  # coarsest first (fpn4 .. fpn1)
+        spectral = model.get_submodule("spec_encoder")(x)[0]
         model(x)
     finally:
         for hook in hooks:
@@ -183,7 +186,7 @@ def compare_fusion(pkg: types.SimpleNamespace, size: str, gate: str, img: int, b
              "ignored_keys": len(report.unexpected)} for r in rows]
 
 
-def compare_mae(pkg: types.SimpleNamespace, size: str, kind: str, seed: int = 0) -> dict[str, Any]:
+def compare_mae(pkg: types.SimpleNamespace, size: str, kind: MAEKind, seed: int = 0) -> dict[str, Any]:
     """Our MAE's state_dict into the released MAE class strictly; loss, prediction and mask under one seed."""
     from model.hypersigma.mae import create_mae, released_state_dict
 
@@ -221,7 +224,8 @@ def run(path: str, sizes: tuple[str, ...], img: int, bands: int) -> tuple[list[d
                 values = [r["max_abs_diff"] for r in part if r["output"].startswith(group)]
                 figures.append({"name": f"HyperSIGMA-{size.upper()} {gate} p={patch} {group} max abs diff",
                                 "value": max(values), "target": TARGET, "met": max(values) <= TARGET})
-        for kind in ("spatial", "spectral"):
+        kinds: tuple[MAEKind, ...] = ("spatial", "spectral")
+        for kind in kinds:
             mae = compare_mae(pkg, size, kind)
             rows.append(mae)
             worst = max(mae["loss_diff"], mae["pred_max_abs_diff"], mae["fresh_decoder_pos_embed_diff"])

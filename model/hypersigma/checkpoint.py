@@ -33,10 +33,11 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from infra.errors import InputError
 from model.hyperfree import file_sha256, state_dict_sha256
@@ -179,7 +180,7 @@ def _edit(encoder: SpatialViT | SpectralViT, state: dict[str, torch.Tensor], rel
             del out[key]
     else:
         patch_keys = [k for k in out if k.startswith("patch_embed.proj.")]
-        bands = int(encoder.patch_embed.proj.in_channels)
+        bands = cast(nn.Conv2d, encoder.get_submodule("patch_embed.proj")).in_channels
         if released_edits and bands != 3:
             why = "the release drops the patch embedding whenever in_chans != 3 (re-learned)"
         elif any(out[k].shape != own[k].shape for k in patch_keys):
@@ -268,8 +269,9 @@ def load_released(model: HyperSigma, spatial: Source | None = None, spectral: So
     encoders. A released file name of another size than the model raises before any tensor is read."""
     size = model.config.name.removeprefix("hypersigma_")
     reports: dict[Branch, PretrainedLoadReport] = {}
-    for branch, source, encoder in (("spatial", spatial, model.spat_encoder),
-                                    ("spectral", spectral, model.spec_encoder)):
+    pairs: tuple[tuple[Branch, Source | None, SpatialViT | SpectralViT], ...] = (
+        ("spatial", spatial, model.spat_encoder), ("spectral", spectral, model.spec_encoder))
+    for branch, source, encoder in pairs:
         if source is None:
             continue
         info = released_name_info(source)

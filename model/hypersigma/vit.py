@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from functools import partial
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -157,8 +158,8 @@ class ViTBase(nn.Module):
                 nn.init.zeros_(m.bias)
         with torch.no_grad():
             for layer_id, blk in enumerate(self.blocks, start=1):
-                blk.attn.proj.weight.div_(math.sqrt(2.0 * layer_id))
-                blk.mlp.fc2.weight.div_(math.sqrt(2.0 * layer_id))
+                for name in ("attn.proj", "mlp.fc2"):
+                    cast(nn.Linear, blk.get_submodule(name)).weight.div_(math.sqrt(2.0 * layer_id))
 
     def run_blocks(self, x: torch.Tensor, grid: tuple[int, int], collect: Sequence[int]) -> list[torch.Tensor]:
         """Add the position embedding, run the blocks up to the last index in `collect` and return the outputs

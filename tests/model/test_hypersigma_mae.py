@@ -43,7 +43,7 @@ def test_defaults_are_the_released_pretraining_settings() -> None:
 @pytest.mark.parametrize("kind", ["spatial", "spectral"])
 def test_masking_keeps_a_quarter_and_the_loss_is_mse_on_masked_tokens(kind: str) -> None:
     torch.manual_seed(0)
-    mae = create_mae(TINY, kind).eval()  # type: ignore[arg-type]  (eval: no stochastic depth)
+    mae = create_mae(TINY, kind).eval()  # type: ignore[arg-type]  # eval: no stochastic depth
     x = batch(mae)
     out = mae(x, torch.Generator().manual_seed(5))
     n = mae.config.num_patches
@@ -97,7 +97,7 @@ def test_mae_step_trains_encoder_and_decoder() -> None:
     loss = mae_step(mae, batch(mae), torch.Generator().manual_seed(0))
     loss.backward()
     assert loss.ndim == 0 and torch.isfinite(loss)
-    assert mae.blocks[0].attn.qkv.weight.grad is not None and mae.decoder_pred.weight.grad is not None
+    assert mae.get_parameter("blocks.0.attn.qkv.weight").grad is not None and mae.decoder_pred.weight.grad is not None
     assert mae.spat_map.weight.grad is not None and mae.decoder_pos_embed.grad is None
 
 
