@@ -38,7 +38,8 @@ SIZES = {"b": "base", "l": "large", "h": "huge"}
 TARGET = 1e-4
 """Max abs difference accepted as equal: float32, our full attention uses scaled_dot_product_attention and the
 released one an explicit softmax(q k^T) v, and reductions run in a different order (observed: about 1e-6)."""
-STUBS = ("einops (rearrange, repeat: imported, unused)", "mmengine.dist.get_dist_info -> (0, 1)")
+STUBS = ("einops (rearrange, repeat: imported, unused)", "mmengine.dist.get_dist_info -> (0, 1)",
+         "torch.linspace on the CPU while the released builders run on the meta device (key/shape check only)")
 
 
 def _stub_modules() -> None:
@@ -63,6 +64,23 @@ def _load(name: str, path: Path) -> types.ModuleType:
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+@contextlib.contextmanager
+def _cpu_linspace() -> Iterator[None]:
+    """`torch.linspace` on the CPU unless told otherwise, so the released builders (which call `.item()` on their
+    drop-path schedule) run under a meta device."""
+    original = torch.linspace
+
+    def linspace(*args: Any, **kwargs: Any) -> torch.Tensor:
+        kwargs.setdefault("device", "cpu")
+        return original(*args, **kwargs)
+
+    torch.linspace = linspace  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.linspace = original  # type: ignore[assignment]
 
 
 @contextlib.contextmanager
@@ -234,3 +252,68 @@ def run(path: str, sizes: tuple[str, ...], img: int, bands: int) -> tuple[list[d
                             "value": worst, "target": TARGET,
                             "met": mae["strict_load"] and mae["mask_equal"] and worst <= TARGET})
     return rows, figures
+
+
+def compare_pretrained_load(pkg: types.SimpleNamespace, size: str, img: int, patch: int, folder: Path,
+                            seed: int = 0) -> list[dict[str, Any]]:
+    """Our MAE checkpoints (written as the release writes them) loaded by the release's `init_weights` and by
+    `load_pretrained` into encoders of another image size and patch: the tensors each side loaded, compared."""
+    from model import create_model
+    from model.hypersigma.checkpoint import load_pretrained
+    from model.hypersigma.mae import create_mae, save_released
+
+    released = released_fusion(pkg, size, "before_reduction", img, 100, patch, seed)
+    ours = create_model(f"hypersigma_{size}", img_size=img, patch_size=patch)
+    rows: list[dict[str, Any]] = []
+    for kind, attr in (("spatial", "spat_encoder"), ("spectral", "spec_encoder")):
+        torch.manual_seed(seed + 4)
+        mae = create_mae(f"hypersigma_{size}", kind)  # type: ignore[arg-type]
+        perturb(mae, seed + 5)
+        path = save_released(mae, folder / f"{kind}-{size}.pth", epoch=1599)
+        with contextlib.redirect_stdout(None):  # the release prints its load message
+            released.get_submodule(attr).init_weights(str(path))
+        report = load_pretrained(ours.get_submodule(attr), path)
+        theirs, mine = released.get_submodule(attr).state_dict(), ours.get_submodule(attr).state_dict()
+        taken = [*report.loaded, *report.resized]
+        rows.append({"size": size.upper(), "kind": kind, "img": img, "patch": patch, "loaded": len(report.loaded),
+                     "resized": sorted(report.resized), "reinitialised": len(report.reinitialised),
+                     "ignored": len(report.ignored),
+                     "max_abs_diff": max(max_diff(mine[k], theirs[k]) for k in taken)})
+    return rows
+
+
+def compare_keys(pkg: types.SimpleNamespace, size: str) -> dict[str, Any]:
+    """Key/shape comparison on the meta device: the released fused model (segmentation copy, 64 px, 100 bands,
+    patch 8) without its head and unused modules vs our layout; the released MAEs vs ours."""
+    from model import create_model
+    from model.hypersigma.checkpoint import _LEFTOVERS
+    from model.hypersigma.mae import create_mae, released_state_dict
+
+    head = ("conv_features.", "conv.", "cls.", "classifier", "pool")
+    with torch.device("meta"), _cpu_linspace():
+        theirs = {k: v for k, v in released_fusion_meta(pkg, size).state_dict().items()
+                  if not k.startswith(head) and not k.split(".", 1)[1].startswith(_LEFTOVERS)}
+        mine = create_model(f"hypersigma_{size}").state_dict()
+        args = types.SimpleNamespace(image_size=64, use_ckpt="False", num_tokens=100)
+        maes = {kind: (getattr(module, f"{prefix}_mae_{size}")(args, inchannels=100).state_dict(),
+                       released_state_dict(create_mae(f"hypersigma_{size}", kind)))  # type: ignore[arg-type]
+                for kind, module, prefix in (("spatial", pkg.models_mae_Spat, "spat"),
+                                             ("spectral", pkg.models_mae_Spec, "spec"))}
+
+    def differing(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]:
+        return sorted(k for k in set(a) | set(b) if k not in a or k not in b or a[k].shape != b[k].shape)
+
+    out: dict[str, Any] = {"size": size.upper(), "keys": len(mine), "released_keys": len(theirs),
+                           "differing": differing(theirs, mine),
+                           "params_m": sum(v.numel() for v in mine.values()) / 1e6,
+                           "released_params_m": sum(v.numel() for v in theirs.values()) / 1e6}
+    for kind, (a, b) in maes.items():
+        out[f"{kind}_mae_differing"] = differing(a, b)
+        out[f"{kind}_mae_params_m"] = sum(v.numel() for v in b.values()) / 1e6
+    return out
+
+
+def released_fusion_meta(pkg: types.SimpleNamespace, size: str) -> torch.nn.Module:
+    """The released segmentation-copy fused model at 64 px, 100 bands, patch 8 (build under a meta device)."""
+    return pkg.ss_fusion_seg.SSFusionFramework(img_size=64, in_channels=100, patch_size=8, classes=5,
+                                               model_size=SIZES[size])
