@@ -26,7 +26,7 @@ import sys
 import types
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -271,7 +271,7 @@ def compare_pretrained_load(pkg: types.SimpleNamespace, size: str, img: int, pat
         perturb(mae, seed + 5)
         path = save_released(mae, folder / f"{kind}-{size}.pth", epoch=1599)
         with contextlib.redirect_stdout(None):  # the release prints its load message
-            released.get_submodule(attr).init_weights(str(path))
+            cast(Any, released.get_submodule(attr)).init_weights(str(path))
         report = load_pretrained(ours.get_submodule(attr), path)
         theirs, mine = released.get_submodule(attr).state_dict(), ours.get_submodule(attr).state_dict()
         taken = [*report.loaded, *report.resized]
