@@ -180,3 +180,15 @@ def test_full_size_layouts_are_pinned(name: str) -> None:
     assert model.spat_encoder.pos_embed.shape == (1, (cfg.img_size // cfg.patch_size) ** 2, cfg.embed_dim)
     assert model.spec_encoder.spat_map.weight.shape == (cfg.embed_dim, 64 * 64)
     assert model.spec_encoder.pos_embed.shape == (1, 100, cfg.embed_dim)
+
+
+def test_heads_are_sized_from_the_registry_feature_info() -> None:
+    from model.heads import build_head, layout_from_info
+
+    model = tiny()
+    layout = layout_from_info(feature_info(TINY))
+    assert layout.channels == (16,) * 4 and layout.strides == (4, 4, 8, 16)
+    head = build_head("segmentation", layout, num_classes=3)
+    with torch.no_grad():
+        logits = head(model.forward_features(cube(model.config)), output_size=(32, 32))
+    assert logits.shape == (2, 3, 32, 32) and torch.isfinite(logits).all()
