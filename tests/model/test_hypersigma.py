@@ -192,3 +192,28 @@ def test_heads_are_sized_from_the_registry_feature_info() -> None:
     with torch.no_grad():
         logits = head(model.forward_features(cube(model.config)), output_size=(32, 32))
     assert logits.shape == (2, 3, 32, 32) and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("bands", [7, 18, 36])
+def test_a_cube_of_any_band_count_becomes_the_model_input(bands: int) -> None:
+    from model.hypersigma.preprocess import describe_contract, extract_features, prepare_cube
+
+    model = tiny()
+    cfg = model.config
+    rng = torch.Generator().manual_seed(bands)
+    raw = 1000 + 3000 * torch.rand(20, 40, bands, generator=rng)  # (H, W, C), 12-bit-like counts with an offset
+    prepared = prepare_cube(raw.numpy(), cfg)
+    assert prepared.image.shape == (1, cfg.in_chans, cfg.img_size, cfg.img_size)
+    assert prepared.input_size == (16, 32) and prepared.original_size == (20, 40)
+    assert prepared.image[..., 16:, :].abs().sum() == 0  # zero padding below the resized image
+    assert prepared.image.min() >= 0 and prepared.image.max() <= 1
+    scaled = ((raw - raw.min()) / (raw.max() - raw.min())).permute(2, 0, 1)[None]
+    if bands >= cfg.in_chans:  # the min-max, the means of contiguous band pairs (36 bands), then the resize
+        grouped = scaled.reshape(1, cfg.in_chans, bands // cfg.in_chans, 20, 40).mean(2)
+        expected = F.interpolate(grouped, (16, 32), mode="bilinear", antialias=True)
+        assert torch.allclose(prepared.image[..., :16, :], expected, atol=1e-6)
+    maps = extract_features(model, raw)
+    assert [tuple(m.shape) for m in maps] == [(1, 16, 8, 8), (1, 16, 8, 8), (1, 16, 4, 4), (1, 16, 2, 2)]
+    assert describe_contract(cfg)["name"] == "hypersigma"
+    with pytest.raises(ValueError, match="constant"):
+        prepare_cube(torch.ones(4, 4, bands), cfg)
