@@ -148,3 +148,21 @@ def test_a_pickle_needing_code_is_refused(tmp_path: Path) -> None:
     torch.save({"model": {"pos_embed": torch.zeros(1)}, "args": _Payload()}, path)
     with pytest.raises(UnsafeCheckpointError):
         read_released(path)
+
+
+def test_a_whole_hypersigma_state_round_trips_strictly_through_the_house_loader(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from model import load_checkpoint
+
+    source = model(gate_position="after_reduction")
+    for path in (tmp_path / "w.pth", tmp_path / "w.safetensors"):
+        state = {k: v.contiguous() for k, v in source.state_dict().items()}
+        torch.save(state, path) if path.suffix == ".pth" else save_file(state, str(path))
+        torch.manual_seed(9)
+        target = create_model(TINY, gate_position="after_reduction")
+        report = load_checkpoint(target, path, strict=True)
+        assert report.is_exact and report.loaded == len(state)
+        assert all(torch.equal(target.state_dict()[k], v) for k, v in state.items())
+    with pytest.raises(InputError, match="shape differs"):
+        load_checkpoint(create_model(TINY), tmp_path / "w.pth", strict=True)  # gate widths differ
