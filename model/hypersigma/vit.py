@@ -128,7 +128,8 @@ class Block(nn.Module):
 
 class ViTBase(nn.Module):
     """What both encoders share, at their top level as in the release: absolute position embedding `pos_embed`,
-    the `blocks` and the final `norm` (unused by the fine-tuning forward, kept for the checkpoint's keys). Weight
+    the `blocks` and the final `norm` (the MAE encoder applies it; the fine-tuning forward does not, as in the
+    release, but keeps it for the checkpoint's keys). Weight
     init as the release: truncated normal 0.02 for Linear weights and pos_embed, zero biases, unit norms, then
     `attn.proj` and `mlp.fc2` weights divided by sqrt(2 * layer_id)."""
 
