@@ -217,3 +217,15 @@ def test_a_cube_of_any_band_count_becomes_the_model_input(bands: int) -> None:
     assert describe_contract(cfg)["name"] == "hypersigma"
     with pytest.raises(ValueError, match="constant"):
         prepare_cube(torch.ones(4, 4, bands), cfg)
+
+
+def test_activation_checkpointing_changes_no_gradient() -> None:
+    grads: list[torch.Tensor] = []
+    for ckpt in (False, True):
+        model = tiny(grad_checkpointing=ckpt, drop_path_rate=0.0).train()
+        torch.stack([m.square().mean() for m in model.forward_features(cube(model.config))]).sum().backward()
+        grad = model.get_parameter("spat_encoder.blocks.0.attn.sampling_offsets.weight").grad
+        assert grad is not None
+        grads.append(grad)
+    assert grads[0].abs().sum() > 0
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
