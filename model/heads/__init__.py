@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from model.heads.layout import FeatureLayout, count_trainable_parameters, feature_layout
+from model.heads.layout import FeatureLayout, count_trainable_parameters, feature_layout, layout_from_info
 from model.heads.saliency import SaliencyHead
 from model.heads.segmentation import SegmentationHead
 from model.heads.tracking import TrackingHead
@@ -43,4 +43,5 @@ __all__ = [
     "count_trainable_parameters",
     "feature_layout",
     "head_from_hparams",
+    "layout_from_info",
 ]
