@@ -86,7 +86,7 @@ class CatalogSamples(Sequence[Sample]):
 
     def label(self, index: int) -> AnnotationMap:
         """The label map of image `index` (read from the catalog, checksums verified)."""
-        return self.catalog.annotations(self.image_ids[index], self.variant)
+        return self.catalog.annotation(self.image_ids[index], self.variant)
 
     def __len__(self) -> int:
         return len(self.image_ids)

@@ -293,17 +293,17 @@ def _segmentation_report(catalog: Catalog, head: nn.Module, data: TaskData, devi
     t0 = time.perf_counter()
     per_image = max(1, 200_000 // len(data.train_ids))
     model = fit_spectral_classifier((read_cube(catalog, i) for i in data.train_ids),
-                                    (catalog.annotations(i, spec.variant).array for i in data.train_ids), k, ignore,
+                                    (catalog.annotation(i, spec.variant).array for i in data.train_ids), k, ignore,
                                     seed=spec.train.seed, pixels_per_image=per_image)
     base = np.zeros_like(confusion)
     for i in data.test_ids:
-        base += confusion_matrix([model.predict(read_cube(catalog, i))], [catalog.annotations(i, spec.variant).array],
+        base += confusion_matrix([model.predict(read_cube(catalog, i))], [catalog.annotation(i, spec.variant).array],
                                  k, ignore)
     baseline_s = time.perf_counter() - t0
     overlays = []
     for image_id, prediction in zip(data.test_ids, kept, strict=False):
         rgb = _rgb(catalog, image_id, read_cube(catalog, image_id), _wavelengths(catalog, image_id))
-        target = catalog.annotations(image_id, spec.variant).array.astype(np.int64)
+        target = catalog.annotation(image_id, spec.variant).array.astype(np.int64)
         if ignore is not None:
             target[target == ignore] = -1  # drawn black, as the report draws unlabelled pixels
         overlays.append(Overlay(rgb, image_id.split("/")[-1], target, prediction))
