@@ -22,6 +22,7 @@ from stages.downstream.outcomes import TaskOutcome, summarise, write_json
 from stages.downstream.report import ReportPaths
 from stages.downstream.spec import TaskSpec
 from stages.downstream.tasks import TASKS, ordered_tasks
+from stages.pretraining.data import DEFAULT_GSD_M
 from stages.registry import register_stage
 
 Device = Literal["auto", "cuda", "cpu"]
@@ -44,11 +45,20 @@ class BackboneConfig(BaseModel):
     """create_model overrides; None: the layout's downstream defaults (img_size=128 for tiny)."""
     preprocessing: str = DEFAULT_CONTRACT
     strict: bool = True
+    """Load the checkpoint strictly (every key and shape must match the layout)."""
+    default_gsd_m: float = DEFAULT_GSD_M
+    """GSD (m/pixel) of images whose GSD the catalog does not know."""
+    dtype: str = "float16"
+    """Stored dtype of cached features."""
+
+    @classmethod
+    def from_spec(cls, spec: BackboneSpec) -> BackboneConfig:
+        """The fields of a BackboneSpec."""
+        return cls.model_validate({**dataclasses.asdict(spec), "overrides": spec.overrides and dict(spec.overrides)})
 
     def to_spec(self) -> BackboneSpec:
         """The BackboneSpec these fields describe."""
-        return BackboneSpec(model=self.model, checkpoint=self.checkpoint, seed=self.seed, overrides=self.overrides,
-                            preprocessing=self.preprocessing, strict=self.strict)
+        return BackboneSpec(**self.model_dump())
 
 
 def _backbone(config: BackboneConfig, device: str, given: Backbone | None) -> Backbone:
