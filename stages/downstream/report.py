@@ -131,10 +131,12 @@ class ReportPaths:
 def report_json(tasks: Sequence[TaskReport], weights: str, preprocessing: str, model: str) -> dict[str, Any]:
     """The report.json document: per task the dataset, head and baseline scores, primary metric and its sense;
     the backbone's provenance beside it."""
+    names = [t.task for t in tasks]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"Two {twice[0]} results in one report; write one report per dataset of a task.")
     out: dict[str, Any] = {"tasks": {}}
     for t in tasks:
-        if t.task in out["tasks"]:
-            raise ValueError(f"Two {t.task} results in one report; write one report per dataset of a task.")
         primary, higher = t.section.primary, t.section.higher_is_better
         out["tasks"][t.task] = {"dataset": t.dataset, "head": {k: float(v) for k, v in t.head.items()},
                                 "baseline": {k: float(v) for k, v in t.baseline.items()}, "primary": primary,
