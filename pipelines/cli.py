@@ -486,8 +486,9 @@ def features(catalog: CatalogOpt = None, checkpoint: CheckpointOpt = "random-ini
     from stages.downstream.runners import FeaturesConfig, feature_datasets, feature_images, run_features
 
     cat = open_catalog(catalog)
-    config = FeaturesConfig(backbone=_backbone_config(checkpoint, model, override, preprocessing, seed, non_strict),
-                            datasets=dataset or [], splits=split, batch_size=batch_size, device=device)
+    config = FeaturesConfig.model_validate({
+        "backbone": _backbone_config(checkpoint, model, override, preprocessing, seed, non_strict),
+        "datasets": dataset or [], "splits": split, "batch_size": batch_size, "device": device})
     backbone = load_backbone(config.backbone.to_spec(), device)
     ids, skipped = feature_images(cat, config.datasets or feature_datasets(), split)
     for name, why in skipped.items():
@@ -525,12 +526,12 @@ def heads_train(task: TaskArg, out: Annotated[Path, typer.Option(help="the head'
     from pipelines.params import head_size_for
     from stages.downstream.runners import HeadsConfig, TaskChoice, run_heads
 
-    config = HeadsConfig(out_dir=str(out), backbone=_backbone_config(checkpoint, model, override, preprocessing, seed,
-                                                                     non_strict),
-                         tasks=[TaskChoice(task=task, dataset=dataset, train_split=train_split, test_split=test_split,
-                                           variant=variant)],
-                         head_size=head_size_for(model), steps=steps, seed=seed, device=device, replace=replace,
-                         folder_per_task=False)
+    config = HeadsConfig.model_validate({
+        "out_dir": str(out), "backbone": _backbone_config(checkpoint, model, override, preprocessing, seed, non_strict),
+        "tasks": [TaskChoice(task=task, dataset=dataset, train_split=train_split, test_split=test_split,
+                             variant=variant)],
+        "head_size": head_size_for(model), "steps": steps, "seed": seed, "device": device, "replace": replace,
+        "folder_per_task": False})
     with _progress() as bar:
         progress = bar.add_task(f"{task} head", total=None)
         result = run_heads(open_catalog(catalog), config, on_step=lambda spec, step, loss: bar.update(
@@ -584,10 +585,10 @@ def heads_run_all(out: Annotated[Path, typer.Option(help="report folder, with on
         from pipelines.params import head_size_for
         from stages.downstream.runners import HeadsConfig, TaskChoice, run_heads
 
-        config = HeadsConfig(out_dir=str(out), backbone=_backbone_config(checkpoint, model, override, preprocessing,
-                                                                         seed, False),
-                             tasks=[TaskChoice(task=t, dataset=d) for t, d in chosen.items()],
-                             head_size=head_size_for(model), steps=steps, seed=seed, device=device, replace=True)
+        config = HeadsConfig.model_validate({
+            "out_dir": str(out), "backbone": _backbone_config(checkpoint, model, override, preprocessing, seed, False),
+            "tasks": [TaskChoice(task=t, dataset=d) for t, d in chosen.items()], "head_size": head_size_for(model),
+            "steps": steps, "seed": seed, "device": device, "replace": True})
         console.print("[bold]" + ", ".join(f"{t} on {d}" for t, d in chosen.items()) + "[/bold]")
         result = run_heads(open_catalog(catalog), config)
         rows, report = result.table, str(result.report.json)

@@ -120,10 +120,10 @@ def features_flow(catalog: str | None = None, backbone: BackboneParams = DEFAULT
     chosen = datasets or feature_datasets()
     print(f"features, profile {profile.value}: catalog {paths.catalog}; backbone {spec.model}, weights "
           f"{spec.checkpoint or RANDOM_INIT} ({origin}); datasets {', '.join(chosen)}")
-    base = {"backbone": BackboneConfig.from_spec(spec), "splits": splits, "batch_size": batch_size,
-            "device": Device(device).value}
-    rows = [features_task(paths.catalog, d, FeaturesConfig(datasets=[d], **base).model_dump(mode="json"))
-            for d in chosen]
+    base: dict[str, Any] = {"backbone": BackboneConfig.from_spec(spec), "splits": splits, "batch_size": batch_size,
+                            "device": Device(device).value}
+    rows = [features_task(paths.catalog, d, FeaturesConfig.model_validate({**base, "datasets": [d]}).model_dump(
+        mode="json")) for d in chosen]
     note = " Random-init weights: features show the plumbing, not quality." if spec.random_init else ""
     short = [{"dataset": r["dataset"], "images": r["images"], "computed": r["computed"], "cached": r["cached"],
               "s": r["seconds"], "note": r["note"]} for r in rows]
@@ -205,10 +205,11 @@ def heads_flow(catalog: str | None = None, backbone: BackboneParams = DEFAULT_BA
     print(f"heads, profile {profile.value}: catalog {paths.catalog}; backbone {spec.model}, weights "
           f"{loaded.provenance} ({origin}); tasks {', '.join(f'{t} on {d}' for t, d in tasks.items())}; report "
           f"folder {folder}")
-    base = {"backbone": BackboneConfig.from_spec(spec), "head_size": head_size_for(loaded.descriptor["model"]),
-            "steps": downstream.steps, "seed": seed, "device": device, "replace": True, "folder_per_task": False}
-    rows = [head_task(paths.catalog, t, d, HeadsConfig(out_dir=str(folder / t), tasks=[TaskChoice(task=t, dataset=d)],
-                                                       **base).model_dump(mode="json"))
+    base: dict[str, Any] = {"backbone": BackboneConfig.from_spec(spec), "head_size": head_size_for(
+        loaded.descriptor["model"]), "steps": downstream.steps, "seed": seed, "device": device, "replace": True,
+        "folder_per_task": False}
+    rows = [head_task(paths.catalog, t, d, HeadsConfig.model_validate(
+        {**base, "out_dir": str(folder / t), "tasks": [TaskChoice(task=t, dataset=d)]}).model_dump(mode="json"))
             for t, d in tasks.items()]
     outcomes = [load_outcome(folder / t, skipped=row["reused"]) for t, row in zip(tasks, rows, strict=True)]
     result = summarise(folder, outcomes, loaded)
