@@ -203,7 +203,10 @@ def main() -> None:
         dtypes = dtype_scores(cat, args.img_size, args.steps, Path(tmp) / "runs")
         print(f"\n2. stored dtype: head scores after {args.steps} steps (same seeds)")
         print(f"{'head (metric)':28s} {'float16':>9s} {'float32':>9s} {'delta':>9s}")
-        for task, metric in (("segmentation", "miou"), ("saliency", "cc")):
+        from stages.downstream.tasks import TASKS
+
+        for task in dtypes:
+            metric = TASKS.get(task).report.primary
             half, full = dtypes[task]["float16"], dtypes[task]["float32"]
             print(f"{f'{task} ({metric})':28s} {half:9.4f} {full:9.4f} {half - full:+9.4f}")
             figures.append({"name": f"{task} {metric}: float16 minus float32 cached features",

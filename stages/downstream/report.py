@@ -1,6 +1,8 @@
 """The downstream report of a run: report.json, a Parquet table, a markdown table laid out like the paper's
 Tables 2-4 (the paper's figures beside this run's), and PNG plots (OTB curves, confusion matrix, examples).
 
+How a task is reported (its primary metric, names, the paper's columns and figures, how its examples are drawn) is
+its `ReportSection`, data of the task's card (stages/downstream/tasks/<task>.yaml) that every TaskReport carries.
 Every output carries the backbone's weight provenance and the preprocessing contract; a random-init backbone is
 named as such in each of them.
 """

@@ -22,8 +22,6 @@ from stages.downstream.samples import SaliencySample
 from stages.downstream.spec import TaskData, TaskSpec
 from stages.downstream.tasks.images import display_rgb, image_task_data, image_wavelengths
 
-KIND = "saliency"
-
 
 def sample(features: tuple[torch.Tensor, ...], label: AnnotationMap, geometry: dict[str, Any]) -> SaliencySample:
     """An image's cached features with its binary mask."""
@@ -32,7 +30,7 @@ def sample(features: tuple[torch.Tensor, ...], label: AnnotationMap, geometry: d
 
 def read(catalog: Catalog, backbone: Backbone, spec: TaskSpec, with_train: bool, on_progress: Any) -> TaskData:
     """The splits as samples."""
-    return image_task_data(catalog, backbone, spec, with_train, on_progress, kind=KIND, build=sample)
+    return image_task_data(catalog, backbone, spec, with_train, on_progress, kind=TASK.annotation, build=sample)
 
 
 def head_options(spec: TaskSpec, data: TaskData) -> dict[str, Any]:

@@ -23,8 +23,6 @@ from stages.downstream.spec import TaskData, TaskSpec
 from stages.downstream.tasks.images import display_rgb, image_task_data, image_wavelengths
 from stages.metrics import confusion_matrix, scores_from_confusion
 
-KIND = "segmentation"
-
 
 def sample(features: tuple[torch.Tensor, ...], label: AnnotationMap, geometry: dict[str, Any]) -> SegmentationSample:
     """An image's cached features with its class map."""
@@ -33,7 +31,7 @@ def sample(features: tuple[torch.Tensor, ...], label: AnnotationMap, geometry: d
 
 def read(catalog: Catalog, backbone: Backbone, spec: TaskSpec, with_train: bool, on_progress: Any) -> TaskData:
     """The splits as samples; the train ids also without training (the spectral classifier fits on them)."""
-    return image_task_data(catalog, backbone, spec, with_train, on_progress, kind=KIND, build=sample,
+    return image_task_data(catalog, backbone, spec, with_train, on_progress, kind=TASK.annotation, build=sample,
                            train_ids_always=True)
 
 
