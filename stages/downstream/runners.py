@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,7 +148,7 @@ def run_features(catalog: Catalog, config: FeaturesConfig, *, backbone: Backbone
                        note="" if run.computed else "unchanged: nothing to compute")
         rows.append(row)
     resolved = {"config": config.model_dump(mode="json"), "feature_set": loaded.set_id, "weights": loaded.provenance,
-                "descriptor": loaded.descriptor, "rows": rows, "finished_at": time.time()}
+                "descriptor": loaded.descriptor, "rows": rows}
     rel = f"{FEATURES_CONFIG_DIR}/{loaded.set_id}.json"
     catalog.storage.put_bytes(rel, json.dumps(resolved, indent=2, default=str).encode())
     return FeaturesResult(loaded.set_id, loaded.provenance, rows, f"{catalog.uri}/{rel}")
