@@ -85,23 +85,32 @@ def plain_run(src: Path, catalog: str, runs: Path, steps: int) -> dict[str, floa
 def plain_downstream(cat: Any, checkpoint: str, out_dir: Path) -> dict[str, float]:
     """Features, then one head per task whose benchmark the catalog holds, then the report, as the DAG runs them
     (demo profile: the tiny layout, the pretrained checkpoint frozen); seconds per stage."""
-    from pipelines.params import DEFAULT_DOWNSTREAM, Task
-    from stages.downstream.features import BackboneSpec, compute_features, feature_images, load_backbone
-    from stages.downstream.run import held_benchmarks, summarise, task_spec, train_task
+    from pipelines.params import DEFAULT_DOWNSTREAM, cached_feature_datasets
+    from stages.downstream.features import BackboneSpec, load_backbone
+    from stages.downstream.heads import held_benchmarks
+    from stages.downstream.runners import (
+        BackboneConfig,
+        FeaturesConfig,
+        HeadsConfig,
+        TaskChoice,
+        run_features,
+        run_heads,
+    )
 
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     tasks, _ = held_benchmarks(cat, DEFAULT_DOWNSTREAM.task_datasets())
+    backbone_config = BackboneConfig(model="tiny", checkpoint=checkpoint)
     backbone = load_backbone(BackboneSpec(model="tiny", checkpoint=checkpoint), "cpu")
-    ids, _ = feature_images(cat, [d for t, d in tasks.items() if t != Task.tracking.value])
-    compute_features(cat, backbone, ids)
+    datasets = cached_feature_datasets(tasks)
+    if datasets:
+        run_features(cat, FeaturesConfig(backbone=backbone_config, datasets=datasets, device="cpu"), backbone=backbone)
     times["features"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    outcomes = [train_task(cat, backbone, task_spec(t, backbone.descriptor["model"], backbone.img_size, dataset=d,
-                                                    device="cpu"), out_dir / t, replace=True)
-                for t, d in tasks.items()]
-    if outcomes:
-        summarise(out_dir, outcomes, backbone)
+    if tasks:
+        run_heads(cat, HeadsConfig(out_dir=str(out_dir), backbone=backbone_config, head_size="small", device="cpu",
+                                   replace=True, tasks=[TaskChoice(task=t, dataset=d) for t, d in tasks.items()]),
+                  backbone=backbone)
     times["heads"] = time.perf_counter() - t0
     return times
 

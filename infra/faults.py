@@ -51,8 +51,6 @@ import numpy as np
 STAGES = ("ingest", "label", "fuse", "pretrain", "features", "heads")
 #: Fixture datasets the harness ingests (small: every trial re-runs a stage).
 DATASETS = ("hot-2024-rednir", "cave")
-#: Labelled benchmark fixtures, ingested before the features stage: one dataset per head task.
-HEAD_DATASETS = {"segmentation": "hsi-drive-v2-0", "saliency": "hssod", "tracking": "hot-2023-vis"}
 #: Tiny labeler settings (random-init models, permissive thresholds, few prompts).
 LABEL_SETTINGS: dict[str, Any] = {
     "sam2_model": {"config": "configs/sam2.1/sam2.1_hiera_t.yaml", "image_size": 64},
@@ -65,13 +63,23 @@ TAU = 0.7
 #: A short pretraining run with a checkpoint every two steps.
 PRETRAIN: dict[str, Any] = {"steps": 6, "batch_size": 2, "crop_size": 16, "min_mask_pixels": 2,
                             "checkpoint_every": 2, "device": "cpu"}
-#: Short head runs: a checkpoint every two steps, two tracking pairs per sequence, one example per report.
-HEADS: dict[str, Any] = {"steps": 6, "checkpoint_every": 2, "pairs_per_sequence": 2, "overlays": 1}
+#: Short head runs (HeadsConfig fields): a checkpoint every two steps, two tracking pairs per sequence, one example per
+#: report, the small heads, on the CPU.
+HEADS: dict[str, Any] = {"steps": 6, "checkpoint_every": 2, "pairs_per_sequence": 2, "overlays": 1,
+                         "head_size": "small", "device": "cpu", "replace": True}
 PRELOAD = ["infra.faults", "stages.ingest", "stages.labelling.label", "stages.labelling.spatial",
-           "stages.labelling.spectral", "stages.labelling.material", "stages.pretraining", "stages.downstream.run"]
+           "stages.labelling.spectral", "stages.labelling.material", "stages.pretraining", "stages.downstream.runners"]
 
 
 # ---------------------------------------------------------------------------------------------- the stages
+@functools.cache
+def head_datasets() -> dict[str, str]:
+    """Labelled benchmark fixtures, ingested before the features stage: every registered task on its benchmark."""
+    from stages.downstream.tasks import TASKS, ordered_tasks
+
+    return {name: TASKS.get(name).default_dataset for name in ordered_tasks()}
+
+
 def run_stage(stage: str, catalog: str, run_dir: str, source: str, backbone: str = "") -> None:
     """Run one stage to completion, as `hvp <stage> --plain` would (idempotent: it does what is left to do).
     ``run_dir`` is the pretraining run (pretrain) or the heads' report folder (heads); ``backbone`` the pretraining
@@ -117,37 +125,18 @@ def run_stage(stage: str, catalog: str, run_dir: str, source: str, backbone: str
         train(PretrainConfig.preset("tiny", catalog=catalog, out_dir=run_dir, **PRETRAIN), resume=True)
     elif stage == "features":
         from catalog.catalog import Catalog
-        from stages.downstream.features import BackboneSpec, compute_features, feature_images, load_backbone
+        from stages.downstream.runners import BackboneConfig, FeaturesConfig, run_features
 
-        cat = Catalog(catalog)
-        loaded = load_backbone(BackboneSpec(checkpoint=backbone), "cpu")
-        ids, _ = feature_images(cat, [d for t, d in HEAD_DATASETS.items() if t != "tracking"])
-        compute_features(cat, loaded, ids)
+        run_features(Catalog(catalog), FeaturesConfig(backbone=BackboneConfig(checkpoint=backbone), device="cpu"))
     elif stage == "heads":
         from catalog.catalog import Catalog
-        from stages.downstream.features import BackboneSpec, load_backbone
-        from stages.downstream.run import summarise, train_task
+        from stages.downstream.runners import BackboneConfig, HeadsConfig, TaskChoice, run_heads
 
-        cat = Catalog(catalog)
-        loaded = load_backbone(BackboneSpec(checkpoint=backbone), "cpu")
-        outcomes = [train_task(cat, loaded, spec, Path(run_dir) / spec.task, replace=True)
-                    for spec in head_specs(loaded.img_size)]
-        summarise(Path(run_dir), outcomes, loaded)
+        tasks = [TaskChoice(task=t, dataset=d) for t, d in head_datasets().items()]
+        run_heads(Catalog(catalog), HeadsConfig(out_dir=run_dir, backbone=BackboneConfig(checkpoint=backbone),
+                                                tasks=tasks, **HEADS))
     else:
         raise ValueError(f"unknown stage {stage!r}: choose from {', '.join(STAGES)}")
-
-
-def head_specs(img_size: int) -> list[Any]:
-    """The heads stage's task specs: every task on its benchmark fixture, HEADS's short schedule, on the CPU."""
-    from stages.downstream.run import task_spec
-
-    steps, every = HEADS["steps"], HEADS["checkpoint_every"]
-    specs = []
-    for task, dataset in HEAD_DATASETS.items():
-        spec = task_spec(task, "tiny", img_size, dataset=dataset, steps=steps, device="cpu",
-                         pairs_per_sequence=HEADS["pairs_per_sequence"], overlays=HEADS["overlays"])
-        specs.append(dataclasses.replace(spec, train=dataclasses.replace(spec.train, checkpoint_every=every)))
-    return specs
 
 
 @functools.cache
@@ -291,7 +280,7 @@ def build_setup(root: Path) -> Setup:
                   heads_dir=str(root / "heads-reference"))
     for slug in DATASETS:
         write_dataset(slug, root / "src")
-    for slug in HEAD_DATASETS.values():
+    for slug in head_datasets().values():
         write_dataset(slug, root / "labelled-src")
     previous = root / "catalog-empty"
     previous.mkdir(parents=True)
@@ -415,7 +404,7 @@ def _committed_steps(stage: str, run_dir: Path) -> dict[str, int]:
         step = _latest_step(run_dir / "checkpoints")
         return {"pretrain": step} if step else {}
     if stage == "heads":
-        steps = {task: _latest_step(run_dir / task / "checkpoints") for task in HEAD_DATASETS
+        steps = {task: _latest_step(run_dir / task / "checkpoints") for task in head_datasets()
                  if not (run_dir / task / "result.json").is_file()}
         return {task: step for task, step in steps.items() if step}
     return {}
@@ -584,12 +573,12 @@ def _same_heads(ref_dir: Path, run_dir: Path) -> list[str]:
     def report_md(path: Path) -> str:  # the appendix holds the timings
         return path.read_text().split("## Runs")[0]
 
-    for task in HEAD_DATASETS:
+    for task in head_datasets():
         same(f"{task}/train_log.csv", lambda p: p.read_text())
         same(f"{task}/checkpoints", weights, " (the final head weights)")
         same(f"{task}/result.json", result)
         same(f"{task}/overlays.npz", examples)
-    for folder in ("", *HEAD_DATASETS):
+    for folder in ("", *head_datasets()):
         prefix = f"{folder}/" if folder else ""
         same(f"{prefix}report.json", lambda p: json.loads(p.read_text()))
         same(f"{prefix}results.parquet", pd.read_parquet)

@@ -441,12 +441,13 @@ def _overrides(items: list[str] | None) -> dict[str, Any] | None:
     return out
 
 
-def _backbone_spec(checkpoint: str, model: str, overrides: list[str] | None, preprocessing: str, seed: int,
-                   non_strict: bool) -> Any:
-    from stages.downstream.features import BackboneSpec
+def _backbone_config(checkpoint: str, model: str, overrides: list[str] | None, preprocessing: str, seed: int,
+                     non_strict: bool) -> Any:
+    """The frozen backbone of the features and heads commands (a stages.downstream.runners.BackboneConfig)."""
+    from stages.downstream.runners import BackboneConfig
 
-    return BackboneSpec(model=model, checkpoint=checkpoint, seed=seed, overrides=_overrides(overrides),
-                        preprocessing=preprocessing, strict=not non_strict)
+    return BackboneConfig(model=model, checkpoint=checkpoint, seed=seed, overrides=_overrides(overrides),
+                          preprocessing=preprocessing, strict=not non_strict)
 
 
 def _print_heads(rows: list[dict[str, Any]], title: str) -> None:
@@ -481,22 +482,25 @@ def features(catalog: CatalogOpt = None, checkpoint: CheckpointOpt = "random-ini
     (per checkpoint sha256 or random-init + seed, model and overrides, preprocessing, image); cached images are
     skipped. Tracking datasets are left out: the tracker encodes its search crops on the fly."""
     from infra.settings import open_catalog
-    from stages.downstream.features import compute_features, feature_images, load_backbone
-    from stages.downstream.run import DEFAULT_DATASETS
+    from stages.downstream.features import load_backbone
+    from stages.downstream.runners import FeaturesConfig, feature_datasets, feature_images, run_features
 
     cat = open_catalog(catalog)
-    backbone = load_backbone(_backbone_spec(checkpoint, model, override, preprocessing, seed, non_strict), device)
-    datasets = dataset or [DEFAULT_DATASETS["segmentation"], DEFAULT_DATASETS["saliency"]]
-    ids, skipped = feature_images(cat, datasets, split)
+    config = FeaturesConfig.model_validate({
+        "backbone": _backbone_config(checkpoint, model, override, preprocessing, seed, non_strict),
+        "datasets": dataset or [], "splits": split, "batch_size": batch_size, "device": device})
+    backbone = load_backbone(config.backbone.to_spec(), device)
+    ids, skipped = feature_images(cat, config.datasets or feature_datasets(), split)
     for name, why in skipped.items():
         console.print(f"[yellow]{name}: skipped[/yellow]: {why}")
     console.print(f"backbone {backbone.descriptor['model']} {backbone.descriptor['overrides'] or ''} weights "
                   f"{backbone.provenance}, preprocessing {preprocessing}: feature set {backbone.set_id}")
     with _progress() as bar:
         task = bar.add_task("features", total=len(ids))
-        run = compute_features(cat, backbone, ids, batch_size, on_progress=lambda n: bar.advance(task, n))
-    console.print(f"{len(run.computed)} image(s) encoded, {len(run.cached)} cache hit(s) skipped in "
-                  f"{run.seconds:.1f} s (feature set {run.set_id}, catalog {cat.uri}/features)")
+        run = run_features(cat, config, backbone=backbone, on_progress=lambda n: bar.advance(task, n))
+    seconds = sum(r["seconds"] for r in run.rows)
+    console.print(f"{run.computed} image(s) encoded, {run.cached} cache hit(s) skipped in {seconds:.1f} s "
+                  f"(feature set {run.set_id}, catalog {cat.uri}/features)")
 
 
 TaskArg = Annotated[str, typer.Argument(help="segmentation | saliency | tracking")]
@@ -519,22 +523,25 @@ def heads_train(task: TaskArg, out: Annotated[Path, typer.Option(help="the head'
     it on the test split beside the trivial baseline and write the report into OUT. Unchanged inputs reuse OUT's
     result; an interrupted run resumes."""
     from infra.settings import open_catalog
-    from stages.downstream.features import load_backbone
-    from stages.downstream.run import task_spec, train_task
+    from pipelines.params import head_size_for
+    from stages.downstream.runners import HeadsConfig, TaskChoice, run_heads
 
-    backbone = load_backbone(_backbone_spec(checkpoint, model, override, preprocessing, seed, non_strict), device)
-    spec = task_spec(task, backbone.descriptor["model"], backbone.img_size, dataset=dataset, steps=steps, seed=seed,
-                     device=device, train_split=train_split, test_split=test_split, variant=variant)
+    config = HeadsConfig.model_validate({
+        "out_dir": str(out), "backbone": _backbone_config(checkpoint, model, override, preprocessing, seed, non_strict),
+        "tasks": [TaskChoice(task=task, dataset=dataset, train_split=train_split, test_split=test_split,
+                             variant=variant)],
+        "head_size": head_size_for(model), "steps": steps, "seed": seed, "device": device, "replace": replace,
+        "folder_per_task": False})
     with _progress() as bar:
-        progress = bar.add_task(f"{task} head", total=spec.train.steps)
-        outcome = train_task(open_catalog(catalog), backbone, spec, out, replace=replace,
-                             on_step=lambda step, loss: bar.update(progress, completed=step + 1))
-    row = outcome.summary()
+        progress = bar.add_task(f"{task} head", total=None)
+        result = run_heads(open_catalog(catalog), config, on_step=lambda spec, step, loss: bar.update(
+            progress, total=spec.train.steps, completed=step + 1))
+    outcome = result.outcomes[0]
     if outcome.skipped:
         console.print(f"inputs unchanged (fingerprint {outcome.fingerprint[:12]}): reused the result in {out}")
     console.print(f"{task} head: {outcome.trainable_parameters:,} trainable parameters (backbone frozen, weights "
-                  f"{backbone.provenance})")
-    _print_heads([row], f"{task}: head vs trivial baseline")
+                  f"{result.weights})")
+    _print_heads(result.table, f"{task}: head vs trivial baseline")
     console.print(f"report: {out / 'report.json'}  {out / 'report.md'}")
 
 
@@ -547,7 +554,7 @@ def heads_eval(run: Annotated[Path, typer.Option(help="a head's run folder (`hvp
     """Score a trained head again (its latest checkpoint, on the backbone it was trained on) with the trivial
     baseline beside it, and write the report."""
     from infra.settings import open_catalog
-    from stages.downstream.run import evaluate_run
+    from stages.downstream.heads import evaluate_run
 
     outcome, paths = evaluate_run(open_catalog(catalog), run, split, out, device)
     _print_heads([outcome.summary()], f"{outcome.report.task}: head vs trivial baseline")
@@ -575,19 +582,15 @@ def heads_run_all(out: Annotated[Path, typer.Option(help="report folder, with on
     chosen = {t: datasets[t] for t in (task or list(datasets))}
     if plain:
         from infra.settings import open_catalog
-        from stages.downstream.features import load_backbone
-        from stages.downstream.run import summarise, task_spec, train_task
+        from pipelines.params import head_size_for
+        from stages.downstream.runners import HeadsConfig, TaskChoice, run_heads
 
-        spec = _backbone_spec(checkpoint, model, override, preprocessing, seed, False)
-        backbone = load_backbone(spec, device)
-        cat = open_catalog(catalog)
-        outcomes = []
-        for name, dataset in chosen.items():
-            ts = task_spec(name, backbone.descriptor["model"], backbone.img_size, dataset=dataset, steps=steps,
-                           seed=seed, device=device)
-            console.print(f"[bold]{name}[/bold] on {dataset}")
-            outcomes.append(train_task(cat, backbone, ts, out / name, replace=True))
-        result = summarise(out, outcomes, backbone)
+        config = HeadsConfig.model_validate({
+            "out_dir": str(out), "backbone": _backbone_config(checkpoint, model, override, preprocessing, seed, False),
+            "tasks": [TaskChoice(task=t, dataset=d) for t, d in chosen.items()], "head_size": head_size_for(model),
+            "steps": steps, "seed": seed, "device": device, "replace": True})
+        console.print("[bold]" + ", ".join(f"{t} on {d}" for t, d in chosen.items()) + "[/bold]")
+        result = run_heads(open_catalog(catalog), config)
         rows, report = result.table, str(result.report.json)
     else:
         from pipelines.downstream import downstream_flow

@@ -11,7 +11,6 @@ their inputs.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -31,15 +30,26 @@ from pipelines.params import (
     DownstreamParams,
     PathParams,
     Profile,
-    Task,
     absolute_path,
+    cached_feature_datasets,
+    head_size_for,
     resolve_paths,
 )
 from pipelines.pretrain import latest_finished_run
 from pipelines.wiring import gpu_slot, skipped
-from stages.downstream.features import RANDOM_INIT, BackboneSpec, cached_backbone, compute_features, feature_images
+from stages.downstream.features import RANDOM_INIT, BackboneSpec, cached_backbone
+from stages.downstream.heads import held_benchmarks
+from stages.downstream.outcomes import load_outcome, summarise
 from stages.downstream.report import preview_data_uri
-from stages.downstream.run import held_benchmarks, load_outcome, summarise, task_spec, train_task
+from stages.downstream.runners import (
+    BackboneConfig,
+    FeaturesConfig,
+    HeadsConfig,
+    TaskChoice,
+    feature_datasets,
+    run_features,
+    run_heads,
+)
 
 #: Longest side of a report plot embedded in the markdown artifact (the plots are at most ~860 px wide).
 PLOT_PREVIEW_SIDE = 640
@@ -68,23 +78,19 @@ def resolve_backbone(profile: Profile, backbone: BackboneParams, runs: str) -> t
 
 # The catalog's feature store is the cache (a feature set id per backbone), so Prefect's own caching stays off.
 @task(name="features-dataset", tags=["gpu"], cache_policy=NO_CACHE, task_run_name="features {dataset}")
-def features_task(catalog_uri: str, backbone: dict[str, Any], dataset: str, splits: list[str] | None,
-                  batch_size: int, device: str) -> dict[str, Any]:
-    """Encode one dataset's labelled images the cache lacks (holding a `gpu` slot); returns a summary row."""
-    cat = open_catalog(catalog_uri)
-    loaded = cached_backbone(BackboneSpec(**backbone), device)
-    ids, left_out = feature_images(cat, [dataset], splits)
-    row: dict[str, Any] = {"dataset": dataset, "feature_set": loaded.set_id, "weights": loaded.provenance,
-                           "images": len(ids), "computed": 0, "cached": 0, "seconds": 0.0, "note": ""}
-    if left_out:
-        print(f"{dataset}: skipped: {left_out[dataset]}")
-        return {**row, "note": left_out[dataset]}
+def features_task(catalog_uri: str, dataset: str, config: dict[str, Any]) -> dict[str, Any]:
+    """Encode one dataset's labelled images the cache lacks (the features runner, holding a `gpu` slot); returns
+    its summary row."""
+    features = FeaturesConfig.model_validate(config)
+    loaded = cached_backbone(features.backbone.to_spec(), features.device)
     with gpu_slot():
-        run = compute_features(cat, loaded, ids, batch_size=batch_size)
-    print(f"{dataset}: {len(run.computed)} image(s) encoded, {len(run.cached)} cache hit(s) skipped (unchanged "
-          f"inputs) into feature set {run.set_id} ({loaded.provenance})")
-    return {**row, "computed": len(run.computed), "cached": len(run.cached), "seconds": round(run.seconds, 2),
-            "note": "unchanged: nothing to compute" if not run.computed else ""}
+        row = run_features(open_catalog(catalog_uri), features, backbone=loaded).rows[0]
+    if not row["images"]:
+        print(f"{dataset}: skipped: {row['note']}")
+    else:
+        print(f"{dataset}: {row['computed']} image(s) encoded, {row['cached']} cache hit(s) skipped (unchanged "
+              f"inputs) into feature set {row['feature_set']} ({row['weights']})")
+    return row
 
 
 @flow(name="features", log_prints=True)
@@ -111,12 +117,13 @@ def features_flow(catalog: str | None = None, backbone: BackboneParams = DEFAULT
     """
     paths = resolve_paths(PathParams(catalog=catalog, runs=runs))
     spec, origin = resolve_backbone(profile, backbone, paths.runs)
-    chosen = datasets or [BENCHMARKS[Task.segmentation.value], BENCHMARKS[Task.saliency.value]]
+    chosen = datasets or feature_datasets()
     print(f"features, profile {profile.value}: catalog {paths.catalog}; backbone {spec.model}, weights "
           f"{spec.checkpoint or RANDOM_INIT} ({origin}); datasets {', '.join(chosen)}")
-    record = dataclasses.asdict(spec)
-    dev = Device(device).value
-    rows = [features_task(paths.catalog, record, d, splits, batch_size, dev) for d in chosen]
+    base: dict[str, Any] = {"backbone": BackboneConfig.from_spec(spec), "splits": splits, "batch_size": batch_size,
+                            "device": Device(device).value}
+    rows = [features_task(paths.catalog, d, FeaturesConfig.model_validate({**base, "datasets": [d]}).model_dump(
+        mode="json")) for d in chosen]
     note = " Random-init weights: features show the plumbing, not quality." if spec.random_init else ""
     short = [{"dataset": r["dataset"], "images": r["images"], "computed": r["computed"], "cached": r["cached"],
               "s": r["seconds"], "note": r["note"]} for r in rows]
@@ -133,22 +140,19 @@ def features_flow(catalog: str | None = None, backbone: BackboneParams = DEFAULT
     return rows
 
 
-@task(name="heads-train", tags=["gpu"], cache_policy=NO_CACHE, task_run_name="heads {spec[task]} {spec[dataset]}")
-def head_task(catalog_uri: str, backbone: dict[str, Any], spec: dict[str, Any], run_dir: str,
-              device: str) -> dict[str, Any]:
-    """Train, score and report one head holding a `gpu` slot (its run folder is reused when its inputs did not
-    change)."""
-    from stages.downstream.run import TaskSpec
-
-    loaded = cached_backbone(BackboneSpec(**backbone), device)
+@task(name="heads-train", tags=["gpu"], cache_policy=NO_CACHE, task_run_name="heads {task} {dataset}")
+def head_task(catalog_uri: str, task: str, dataset: str, config: dict[str, Any]) -> dict[str, Any]:
+    """Train, score and report one head (the heads runner on one task, holding a `gpu` slot); its run folder is
+    reused when its inputs did not change."""
+    heads = HeadsConfig.model_validate(config)
+    loaded = cached_backbone(heads.backbone.to_spec(), heads.device)
     with gpu_slot():
-        outcome = train_task(open_catalog(catalog_uri), loaded, TaskSpec.from_dict(spec), Path(run_dir),
-                             replace=True)
-    row = outcome.summary()
+        result = run_heads(open_catalog(catalog_uri), heads, backbone=loaded)
+    row, outcome = result.table[0], result.outcomes[0]
     if outcome.skipped:
-        print(f"{row['task']}: inputs unchanged (fingerprint {outcome.fingerprint[:12]}): reused {run_dir}")
+        print(f"{task}: inputs unchanged (fingerprint {outcome.fingerprint[:12]}): reused {heads.out_dir}")
     else:
-        print(f"{row['task']} head on {row['dataset']}: {row['trainable_parameters']:,} trainable parameters, "
+        print(f"{task} head on {dataset}: {row['trainable_parameters']:,} trainable parameters, "
               f"{row['metric']} {row['head']} vs baseline {row['baseline']}")
     return row
 
@@ -201,11 +205,13 @@ def heads_flow(catalog: str | None = None, backbone: BackboneParams = DEFAULT_BA
     print(f"heads, profile {profile.value}: catalog {paths.catalog}; backbone {spec.model}, weights "
           f"{loaded.provenance} ({origin}); tasks {', '.join(f'{t} on {d}' for t, d in tasks.items())}; report "
           f"folder {folder}")
-    specs = [task_spec(t, loaded.descriptor["model"], loaded.img_size, dataset=d, steps=downstream.steps,
-                       seed=seed, device=device) for t, d in tasks.items()]
-    record = dataclasses.asdict(spec)
-    rows = [head_task(paths.catalog, record, s.to_dict(), str(folder / s.task), device) for s in specs]
-    outcomes = [load_outcome(folder / s.task, skipped=row["reused"]) for s, row in zip(specs, rows, strict=True)]
+    base: dict[str, Any] = {"backbone": BackboneConfig.from_spec(spec), "head_size": head_size_for(
+        loaded.descriptor["model"]), "steps": downstream.steps, "seed": seed, "device": device, "replace": True,
+        "folder_per_task": False}
+    rows = [head_task(paths.catalog, t, d, HeadsConfig.model_validate(
+        {**base, "out_dir": str(folder / t), "tasks": [TaskChoice(task=t, dataset=d)]}).model_dump(mode="json"))
+            for t, d in tasks.items()]
+    outcomes = [load_outcome(folder / t, skipped=row["reused"]) for t, row in zip(tasks, rows, strict=True)]
     result = summarise(folder, outcomes, loaded)
     weights = loaded.provenance
     create_table_artifact(key="heads-report", table=[_short_row(r) for r in rows],
@@ -238,7 +244,7 @@ def downstream_flow(catalog: str | None = None, checkpoint: str = RANDOM_INIT, m
     chosen = dict(tasks or BENCHMARKS)
     params = DownstreamParams.model_validate({"tasks": list(chosen), "benchmarks": chosen, "steps": steps,
                                               "device": device})
-    whole_images = [d for t, d in chosen.items() if t != Task.tracking.value]  # the tracker encodes crops on the fly
+    whole_images = cached_feature_datasets(chosen)  # tasks that encode their inputs on the fly read no cache
     if whole_images:
         features_flow(catalog, backbone, whole_images, device=params.device)
     result = heads_flow(catalog, backbone, params, out_dir, seed)

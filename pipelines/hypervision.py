@@ -39,14 +39,15 @@ from pipelines.params import (
     Profile,
     ResolvedLabel,
     ResolvedPaths,
-    Task,
+    cached_feature_datasets,
     resolve_label,
     resolve_paths,
     resolve_pretrain,
 )
 from pipelines.pretrain import pretrain_flow
 from pipelines.wiring import in_process_subflows, markdown_table, publish_markdown, skipped
-from stages.downstream.run import held_benchmarks
+from stages.downstream.heads import held_benchmarks
+from stages.downstream.tasks import TASKS
 
 
 @dataclass
@@ -84,9 +85,9 @@ def _backbone(ctx: DagContext) -> BackboneParams:
 def _features(ctx: DagContext) -> Any:
     """Cache the frozen backbone's features of the labelled datasets the heads train on."""
     tasks, missing = held_benchmarks(open_catalog(ctx.paths.catalog), ctx.downstream.task_datasets())
-    datasets = [d for t, d in tasks.items() if t != Task.tracking.value]  # the tracker encodes its crops on the fly
+    datasets = cached_feature_datasets(tasks)  # tasks that encode their inputs on the fly read no cache
     if not datasets:
-        why = "; ".join([*missing, *(["tracking encodes its search crops on the fly"] if tasks else [])])
+        why = "; ".join([*missing, *(TASKS.get(t).uncached_reason for t in tasks if not TASKS.get(t).cached_features)])
         return skipped("features", f"no image to encode ({why})", [])
     return features_flow(ctx.paths.catalog, _backbone(ctx), datasets, device=ctx.downstream.device,
                          profile=ctx.profile, runs=ctx.paths.runs, return_state=True)

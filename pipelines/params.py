@@ -21,8 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from infra.settings import Settings, get_settings
 from model.preprocess import CONTRACTS
-from model.registry import list_models
-from stages.downstream.run import DEFAULT_DATASETS
+from model.registry import list_models, resolve_name
+from stages.downstream.tasks import TASKS, ordered_tasks
 from stages.labelling.label import labeler_config
 from stages.labelling.sam2_models import TINY_MODEL_CONFIG, available_configs
 
@@ -287,19 +287,26 @@ def resolve_pretrain(profile: Profile, pretrain: PretrainParams) -> dict[str, An
     return {**base, **given}
 
 
-class Task(StrEnum):
-    """Downstream tasks, each a head on the frozen backbone scored against a trivial baseline."""
+#: Downstream tasks (stages.downstream.tasks.TASKS, in report order), each a head on the frozen backbone scored
+#: against a trivial baseline.
+Task = StrEnum("Task", {name: name for name in ordered_tasks()})  # type: ignore[misc]
 
-    segmentation = "segmentation"
-    saliency = "saliency"
-    tracking = "tracking"
+#: Each task's benchmark dataset (its TaskDef's first dataset): what an empty `benchmarks` means.
+BENCHMARKS: dict[str, str] = {name: TASKS.get(name).default_dataset for name in ordered_tasks()}
+
+#: Layouts sized for the CPU, whose heads take the tasks' "small" sizes and schedules (fixtures train in seconds);
+#: every other layout takes the paper's head sizes.
+SMALL_LAYOUTS = frozenset({str(DEMO_PRETRAIN["model"])})
 
 
-#: Each task's benchmark dataset (stages.downstream.run.DEFAULT_DATASETS): what an empty `benchmarks` means.
-BENCHMARKS: dict[str, str] = dict(DEFAULT_DATASETS)
-if set(BENCHMARKS) != {t.value for t in Task}:  # pragma: no cover - guards the two lists drifting apart
-    raise ImportError(f"pipelines.params.Task lists {[t.value for t in Task]} but stages.downstream.run."
-                      f"DEFAULT_DATASETS has {list(BENCHMARKS)}: update the enum")
+def head_size_for(model: str) -> str:
+    """The tasks' head size for a backbone layout: "small" for CPU-sized layouts, else "paper"."""
+    return "small" if resolve_name(model) in SMALL_LAYOUTS else "paper"
+
+
+def cached_feature_datasets(tasks: dict[str, str]) -> list[str]:
+    """The datasets of `tasks` (task -> dataset) whose heads read cached whole-image features."""
+    return [d for t, d in tasks.items() if TASKS.get(t).cached_features]
 
 
 class DownstreamParams(BaseModel):
@@ -309,19 +316,20 @@ class DownstreamParams(BaseModel):
 
     model_config = _FORM
 
-    tasks: list[Task] = Field(default_factory=lambda: list(Task), description="Tasks to run (segmentation on HSI "
-                              "Drive v2.0, salient objects on HSSOD, tracking on HOT-2023 VIS). Empty: none.")
-    benchmarks: dict[Task, str] | None = Field(default=None, description="Labelled dataset (slug) per task, e.g. "
-                                               '`{"segmentation": "hyperspectral-city-v2"}`. Empty: `hsi-drive-v2-0`, '
-                                               "`hssod`, `hot-2023-vis`.")
+    tasks: list[Task] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: list(Task), description="Tasks to run, each on its benchmark unless `benchmarks` "
+        "says otherwise (" + ", ".join(f"{t} on `{d}`" for t, d in BENCHMARKS.items()) + "). Empty: none.")
+    benchmarks: dict[Task, str] | None = Field(  # type: ignore[valid-type]
+        default=None, description='Labelled dataset (slug) per task, e.g. `{"segmentation": '
+        '"hyperspectral-city-v2"}`. Empty: ' + ", ".join(f"`{d}`" for d in BENCHMARKS.values()) + ".")
     steps: int | None = Field(default=None, ge=1, description="Training steps per head. Empty: by model size "
                               "(100 for tiny).")
     device: Device = Field(default=Device.auto, description="auto (CUDA when available), cpu or cuda.")
 
     def task_datasets(self) -> dict[str, str]:
         """The chosen tasks, each with its labelled dataset."""
-        given = {t.value: d for t, d in (self.benchmarks or {}).items()}
-        return {t.value: given.get(t.value, BENCHMARKS[t.value]) for t in self.tasks}
+        given = {str(t.value): d for t, d in (self.benchmarks or {}).items()}
+        return {str(t.value): given.get(str(t.value), BENCHMARKS[str(t.value)]) for t in self.tasks}
 
 
 class BackboneParams(BaseModel):

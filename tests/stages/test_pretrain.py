@@ -24,10 +24,12 @@ from model.hyperfree import file_sha256
 from model.preprocess import prepare_batch
 from stages.ingest import ingest_item, item_for, plan
 from stages.pretraining import PretrainConfig, launch, train
-from stages.pretraining.checkpoints import latest_checkpoint, rng_state, set_rng_state
+from stages.pretraining.checkpoints import latest_checkpoint
 from stages.pretraining.data import BandSignatureBatchSampler, PretrainDataset, collate, scan_catalog
 from stages.pretraining.runtime import setup_runtime
-from stages.pretraining.trainer import Trainer, lr_factor
+from stages.pretraining.trainer import Trainer
+from stages.training.checkpoints import rng_state, set_rng_state
+from stages.training.optim import lr_factor
 
 DATASETS = ("cave", "hot-2024-rednir", "hyperspectral-city-v2", "virginia-tech-tree")  # 31, 15, 128, 420 bands
 CROP = 16
