@@ -35,11 +35,12 @@ from pipelines.params import (
     absolute_path,
     resolve_paths,
 )
-from pipelines.pretrain import latest_finished_run
+from pipelines.profiles import pretrain_model
 from pipelines.wiring import gpu_slot, skipped
 from stages.downstream.features import RANDOM_INIT, BackboneSpec, cached_backbone, compute_features, feature_images
 from stages.downstream.report import preview_data_uri
 from stages.downstream.run import held_benchmarks, load_outcome, summarise, task_spec, train_task
+from stages.pretraining.run import latest_finished_run
 
 #: Longest side of a report plot embedded in the markdown artifact (the plots are at most ~860 px wide).
 PLOT_PREVIEW_SIDE = 640
@@ -49,11 +50,11 @@ def resolve_backbone(profile: Profile, backbone: BackboneParams, runs: str) -> t
     """The frozen backbone of a run and where its weights come from: the layout given or the profile's, the
     checkpoint given (absolute) or the latest finished pretraining run of that layout under ``runs``, else
     random-init."""
-    model = backbone.model_name(profile)
+    model = backbone.model_name(pretrain_model(profile))
     checkpoint = backbone.checkpoint or None
     if checkpoint is None:
         latest = latest_finished_run(runs, model)
-        checkpoint = str(latest["checkpoint"]) if latest else RANDOM_INIT
+        checkpoint = str(latest.checkpoint) if latest else RANDOM_INIT
         origin = (f"the latest finished pretraining run of {model} under {runs}" if latest else
                   f"random-init: no finished pretraining run of {model} under {runs}")
     elif checkpoint == RANDOM_INIT:

@@ -1,14 +1,10 @@
 """Flow parameters as pydantic models: what the Prefect UI shows as typed forms and what the CLI builds.
 
-Every field that can be left empty takes the value of the run's *profile*:
-
-- ``demo``: fixture data, tiny random-init models and loose thresholds, so that a first run on a laptop produces
-  masks in every branch (random-init models score every mask low);
-- ``production``: the models, checkpoints and labeler parameters of the settings (``HVP_*``) with the branches'
-  own default thresholds.
-
-``resolve_*`` turns parameters into plain values (absolute paths, one labeler configuration per branch) that the
-flows pass down as arguments; nothing below reads the environment to find out what the UI asked for.
+Every flow takes the same groups (`PathParams`, `LabelParams`, `PretrainParams`, `DownstreamParams`,
+`BackboneParams`) and a `Profile`. Every field that can be left empty takes the value of the run's profile, a YAML
+file of the same groups under pipelines/profiles/ (``demo``, ``production``, ``test``); `pipelines.profiles.resolve`
+turns profile + parameters into the typed stage configs the flows pass down. Nothing below reads the environment
+to find out what the UI asked for.
 """
 
 from __future__ import annotations
@@ -23,15 +19,15 @@ from infra.settings import Settings, get_settings
 from model.preprocess import CONTRACTS
 from model.registry import list_models
 from stages.downstream.run import DEFAULT_DATASETS
-from stages.labelling.label import labeler_config
-from stages.labelling.sam2_models import TINY_MODEL_CONFIG, available_configs
+from stages.labelling.sam2_models import available_configs
 
 
 class Profile(StrEnum):
-    """Which defaults fill the fields left empty."""
+    """Which profile (pipelines/profiles/<name>.yaml) fills the fields left empty."""
 
     demo = "demo"
     production = "production"
+    test = "test"
 
 
 class Branch(StrEnum):
@@ -68,27 +64,7 @@ ModelName = StrEnum("ModelName", {name: name for name in list_models()})  # type
 Sam2Config = StrEnum("Sam2Config", {name.replace("/", "_").replace(".", "_"): name  # type: ignore[misc]
                                     for name in available_configs()})
 
-#: Registry names preferred as the production pretraining model, first available wins.
-PRODUCTION_MODELS = ("hypervision_b", "base")
-
 _FORM = ConfigDict(extra="forbid", frozen=True)
-
-# What the demo profile uses where a field is left empty: tiny models, random-init weights, loose thresholds.
-DEMO_AMG: dict[str, Any] = {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
-DEMO_SPECTRAL: dict[str, Any] = {"stride": 4, "max_objects": 4}
-DEMO_MATERIAL_MODEL: dict[str, Any] = {"model": "tiny"}
-DEMO_PRETRAIN: dict[str, Any] = {"model": "tiny", "steps": 6, "batch_size": 2, "checkpoint_every": 3}
-PRODUCTION_PRETRAIN: dict[str, Any] = {"steps": 100_000, "batch_size": 4}
-
-
-def production_model() -> str:
-    """The production pretraining model: the first of PRODUCTION_MODELS in the registry, else its largest-sorted
-    non-tiny name."""
-    names = list_models()
-    for name in PRODUCTION_MODELS:
-        if name in names:
-            return name
-    return next((n for n in names if n != "tiny"), names[0])
 
 
 class PathParams(BaseModel):
@@ -202,45 +178,6 @@ class LabelParams(BaseModel):
     material: MaterialParams = Field(default_factory=MaterialParams, description="Material branch labeler.")
 
 
-class ResolvedLabel(BaseModel):
-    """Labeler configurations (``{"model_config", "checkpoint", "params"}``) of the chosen branches and tau."""
-
-    branches: list[str]
-    configs: dict[str, dict[str, Any]]
-    tau: float
-    overlays: int
-
-
-def resolve_label(profile: Profile, label: LabelParams, settings: Settings | None = None) -> ResolvedLabel:
-    """Each branch's labeler configuration: the profile's base, then the fields set in ``label``. Every branch
-    is resolved (fusion names all three labeler ids), labelling runs only ``label.branches``."""
-    s = settings or get_settings()
-    configs: dict[str, dict[str, Any]] = {}
-    for branch in Branch:
-        p: _AmgParams = getattr(label, branch.value)
-        if profile is Profile.demo:
-            model = dict(DEMO_MATERIAL_MODEL) if branch is Branch.material else dict(TINY_MODEL_CONFIG)
-            base: dict[str, Any] = {"model_config": model, "checkpoint": None,
-                    "params": {**DEMO_AMG, **(DEMO_SPECTRAL if branch is Branch.spectral else {})}}
-        else:
-            base = labeler_config(branch.value, s)
-        model_config = dict(base["model_config"])
-        if isinstance(p, SpatialParams):
-            if p.sam2_config is not None:
-                model_config["config"] = p.sam2_config.value
-            if p.image_size is not None:
-                model_config["image_size"] = p.image_size
-        if isinstance(p, MaterialParams) and p.model is not None:
-            model_config["model"] = p.model.value
-        checkpoint = p.checkpoint or base["checkpoint"]
-        configs[branch.value] = {"model_config": model_config,
-                                 "checkpoint": absolute_path(checkpoint) if checkpoint else None,
-                                 "params": {**base["params"], **p.overrides()}}
-    tau = label.tau if label.tau is not None else s.fuse_tau
-    return ResolvedLabel(branches=[b.value for b in label.branches] or [b.value for b in Branch], configs=configs,
-                         tau=tau, overlays=label.overlays)
-
-
 class PretrainParams(BaseModel):
     """Pretraining of the HyperVision student on the fused pseudo-targets; empty fields take the profile's
     values."""
@@ -263,28 +200,17 @@ class PretrainParams(BaseModel):
                                            "Empty: random-init.")
     checkpoint_every: int | None = Field(default=None, ge=1, description="Steps between checkpoints. Empty: demo 3; "
                                          "production the preset's.")
+    min_mask_pixels: int | None = Field(default=None, ge=1, description="Smallest sub-mask trained on, in pixels. "
+                                        "Empty: the preset's (16).")
     nproc: int | None = Field(default=None, ge=1, description="Processes under torchrun. Empty: the visible GPUs, "
                               "or 1.")
-    device: Device = Field(default=Device.auto, description="auto (CUDA when available), cpu or cuda.")
+    device: Device | None = Field(default=None, description="auto (CUDA when available), cpu or cuda. Empty: the "
+                                  "profile's (auto).")
     init_strict: bool = Field(default=True, description="Load the initial student weights strictly (keys and shapes "
                               "must match the layout); off: load what matches and list what was dropped or resized.")
     preprocessing: Preprocessing = Field(default=Preprocessing.released, description="Preprocessing contract of "
                                          "the crops (model.preprocess): `released` as the released checkpoints "
                                          "were fed, or `crop_max` (each crop divided by its maximum).")
-
-
-def resolve_pretrain(profile: Profile, pretrain: PretrainParams) -> dict[str, Any]:
-    """Keyword arguments of ``pretrain_flow`` (without the catalog): the profile's values where a field is
-    empty, checkpoint paths absolute."""
-    base = dict(DEMO_PRETRAIN) if profile is Profile.demo else {"model": production_model(), **PRODUCTION_PRETRAIN}
-    given = pretrain.model_dump(exclude_none=True)
-    for key in ("model", "device", "preprocessing"):
-        if key in given:
-            given[key] = getattr(pretrain, key).value
-    for key in ("teacher_checkpoint", "student_checkpoint", "out"):
-        if key in given:
-            given[key] = absolute_path(given[key])
-    return {**base, **given}
 
 
 class Task(StrEnum):
@@ -344,11 +270,9 @@ class BackboneParams(BaseModel):
     strict: bool = Field(default=True, description="Load the checkpoint strictly (keys and shapes must match the "
                          "layout).")
 
-    def model_name(self, profile: Profile) -> str:
-        """The registry layout: the one given, else the profile's pretraining model."""
-        if self.model is not None:
-            return str(self.model.value)
-        return str(DEMO_PRETRAIN["model"]) if profile is Profile.demo else production_model()
+    def model_name(self, default: str) -> str:
+        """The registry layout: the one given, else ``default`` (the profile's pretraining model)."""
+        return str(self.model.value) if self.model is not None else default
 
 
 #: Defaults of the flows' grouped parameters (frozen: shared safely as default values).

@@ -11,11 +11,11 @@ import pytest
 from catalog.catalog import Catalog
 from catalog.fixtures.broken import make_broken_fixtures
 from catalog.specs import builtin_specs, spec_for_folder
-from stages.ingest import ingest_all, plan
+from stages.ingest import IngestConfig, plan, run_ingest
 
 
 def _run(source: Path, catalog: Catalog, datasets: list[str] | None = None) -> list:
-    return ingest_all(catalog, source, datasets)[0]
+    return run_ingest(catalog, IngestConfig(source_root=str(source), datasets=datasets)).files
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,158 @@
+"""`hvp features` and `hvp heads ...`: the frozen backbone's cached features and the task heads on them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from pipelines.cli.common import CatalogOpt, console, key_values, print_heads, progress
+
+CheckpointOpt = Annotated[str, typer.Option(help="backbone weights: a .safetensors/.pth file, a pretraining checkpoint "
+                                            "or run folder (its latest checkpoint), or random-init")]
+ModelOpt = Annotated[str, typer.Option(help="registry layout: tiny | hypervision_b | hypervision_l | hypervision_h | "
+                                       "hyperfree_b")]
+OverrideOpt = Annotated[list[str] | None, typer.Option(
+    "--override", help="model override KEY=VALUE (JSON value), e.g. img_size=256; repeat for several "
+                       "(default: the model's downstream defaults, img_size=128 for tiny)")]
+PreprocessingOpt = Annotated[str, typer.Option(help="preprocessing contract: released | crop_max")]
+
+
+def backbone_spec(checkpoint: str, model: str, overrides: list[str] | None, preprocessing: str, seed: int,
+                   non_strict: bool) -> Any:
+    """The frozen backbone the options name (a stages.downstream.features.BackboneSpec)."""
+    from stages.downstream.features import BackboneSpec
+
+    return BackboneSpec(model=model, checkpoint=checkpoint, seed=seed, overrides=key_values(overrides, "--override"),
+                        preprocessing=preprocessing, strict=not non_strict)
+
+
+def features(catalog: CatalogOpt = None, checkpoint: CheckpointOpt = "random-init", model: ModelOpt = "tiny",
+             dataset: Annotated[list[str] | None, typer.Option(
+                 "--dataset", help="labelled dataset slug; repeat for several (default: the paper's segmentation "
+                                   "and saliency benchmarks)")] = None,
+             split: Annotated[list[str] | None, typer.Option("--split", help="only these splits")] = None,
+             preprocessing: PreprocessingOpt = "released", override: OverrideOpt = None,
+             seed: Annotated[int, typer.Option(help="seed of random-init weights")] = 0,
+             batch_size: Annotated[int, typer.Option(help="images per forward pass")] = 8,
+             non_strict: Annotated[bool, typer.Option("--non-strict", help="load a checkpoint whose keys or shapes "
+                                                      "differ (lists what is dropped)")] = False,
+             device: Annotated[str, typer.Option(help="auto | cuda | cpu")] = "auto") -> None:
+    """Compute the frozen backbone's multi-scale features of labelled images once and cache them in the catalog
+    (per checkpoint sha256 or random-init + seed, model and overrides, preprocessing, image); cached images are
+    skipped. Tracking datasets are left out: the tracker encodes its search crops on the fly."""
+    from infra.settings import open_catalog
+    from stages.downstream.features import compute_features, feature_images, load_backbone
+    from stages.downstream.run import DEFAULT_DATASETS
+
+    cat = open_catalog(catalog)
+    backbone = load_backbone(backbone_spec(checkpoint, model, override, preprocessing, seed, non_strict), device)
+    datasets = dataset or [DEFAULT_DATASETS["segmentation"], DEFAULT_DATASETS["saliency"]]
+    ids, skipped = feature_images(cat, datasets, split)
+    for name, why in skipped.items():
+        console.print(f"[yellow]{name}: skipped[/yellow]: {why}")
+    console.print(f"backbone {backbone.descriptor['model']} {backbone.descriptor['overrides'] or ''} weights "
+                  f"{backbone.provenance}, preprocessing {preprocessing}: feature set {backbone.set_id}")
+    with progress() as bar:
+        task = bar.add_task("features", total=len(ids))
+        run = compute_features(cat, backbone, ids, batch_size, on_progress=lambda n: bar.advance(task, n))
+    console.print(f"{len(run.computed)} image(s) encoded, {len(run.cached)} cache hit(s) skipped in "
+                  f"{run.seconds:.1f} s (feature set {run.set_id}, catalog {cat.uri}/features)")
+
+
+TaskArg = Annotated[str, typer.Argument(help="segmentation | saliency | tracking")]
+
+
+def heads_train(task: TaskArg, out: Annotated[Path, typer.Option(help="the head's run folder")],
+                dataset: Annotated[str | None, typer.Option(help="labelled dataset slug (default: the paper's "
+                                                            "benchmark of the task)")] = None,
+                catalog: CatalogOpt = None, checkpoint: CheckpointOpt = "random-init", model: ModelOpt = "tiny",
+                preprocessing: PreprocessingOpt = "released", override: OverrideOpt = None,
+                steps: Annotated[int | None, typer.Option(help="training steps (default: by model size)")] = None,
+                train_split: str = "train", test_split: str = "test",
+                variant: Annotated[str | None, typer.Option(help="label variant, e.g. hs3bench")] = None,
+                seed: Annotated[int, typer.Option(help="seed of the head (and of random-init weights)")] = 0,
+                non_strict: Annotated[bool, typer.Option("--non-strict")] = False,
+                replace: Annotated[bool, typer.Option(help="start over a run of other inputs in OUT")] = False,
+                device: Annotated[str, typer.Option(help="auto | cuda | cpu")] = "auto") -> None:
+    """Train TASK's head on the frozen backbone (features from the catalog's cache, computed where missing), score
+    it on the test split beside the trivial baseline and write the report into OUT. Unchanged inputs reuse OUT's
+    result; an interrupted run resumes."""
+    from infra.settings import open_catalog
+    from stages.downstream.features import load_backbone
+    from stages.downstream.run import task_spec, train_task
+
+    backbone = load_backbone(backbone_spec(checkpoint, model, override, preprocessing, seed, non_strict), device)
+    spec = task_spec(task, backbone.descriptor["model"], backbone.img_size, dataset=dataset, steps=steps, seed=seed,
+                     device=device, train_split=train_split, test_split=test_split, variant=variant)
+    with progress() as bar:
+        bar_task = bar.add_task(f"{task} head", total=spec.train.steps)
+        outcome = train_task(open_catalog(catalog), backbone, spec, out, replace=replace,
+                             on_step=lambda step, loss: bar.update(bar_task, completed=step + 1))
+    row = outcome.summary()
+    if outcome.skipped:
+        console.print(f"inputs unchanged (fingerprint {outcome.fingerprint[:12]}): reused the result in {out}")
+    console.print(f"{task} head: {outcome.trainable_parameters:,} trainable parameters (backbone frozen, weights "
+                  f"{backbone.provenance})")
+    print_heads([row], f"{task}: head vs trivial baseline")
+    console.print(f"report: {out / 'report.json'}  {out / 'report.md'}")
+
+
+def heads_eval(run: Annotated[Path, typer.Option(help="a head's run folder (`hvp heads train --out`)")],
+               catalog: CatalogOpt = None,
+               split: Annotated[str | None, typer.Option(help="split to score (default: the run's test split)")] = None,
+               out: Annotated[Path | None, typer.Option(help="report folder (default: RUN/eval-SPLIT)")] = None,
+               device: Annotated[str, typer.Option(help="auto | cuda | cpu")] = "auto") -> None:
+    """Score a trained head again (its latest checkpoint, on the backbone it was trained on) with the trivial
+    baseline beside it, and write the report."""
+    from infra.settings import open_catalog
+    from stages.downstream.run import evaluate_run
+
+    outcome, paths = evaluate_run(open_catalog(catalog), run, split, out, device)
+    print_heads([outcome.summary()], f"{outcome.report.task}: head vs trivial baseline")
+    console.print(f"report: {paths.json}  {paths.markdown}")
+
+
+def heads_run_all(out: Annotated[Path, typer.Option(help="report folder, with one run folder per task")] = Path(
+                      "hvp-data/runs/downstream"),
+                  catalog: CatalogOpt = None, checkpoint: CheckpointOpt = "random-init", model: ModelOpt = "tiny",
+                  preprocessing: PreprocessingOpt = "released", override: OverrideOpt = None,
+                  segmentation: Annotated[str, typer.Option(help="segmentation dataset")] = "hsi-drive-v2-0",
+                  saliency: Annotated[str, typer.Option(help="salient-object dataset")] = "hssod",
+                  tracking: Annotated[str, typer.Option(help="tracking dataset")] = "hot-2023-vis",
+                  task: Annotated[list[str] | None, typer.Option(
+                      "--task", help="only these tasks (default: all three)")] = None,
+                  steps: Annotated[int | None, typer.Option(help="training steps per head")] = None,
+                  seed: int = 0,
+                  device: Annotated[str, typer.Option(help="auto | cuda | cpu")] = "auto",
+                  plain: Annotated[bool, typer.Option(help="run the stages directly, without Prefect")] = False
+                  ) -> None:
+    """Features, then every head, then one report (Prefect `downstream` flow unless --plain); prints the report's
+    path and the head-vs-baseline table."""
+    datasets = {"segmentation": segmentation, "saliency": saliency, "tracking": tracking}
+    chosen = {t: datasets[t] for t in (task or list(datasets))}
+    if plain:
+        from infra.settings import open_catalog
+        from stages.downstream.features import load_backbone
+        from stages.downstream.run import summarise, task_spec, train_task
+
+        spec = backbone_spec(checkpoint, model, override, preprocessing, seed, False)
+        backbone = load_backbone(spec, device)
+        cat = open_catalog(catalog)
+        outcomes = []
+        for name, dataset in chosen.items():
+            ts = task_spec(name, backbone.descriptor["model"], backbone.img_size, dataset=dataset, steps=steps,
+                           seed=seed, device=device)
+            console.print(f"[bold]{name}[/bold] on {dataset}")
+            outcomes.append(train_task(cat, backbone, ts, out / name, replace=True))
+        result = summarise(out, outcomes, backbone)
+        rows, report = result.table, str(result.report.json)
+    else:
+        from pipelines.downstream import downstream_flow
+
+        done = downstream_flow(catalog, checkpoint, model, preprocessing, chosen, str(out), steps,
+                               key_values(override, "--override"), seed, device)
+        rows, report = done["table"], done["report"]
+    print_heads(rows, "downstream: head vs trivial baseline (primary metric)")
+    console.print(f"report: {report}")
