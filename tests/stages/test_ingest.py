@@ -161,3 +161,23 @@ def test_a_new_image_is_hashed_while_it_is_written_and_lands_where_its_hash_says
     assert report.healthy and not report.stale and not report.in_progress
     again = ingest_item(overlapped, spec, item)  # no plan: the stored cube sends it down the hash-first path
     assert again.status == "skipped" and "already catalogued" in again.message
+
+
+def test_runner_is_registered_records_its_config_and_counts(tmp_path: Path) -> None:
+    import json
+
+    from catalog.fixtures import write_dataset
+    from stages.registry import STAGES
+
+    assert STAGES.get("ingest").run is run_ingest and STAGES.get("ingest").config is IngestConfig
+    write_dataset("cave", tmp_path / "src")
+    write_dataset("harvard", tmp_path / "src")
+    cat = Catalog(tmp_path / "cat").init()
+    config = IngestConfig(source_root=str(tmp_path / "src"), datasets=["cave"])
+    seen: list[str] = []
+    result = run_ingest(cat, config, on_item=lambda r: seen.append(r.status))
+    assert result.summary == [{"dataset": "cave", "ingested": 2, "skipped": 0, "quarantined": 0}]
+    assert seen == ["ingested", "ingested"] and not result.problems
+    assert json.loads(cat.storage.read_bytes("stages/ingest.json")) == {"stage": "ingest",
+                                                                        "config": config.model_dump(mode="json")}
+    assert run_ingest(cat, config).summary == [{"dataset": "cave", "ingested": 0, "skipped": 2, "quarantined": 0}]
