@@ -8,13 +8,10 @@ from __future__ import annotations
 
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
-
-if TYPE_CHECKING:
-    from catalog.catalog import Catalog
 
 
 class Settings(BaseSettings):
@@ -72,12 +69,3 @@ def cube_options(settings: Settings | None = None) -> dict[str, Any]:
     layout = {"chunk_xy": s.chunk_xy, "band_group": s.cube_band_group, "shard_xy": s.cube_shard_xy,
               "codec": s.cube_codec, "level": s.compression_level, "shuffle": s.cube_shuffle}
     return {"layout": layout, "read_threads": s.read_threads, "chunk_cache_mb": s.chunk_cache_mb}
-
-
-def open_catalog(uri: str | None = None, settings: Settings | None = None) -> Catalog:
-    """The catalog at ``uri`` (default: HVP_CATALOG) with the settings' cube options: how the CLI and the flows
-    open it; everything below them takes a Catalog or its URI and options as arguments."""
-    from catalog.catalog import Catalog
-
-    s = settings or get_settings()
-    return Catalog(uri or s.catalog, **cube_options(s))

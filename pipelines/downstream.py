@@ -20,8 +20,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.states import State
 
-from infra.settings import open_catalog
 from model.registry import resolve_name
+from pipelines.catalogs import open_catalog
 from pipelines.params import (
     BENCHMARKS,
     DEFAULT_BACKBONE,
@@ -54,7 +54,7 @@ def resolve_backbone(profile: Profile, backbone: BackboneParams, runs: str) -> t
     checkpoint = backbone.checkpoint or None
     if checkpoint is None:
         latest = latest_finished_run(runs, model)
-        checkpoint = str(latest.checkpoint) if latest else RANDOM_INIT
+        checkpoint = str(latest["checkpoint"]) if latest else RANDOM_INIT
         origin = (f"the latest finished pretraining run of {model} under {runs}" if latest else
                   f"random-init: no finished pretraining run of {model} under {runs}")
     elif checkpoint == RANDOM_INIT:

@@ -22,7 +22,7 @@ from prefect import flow
 from prefect.artifacts import create_table_artifact
 from prefect.states import State
 
-from infra.settings import open_catalog
+from pipelines.catalogs import open_catalog
 from pipelines.downstream import features_flow, heads_flow
 from pipelines.ingest import ingest_flow
 from pipelines.label import fuse_stage_flow, label_branch_flow

@@ -10,7 +10,8 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.states import State
 
-from infra.settings import cube_options, open_catalog
+from infra.settings import cube_options
+from pipelines.catalogs import open_catalog
 from pipelines.params import DEFAULT_PATHS, PathParams, resolve_paths
 from pipelines.wiring import retry_on_io, skipped, threads
 from stages import ingest as stage

@@ -16,7 +16,8 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.states import State
 
-from infra.settings import get_settings, open_catalog
+from infra.settings import get_settings
+from pipelines.catalogs import open_catalog
 from pipelines.params import DEFAULT_LABEL, DEFAULT_PATHS, LabelParams, PathParams, Profile
 from pipelines.profiles import RunConfig, resolve
 from pipelines.wiring import (

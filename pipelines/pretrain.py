@@ -17,7 +17,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.states import State
 
-from infra.settings import open_catalog
+from pipelines.catalogs import open_catalog
 from pipelines.params import DEFAULT_PATHS, DEFAULT_PRETRAIN, PathParams, PretrainParams, Profile
 from pipelines.profiles import resolve
 from pipelines.wiring import gpu_slot, png_data_uri, publish_markdown, retry_on_io, skipped

@@ -14,7 +14,7 @@ from pipelines.cli.common import CatalogOpt, console, table
 def catalog_list(catalog: CatalogOpt = None, as_json: Annotated[bool, typer.Option("--json")] = False,
                  dataset: str | None = None) -> None:
     """One line per catalogued image (or JSON records with --json)."""
-    from infra.settings import open_catalog
+    from pipelines.catalogs import open_catalog
 
     df = open_catalog(catalog).images(dataset)
     if as_json:
@@ -34,7 +34,7 @@ def catalog_summary(catalog: CatalogOpt = None) -> None:
 
 def summary_rows(catalog: str | None) -> list[dict[str, Any]]:
     """Per dataset: images, most bands, wavelength range and images with an aligned RGB."""
-    from infra.settings import open_catalog
+    from pipelines.catalogs import open_catalog
 
     df = open_catalog(catalog).images()
     if df.empty:
@@ -47,7 +47,7 @@ def summary_rows(catalog: str | None) -> list[dict[str, Any]]:
 
 def quarantine_rows(catalog: str | None) -> list[dict[str, Any]]:
     """The quarantined files with the field at fault and the fix."""
-    from infra.settings import open_catalog
+    from pipelines.catalogs import open_catalog
 
     q = open_catalog(catalog).quarantine()
     return q[["dataset", "source_path", "field", "message", "fix"]].to_dict("records") if not q.empty else []
@@ -55,7 +55,7 @@ def quarantine_rows(catalog: str | None) -> list[dict[str, Any]]:
 
 def catalog_show(image_id: str, catalog: CatalogOpt = None) -> None:
     """Everything the catalog knows about one image: index row, attributes, wavelengths."""
-    from infra.settings import open_catalog
+    from pipelines.catalogs import open_catalog
 
     cat = open_catalog(catalog)
     try:
@@ -83,7 +83,7 @@ def catalog_verify(catalog: CatalogOpt = None,
     """Check every image and mask set (checksums, completeness) and report each problem with the image it
     concerns, plus orphan cubes and temporaries; never stops at a damaged image. Exit 1 if unhealthy (after the
     repair, with --repair)."""
-    from infra.settings import open_catalog
+    from pipelines.catalogs import open_catalog
     from stages.ingest.repair import repair as repair_catalog
 
     cat = open_catalog(catalog)
@@ -115,7 +115,7 @@ def _print_verify(out: dict[str, Any]) -> None:
 def catalog_compact(catalog: CatalogOpt = None) -> None:
     """Merge the index, quarantine and mask-index part files and remove temporaries of writers that are gone (safe
     while other writers run)."""
-    from infra.settings import open_catalog
+    from pipelines.catalogs import open_catalog
 
     cat = open_catalog(catalog)
     stale = sum(not t.alive for t in cat.storage.temporaries())

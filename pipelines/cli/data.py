@@ -55,7 +55,8 @@ def run_ingest(source_dir: Path, catalog: str | None, datasets: list[str] | None
                dask_address: str | None = None, plain: bool = False) -> list[dict[str, Any]]:
     """The ingest stage as the CLI runs it: its runner with a progress bar (``plain``), else the ingest flow on
     threads, a local Dask cluster of ``workers`` processes or a running cluster; returns per-dataset counts."""
-    from infra.settings import get_settings, open_catalog
+    from infra.settings import get_settings
+    from pipelines.catalogs import open_catalog
     from pipelines.params import PathParams, resolve_paths
 
     paths = PathParams(source_root=str(source_dir), catalog=catalog, datasets=datasets)

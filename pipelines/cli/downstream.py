@@ -42,7 +42,7 @@ def features(catalog: CatalogOpt = None, checkpoint: CheckpointOpt = "random-ini
     """Compute the frozen backbone's multi-scale features of labelled images once and cache them in the catalog
     (per checkpoint sha256 or random-init + seed, model and overrides, preprocessing, image); cached images are
     skipped. Tracking datasets are left out: the tracker encodes its search crops on the fly."""
-    from infra.settings import open_catalog
+    from pipelines.catalogs import open_catalog
     from stages.downstream.features import compute_features, feature_images, load_backbone
     from stages.downstream.run import DEFAULT_DATASETS
 
@@ -79,7 +79,7 @@ def heads_train(task: TaskArg, out: Annotated[Path, typer.Option(help="the head'
     """Train TASK's head on the frozen backbone (features from the catalog's cache, computed where missing), score
     it on the test split beside the trivial baseline and write the report into OUT. Unchanged inputs reuse OUT's
     result; an interrupted run resumes."""
-    from infra.settings import open_catalog
+    from pipelines.catalogs import open_catalog
     from stages.downstream.features import load_backbone
     from stages.downstream.run import task_spec, train_task
 
@@ -106,7 +106,7 @@ def heads_eval(run: Annotated[Path, typer.Option(help="a head's run folder (`hvp
                device: Annotated[str, typer.Option(help="auto | cuda | cpu")] = "auto") -> None:
     """Score a trained head again (its latest checkpoint, on the backbone it was trained on) with the trivial
     baseline beside it, and write the report."""
-    from infra.settings import open_catalog
+    from pipelines.catalogs import open_catalog
     from stages.downstream.run import evaluate_run
 
     outcome, paths = evaluate_run(open_catalog(catalog), run, split, out, device)
@@ -133,7 +133,7 @@ def heads_run_all(out: Annotated[Path, typer.Option(help="report folder, with on
     datasets = {"segmentation": segmentation, "saliency": saliency, "tracking": tracking}
     chosen = {t: datasets[t] for t in (task or list(datasets))}
     if plain:
-        from infra.settings import open_catalog
+        from pipelines.catalogs import open_catalog
         from stages.downstream.features import load_backbone
         from stages.downstream.run import summarise, task_spec, train_task
 

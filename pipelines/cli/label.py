@@ -20,7 +20,7 @@ def label(catalog: CatalogOpt = None,
     params = LabelParams.model_validate({"branches": branch}) if branch else DEFAULT_LABEL
     paths = PathParams(catalog=catalog)
     if plain:
-        from infra.settings import open_catalog
+        from pipelines.catalogs import open_catalog
         from pipelines.profiles import resolve
         from stages.labelling.label import run_fuse, run_label
 
@@ -43,7 +43,7 @@ def fuse(catalog: CatalogOpt = None, profile: ProfileOpt = "production", plain: 
 
     paths = PathParams(catalog=catalog)
     if plain:
-        from infra.settings import open_catalog
+        from pipelines.catalogs import open_catalog
         from pipelines.profiles import resolve
         from stages.labelling.label import run_fuse
 
@@ -61,7 +61,7 @@ def show(image_id: str, catalog: CatalogOpt = None,
          out: Annotated[Path | None, typer.Option(help="PNG path (default: <image id>.png here)")] = None,
          profile: ProfileOpt = "production") -> None:
     """Write an overlay PNG of one image: its RGB with each branch's masks and the fused pseudo-target."""
-    from infra.settings import open_catalog
+    from pipelines.catalogs import open_catalog
     from pipelines.params import Profile
     from pipelines.profiles import resolve
     from stages.labelling import label as stage

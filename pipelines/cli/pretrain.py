@@ -46,7 +46,7 @@ def pretrain(catalog: CatalogOpt = None,
                             init_strict=not non_strict, preprocessing=Preprocessing(preprocessing))
     paths = PathParams(catalog=catalog)
     if plain:
-        from infra.settings import open_catalog
+        from pipelines.catalogs import open_catalog
         from pipelines.profiles import resolve
         from stages.pretraining import run_pretrain
 

@@ -22,7 +22,7 @@ def demo(workdir: Annotated[Path, typer.Option(help="where sources, the catalog 
     a temporary local server, exactly as the UI's `hypervision` deployment does; stages with unchanged inputs
     skip."""
     from catalog.fixtures import make_fixtures
-    from infra.settings import open_catalog
+    from pipelines.catalogs import open_catalog
     from pipelines.hypervision import hypervision_flow
     from pipelines.params import PathParams, Profile
 

@@ -90,30 +90,29 @@ def run_folder(catalog: Catalog, config: PretrainStageConfig) -> tuple[PretrainC
     return dataclasses.replace(trainer, out_dir=folder), key
 
 
-def finished_run(folder: str | Path, key: str) -> PretrainResult | None:
-    """The stored result of the finished run in ``folder`` when its inputs key is ``key``."""
+def _stored(folder: str | Path, key: str | None = None) -> dict[str, Any] | None:
+    """The result stored in a run folder's KEY_FILE when its checkpoint exists (and its key is ``key``, if given)."""
     try:
         data = json.loads((Path(folder) / KEY_FILE).read_text())
     except (OSError, ValueError):
         return None
     result: dict[str, Any] = data.get("result", {})
-    if data.get("key") != key or not Path(result.get("checkpoint") or "/nonexistent").exists():
+    if (key is not None and data.get("key") != key) or not Path(result.get("checkpoint") or "/nonexistent").exists():
         return None
-    return PretrainResult(**{k: v for k, v in result.items() if k != "reused"}, reused=True)
+    return result
 
 
-def latest_finished_run(runs: str | Path, model: str) -> PretrainResult | None:
-    """The most recently finished pretraining run of ``model`` under ``runs`` (its ``pretrain-<model>-<key>``
-    folders), or None: the downstream stages' backbone when none is named."""
-    found: list[tuple[float, PretrainResult]] = []
-    for key_file in Path(runs).glob(f"pretrain-{model}-*/{KEY_FILE}"):
-        try:
-            key = json.loads(key_file.read_text()).get("key", "")
-        except (OSError, ValueError):
-            continue
-        result = finished_run(key_file.parent, key)
-        if result is not None:
-            found.append((key_file.stat().st_mtime, result))
+def finished_run(folder: str | Path, key: str) -> PretrainResult | None:
+    """The finished run in ``folder`` when its inputs key is ``key`` (marked ``reused``)."""
+    result = _stored(folder, key)
+    return None if result is None else PretrainResult(**{**result, "reused": True})
+
+
+def latest_finished_run(runs: str | Path, model: str) -> dict[str, Any] | None:
+    """The stored result of the most recently finished pretraining run of ``model`` under ``runs`` (its
+    ``pretrain-<model>-<key>`` folders), or None: the downstream stages' backbone when none is named."""
+    found = [(f.stat().st_mtime, result) for f in Path(runs).glob(f"pretrain-{model}-*/{KEY_FILE}")
+             if (result := _stored(f.parent)) is not None]
     return max(found, key=lambda f: f[0])[1] if found else None
 
 
