@@ -86,15 +86,15 @@ def _features(ctx: DagContext) -> Any:
     if not datasets:
         why = "; ".join([*missing, *(["tracking encodes its search crops on the fly"] if tasks else [])])
         return skipped("features", f"no image to encode ({why})", [])
-    return features_flow(ctx.paths.catalog, _backbone(ctx), datasets, device=ctx.downstream.device,
-                         profile=ctx.profile, runs=ctx.paths.runs, return_state=True)
+    paths = PathParams(catalog=ctx.paths.catalog, runs=ctx.paths.runs, datasets=datasets)
+    return features_flow(ctx.profile, paths, _backbone(ctx), ctx.downstream, return_state=True)
 
 
 def _heads(ctx: DagContext) -> Any:
     """One head per task on the cached features, scored against its baseline; the report (in
     `<runs>/downstream-<model>-<feature set id>`, where the `heads` deployment finds it too)."""
-    return heads_flow(ctx.paths.catalog, _backbone(ctx), ctx.downstream, profile=ctx.profile, runs=ctx.paths.runs,
-                      return_state=True)
+    paths = PathParams(catalog=ctx.paths.catalog, runs=ctx.paths.runs)
+    return heads_flow(ctx.profile, paths, _backbone(ctx), ctx.downstream, return_state=True)
 
 
 #: Stages run after pretraining, in order.

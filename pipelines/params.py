@@ -113,16 +113,15 @@ class _AmgParams(BaseModel):
 
     model_config = _FORM
 
-    checkpoint: str | None = Field(default=None, description="Local weights file. Empty: demo random-init; production "
-                                   "the settings' checkpoint (random-init when none).")
-    points_per_side: int | None = Field(default=None, ge=1, le=128, description="Prompt grid side. Empty: demo 4; "
-                                        "production the settings' value or the branch default (32).")
+    checkpoint: str | None = Field(default=None, description="Local weights file. Empty: the profile's (production: "
+                                   "the settings' checkpoint; random-init when none).")
+    points_per_side: int | None = Field(default=None, ge=1, le=128, description="Prompt grid side. Empty: the "
+                                        "profile's, else the branch default (32).")
     pred_iou_thresh: float | None = Field(default=None, ge=0.0, le=1.0, description="Keep masks whose predicted IoU "
-                                          "reaches this. Empty: demo 0.0; production the settings' value or the "
-                                          "branch default.")
+                                          "reaches this. Empty: the profile's, else the branch default.")
     stability_score_thresh: float | None = Field(default=None, ge=0.0, le=1.0, description="Keep masks whose stability "
-                                                 "score reaches this. Empty: demo 0.0; production the settings' "
-                                                 "value or the branch default.")
+                                                 "score reaches this. Empty: the profile's, else the branch "
+                                                 "default.")
     extra: dict[str, Any] = Field(default_factory=dict, description="Further generator parameters by name "
                                   "(advanced; unknown names are an error naming the allowed ones).")
 
@@ -135,21 +134,21 @@ class _AmgParams(BaseModel):
 class SpatialParams(_AmgParams):
     """Spatial branch: SAM2 automatic masks on each image's RGB."""
 
-    sam2_config: Sam2Config | None = Field(default=None, description="SAM2 config. Empty: demo Hiera-T; production "
-                                           "`HVP_SAM2_MODEL`.")
-    image_size: int | None = Field(default=None, ge=32, description="SAM2 input side (a multiple of 32). Empty: demo "
-                                   "128; production `HVP_SAM2_MODEL`.")
+    sam2_config: Sam2Config | None = Field(default=None, description="SAM2 config. Empty: the profile's (demo "
+                                           "Hiera-T, production Hiera-B+).")
+    image_size: int | None = Field(default=None, ge=32, description="SAM2 input side (a multiple of 32). Empty: the "
+                                   "profile's (demo 128, production 1024).")
 
 
 class SpectralParams(SpatialParams):
     """Spectral branch: SAM2 memory propagation through false-colour triplets along the spectrum."""
 
-    stride: int | None = Field(default=None, ge=1, description="Bands between consecutive triplets. Empty: demo 4; "
-                               "production the settings' value or 2.")
-    max_objects: int | None = Field(default=None, ge=1, description="Most seed objects tracked. Empty: demo 4; "
-                                    "production the settings' value or 32.")
+    stride: int | None = Field(default=None, ge=1, description="Bands between consecutive triplets. Empty: the "
+                               "profile's, else 2.")
+    max_objects: int | None = Field(default=None, ge=1, description="Most seed objects tracked. Empty: the profile's, "
+                                    "else 32.")
     nms_thresh: float | None = Field(default=None, gt=0.0, le=1.0, description="IoU threshold of the intra-branch NMS. "
-                                     "Empty: the settings' value or 0.7.")
+                                     "Empty: the profile's, else 0.7.")
 
     def overrides(self) -> dict[str, Any]:
         """Thresholds, extras and the spectral parameters set here."""
@@ -160,8 +159,8 @@ class SpectralParams(SpatialParams):
 class MaterialParams(_AmgParams):
     """Material branch: HyperFree automatic masks on the full cube."""
 
-    model: ModelName | None = Field(default=None, description="HyperFree registry model. Empty: demo `tiny`; "  # type: ignore[valid-type]
-                                    "production `HVP_HYPERFREE_MODEL`.")
+    model: ModelName | None = Field(default=None, description="HyperFree registry model. Empty: the profile's "  # type: ignore[valid-type]
+                                    "(demo `tiny`, production `hyperfree_b`).")
 
 
 class LabelParams(BaseModel):
@@ -171,7 +170,7 @@ class LabelParams(BaseModel):
 
     branches: list[Branch] = Field(default_factory=lambda: list(Branch), description="Branches to label with.")
     tau: float | None = Field(default=None, gt=0.0, le=1.0, description="IoU threshold of the global NMS that "
-                              "fuses the branches. Empty: `HVP_FUSE_TAU` (default 0.7).")
+                              "fuses the branches. Empty: the profile's (0.7).")
     overlays: int = Field(default=4, ge=0, le=32, description="Overlay previews published with the fuse report.")
     spatial: SpatialParams = Field(default_factory=SpatialParams, description="Spatial branch labeler.")
     spectral: SpectralParams = Field(default_factory=SpectralParams, description="Spectral branch labeler.")
@@ -184,11 +183,11 @@ class PretrainParams(BaseModel):
 
     model_config = _FORM
 
-    model: ModelName | None = Field(default=None, description="Registry model to train. Empty: demo `tiny`; production "  # type: ignore[valid-type]
-                                    "the -B HyperVision layout.")
-    steps: int | None = Field(default=None, ge=1, description="Optimizer steps. Empty: demo 6; production 100000.")
-    batch_size: int | None = Field(default=None, ge=1, description="Crops per device and step. Empty: demo 2; "
-                                   "production 4.")
+    model: ModelName | None = Field(default=None, description="Registry model to train. Empty: the profile's "  # type: ignore[valid-type]
+                                    "(demo `tiny`, production the -B HyperVision layout).")
+    steps: int | None = Field(default=None, ge=1, description="Optimizer steps. Empty: the profile's.")
+    batch_size: int | None = Field(default=None, ge=1, description="Crops per device and step. Empty: the "
+                                   "profile's.")
     out: str | None = Field(default=None, description="Run folder. Empty: `<runs>/pretrain-<model>-<inputs key>`, so "
                             "unchanged inputs find their finished run and skip.")
     lr: float | None = Field(default=None, gt=0.0, description="Peak learning rate. Empty: the model preset's.")
@@ -198,8 +197,8 @@ class PretrainParams(BaseModel):
     teacher_checkpoint: str | None = Field(default=None, description="Local RGB teacher weights. Empty: random-init.")
     student_checkpoint: str | None = Field(default=None, description="Initial student weights (HyperFree/HyperVision). "
                                            "Empty: random-init.")
-    checkpoint_every: int | None = Field(default=None, ge=1, description="Steps between checkpoints. Empty: demo 3; "
-                                         "production the preset's.")
+    checkpoint_every: int | None = Field(default=None, ge=1, description="Steps between checkpoints. Empty: the "
+                                         "profile's, else the preset's.")
     min_mask_pixels: int | None = Field(default=None, ge=1, description="Smallest sub-mask trained on, in pixels. "
                                         "Empty: the preset's (16).")
     nproc: int | None = Field(default=None, ge=1, description="Processes under torchrun. Empty: the visible GPUs, "

@@ -149,10 +149,17 @@ def heads_run_all(out: Annotated[Path, typer.Option(help="report folder, with on
         result = summarise(out, outcomes, backbone)
         rows, report = result.table, str(result.report.json)
     else:
+        from model.registry import resolve_name
         from pipelines.downstream import downstream_flow
+        from pipelines.params import BackboneParams, DownstreamParams, PathParams
 
-        done = downstream_flow(catalog, checkpoint, model, preprocessing, chosen, str(out), steps,
-                               key_values(override, "--override"), seed, device)
+        backbone_params = BackboneParams.model_validate({
+            "model": resolve_name(model), "checkpoint": checkpoint, "seed": seed, "preprocessing": preprocessing,
+            "overrides": key_values(override, "--override")})
+        downstream = DownstreamParams.model_validate({"tasks": list(chosen), "benchmarks": chosen, "steps": steps,
+                                                      "device": device})
+        done = downstream_flow(paths=PathParams(catalog=catalog), backbone=backbone_params, downstream=downstream,
+                               out_dir=str(out.resolve()), seed=seed)
         rows, report = done["table"], done["report"]
     print_heads(rows, "downstream: head vs trivial baseline (primary metric)")
     console.print(f"report: {report}")

@@ -230,6 +230,6 @@ def test_hypervision_dag_runs_every_stage_then_skips_them(prefect_server: None, 
     # the `heads` deployment's defaults (profile demo, nothing else) find this run's backbone and report
     from pipelines.downstream import heads_flow
 
-    alone = heads_flow(paths.catalog, downstream=downstream, profile=Profile.demo, runs=paths.runs,
+    alone = heads_flow(Profile.demo, PathParams(catalog=paths.catalog, runs=paths.runs), downstream=downstream,
                        return_state=True)
     assert alone.name == "Skipped" and alone.result()["report"] == heads["report"]
