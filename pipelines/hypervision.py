@@ -25,7 +25,7 @@ from prefect.states import State
 from pipelines.catalogs import open_catalog
 from pipelines.downstream import features_flow, heads_flow
 from pipelines.ingest import ingest_flow
-from pipelines.label import fuse_stage_flow, label_branch_flow
+from pipelines.label import fuse_flow, label_branch_flow
 from pipelines.params import (
     DEFAULT_DOWNSTREAM,
     DEFAULT_LABEL,
@@ -172,7 +172,7 @@ def hypervision_flow(profile: Profile = Profile.demo, paths: PathParams = DEFAUL
             return label_branch_flow(p.catalog, run.label_config(b), return_state=True)
 
         ctx.outputs[f"label-{branch}"] = _run_stage(records, f"label-{branch}", label_branch)
-    ctx.outputs["fuse"] = _run_stage(records, "fuse", lambda: fuse_stage_flow(p.catalog, run.fuse, return_state=True))
+    ctx.outputs["fuse"] = _run_stage(records, "fuse", lambda: fuse_flow(profile, only, label, return_state=True))
     ctx.pretrain = _run_stage(records, "pretrain", lambda: pretrain_flow(profile, only, pretrain, return_state=True))
     ctx.outputs["pretrain"] = ctx.pretrain
     for stage in DOWNSTREAM if run.downstream.tasks else []:

@@ -30,7 +30,7 @@ from pipelines.wiring import (
     threads,
 )
 from stages.labelling import label as stage
-from stages.labelling.label import FuseConfig, LabelConfig, LabelerSpec
+from stages.labelling.label import LabelConfig, LabelerSpec
 
 
 @task(name="label-images", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_on_io, cache_policy=NO_CACHE,
@@ -83,16 +83,22 @@ def label_branch_flow(catalog: str, config: LabelConfig) -> dict[str, Any] | Sta
     return result.summary()
 
 
-@flow(name="fuse-stage", log_prints=True, task_runner=threads(2))
-def fuse_stage_flow(catalog: str, config: FuseConfig) -> list[dict[str, Any]] | State:
-    """The fuse stage: fuse the branches' current masks into pseudo-targets where missing, then publish the report
-    and overlay previews; returns the report rows.
+@flow(name="fuse", log_prints=True, task_runner=threads(2))
+def fuse_flow(profile: Profile = Profile.production, paths: PathParams = DEFAULT_PATHS,
+              label: LabelParams = DEFAULT_LABEL) -> list[dict[str, Any]] | State:
+    """Fuse the three branches' current masks into pseudo-targets where missing, then publish the fuse report and
+    overlay previews; returns the report rows.
 
     Args:
-        catalog: Catalog directory or fsspec URL (absolute).
-        config: The resolved stage config: every branch's labeler, tau, overlays and datasets.
+        profile: Which profile fills the empty fields: demo (tiny models, loose thresholds), production (released
+            model sizes, the settings' checkpoints) or test.
+        paths: Catalog and datasets (resolved to absolute paths and shown in the run).
+        label: The labelers whose masks are fused and tau; empty fields take the profile's values.
     """
-    cat = open_catalog(catalog)
+    run = resolve(profile, paths, label)
+    config = run.fuse
+    print(f"fuse, profile {run.profile.value}, catalog {run.paths.catalog}")
+    cat = open_catalog(run.paths.catalog)
     plan = stage.start_fuse(cat, config)
     if plan.skip_reason:
         return skipped("fuse", plan.skip_reason, [])
@@ -141,24 +147,6 @@ def label_resolved(run: RunConfig, workers: int = 1, dask_address: str | None = 
         return [_data(branch_flow(run.paths.catalog, run.label_config(b))) for b in run.label.branches]
 
 
-@flow(name="fuse", log_prints=True)
-def fuse_flow(profile: Profile = Profile.production, paths: PathParams = DEFAULT_PATHS,
-              label: LabelParams = DEFAULT_LABEL) -> list[dict[str, Any]]:
-    """Fuse the three branches' current masks into pseudo-targets where missing, then publish the fuse report and
-    overlay previews; returns the report rows.
-
-    Args:
-        profile: Which profile fills the empty fields: demo (tiny models, loose thresholds), production (released
-            model sizes, the settings' checkpoints) or test.
-        paths: Catalog and datasets (resolved to absolute paths and shown in the run).
-        label: The labelers whose masks are fused and tau; empty fields take the profile's values.
-    """
-    run = resolve(profile, paths, label)
-    print(f"fuse, profile {run.profile.value}, catalog {run.paths.catalog}")
-    with in_process_subflows():
-        return list(_data(fuse_stage_flow(run.paths.catalog, run.fuse)) or [])
-
-
 @flow(name="label", log_prints=True)
 def label_flow(profile: Profile = Profile.production, paths: PathParams = DEFAULT_PATHS,
                label: LabelParams = DEFAULT_LABEL, fuse: bool = True, workers: int = 1,
@@ -181,7 +169,7 @@ def label_flow(profile: Profile = Profile.production, paths: PathParams = DEFAUL
     if not fuse:
         return summaries
     with in_process_subflows():
-        return list(_data(fuse_stage_flow(run.paths.catalog, run.fuse)) or [])
+        return list(_data(fuse_flow(profile, paths, label)) or [])
 
 
 @flow(name="relabel-new", log_prints=True)

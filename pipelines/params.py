@@ -108,7 +108,7 @@ def resolve_paths(paths: PathParams, settings: Settings | None = None) -> Resolv
                          datasets=paths.datasets or None)
 
 
-class _AmgParams(BaseModel):
+class AmgParams(BaseModel):
     """Thresholds of a SAM-style automatic mask generator; empty fields take the profile's values."""
 
     model_config = _FORM
@@ -131,7 +131,7 @@ class _AmgParams(BaseModel):
         return {**self.extra, **{k: getattr(self, k) for k in keys if getattr(self, k) is not None}}
 
 
-class SpatialParams(_AmgParams):
+class SpatialParams(AmgParams):
     """Spatial branch: SAM2 automatic masks on each image's RGB."""
 
     sam2_config: Sam2Config | None = Field(default=None, description="SAM2 config. Empty: the profile's (demo "
@@ -156,7 +156,7 @@ class SpectralParams(SpatialParams):
         return {**super().overrides(), **extra}
 
 
-class MaterialParams(_AmgParams):
+class MaterialParams(AmgParams):
     """Material branch: HyperFree automatic masks on the full cube."""
 
     model: ModelName | None = Field(default=None, description="HyperFree registry model. Empty: the profile's "  # type: ignore[valid-type]

@@ -27,6 +27,7 @@ from pipelines.params import (
     DEFAULT_LABEL,
     DEFAULT_PATHS,
     DEFAULT_PRETRAIN,
+    AmgParams,
     DownstreamParams,
     LabelParams,
     MaterialParams,
@@ -36,7 +37,6 @@ from pipelines.params import (
     ResolvedPaths,
     SpatialParams,
     SpectralParams,
-    _AmgParams,
     absolute_path,
     resolve_paths,
 )
@@ -123,7 +123,7 @@ def given(params: BaseModel) -> dict[str, Any]:
     return params.model_dump(mode="json", exclude_none=True, exclude_unset=True)
 
 
-def _branch_fields(params: dict[str, Any], form: type[_AmgParams]) -> dict[str, Any]:
+def _branch_fields(params: dict[str, Any], form: type[AmgParams]) -> dict[str, Any]:
     """Labeller parameters split into the form's own fields and its ``extra`` (every other generator key)."""
     own = set(form.model_fields) - {"extra", "checkpoint"}
     fields = {k: v for k, v in params.items() if k in own}
@@ -155,7 +155,7 @@ def environment_layer(s: Settings) -> dict[str, Any]:
     return {"label": label} if label else {}
 
 
-def labeler_spec(params: _AmgParams) -> LabelerSpec:
+def labeler_spec(params: AmgParams) -> LabelerSpec:
     """A branch form, resolved, as the labeler spec its stage takes (checkpoint made absolute)."""
     if isinstance(params, SpatialParams):
         model: dict[str, Any] = {"config": params.sam2_config.value if params.sam2_config else None,
