@@ -12,11 +12,11 @@ import pytest
 from catalog.catalog import Catalog
 from catalog.fixtures.broken import make_broken_fixtures
 from catalog.specs import builtin_specs, spec_for_folder
-from stages.ingest import ingest_all, plan
+from stages.ingest import IngestConfig, plan, run_ingest
 
 
 def _run(source: Path, catalog: Catalog, datasets: list[str] | None = None) -> list:
-    return ingest_all(catalog, source, datasets)[0]
+    return run_ingest(catalog, IngestConfig(source_root=str(source), datasets=datasets)).files
 
 
 @pytest.fixture(scope="module")
@@ -214,3 +214,21 @@ def test_plain_xarray_and_zarr_read_the_catalog_wavelengths(ingested: tuple[Cata
         assert plain["xr_units"] == plain["zarr_units"] == da["wavelength"].attrs["units"] == "nm", image_id
         np.testing.assert_array_equal(plain["xr_wavelength"], da["wavelength"].values, err_msg=image_id)
         np.testing.assert_array_equal(plain["zarr_wavelength"], da["wavelength"].values, err_msg=image_id)
+def test_runner_is_registered_records_its_config_and_counts(tmp_path: Path) -> None:
+    import json
+
+    from catalog.fixtures import write_dataset
+    from stages.registry import STAGES
+
+    assert STAGES.get("ingest").run is run_ingest and STAGES.get("ingest").config is IngestConfig
+    write_dataset("cave", tmp_path / "src")
+    write_dataset("harvard", tmp_path / "src")
+    cat = Catalog(tmp_path / "cat").init()
+    config = IngestConfig(source_root=str(tmp_path / "src"), datasets=["cave"])
+    seen: list[str] = []
+    result = run_ingest(cat, config, on_item=lambda r: seen.append(r.status))
+    assert result.summary == [{"dataset": "cave", "ingested": 2, "skipped": 0, "quarantined": 0}]
+    assert seen == ["ingested", "ingested"] and not result.problems
+    assert json.loads(cat.storage.read_bytes("stages/ingest.json")) == {"stage": "ingest",
+                                                                        "config": config.model_dump(mode="json")}
+    assert run_ingest(cat, config).summary == [{"dataset": "cave", "ingested": 0, "skipped": 2, "quarantined": 0}]

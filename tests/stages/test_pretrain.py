@@ -332,6 +332,25 @@ def test_rng_state_round_trips_through_weights_only_load(tmp_path: Path) -> None
     assert torch.equal(torch.rand(3), expected[0]) and np.array_equal(np.random.rand(3), expected[1])
 
 
+def test_runner_records_its_config_and_reuses_a_finished_run(catalog_uri: str, tmp_path: Path) -> None:
+    from stages.pretraining import PretrainStageConfig, run_pretrain
+    from stages.registry import STAGES
+
+    assert STAGES.get("pretrain").run is run_pretrain and STAGES.get("pretrain").config is PretrainStageConfig
+    config = PretrainStageConfig(model="tiny", steps=2, batch_size=2, crop_size=CROP, min_mask_pixels=4,
+                                 checkpoint_every=100, device="cpu", runs=str(tmp_path))
+    first = run_pretrain(Catalog(catalog_uri), config)
+    folder = Path(first.out_dir)
+    assert not first.reused and first.steps_done == 2 and folder.parent == tmp_path
+    assert folder.name.startswith("pretrain-tiny-")  # keyed on the inputs
+    recorded = json.loads((folder / "stage-config.json").read_text())
+    assert recorded["stage"] == "pretrain" and recorded["config"] == config.model_dump(mode="json")
+    again = run_pretrain(Catalog(catalog_uri), config)
+    assert again.reused and again.checkpoint == first.checkpoint and again.final == first.final
+    other = run_pretrain(Catalog(catalog_uri), config.model_copy(update={"steps": 3}))
+    assert not other.reused and other.out_dir != first.out_dir
+
+
 @pytest.mark.slow
 def test_launch_runs_ddp_under_torchrun_on_cpu(catalog_uri: str, tmp_path: Path) -> None:
     result = launch(tiny_config(catalog_uri, tmp_path / "ddp", steps=3), nproc=2)
@@ -348,11 +367,13 @@ def test_pretrain_flow_runs_two_steps_and_publishes_artifacts(catalog_uri: str, 
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
     from prefect.testing.utilities import prefect_test_harness
 
+    from pipelines.params import Device, ModelName, PathParams, PretrainParams, Profile
     from pipelines.pretrain import pretrain_flow
 
+    params = PretrainParams(model=ModelName("tiny"), steps=2, out=str(tmp_path / "flow"), batch_size=2,
+                            crop_size=CROP, device=Device.cpu)
     with prefect_test_harness(server_startup_timeout=120):
-        result = pretrain_flow(catalog=catalog_uri, model="tiny", steps=2, out=str(tmp_path / "flow"), batch_size=2,
-                               crop_size=CROP, device="cpu")
+        result = pretrain_flow(Profile.production, PathParams(catalog=catalog_uri), params)
 
         async def artifacts() -> list:
             async with get_client() as client:
