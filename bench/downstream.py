@@ -38,7 +38,8 @@ def make_catalog(root: Path) -> Any:
     from catalog.catalog import Catalog
     from catalog.fixtures import write_dataset
     from catalog.specs import spec_for_folder
-    from stages.ingest import ingest_item, item_for, plan
+    from stages.ingest import ingest_item, plan
+    from stages.ingest.discover import item_for
 
     for slug in benchmarks().values():
         write_dataset(slug, root / "src")

@@ -45,7 +45,8 @@ from catalog.cubes.writer import CubeWrite
 from catalog.fixtures.synth import scene, to_dtype
 from catalog.readers.base import SourceItem
 from catalog.specs import parse_spec
-from stages.ingest import ingest_item, item_for
+from stages.ingest import ingest_item
+from stages.ingest.discover import item_for
 
 DEFAULT = CubeLayout()
 """The library's default layout (catalog/cubes/layout.py), chosen from this table; marked * in it."""

@@ -9,7 +9,6 @@ config and the unusable folders), ``ingest_path`` per item, ``finish_ingest`` (c
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import os
 from collections import defaultdict
@@ -31,6 +30,7 @@ from catalog.specs import SPEC_FILENAME, DatasetSpec, spec_for_folder
 from catalog.validate import cube_shape, wavelengths_nm
 from infra.errors import InputError
 from stages.ingest import annotate, discover
+from stages.ingest.discover import item_for, list_items
 from stages.registry import record_config, register_stage
 
 STAGE_VERSION = "1"
@@ -82,47 +82,6 @@ class FileResult:
 
 
 # ---------------------------------------------------------------------------------------------- discovery
-def _excluded(rel: str, patterns: list[str]) -> bool:
-    return any(fnmatch.fnmatch(rel, p) or fnmatch.fnmatch(rel, p.removeprefix("**/")) for p in patterns)
-
-
-def list_items(folder: Path, spec: DatasetSpec, source_root: Path | None = None,
-               max_entries: int = discover.MAX_ENTRIES) -> tuple[list[SourceItem], list[InputError]]:
-    """Every source image of a dataset folder: the spec's globs minus excludes, one in every ``sample_every``
-    per sub-folder (video frames), each with its companion files and aligned RGB resolved; and the problems
-    found on the way (symlink loops, links out of ``source_root``, items whose companions cannot be used).
-    The walk is bounded by ``max_entries`` (an InputError beyond)."""
-    root = (source_root or folder.parent).absolute()
-    files, problems = discover.walk_files(folder, root, max_entries)
-    folder = folder.resolve()
-    rels = [r for r in discover.matching(files, spec.files) if not _excluded(r, spec.exclude) and r != SPEC_FILENAME]
-    if spec.sample_every > 1:
-        by_dir: dict[str, list[str]] = defaultdict(list)
-        for r in rels:
-            by_dir[r.rsplit("/", 1)[0] if "/" in r else ""].append(r)
-        rels = sorted(r for group in by_dir.values() for r in group[:: spec.sample_every])
-    items = []
-    for r in rels:
-        try:
-            items.append(item_for(folder, spec, r))
-        except InputError as exc:
-            problems.append(exc)
-    return items, problems
-
-
-def item_for(folder: Path, spec: DatasetSpec, primary_rel: str) -> SourceItem:
-    """The SourceItem of one primary file (relative to the dataset folder)."""
-    primary = folder / primary_rel
-    key = primary_rel.rsplit(".", 1)[0] if "." in Path(primary_rel).name else primary_rel
-    bare = SourceItem(dataset=spec.slug, root=folder, primary=primary, files=(primary,), key=key,
-                      stem_suffix=spec.stem_suffix)
-    companions = spec.reader.companions(primary, spec.reader_options(primary))
-    rgb = bare.resolve(spec.rgb) if spec.rgb else None
-    files = (primary, *companions, *([rgb] if rgb else []))
-    return SourceItem(dataset=spec.slug, root=folder, primary=primary, files=files, key=key, rgb=rgb,
-                      stem_suffix=spec.stem_suffix)
-
-
 def plan(source_root: str | Path, catalog: Catalog | None = None, datasets: list[str] | None = None) -> Plan:
     """List the work under ``source_root`` (one folder per dataset), with the sha256 already catalogued per image
     so unchanged images are skipped cheaply. A folder with no usable spec becomes a problem, not a crash."""

@@ -189,7 +189,8 @@ def test_matlab_double_counts_ingest_as_integers(tmp_path: Path) -> None:
     import scipy.io
 
     from catalog.specs import parse_spec
-    from stages.ingest import ingest_item, item_for
+    from stages.ingest import ingest_item
+    from stages.ingest.discover import item_for
 
     folder = tmp_path / "src" / "pines"
     folder.mkdir(parents=True)

@@ -20,7 +20,8 @@ from catalog.gc import collect_garbage
 from catalog.masks import MaskSet, table_from_masks
 from catalog.specs import spec_for_folder
 from catalog.storage import TMP
-from stages.ingest import IngestResult, ingest_item, item_for
+from stages.ingest import IngestResult, ingest_item
+from stages.ingest.discover import item_for
 
 
 def _cube(seed: int, shape: tuple[int, int, int] = (6, 24, 24)) -> np.ndarray:

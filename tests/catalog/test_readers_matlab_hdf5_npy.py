@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import scipy.io
 
-from catalog.fixtures import FixtureImage, write_dataset
+from catalog.fixtures import write_dataset
+from catalog.fixtures.base import FixtureImage
 from catalog.fixtures.matlab import write_mat_v5, write_mat_v73
 from catalog.fixtures.synth import rgb_preview
 from catalog.readers.base import AxisView, BandSubset, RawCube, Reader, ReaderOptions, SourceItem

@@ -188,7 +188,7 @@ def test_heads_are_sized_from_the_registry_feature_info() -> None:
     model = tiny()
     layout = layout_from_info(feature_info(TINY))
     assert layout.channels == (16,) * 4 and layout.strides == (4, 4, 8, 16)
-    head = build_head("segmentation", layout, num_classes=3)
+    head = build_head("runet", layout, num_classes=3)
     with torch.no_grad():
         logits = head(model.forward_features(cube(model.config)), output_size=(32, 32))
     assert logits.shape == (2, 3, 32, 32) and torch.isfinite(logits).all()

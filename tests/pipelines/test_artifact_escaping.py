@@ -17,7 +17,7 @@ from catalog.catalog import Catalog
 from catalog.specs import spec_for_folder
 from infra.markdown import escape_markdown
 from pipelines.wiring import markdown_table
-from stages.ingest import ingest_all
+from stages.ingest import IngestConfig, run_ingest
 
 LINK = "[x](http://evil)"
 IMG = "<img src=x onerror=alert(1)>"
@@ -54,7 +54,7 @@ def test_planted_dataset_reaches_the_markdown_table_as_text(tmp_path: Path) -> N
         "name": PLANTED, "format": "npy", "files": "captures/*.npy", "options": {"axes": "yxb"},
         "wavelengths_nm": [450.0, 500.0, 550.0, 600.0, 650.0]}))
     cat = Catalog(tmp_path / "catalog").init()
-    results, _ = ingest_all(cat, tmp_path / "sources")
+    results = run_ingest(cat, IngestConfig(source_root=str(tmp_path / "sources"))).files
     assert [r.status for r in results] == ["ingested", "ingested"], results
     spec = spec_for_folder(folder)
     assert spec is not None and spec.name == PLANTED

@@ -19,7 +19,8 @@ from catalog.fixtures.hsd import write_hsd
 from catalog.specs import load_spec_file, spec_for_folder
 from infra.errors import InputError
 from stages import ingest as stage
-from stages.ingest import FileResult, IngestConfig, IngestResult, ingest_item, item_for, list_items, plan, run_ingest
+from stages.ingest import FileResult, IngestConfig, IngestResult, ingest_item, plan, run_ingest
+from stages.ingest.discover import item_for, list_items
 
 
 def _run(source: Path | str, catalog: Catalog) -> tuple[list[FileResult], IngestResult]:

@@ -22,7 +22,8 @@ from infra.errors import InputError
 from model import create_model, describe, load_checkpoint
 from model.hyperfree import file_sha256
 from model.preprocess import prepare_batch
-from stages.ingest import ingest_item, item_for, plan
+from stages.ingest import ingest_item, plan
+from stages.ingest.discover import item_for
 from stages.pretraining import PretrainConfig, launch, train
 from stages.pretraining.checkpoints import latest_checkpoint
 from stages.pretraining.data import BandSignatureBatchSampler, PretrainDataset, collate, scan_catalog
