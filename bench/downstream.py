@@ -25,7 +25,12 @@ from typing import Any
 import numpy as np
 import torch
 
-DATASETS = {"segmentation": "hsi-drive-v2-0", "saliency": "hssod", "tracking": "hot-2023-vis"}
+
+def benchmarks() -> dict[str, str]:
+    """Every registered task's benchmark dataset (task -> slug)."""
+    from stages.downstream.tasks import TASKS, ordered_tasks
+
+    return {name: TASKS.get(name).default_dataset for name in ordered_tasks()}
 
 
 def make_catalog(root: Path) -> Any:
@@ -33,9 +38,10 @@ def make_catalog(root: Path) -> Any:
     from catalog.catalog import Catalog
     from catalog.fixtures import write_dataset
     from catalog.specs import spec_for_folder
-    from stages.ingest import ingest_item, item_for, plan
+    from stages.ingest import ingest_item, plan
+    from stages.ingest.discover import item_for
 
-    for slug in DATASETS.values():
+    for slug in benchmarks().values():
         write_dataset(slug, root / "src")
     cat = Catalog(root / "cat").init()
     for w in plan(root / "src", cat).items:
@@ -49,10 +55,11 @@ def make_catalog(root: Path) -> Any:
 def cache_timings(cat: Any, img_size: int) -> dict[str, float]:
     """Seconds per image: encode and store, rerun (cache hits), read the stored maps."""
     from catalog.features import FeatureStore
-    from stages.downstream.features import BackboneSpec, compute_features, feature_images, load_backbone
+    from stages.downstream.features import BackboneSpec, compute_features, load_backbone
+    from stages.downstream.runners import feature_images
 
     backbone = load_backbone(BackboneSpec(seed=101, overrides={"img_size": img_size}), "cpu")
-    ids, _ = feature_images(cat, list(DATASETS.values()))
+    ids, _ = feature_images(cat, list(benchmarks().values()))
     first = compute_features(cat, backbone, ids)
     rerun = compute_features(cat, backbone, ids)
     store = FeatureStore(cat)
@@ -66,16 +73,15 @@ def cache_timings(cat: Any, img_size: int) -> dict[str, float]:
 
 def dtype_scores(cat: Any, img_size: int, steps: int, out: Path) -> dict[str, dict[str, float]]:
     """Primary metric of the segmentation and saliency heads on float16 vs float32 cached features."""
-    from stages.downstream.features import BackboneSpec, load_backbone
-    from stages.downstream.run import task_spec, train_task
+    from stages.downstream.runners import BackboneConfig, HeadsConfig, TaskChoice, run_heads
 
     scores: dict[str, dict[str, float]] = {}
     for dtype in ("float16", "float32"):
-        backbone = load_backbone(BackboneSpec(overrides={"img_size": img_size}, dtype=dtype), "cpu")
-        for task, metric in (("segmentation", "miou"), ("saliency", "cc")):
-            spec = task_spec(task, "tiny", img_size, dataset=DATASETS[task], steps=steps, device="cpu")
-            outcome = train_task(cat, backbone, spec, out / f"{task}-{dtype}")
-            scores.setdefault(task, {})[dtype] = outcome.report.head[metric]
+        config = HeadsConfig(out_dir=str(out / f"heads-{dtype}"), head_size="small", steps=steps, device="cpu",
+                             backbone=BackboneConfig(overrides={"img_size": img_size}, dtype=dtype),
+                             tasks=[TaskChoice(task="segmentation"), TaskChoice(task="saliency")])
+        for outcome in run_heads(cat, config).outcomes:
+            scores.setdefault(outcome.report.task, {})[dtype] = outcome.report.head[outcome.report.section.primary]
     return scores
 
 
@@ -136,15 +142,18 @@ def cached_map_fn(backbone: Any, wavelengths: np.ndarray, gsd: float, grid: int)
 
 def tracking_variants(cat: Any, img_size: int, steps: int, out: Path) -> dict[str, dict[str, float]]:
     """Success AUC and ms per frame of the tracker with on-the-fly crop features vs crops of cached frame maps."""
-    import stages.downstream.run as run
-    from stages.downstream.features import BackboneSpec, load_backbone
-    from stages.downstream.run import task_spec, train_task
+    import stages.downstream.tasks.tracking as tracking
+    from stages.downstream.features import load_backbone
+    from stages.downstream.runners import BackboneConfig, HeadsConfig, TaskChoice, run_heads
 
-    backbone = load_backbone(BackboneSpec(overrides={"img_size": img_size}), "cpu")
-    spec = task_spec("tracking", "tiny", img_size, dataset=DATASETS["tracking"], steps=steps, device="cpu")
+    config = HeadsConfig(out_dir=str(out / "track-live"), head_size="small", steps=steps, device="cpu",
+                         backbone=BackboneConfig(overrides={"img_size": img_size}),
+                         tasks=[TaskChoice(task="tracking")], folder_per_task=False)
+    backbone = load_backbone(config.backbone.to_spec(), "cpu")
+    dataset = tracking.TASK.default_dataset
     results: dict[str, dict[str, float]] = {}
-    live = train_task(cat, backbone, spec, out / "track-live")
-    frames = sum(len(s.frames) - 1 for s in (cat.sequence(q) for q in cat.sequences(DATASETS["tracking"], "test")))
+    live = run_heads(cat, config, backbone=backbone).outcomes[0]
+    frames = sum(len(s.frames) - 1 for s in (cat.sequence(q) for q in cat.sequences(dataset, "test")))
     results["on the fly"] = {"auc": live.report.head["success_auc"],
                              "ms_per_frame": 1000 * live.timings["eval_s"] / frames}
     grid = img_size // int(backbone.descriptor["feature_info"][-1]["reduction"])
@@ -155,14 +164,15 @@ def tracking_variants(cat: Any, img_size: int, steps: int, out: Path) -> dict[st
         counters.append(spent)
         return fn
 
-    real = run._feature_fn
-    run._feature_fn = feature_fn  # type: ignore[assignment]
+    real = tracking.feature_fn
+    tracking.feature_fn = feature_fn  # type: ignore[assignment]
     try:
         with crops_as_geometry():
-            cached = train_task(cat, backbone, spec, out / "track-cached")
+            cached_config = config.model_copy(update={"out_dir": str(out / "track-cached")})
+            cached = run_heads(cat, cached_config, backbone=backbone).outcomes[0]
     finally:
-        run._feature_fn = real  # type: ignore[assignment]
-    tested = counters[-len(cat.sequences(DATASETS["tracking"], "test")):]  # the evaluation's feature functions
+        tracking.feature_fn = real  # type: ignore[assignment]
+    tested = counters[-len(cat.sequences(dataset, "test")):]  # the evaluation's feature functions
     results["cached frame maps"] = {
         "auc": cached.report.head["success_auc"],
         "ms_per_frame": 1000 * sum(c["crop"] for c in tested) / frames,  # serving crops from cached maps
@@ -194,7 +204,10 @@ def main() -> None:
         dtypes = dtype_scores(cat, args.img_size, args.steps, Path(tmp) / "runs")
         print(f"\n2. stored dtype: head scores after {args.steps} steps (same seeds)")
         print(f"{'head (metric)':28s} {'float16':>9s} {'float32':>9s} {'delta':>9s}")
-        for task, metric in (("segmentation", "miou"), ("saliency", "cc")):
+        from stages.downstream.tasks import TASKS
+
+        for task in dtypes:
+            metric = TASKS.get(task).report.primary
             half, full = dtypes[task]["float16"], dtypes[task]["float32"]
             print(f"{f'{task} ({metric})':28s} {half:9.4f} {full:9.4f} {half - full:+9.4f}")
             figures.append({"name": f"{task} {metric}: float16 minus float32 cached features",

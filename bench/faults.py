@@ -1,7 +1,7 @@
 """Fault injection at scale: kill -9 each stage (ingest, label, fuse, pretrain) at seeded random points, run it
 again, and count the runs that leave the catalog and the training run exactly as an uninterrupted run does.
 
-Target: every trial survives (50/50 by default). See infra/faults.py for the kill points and the checks.
+Target: every trial survives (50/50 by default). See tests/faults/harness.py for the kill points and the checks.
 
     .venv/bin/python bench/faults.py [--trials 50] [--seed 0] [--json]
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from infra import faults  # noqa: E402  (after the path set-up, so the bench runs from a checkout)
+from tests.faults import harness as faults  # noqa: E402  (after the path set-up, so the bench runs from a checkout)
 
 
 def main() -> None:

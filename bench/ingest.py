@@ -64,7 +64,8 @@ def sample():  # anonymous RSS: the process's own memory, not the page cache it 
 threading.Thread(target=sample, daemon=True).start()
 from catalog.specs import spec_for_folder
 from catalog.catalog import Catalog
-from stages.ingest import ingest_item, item_for
+from stages.ingest import ingest_item
+from stages.ingest.discover import item_for
 folder, catalog = Path(sys.argv[1]), sys.argv[2]
 spec = spec_for_folder(folder)
 t0 = time.perf_counter()

@@ -46,9 +46,10 @@ def main() -> None:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
     from catalog.catalog import Catalog
-    from pipelines.cli import _ingest
+    from pipelines.cli.data import run_ingest
     from pipelines.label import label_flow, relabel_flow
-    from pipelines.params import LabelParams, Profile, resolve_label
+    from pipelines.params import LabelParams, PathParams, Profile
+    from pipelines.profiles import resolve
     from stages.labelling import label as stage
     from stages.labelling.labeler import ImageSample
 
@@ -56,7 +57,7 @@ def main() -> None:
         root = Path(tmp)
         write_sources(root / "src", "bench-a", args.images, args.size, 31, 0)
         catalog = str(root / "cat")
-        _ingest(root / "src", catalog, None, None, None, True)
+        run_ingest(root / "src", catalog, plain=True)
         cat = Catalog(catalog)
         ids = list(cat.images()["image_id"])
         samples = [ImageSample.from_catalog(cat, i) for i in ids]
@@ -66,29 +67,31 @@ def main() -> None:
         print("  (bare: model on samples in memory; stage: + catalog reads and mask writes, no Prefect; flow: the "
               "Prefect label flow; empty flow: a run with nothing left to label)")
         demo = Profile.demo  # tiny random-init models, permissive thresholds
-        configs = resolve_label(demo, LabelParams()).configs
+        specs = resolve(demo).label.labelers
         for branch in stage.BRANCHES:
             only = LabelParams(branches=[branch])
-            lab = stage.cached_labeler(branch, configs[branch])
+            lab = stage.cached_labeler(branch, specs[branch])
             lab.label(samples[0])  # build and warm the model outside both timings
             t0 = time.perf_counter()
             for s in samples:
                 lab.label(s)
             bare = time.perf_counter() - t0
-            label_flow(catalog, only, fuse=False, profile=demo)  # warm-up of the flow machinery and the server
+            # warm-up of the flow machinery and the server
+            label_flow(demo, PathParams(catalog=catalog), only, fuse=False)
             fresh = str(root / f"cat-{branch}")  # the same images, none labelled yet
-            _ingest(root / "src", fresh, None, None, None, True)
+            run_ingest(root / "src", fresh, plain=True)
             staged = Catalog(str(root / f"cat-stage-{branch}"))
-            _ingest(root / "src", staged.uri, None, None, None, True)
+            run_ingest(root / "src", staged.uri, plain=True)
             t0 = time.perf_counter()
             for image_id in ids:
                 stage.label_image(staged, image_id, lab)
             stage_s = time.perf_counter() - t0
             t0 = time.perf_counter()
-            label_flow(fresh, only, fuse=False, profile=demo)
+            label_flow(demo, PathParams(catalog=fresh), only, fuse=False)
             flow_s = time.perf_counter() - t0
             t0 = time.perf_counter()
-            label_flow(fresh, only, fuse=False, profile=demo)  # nothing left to label: the fixed cost of one flow run
+            # nothing left to label: the fixed cost of one flow run
+            label_flow(demo, PathParams(catalog=fresh), only, fuse=False)
             empty = time.perf_counter() - t0
             print(f"{branch:9s} {bare:12.2f} {stage_s:8.2f} {stage_s / bare:10.2f} {flow_s:8.2f} "
                   f"{flow_s / bare:10.2f} {empty:13.2f}")
@@ -99,17 +102,17 @@ def main() -> None:
         # neither side pays the process's one-time imports)
         warm = root / "warm"
         write_sources(warm, "bench-w", 2, args.size, 25, 2)
-        relabel_flow(str(warm), str(root / "cat-warm"), profile=demo)
+        relabel_flow(demo, PathParams(source_root=str(warm), catalog=str(root / "cat-warm")))
         write_sources(root / "src", "bench-b", args.images, args.size, 25, 1)
         t0 = time.perf_counter()
-        rows = relabel_flow(str(root / "src"), catalog, profile=demo)
+        rows = relabel_flow(demo, PathParams(source_root=str(root / "src"), catalog=catalog))
         relabel_s = time.perf_counter() - t0
         assert {r["image_id"].split("/")[0] for r in rows} == {"bench-b"}
         alone_src = root / "alone"
         alone_src.mkdir()
         (alone_src / "bench-b").symlink_to(root / "src" / "bench-b", target_is_directory=True)
         t0 = time.perf_counter()
-        relabel_flow(str(alone_src), str(root / "cat-alone"), profile=demo)
+        relabel_flow(demo, PathParams(source_root=str(alone_src), catalog=str(root / "cat-alone")))
         alone_s = time.perf_counter() - t0
         print(f"relabel after adding one dataset: {relabel_s:.2f} s; that dataset alone: {alone_s:.2f} s -> "
               f"{relabel_s / alone_s:.2f}x (target <= 1.1)")

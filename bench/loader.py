@@ -40,14 +40,16 @@ import numpy as np
 import scipy.io
 
 from catalog.catalog import Catalog
-from catalog.cubes import CubeLayout, CubeWrite
+from catalog.cubes.layout import CubeLayout
+from catalog.cubes.writer import CubeWrite
 from catalog.fixtures.synth import scene, to_dtype
 from catalog.readers.base import SourceItem
 from catalog.specs import parse_spec
-from stages.ingest import ingest_item, item_for
+from stages.ingest import ingest_item
+from stages.ingest.discover import item_for
 
 DEFAULT = CubeLayout()
-"""The library's default layout (catalog/cubes.py), chosen from this table; marked * in it."""
+"""The library's default layout (catalog/cubes/layout.py), chosen from this table; marked * in it."""
 
 BASE = CubeLayout(chunk_xy=64, band_group=0, shard_xy=0, codec="none", checksum=True)
 LAYOUTS: list[CubeLayout] = [

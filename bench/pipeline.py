@@ -1,8 +1,8 @@
 """The whole `hypervision` DAG on fixtures: wall time of each stage, and the orchestration overhead, measured side
 by side in one run.
 
-1. The stages' own time: the same stages as plain function calls on a fresh catalog (ingest every file, label
-   with each branch, fuse with the report and overlays, pretrain, cache the frozen backbone's features, train and
+1. The stages' own time: each stage's runner called directly on a fresh catalog (ingest every file, label with
+   each branch, fuse with the report and overlays, pretrain, cache the frozen backbone's features, train and
    score one head per task with the report), no Prefect.
 2. The flow: `hypervision_flow` (demo profile) on another fresh catalog of the same sources, on Prefect's
    temporary local server, as `hvp demo` runs it; per stage the subflow's wall time.
@@ -33,50 +33,30 @@ TARGET = 1.3
 
 
 def plain_run(src: Path, catalog: str, runs: Path, steps: int) -> dict[str, float]:
-    """Every stage as plain function calls with the demo profile's values; seconds per stage."""
+    """Every stage's runner called directly with the demo profile's configuration; seconds per stage."""
     from catalog.catalog import Catalog
-    from catalog.masks import MaskStore
-    from catalog.specs import spec_for_folder
-    from pipelines.params import DEFAULT_LABEL, DEMO_PRETRAIN, Profile, resolve_label
-    from stages import ingest
-    from stages import pretraining as pretrain
-    from stages.labelling import label as stage
-    from stages.labelling.fuse import fusion_id
+    from pipelines.params import PathParams, PretrainParams, Profile
+    from pipelines.profiles import resolve
+    from stages.ingest import run_ingest
+    from stages.labelling.label import run_fuse, run_label
+    from stages.pretraining import run_pretrain
 
+    run = resolve(Profile.demo, PathParams(source_root=str(src), catalog=catalog, runs=str(runs)),
+                  pretrain=PretrainParams(steps=steps))
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     cat = Catalog(catalog).init()
-    work = ingest.plan(src, cat, None)
-    for w in work.items:
-        spec = spec_for_folder(Path(w.folder))
-        assert spec is not None
-        ingest.ingest_item(cat, spec, ingest.item_for(Path(w.folder), spec, w.primary), w.known_sha256)
-    cat.compact()
+    run_ingest(cat, run.ingest)
     times["ingest"] = time.perf_counter() - t0
-    resolved = resolve_label(Profile.demo, DEFAULT_LABEL)
-    ids = {}
-    for branch in resolved.branches:
+    for branch in run.label.branches:
         t0 = time.perf_counter()
-        lab = stage.cached_labeler(branch, resolved.configs[branch])
-        for image_id in stage.pending(cat, lab.labeler_id):
-            stage.label_image(cat, image_id, lab)
-        MaskStore(cat).compact()
-        ids[branch] = lab.labeler_id
+        run_label(cat, run.label_config(branch))
         times[f"label-{branch}"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    fid = fusion_id(list(ids.values()), resolved.tau)
-    for image_id in stage.pending(cat, fid):
-        stage.fuse_image(cat, image_id, list(ids.values()), resolved.tau)
-    MaskStore(cat).compact()
-    image_ids = stage.image_ids(cat)
-    stage.report(cat, image_ids, ids, resolved.tau)
-    stage.write_overlays(cat, image_ids, ids, resolved.tau, resolved.overlays)
+    run_fuse(cat, run.fuse)
     times["fuse"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    overrides = {k: v for k, v in DEMO_PRETRAIN.items() if k != "model"}
-    config = pretrain.PretrainConfig.preset("tiny", catalog=catalog, out_dir=str(runs / "plain"),
-                                            **{**overrides, "steps": steps})
-    result = pretrain.launch(config)
+    result = run_pretrain(cat, run.pretrain.model_copy(update={"out_dir": str(runs / "plain")}))
     times["pretrain"] = time.perf_counter() - t0
     times.update(plain_downstream(cat, result.checkpoint, runs / "plain-downstream"))
     return times
@@ -85,23 +65,32 @@ def plain_run(src: Path, catalog: str, runs: Path, steps: int) -> dict[str, floa
 def plain_downstream(cat: Any, checkpoint: str, out_dir: Path) -> dict[str, float]:
     """Features, then one head per task whose benchmark the catalog holds, then the report, as the DAG runs them
     (demo profile: the tiny layout, the pretrained checkpoint frozen); seconds per stage."""
-    from pipelines.params import DEFAULT_DOWNSTREAM, Task
-    from stages.downstream.features import BackboneSpec, compute_features, feature_images, load_backbone
-    from stages.downstream.run import held_benchmarks, summarise, task_spec, train_task
+    from pipelines.params import DEFAULT_DOWNSTREAM, cached_feature_datasets
+    from stages.downstream.features import BackboneSpec, load_backbone
+    from stages.downstream.heads import held_benchmarks
+    from stages.downstream.runners import (
+        BackboneConfig,
+        FeaturesConfig,
+        HeadsConfig,
+        TaskChoice,
+        run_features,
+        run_heads,
+    )
 
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     tasks, _ = held_benchmarks(cat, DEFAULT_DOWNSTREAM.task_datasets())
+    backbone_config = BackboneConfig(model="tiny", checkpoint=checkpoint)
     backbone = load_backbone(BackboneSpec(model="tiny", checkpoint=checkpoint), "cpu")
-    ids, _ = feature_images(cat, [d for t, d in tasks.items() if t != Task.tracking.value])
-    compute_features(cat, backbone, ids)
+    datasets = cached_feature_datasets(tasks)
+    if datasets:
+        run_features(cat, FeaturesConfig(backbone=backbone_config, datasets=datasets, device="cpu"), backbone=backbone)
     times["features"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    outcomes = [train_task(cat, backbone, task_spec(t, backbone.descriptor["model"], backbone.img_size, dataset=d,
-                                                    device="cpu"), out_dir / t, replace=True)
-                for t, d in tasks.items()]
-    if outcomes:
-        summarise(out_dir, outcomes, backbone)
+    if tasks:
+        run_heads(cat, HeadsConfig(out_dir=str(out_dir), backbone=backbone_config, head_size="small", device="cpu",
+                                   replace=True, tasks=[TaskChoice(task=t, dataset=d) for t, d in tasks.items()]),
+                  backbone=backbone)
     times["heads"] = time.perf_counter() - t0
     return times
 
@@ -139,15 +128,8 @@ def main() -> None:
 
     from catalog.fixtures import make_fixtures
     from pipelines.hypervision import hypervision_flow
-    from pipelines.params import (
-        DEFAULT_LABEL,
-        Device,
-        DownstreamParams,
-        PathParams,
-        PretrainParams,
-        Profile,
-        resolve_label,
-    )
+    from pipelines.params import Device, DownstreamParams, PathParams, PretrainParams, Profile
+    from pipelines.profiles import resolve
     from stages.labelling import label as stage
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -157,8 +139,8 @@ def main() -> None:
         images = sum(map(len, written.values()))
         print(f"{images} fixture images of {len(written)} datasets; demo profile (tiny random-init models), "
               f"{args.steps} pretraining steps")
-        for branch, config in resolve_label(Profile.demo, DEFAULT_LABEL).configs.items():  # warm the imports
-            stage.cached_labeler(branch, config)
+        for branch, spec in resolve(Profile.demo).label.labelers.items():  # warm the imports
+            stage.cached_labeler(branch, spec)
         fixed = fixed_cost()  # also starts the temporary server
         plains: list[dict[str, float]] = []
         flows: list[tuple[float, dict[str, float]]] = []

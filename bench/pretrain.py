@@ -36,7 +36,8 @@ def make_catalog(root: Path, images: int = 8, size: int = 96, bands: int = 31, n
     from catalog.fixtures.synth import scene, to_dtype
     from catalog.masks import MaskSet, MaskStore, table_from_masks
     from catalog.specs import parse_spec
-    from stages.ingest import ingest_item, item_for
+    from stages.ingest import ingest_item
+    from stages.ingest.discover import item_for
     from stages.labelling.falsecolor import ensure_falsecolor
 
     rng = np.random.default_rng(0)
@@ -141,7 +142,8 @@ def big_catalog(root: Path, side: int = 1024, bands: int = 204) -> str:
     from catalog.fixtures.synth import scene, to_dtype
     from catalog.masks import MaskSet, MaskStore, table_from_masks
     from catalog.specs import parse_spec
-    from stages.ingest import ingest_item, item_for
+    from stages.ingest import ingest_item
+    from stages.ingest.discover import item_for
 
     rng = np.random.default_rng(1)
     folder = root / "src" / "alone"

@@ -13,6 +13,10 @@ Needs the released repository on disk (never part of this project):
 
     .venv/bin/python bench/released_equivalence.py --released /path/to/HyperVision [--layouts b,l] [--json]
 
+With ``--hypersigma /path/to/HyperSIGMA [--sizes b,l]`` the HyperSIGMA section runs (alone, or after the
+HyperVision one): fused features, masked autoencoders, checkpoint loading and keys against the released HyperSIGMA
+code (bench/hypersigma_equivalence.py says what it compares and what it stubs).
+
 Zero-shot tasks (``--hyperfree /path/to/HyperFree``, a checkout of the released HyperFree repository): the released
 task functions (Fine-tuning-free-manner/*/prompt_mask_feature_interaction.py) with the released automatic mask
 generator and model, beside ours (stages.zeroshot, behaviour ``released``) on identical perturbed random weights (a
@@ -161,34 +165,39 @@ def compare_keys(pkg: types.ModuleType, layout: str, img_size: int) -> dict[str,
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--released", help="checkout of the released HyperVision repository")
-    ap.add_argument("--hyperfree", help="checkout of the released HyperFree repository (zero-shot tasks)")
+    ap.add_argument("--hypersigma", help="checkout of the released HyperSIGMA repository (its section runs)")
+    ap.add_argument("--hyperfree", help="checkout of the released HyperFree repository (the zero-shot tasks)")
+    ap.add_argument("--sizes", default="b,l", help="HyperSIGMA sizes compared numerically (b, l, h)")
     ap.add_argument("--layouts", default="b,l", help="layouts compared numerically (b, l); h is key/shape level")
     ap.add_argument("--img", type=int, default=512, help="image size (the released example's 512)")
     ap.add_argument("--height", type=int, default=300)
     ap.add_argument("--width", type=int, default=400)
     ap.add_argument("--json", action="store_true", help="also print every row as JSON")
     args = ap.parse_args()
+    if not (args.released or args.hypersigma or args.hyperfree):
+        ap.error("name a checkout: --released (HyperVision), --hypersigma (HyperSIGMA) and/or --hyperfree "
+                 "(HyperFree)")
     torch.set_grad_enabled(False)
-    if not args.released and not args.hyperfree:
-        ap.error("give --released (HyperVision) and/or --hyperfree (HyperFree)")
+    figures: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = []
+    if args.released:
+        hypervision_section(args, figures, rows)
+    if args.hypersigma:
+        hypersigma_section(args.hypersigma, tuple(args.sizes.split(",")), figures, rows)
     if args.hyperfree:
-        zs_rows = compare_zeroshot(args.hyperfree)
-        print(f"released HyperFree task functions: {args.hyperfree}; random-init (perturbed) reduced layout "
-              f"{ZS_LAYOUT}, 40x48 12-bit cube, behaviour 'released'")
-        for r in zs_rows:
-            print(f"{r['task']:26s} {'x'.join(map(str, r['shape'])):>10s} differing pixels {r['differing_pixels']:6d} "
-                  f"positives {r['positives']:5d} {'EQUAL' if r['equal'] else 'DIFFER'} {r['note']}")
-        print(json.dumps({"figures": [
-            {"name": f"zero-shot {r['task']} pixels differing from the released", "value": r["differing_pixels"],
-             "target": 0, "met": r["equal"] != r["task"].startswith("control")} for r in zs_rows]}))
-        if not args.released:
-            return
+        hyperfree_section(args.hyperfree, figures, rows)
+    if args.json:
+        print(json.dumps({"rows": rows}))
+    print(json.dumps({"figures": figures}))
+
+
+def hypervision_section(args: argparse.Namespace, figures: list[dict[str, Any]], rows: list[dict[str, Any]]
+                        ) -> None:
+    """The HyperVision comparison: features and decoder outputs per layout, keys and shapes per layout."""
     pkg = import_released(args.released)
     print(f"released code: {args.released}; random-init weights (perturbed), image size {args.img}, "
           f"cube {args.height}x{args.width} uint16 12-bit + offset 1000, contract 'released', test_mode=True")
     print("adjustments to run the released code: osgeo stand-in; released prompt grid set to the neck's")
-    figures: list[dict[str, Any]] = []
-    rows: list[dict[str, Any]] = []
     for layout in args.layouts.split(","):
         t0 = time.perf_counter()
         part = compare_layout(pkg, layout, args.img, tuple(WAVELENGTHS), GSDS, (args.height, args.width))
@@ -213,9 +222,67 @@ def main() -> None:
               f"(released {k['released_params_m']:.2f} M), {len(k['differing'])} keys differ in name or shape")
         figures.append({"name": f"-{k['layout']} keys differing in name or shape", "value": len(k["differing"]),
                         "target": 0, "met": not k["differing"]})
-    if args.json:
-        print(json.dumps({"rows": rows}))
-    print(json.dumps({"figures": figures}))
+
+
+
+def hypersigma_section(path: str, sizes: tuple[str, ...], figures: list[dict[str, Any]], rows: list[dict[str, Any]]
+                       ) -> None:
+    """The HyperSIGMA comparison (bench/hypersigma_equivalence.py): fused features and MAEs per size, the
+    release's checkpoint loading against ours, keys and shapes of -B/-L/-H."""
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import hypersigma_equivalence as hs
+
+    t0 = time.perf_counter()
+    part, found = hs.run(path, sizes, img=64, bands=100)
+    rows += part
+    figures += found
+    print(f"\nHyperSIGMA, released code: {path}; random-init weights (perturbed), 2 random cubes of 100 bands; "
+          f"({time.perf_counter() - t0:.0f} s)")
+    print("adjustments to run the released code: " + "; ".join(hs.STUBS))
+    print(f"{'size':>4s} {'gate':17s} {'p':>2s} {'output':22s} {'shape':>16s} {'max abs diff':>13s} "
+          f"{'|released|':>11s}")
+    for r in part:
+        if "output" in r:
+            print(f"{r['size']:>4s} {r['gate']:17s} {r['patch']:2d} {r['output']:22s} "
+                  f"{'x'.join(map(str, r['shape'])):>16s} {r['max_abs_diff']:13.3g} {r['released_max_abs']:11.3g}")
+        else:
+            print(f"{r['size']:>4s} {r['kind']} MAE: strict load into the released class {r['strict_load']}, "
+                  f"{r['keys']} keys; loss diff {r['loss_diff']:.3g}, pred max abs diff {r['pred_max_abs_diff']:.3g}, "
+                  f"same mask {r['mask_equal']}, fresh decoder positions diff {r['fresh_decoder_pos_embed_diff']:.3g}")
+    with tempfile.TemporaryDirectory() as folder:
+        for load in hs.compare_pretrained_load(hs.import_released(path), "b", 32, 2, Path(folder)):
+            rows.append(load)
+            print(f"-B {load['kind']} checkpoint into a 32 px / patch 2 encoder: release's init_weights vs ours: "
+                  f"{load['loaded']} loaded, resized {load['resized']}, {load['reinitialised']} re-initialised, "
+                  f"{load['ignored']} ignored; max abs diff of what both loaded {load['max_abs_diff']:.3g}")
+            figures.append({"name": f"HyperSIGMA-B {load['kind']} checkpoint: loaded tensors vs the release's "
+                                    "init_weights, max abs diff", "value": load["max_abs_diff"], "target": hs.TARGET,
+                            "met": load["max_abs_diff"] <= hs.TARGET})
+    for size in ("b", "l", "h"):
+        k = hs.compare_keys(hs.import_released(path), size)
+        print(f"HyperSIGMA-{k['size']}: {k['keys']} keys (released without heads {k['released_keys']}), "
+              f"{k['params_m']:.2f} M parameters (released {k['released_params_m']:.2f} M), {len(k['differing'])} "
+              f"differ; MAEs {k['spatial_mae_params_m']:.2f} M / {k['spectral_mae_params_m']:.2f} M, "
+              f"{len(k['spatial_mae_differing']) + len(k['spectral_mae_differing'])} keys differ")
+        differ = len(k["differing"]) + len(k["spatial_mae_differing"]) + len(k["spectral_mae_differing"])
+        figures.append({"name": f"HyperSIGMA-{k['size']} keys differing in name or shape (fused model, two MAEs)",
+                        "value": differ, "target": 0, "met": differ == 0})
+
+
+def hyperfree_section(path: str, figures: list[dict[str, Any]], rows: list[dict[str, Any]]) -> None:
+    """The zero-shot comparison: each released task function's map against ours, pixels differing."""
+    zs_rows = compare_zeroshot(path)
+    print(f"\nreleased HyperFree task functions: {path}; random-init (perturbed) reduced layout {ZS_LAYOUT}, "
+          "40x48 12-bit cube, behaviour 'released'")
+    for r in zs_rows:
+        print(f"{r['task']:32s} {'x'.join(map(str, r['shape'])):>10s} differing pixels {r['differing_pixels']:6d} "
+              f"positives {r['positives']:6d} {'EQUAL' if r['equal'] else 'DIFFER'} {r['note']}")
+        figures.append({"name": f"zero-shot {r['task']}: pixels differing from the released",
+                        "value": r["differing_pixels"], "target": 0,
+                        "met": r["equal"] != r["task"].startswith("control")})
+    rows += [{"section": "zeroshot", **r} for r in zs_rows]
 
 
 # ------------------------------------------------------------------------------------------------ zero-shot tasks

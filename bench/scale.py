@@ -24,15 +24,6 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-#: Labeler settings of the demo: tiny random-init models, permissive thresholds.
-LABEL_ENV = {
-    "HVP_SPATIAL_PARAMS": {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0},
-    "HVP_SPECTRAL_PARAMS": {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0,
-                            "stride": 4, "max_objects": 4},
-    "HVP_MATERIAL_PARAMS": {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0},
-}
-
-
 def make_sources(root: Path, images: int, side: int, bands: int) -> Path:
     """A user dataset of ``images`` noisy (y, x, band) uint16 cubes (sensor-like: close to incompressible)."""
     folder = root / "src" / "scale-cam"
@@ -50,15 +41,17 @@ def make_sources(root: Path, images: int, side: int, bands: int) -> Path:
 
 
 def warm_worker() -> None:
-    """Import the stages and build every labeler's model on a worker, so that what is timed is the work."""
-    from stages.labelling.label import BRANCHES, cached_labeler
+    """Import the stages and build every labeler's model (the demo profile's) on a worker, so that what is timed is
+    the work."""
+    from pipelines.profiles import resolve
+    from stages.labelling.label import cached_labeler
     from stages.labelling.labeler import ImageSample
 
     rng = np.random.default_rng(0)
     sample = ImageSample("warm/up", rng.integers(0, 4000, (24, 32, 32)).astype(np.uint16),
                          np.linspace(420, 980, 24))
-    for branch in BRANCHES:
-        cached_labeler(branch).label(sample)
+    for branch, spec in resolve("demo").label.labelers.items():
+        cached_labeler(branch, spec).label(sample)
 
 
 def worker_cpu_s() -> float:
@@ -78,7 +71,7 @@ def run_on(workers: int, source: Path, warm: Path, root: Path) -> tuple[dict[str
     from infra.settings import cube_options
     from pipelines.ingest import ingest_flow
     from pipelines.label import label_flow
-    from pipelines.params import LabelParams
+    from pipelines.params import PathParams, Profile
     from stages import ingest as stage
 
     out: dict[str, float] = {}
@@ -92,7 +85,8 @@ def run_on(workers: int, source: Path, warm: Path, root: Path) -> tuple[dict[str
         client.run(warm_worker)
         runner = DaskTaskRunner(address=cluster.scheduler_address)
         # a first flow run initialises Prefect on every worker (client, settings): a one-off cost, not scaling
-        ingest_flow.with_options(task_runner=runner)(str(warm), f"file://{root / f'cat-warm-{workers}w'}")
+        ingest_flow.with_options(task_runner=runner)(PathParams(source_root=str(warm),
+                                                                 catalog=f"file://{root / f'cat-warm-{workers}w'}"))
         catalog = f"file://{root / f'cat-{workers}w'}"
         work = stage.plan(source).items
         plain = str(root / f"cat-dask-{workers}w")
@@ -104,8 +98,9 @@ def run_on(workers: int, source: Path, warm: Path, root: Path) -> tuple[dict[str
             assert {r.status for r in client.gather(futures)} == {"ingested"}
 
         phases = {
-            "ingest": lambda: ingest_flow.with_options(task_runner=runner)(str(source), catalog),
-            "label": lambda: label_flow(catalog, LabelParams(overlays=0), fuse=False,
+            "ingest": lambda: ingest_flow.with_options(task_runner=runner)(PathParams(source_root=str(source),
+                                                                                      catalog=catalog)),
+            "label": lambda: label_flow(Profile.demo, PathParams(catalog=catalog), fuse=False,
                                        dask_address=cluster.scheduler_address),
             "dask_ingest": dask_ingest,
         }
@@ -124,8 +119,6 @@ def main() -> None:
     parser.add_argument("--bands", type=int, default=96)
     parser.add_argument("--json", action="store_true", help="print the timings as JSON (before the figures line)")
     args = parser.parse_args()
-    for key, value in LABEL_ENV.items():  # before the workers start: they inherit the environment
-        os.environ.setdefault(key, json.dumps(value))
     os.environ.setdefault("HVP_LABEL_BATCH", "1")  # one image per task, so both workers get work
     from infra.prefect_server import start_temporary_server
 

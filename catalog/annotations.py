@@ -33,7 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 import pandas as pd
@@ -41,11 +41,27 @@ import pyarrow as pa
 import zarr
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from catalog.problems import Problem, VerifyReport
 from catalog.storage import member
 from infra.errors import CatalogError, CorruptChunkError
 
 if TYPE_CHECKING:
-    from catalog.catalog import Catalog, VerifyReport
+    from catalog.storage import Storage
+
+
+class CatalogView(Protocol):
+    """What this module uses of a `catalog.catalog.Catalog` (named here, so that the catalog can import this module
+    without this module importing the catalog)."""
+
+    chunk_xy: int
+    storage: Storage
+
+    @property
+    def uri(self) -> str: ...
+
+    def row(self, image_id: str) -> pd.Series: ...
+    def images(self, dataset: str | None = None) -> pd.DataFrame: ...
+    def is_complete(self, location: str) -> bool: ...
 
 AnnotationKind = Literal["segmentation", "saliency", "track", "pixel_classes", "target_map", "anomaly_map",
                          "change_pair"]
@@ -363,7 +379,7 @@ def chunk_checksums(array: np.ndarray, chunk: int) -> dict[str, str]:
     return out
 
 
-def write_label_group(catalog: Catalog, location: str, array: np.ndarray, attrs: dict[str, Any],
+def write_label_group(catalog: CatalogView, location: str, array: np.ndarray, attrs: dict[str, Any],
                       extras: dict[str, np.ndarray] | None = None) -> None:
     """Store a label map (y, x) with per-chunk checksums at ``location``, and any ``extras`` arrays with their
     sha256; a complete group there is re-used. Written to a leased temporary and renamed (locally), so a reader
@@ -390,12 +406,12 @@ def write_label_group(catalog: Catalog, location: str, array: np.ndarray, attrs:
         raise
 
 
-def write_track_row(catalog: Catalog, row: dict[str, Any]) -> None:
+def write_track_row(catalog: CatalogView, row: dict[str, Any]) -> None:
     """Record one frame of a sequence (its own part file: concurrent frames lose nothing)."""
     catalog.storage.write_part("tracks", [row], TRACK_SCHEMA)
 
 
-def compact_tracks(catalog: Catalog) -> int:
+def compact_tracks(catalog: CatalogView) -> int:
     """Merge the track table's part files; returns the number merged."""
     return catalog.storage.compact_table("tracks", TRACK_SCHEMA)
 
@@ -415,7 +431,7 @@ def stored_fingerprints(index: pd.DataFrame) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------- reading
-def read_label_array(catalog: Catalog, image_id: str, location: str) -> tuple[np.ndarray, dict[str, Any]]:
+def read_label_array(catalog: CatalogView, image_id: str, location: str) -> tuple[np.ndarray, dict[str, Any]]:
     """The stored label map and its attrs, every chunk checked against its recorded sha256."""
     try:
         group = zarr.open_group(catalog.storage.zarr_store(location), mode="r", zarr_format=3)
@@ -432,7 +448,8 @@ def read_label_array(catalog: Catalog, image_id: str, location: str) -> tuple[np
     return array, attrs
 
 
-def read_label_extras(catalog: Catalog, image_id: str, location: str, attrs: dict[str, Any]) -> dict[str, np.ndarray]:
+def read_label_extras(catalog: CatalogView, image_id: str, location: str, attrs: dict[str, Any]
+                      ) -> dict[str, np.ndarray]:
     """The extra arrays of a label group (pixel split, target spectrum, second cube), each checked against its
     recorded sha256."""
     recorded = attrs.get("extra_sha256") or {}
@@ -454,7 +471,7 @@ def read_label_extras(catalog: Catalog, image_id: str, location: str, attrs: dic
     return out
 
 
-def _check_chunks(catalog: Catalog, image_id: str, location: str, array: np.ndarray, attrs: dict[str, Any]) -> None:
+def _check_chunks(catalog: CatalogView, image_id: str, location: str, array: np.ndarray, attrs: dict[str, Any]) -> None:
     recorded = attrs.get("chunk_sha256")
     chunk = int(str(attrs.get("chunk", 0)))
     if not isinstance(recorded, dict) or not chunk:
@@ -468,7 +485,7 @@ def _check_chunks(catalog: Catalog, image_id: str, location: str, array: np.ndar
                                     "its sha256 differs from the one recorded at ingest")
 
 
-def read_annotation(catalog: Catalog, image_id: str, variant: str | None = None) -> AnnotationMap:
+def read_annotation(catalog: CatalogView, image_id: str, variant: str | None = None) -> AnnotationMap:
     """See ``Catalog.annotation``."""
     row = catalog.row(image_id)
     location = row.get("label_location")
@@ -501,7 +518,7 @@ def read_annotation(catalog: Catalog, image_id: str, variant: str | None = None)
                          second=extras.get("second"), protocol=dict(protocol) if isinstance(protocol, dict) else None)
 
 
-def _tracks(catalog: Catalog) -> pd.DataFrame:
+def _tracks(catalog: CatalogView) -> pd.DataFrame:
     """Track rows that agree with their frame's current index row, latest sequence version only."""
     tracks = catalog.storage.read_table("tracks", TRACK_SCHEMA)[0].to_pandas()
     if tracks.empty:
@@ -520,7 +537,7 @@ def _complete(rows: pd.DataFrame) -> bool:
     return len(rows) == count and list(rows["frame_index"]) == list(range(count))
 
 
-def read_sequence(catalog: Catalog, seq_id: str) -> TrackSequence:
+def read_sequence(catalog: CatalogView, seq_id: str) -> TrackSequence:
     """See ``Catalog.sequence``."""
     tracks = _tracks(catalog)
     rows = tracks[tracks["sequence_id"] == seq_id] if not tracks.empty else tracks
@@ -539,7 +556,7 @@ def read_sequence(catalog: Catalog, seq_id: str) -> TrackSequence:
                          source_path=str(rows["source_path"].iloc[0]))
 
 
-def list_sequences(catalog: Catalog, dataset: str | None = None, split: str | None = None) -> list[str]:
+def list_sequences(catalog: CatalogView, dataset: str | None = None, split: str | None = None) -> list[str]:
     """See ``Catalog.sequences``."""
     tracks = _tracks(catalog)
     if tracks.empty:
@@ -551,7 +568,7 @@ def list_sequences(catalog: Catalog, dataset: str | None = None, split: str | No
     return sorted(seq for seq, rows in tracks.groupby("sequence_id") if _complete(rows))
 
 
-def annotated_images(catalog: Catalog, dataset: str, split: str | None = None) -> list[str]:
+def annotated_images(catalog: CatalogView, dataset: str, split: str | None = None) -> list[str]:
     """See ``Catalog.annotated``."""
     df = catalog.images(dataset)
     if df.empty:
@@ -562,11 +579,9 @@ def annotated_images(catalog: Catalog, dataset: str, split: str | None = None) -
     return sorted(df["image_id"])
 
 
-def verify_labels(catalog: Catalog, index: pd.DataFrame, report: VerifyReport) -> None:
+def verify_labels(catalog: CatalogView, index: pd.DataFrame, report: VerifyReport) -> None:
     """Add label problems to a verify report: a missing, partial or corrupt label group is a problem of its image
     (re-ingesting the image repairs it); label groups no index row names are orphans."""
-    from catalog.catalog import Problem
-
     named: set[str] = set()
     if not index.empty and "label_location" in index:
         for image_id, location in zip(index["image_id"], index["label_location"], strict=True):

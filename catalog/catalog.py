@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -32,9 +31,13 @@ import xarray as xr
 import zarr
 
 from catalog import annotations as annotation_store
-from catalog import cubes
-from catalog.cubes import CubeLayout, CubeReader, CubeWrite, FileAccess
+from catalog.cubes.files import FileAccess
+from catalog.cubes.layout import CubeLayout
+from catalog.cubes.reader import CubeReader
+from catalog.cubes.writer import CubeWrite, write_group
+from catalog.cubes.xarray_view import open_dataarray
 from catalog.masks import MaskStore
+from catalog.problems import Problem, VerifyReport
 from catalog.storage import TMP, Storage, member, now_utc
 
 FORMAT = {"format": "hvp-catalog", "version": 1}
@@ -61,7 +64,7 @@ class Catalog:
     """Read and write access to one catalog. Cheap to create; safe to use from several processes at once.
 
     Its options come as arguments (the CLI and flows read them from the settings, ``infra.settings.cube_options``):
-    ``layout`` is how new cubes are stored (catalog/cubes.py; ``chunk_xy`` alone gives the default layout with
+    ``layout`` is how new cubes are stored (catalog/cubes/layout.py; ``chunk_xy`` alone gives the default layout with
     that chunk edge); ``read_threads`` and ``chunk_cache_mb`` configure this process's chunk reader.
     """
 
@@ -77,7 +80,6 @@ class Catalog:
         self.chunk_cache_bytes = int(chunk_cache_mb * 2**20)
         self._files = FileAccess(self.storage.fs, self.storage.local)
         self._reader: CubeReader | None = None
-        self._device_readers: dict[str, cubes.DeviceBatchReader] = {}
         self._rows: pd.DataFrame | None = None
         self._mask_store: MaskStore | None = None
         self._missing: set[str] = set()  # derived arrays looked for and not found
@@ -227,8 +229,8 @@ class Catalog:
         else:
             target = self.storage.temporary(location)
             try:
-                content_sha, dtype = cubes.write_group(self._files, self.storage.path(target), cw, self.layout,
-                                                       finite_block, on_strip, self.TILE_BYTES)
+                content_sha, dtype = write_group(self._files, self.storage.path(target), cw, self.layout,
+                                                 finite_block, on_strip, self.TILE_BYTES)
                 self.storage.commit_folder(target, location)  # replaces an incomplete leftover of a killed run
                 self.cubes.forget(location)
                 group = zarr.open_group(self.storage.zarr_store(location), mode="r+", zarr_format=3)
@@ -247,8 +249,8 @@ class Catalog:
 
         target = self.storage.temporary(f"cubes/{cw.dataset}/{cw.key}@pending.zarr")
         try:
-            content_sha, dtype = cubes.write_group(self._files, self.storage.path(target), cw, self.layout,
-                                                   finite_block, on_strip, self.TILE_BYTES)
+            content_sha, dtype = write_group(self._files, self.storage.path(target), cw, self.layout,
+                                             finite_block, on_strip, self.TILE_BYTES)
             cw.sha256 = source_sha256()
             location = self.location_for(cw.dataset, cw.key, cw.sha256)
             self.storage.commit_folder(target, location)
@@ -284,13 +286,13 @@ class Catalog:
         Only the chunks a selection touches are read, each checked against its checksum (CorruptChunkError).
         ``rgb(image_id)`` gives the aligned RGB, if any.
         """
-        return cubes.open_dataarray(self.cubes, self.row(image_id)["location"])
+        return open_dataarray(self.cubes, self.row(image_id)["location"])
 
     def read_crop(self, location: str, y: int, x: int, size: int, bands: Sequence[int] | np.ndarray | None = None,
                   dtype: Any = None, out: np.ndarray | None = None) -> np.ndarray:
         """The ``size`` x ``size`` window at (y, x) (clipped at the image edge) of the cube at ``location``: all
         bands or the sorted ``bands``, in ``dtype`` (default: as stored), into ``out`` when given. The fast path
-        for training loaders (catalog/cubes.py): checksummed chunks decoded straight into the output."""
+        for training loaders (catalog/cubes/reader.py): checksummed chunks decoded straight into the output."""
         return self.cubes.read(location, (bands, slice(y, y + size), slice(x, x + size)), dtype=dtype, out=out)
 
     def read_image(self, image_id: str, bands: Sequence[int] | np.ndarray | None = None,
@@ -300,15 +302,9 @@ class Catalog:
 
     def read_batch(self, crops: Sequence[tuple[str, int, int]], size: int,
                    bands: Sequence[int] | np.ndarray | None = None, dtype: Any = np.float32,
-                   out: np.ndarray | None = None, device: Any = None) -> Any:
-        """``(N, bands, size, size)`` crops at (location, y, x), zero-padded past the image edge, as numpy in
-        ``dtype`` (into ``out``, e.g. a pinned buffer), or as a float32 tensor on ``device`` (on CUDA,
-        uncompressed chunks are staged in pinned memory and cut on the GPU; see ``cubes.DeviceBatchReader``)."""
-        if device is not None:
-            key = str(device)
-            if key not in self._device_readers or self._device_readers[key].reader is not self.cubes:
-                self._device_readers[key] = cubes.DeviceBatchReader(self.cubes, device)
-            return self._device_readers[key].read_batch(crops, size, bands)
+                   out: np.ndarray | None = None) -> np.ndarray:
+        """``(N, bands, size, size)`` crops at (location, y, x), zero-padded past the image edge, in ``dtype``
+        (into ``out``, e.g. a pinned buffer). Batches on a GPU: stages/pretraining/device_batches.py."""
         return self.cubes.read_batch(crops, size, bands, dtype, out)
 
     def read_rgb_crop(self, location: str, y: int, x: int, size: int) -> np.ndarray:
@@ -460,58 +456,5 @@ def _latest(df: pd.DataFrame) -> pd.DataFrame:
         return df
     df = df.sort_values("ingested_at").drop_duplicates("image_id", keep="last")
     return df.sort_values("image_id").reset_index(drop=True)
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One thing wrong in the catalog: the image (empty for catalog-level damage), its kind (missing, partial,
-    corrupt, masks, index), the location and what was found."""
-
-    image_id: str
-    kind: str
-    location: str
-    message: str
-
-
-@dataclass
-class VerifyReport:
-    """Outcome of ``Catalog.verify``: the healthy count, every problem found, orphan groups and temporaries."""
-
-    ok: int = 0
-    problems: list[Problem] = field(default_factory=list)
-    orphans: list[str] = field(default_factory=list)
-    stale: list[str] = field(default_factory=list)
-    """Temporaries whose writer is gone (``compact`` or ``verify --repair`` removes them)."""
-    in_progress: list[str] = field(default_factory=list)
-    """Temporaries of writers still running."""
-
-    def _ids(self, kind: str) -> list[str]:
-        return [p.image_id for p in self.problems if p.kind == kind]
-
-    @property
-    def missing(self) -> list[str]:
-        """Images whose cube group is gone."""
-        return self._ids("missing")
-
-    @property
-    def partial(self) -> list[str]:
-        """Images whose cube group was never completed."""
-        return self._ids("partial")
-
-    @property
-    def corrupt(self) -> list[str]:
-        """Images whose cube fails its checksums or cannot be read."""
-        return self._ids("corrupt")
-
-    @property
-    def healthy(self) -> bool:
-        """True when every indexed image reads back as written (orphans and temporaries are not damage)."""
-        return not self.problems
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-ready form (what `hvp catalog verify --json` prints)."""
-        return {"healthy": self.healthy, "ok": self.ok, "problems": [vars(p) for p in self.problems],
-                "missing": self.missing, "corrupt": self.corrupt, "partial": self.partial, "orphans": self.orphans,
-                "stale_temporaries": self.stale, "live_temporaries": self.in_progress}
 
 

@@ -4,9 +4,9 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${HVP_VENV:-$root/.venv}"
-constraints="$root/infra/constraints.txt"
+lock="$root/infra/requirements.lock"
 stamp="$venv/.hvp-installed"
-want="$(cat "$root/pyproject.toml" "$constraints" | sha256sum | cut -d' ' -f1)"
+want="$(cat "$root/pyproject.toml" "$root/infra/constraints.txt" "$lock" | sha256sum | cut -d' ' -f1)"
 
 if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   py="${HVP_PYTHON:-python3.11}"
@@ -14,11 +14,26 @@ if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; 
   "$py" -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required (torch 2.14.1 wheels)"'
   echo "[bootstrap] creating the virtual environment in $venv (about 2 minutes on first run)"
   "$py" -m venv "$venv"
-  pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check -c "$constraints")
-  # torch first: sam2 builds against it without build isolation (no CUDA extension on CPU machines).
-  "${pip[@]}" torch torchvision setuptools wheel
-  SAM2_BUILD_CUDA=0 "${pip[@]}" --no-build-isolation sam2
-  "${pip[@]}" -e "$root[dev]"
+  # Every distribution comes from the lock and must match one of its sha256 hashes (infra/lock.sh makes the lock
+  # from pyproject.toml and the pins of infra/constraints.txt). Nothing is built in an isolated environment, whose
+  # build tools pip would fetch unchecked. The locked pip, setuptools and wheel come first (the pip bundled with
+  # Python 3.11 rejects extras such as sqlalchemy[asyncio] in hash-checking mode), then every other distribution
+  # (torch among them), then sam2, a source archive pinned by its hash, built against that torch without CUDA.
+  work="$(mktemp -d)"
+  trap 'rm -rf "$work"' EXIT
+  awk -v dir="$work" '
+    /^[A-Za-z]/ { split($1, pin, "=="); name = tolower(pin[1])
+                  part = (name == "sam2") ? "sam2" : (name ~ /^(pip|setuptools|wheel)$/) ? "build" : "rest" }
+    part != "" { print > (dir "/" part ".txt") }' "$lock"
+  pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check --require-hashes --no-build-isolation)
+  "${pip[@]}" --no-deps -r "$work/build.txt"
+  "${pip[@]}" -r "$work/rest.txt"
+  SAM2_BUILD_CUDA=0 "${pip[@]}" --no-deps -r "$work/sam2.txt"
+  rm -rf "$work"
+  trap - EXIT
+  # the project itself (its dependencies are all installed above; a local folder has no hash to check)
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e "$root"
+  "$venv/bin/python" -m pip check
   echo "$want" > "$stamp"
 fi
 

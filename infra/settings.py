@@ -8,13 +8,10 @@ from __future__ import annotations
 
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
-
-if TYPE_CHECKING:
-    from catalog.catalog import Catalog
 
 
 class Settings(BaseSettings):
@@ -24,7 +21,7 @@ class Settings(BaseSettings):
 
     catalog: str = Field(default="./hvp-data/catalog", description="catalog URI: a directory or an fsspec URL")
     source_root: Path = Field(default=Path("./hvp-data/sources"), description="folder of dataset folders")
-    # Cube layout of new ingests (catalog/cubes.py explains the defaults, measured by bench/loader.py).
+    # Cube layout of new ingests (catalog/cubes/__init__.py explains the defaults, measured by bench/loader.py).
     chunk_xy: int = Field(default=64, ge=8, description="spatial chunk edge of stored cubes")
     cube_band_group: int = Field(default=0, ge=0, description="bands per chunk (0 = all bands in every chunk)")
     cube_shard_xy: int = Field(default=1024, ge=0, description="shard edge in pixels, rounded up to whole chunks "
@@ -38,23 +35,28 @@ class Settings(BaseSettings):
                               "worker uses 1)")
     chunk_cache_mb: float = Field(default=256.0, ge=0, description="decoded-chunk cache per process (MB)")
     dask_address: str | None = Field(default=None, description="scheduler address of a running Dask cluster")
+    server_auth: SecretStr | None = Field(
+        default=None, description="basic-authentication credential 'user:password' of the Prefect server: servers "
+        "this project starts require it, its clients (CLI, worker, watcher) send it; never printed or logged")
 
-    # Pseudo-labelling. Without a checkpoint each model is built with random weights (tiny by default, so the
-    # pipeline runs anywhere) and every artifact says "random-init". JSON in the environment for dicts.
-    sam2_model: dict[str, Any] = Field(
-        default_factory=lambda: {"config": "configs/sam2.1/sam2.1_hiera_t.yaml", "image_size": 128},
-        description="SAM2 config name and input size (1024 with real weights; 128 keeps the CPU demo fast)")
+    # Pseudo-labelling overrides of the production profile (pipelines/profiles/production.yaml: SAM 2.1 Hiera-B+ at
+    # 1024 px, HyperFree-b, the branches' own thresholds); empty fields leave the profile's value. Without a
+    # checkpoint each model is built with random weights and every artifact says "random-init". JSON for dicts.
+    sam2_model: dict[str, Any] | None = Field(
+        default=None, description='SAM2 config name and input size, e.g. {"config": '
+        '"configs/sam2.1/sam2.1_hiera_l.yaml", "image_size": 1024} (empty: the profile\'s)')
     sam2_checkpoint: Path | None = Field(default=None, description="local SAM2 checkpoint (.pt with a 'model' key)")
     spatial_params: dict[str, Any] = Field(default_factory=dict, description="SAM2 automatic-mask parameters")
     spectral_params: dict[str, Any] = Field(default_factory=dict, description="stride, vote, nms_thresh, "
                                             "max_objects and the seed generator's parameters")
-    hyperfree_model: dict[str, Any] = Field(
-        default_factory=lambda: {"model": "tiny"},
-        description='material labeller layout (any registry name), e.g. {"model": "hyperfree_b"} for HyperFree-b')
+    hyperfree_model: dict[str, Any] | None = Field(
+        default=None, description='material labeller layout (any registry name), e.g. {"model": "hyperfree_b"} '
+        "(empty: the profile's)")
     hyperfree_checkpoint: Path | None = Field(default=None, description="local HyperFree .pth/.safetensors")
     material_params: dict[str, Any] = Field(default_factory=dict, description="automatic-mask parameters "
                                             "(default: Seg-Any-HSI's points_per_side 32, thresholds 0.6)")
-    fuse_tau: float = Field(default=0.7, gt=0, le=1, description="IoU threshold of the global NMS in fusion")
+    fuse_tau: float | None = Field(default=None, gt=0, le=1, description="IoU threshold of the global NMS in "
+                                   "fusion (empty: the profile's, 0.7)")
     label_batch: int = Field(default=8, ge=1, description="images per labelling task (amortises task overhead)")
 
 
@@ -70,12 +72,3 @@ def cube_options(settings: Settings | None = None) -> dict[str, Any]:
     layout = {"chunk_xy": s.chunk_xy, "band_group": s.cube_band_group, "shard_xy": s.cube_shard_xy,
               "codec": s.cube_codec, "level": s.compression_level, "shuffle": s.cube_shuffle}
     return {"layout": layout, "read_threads": s.read_threads, "chunk_cache_mb": s.chunk_cache_mb}
-
-
-def open_catalog(uri: str | None = None, settings: Settings | None = None) -> Catalog:
-    """The catalog at ``uri`` (default: HVP_CATALOG) with the settings' cube options: how the CLI and the flows
-    open it; everything below them takes a Catalog or its URI and options as arguments."""
-    from catalog.catalog import Catalog
-
-    s = settings or get_settings()
-    return Catalog(uri or s.catalog, **cube_options(s))

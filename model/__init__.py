@@ -1,6 +1,7 @@
 """Torch modules of the pipeline: the channel-adaptive HyperFree / HyperVision model, its registry and the one
 preprocessing contract."""
 
+import model.hypersigma  # noqa: F401  (registers the HyperSIGMA layouts)
 import model.layouts  # noqa: F401  (registers the HyperFree-family layouts)
 from model.hyperfree import HyperFree, LoadReport, ModelConfig, load_checkpoint
 from model.preprocess import CONTRACTS, describe, extract_features, prepare, prepare_batch

@@ -24,7 +24,7 @@ from torch import nn
 
 from infra.errors import InputError
 from model.encoder import EncoderConfig, HyperFreeImageEncoder
-from model.registry import FAMILY_HYPERFREE, create_model, list_models
+from model.registry import FAMILY_HYPERFREE, fitting_layouts
 from model.safeload import torch_load
 
 logger = logging.getLogger(__name__)
@@ -214,7 +214,7 @@ def _resize(key: str, value: torch.Tensor, shape: torch.Size) -> torch.Tensor | 
     return None
 
 
-def _image_size_dependent(model: nn.Module, key: str, stored: torch.Size) -> bool:
+def image_size_dependent(model: nn.Module, key: str, stored: Sequence[int]) -> bool:
     """True for the relative-position table of a global-attention block whose stored table is not window-sized:
     its length is 2 * grid - 1, so it differs whenever the image size does (an override every layout allows), and
     a strict load may resize it as the released loader does. Windowed blocks' tables never depend on the size."""
@@ -232,18 +232,9 @@ def _listed(keys: Sequence[str], limit: int = 12) -> str:
 
 
 def matching_layouts(state: Mapping[str, torch.Tensor]) -> list[str]:
-    """Registered layouts that load the checkpoint strictly (at some image size): same keys, same shapes except
-    the global blocks' relative-position tables."""
-    found = []
-    for name in list_models(FAMILY_HYPERFREE):
-        with torch.device("meta"):
-            candidate = create_model(name)
-        own = candidate.state_dict()
-        if set(own) == set(state) and all(
-            own[k].shape == v.shape or _image_size_dependent(candidate, k, v.shape) for k, v in state.items()
-        ):
-            found.append(name)
-    return found
+    """Registered HyperFree-family layouts that load the checkpoint strictly (at some image size): same keys, same
+    shapes except the global blocks' relative-position tables."""
+    return fitting_layouts({k: tuple(v.shape) for k, v in state.items()}, FAMILY_HYPERFREE)
 
 
 def load_checkpoint(
@@ -273,7 +264,7 @@ def load_checkpoint(
         if key not in own:
             continue
         if value.shape != own[key].shape:
-            allowed = not strict or _image_size_dependent(model, key, value.shape)
+            allowed = not strict or image_size_dependent(model, key, value.shape)
             new = _resize(key, value, own[key].shape) if allowed else None
             if new is None:
                 mismatched.append(key)

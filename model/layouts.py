@@ -17,7 +17,7 @@ import dataclasses
 from typing import Any
 
 from model.encoder import EncoderConfig
-from model.hyperfree import HyperFree, ModelConfig
+from model.hyperfree import HyperFree, ModelConfig, image_size_dependent
 from model.registry import FAMILY_HYPERFREE, ModelEntry, register_alias, register_model
 
 RELEASED_IMG_SIZE = 512
@@ -80,6 +80,7 @@ def _override(base: ModelConfig, overrides: dict[str, Any]) -> ModelConfig:
 
 for _name, _config in _LAYOUTS.items():
     register_model(ModelEntry(name=_name, family=FAMILY_HYPERFREE, config=_config, build=HyperFree,
-                              override=_override, feature_info=lambda c: c.encoder.feature_info))
+                              override=_override, feature_info=lambda c: c.encoder.feature_info,
+                              resizable=image_size_dependent))
 register_alias("base", "hyperfree_b")
 register_alias("huge", "hypervision_h")

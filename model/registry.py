@@ -9,10 +9,11 @@ they log what they resolve to.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from infra.registry import Registry
@@ -34,6 +35,9 @@ class ModelEntry:
     override: Callable[[Any, dict[str, Any]], Any]
     """(config, flat overrides) -> config; raises ValueError naming the valid fields."""
     feature_info: Callable[[Any], list[dict[str, Any]]]
+    resizable: Callable[[nn.Module, str, tuple[int, ...]], bool] | None = None
+    """(model, key, stored shape) -> whether a strict load may resize that stored tensor (e.g. tables that depend
+    on the image size); None: every shape must match."""
 
 
 MODELS: Registry[ModelEntry] = Registry("model")
@@ -94,3 +98,22 @@ def create_model(name: str, **overrides: Any) -> Any:
     """Build a randomly initialised model; load weights with the family's loader (strict by default)."""
     entry = model_entry(name)
     return entry.build(get_config(name, **overrides))
+
+
+def fitting_layouts(shapes: Mapping[str, Sequence[int]], family: str | None = None) -> list[str]:
+    """Registered layouts (optionally of one family) that load a state dict of these tensor shapes strictly: the same
+    keys, the same shapes except those the layout's entry may resize. Shapes only: no tensor data is needed, and
+    each layout is built on the meta device (no memory for weights)."""
+    stored = {k: tuple(int(d) for d in v) for k, v in shapes.items()}
+    found = []
+    for name in list_models(family):
+        entry = MODELS.get(name)
+        with torch.device("meta"):
+            candidate = entry.build(entry.config)
+        own = {k: tuple(v.shape) for k, v in candidate.state_dict().items()}
+        if set(own) == set(stored) and all(
+            own[k] == shape or (entry.resizable is not None and entry.resizable(candidate, k, shape))
+            for k, shape in stored.items()
+        ):
+            found.append(name)
+    return found

@@ -11,7 +11,6 @@ their inputs.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -20,26 +19,28 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.states import State
 
-from infra.settings import open_catalog
-from model.registry import resolve_name
+from pipelines.catalogs import open_catalog
 from pipelines.params import (
-    BENCHMARKS,
     DEFAULT_BACKBONE,
     DEFAULT_DOWNSTREAM,
+    DEFAULT_PATHS,
     BackboneParams,
     Device,
     DownstreamParams,
     PathParams,
     Profile,
-    Task,
     absolute_path,
-    resolve_paths,
+    cached_feature_datasets,
+    head_size_for,
 )
-from pipelines.pretrain import latest_finished_run
+from pipelines.profiles import pretrain_model, resolve
 from pipelines.wiring import gpu_slot, skipped
-from stages.downstream.features import RANDOM_INIT, BackboneSpec, cached_backbone, compute_features, feature_images
+from stages.downstream.features import RANDOM_INIT, BackboneSpec, cached_backbone
+from stages.downstream.heads import held_benchmarks
+from stages.downstream.outcomes import load_outcome, summarise
 from stages.downstream.report import preview_data_uri
-from stages.downstream.run import held_benchmarks, load_outcome, summarise, task_spec, train_task
+from stages.downstream.runners import BackboneConfig, FeaturesConfig, HeadsConfig, TaskChoice, run_features, run_heads
+from stages.pretraining.run import latest_finished_run
 
 #: Longest side of a report plot embedded in the markdown artifact (the plots are at most ~860 px wide).
 PLOT_PREVIEW_SIDE = 640
@@ -49,7 +50,7 @@ def resolve_backbone(profile: Profile, backbone: BackboneParams, runs: str) -> t
     """The frozen backbone of a run and where its weights come from: the layout given or the profile's, the
     checkpoint given (absolute) or the latest finished pretraining run of that layout under ``runs``, else
     random-init."""
-    model = backbone.model_name(profile)
+    model = backbone.model_name(pretrain_model(profile))
     checkpoint = backbone.checkpoint or None
     if checkpoint is None:
         latest = latest_finished_run(runs, model)
@@ -68,62 +69,57 @@ def resolve_backbone(profile: Profile, backbone: BackboneParams, runs: str) -> t
 
 # The catalog's feature store is the cache (a feature set id per backbone), so Prefect's own caching stays off.
 @task(name="features-dataset", tags=["gpu"], cache_policy=NO_CACHE, task_run_name="features {dataset}")
-def features_task(catalog_uri: str, backbone: dict[str, Any], dataset: str, splits: list[str] | None,
-                  batch_size: int, device: str) -> dict[str, Any]:
-    """Encode one dataset's labelled images the cache lacks (holding a `gpu` slot); returns a summary row."""
-    cat = open_catalog(catalog_uri)
-    loaded = cached_backbone(BackboneSpec(**backbone), device)
-    ids, left_out = feature_images(cat, [dataset], splits)
-    row: dict[str, Any] = {"dataset": dataset, "feature_set": loaded.set_id, "weights": loaded.provenance,
-                           "images": len(ids), "computed": 0, "cached": 0, "seconds": 0.0, "note": ""}
-    if left_out:
-        print(f"{dataset}: skipped: {left_out[dataset]}")
-        return {**row, "note": left_out[dataset]}
+def features_task(catalog_uri: str, dataset: str, config: dict[str, Any]) -> dict[str, Any]:
+    """Encode one dataset's labelled images the cache lacks (the features runner, holding a `gpu` slot); returns
+    its summary row."""
+    features = FeaturesConfig.model_validate(config)
+    loaded = cached_backbone(features.backbone.to_spec(), features.device)
     with gpu_slot():
-        run = compute_features(cat, loaded, ids, batch_size=batch_size)
-    print(f"{dataset}: {len(run.computed)} image(s) encoded, {len(run.cached)} cache hit(s) skipped (unchanged "
-          f"inputs) into feature set {run.set_id} ({loaded.provenance})")
-    return {**row, "computed": len(run.computed), "cached": len(run.cached), "seconds": round(run.seconds, 2),
-            "note": "unchanged: nothing to compute" if not run.computed else ""}
+        row = run_features(open_catalog(catalog_uri), features, backbone=loaded).rows[0]
+    if not row["images"]:
+        print(f"{dataset}: skipped: {row['note']}")
+    else:
+        print(f"{dataset}: {row['computed']} image(s) encoded, {row['cached']} cache hit(s) skipped (unchanged "
+              f"inputs) into feature set {row['feature_set']} ({row['weights']})")
+    return row
 
 
 @flow(name="features", log_prints=True)
-def features_flow(catalog: str | None = None, backbone: BackboneParams = DEFAULT_BACKBONE,
-                  datasets: list[str] | None = None, splits: list[str] | None = None, batch_size: int = 8,
-                  device: Device = Device.auto, profile: Profile = Profile.production,
-                  runs: str | None = None) -> list[dict[str, Any]] | State:
+def features_flow(profile: Profile = Profile.production, paths: PathParams = DEFAULT_PATHS,
+                  backbone: BackboneParams = DEFAULT_BACKBONE, downstream: DownstreamParams = DEFAULT_DOWNSTREAM,
+                  splits: list[str] | None = None, batch_size: int = 8) -> list[dict[str, Any]] | State:
     """Compute and cache the frozen backbone's multi-scale features of labelled datasets in the catalog (images
     already cached for the same weights, model, overrides and preprocessing are skipped; with nothing to compute
     the stage says so). Returns one row per dataset.
 
     Args:
-        catalog: Catalog directory or fsspec URL. Empty: `HVP_CATALOG` (default `./hvp-data/catalog`).
+        profile: Which profile fills the empty fields: demo (`tiny`), production (the -B layout) or test.
+        paths: Catalog, runs folder (where the latest pretraining run is looked up) and the labelled datasets
+            (slugs) to encode. Empty datasets: the chosen tasks' benchmarks but tracking's (the tracker encodes its
+            crops on the fly), i.e. `hsi-drive-v2-0` and `hssod` by default.
         backbone: The frozen backbone: layout, weights (empty: the latest finished pretraining run) and
             preprocessing.
-        datasets: Labelled datasets (slugs) whose images to encode; tracking sets are skipped (the tracker encodes
-            its crops on the fly). Empty: the segmentation and saliency benchmarks (`hsi-drive-v2-0`, `hssod`).
+        downstream: The tasks whose datasets are encoded by default, and the device.
         splits: Only images of these splits. Empty: all.
         batch_size: Images encoded per batch.
-        device: auto (CUDA when available), cpu or cuda.
-        profile: Which defaults fill the empty fields: demo (`tiny`) or production (the -B layout).
-        runs: Folder of training runs, where the latest pretraining run is looked up. Empty: `runs` beside a local
-            catalog.
     """
-    paths = resolve_paths(PathParams(catalog=catalog, runs=runs))
-    spec, origin = resolve_backbone(profile, backbone, paths.runs)
-    chosen = datasets or [BENCHMARKS[Task.segmentation.value], BENCHMARKS[Task.saliency.value]]
-    print(f"features, profile {profile.value}: catalog {paths.catalog}; backbone {spec.model}, weights "
+    run = resolve(profile, paths, downstream=downstream)
+    p, downstream = run.paths, run.downstream
+    spec, origin = resolve_backbone(profile, backbone, p.runs)
+    chosen = p.datasets or cached_feature_datasets(downstream.task_datasets())
+    print(f"features, profile {run.profile.value}: catalog {p.catalog}; backbone {spec.model}, weights "
           f"{spec.checkpoint or RANDOM_INIT} ({origin}); datasets {', '.join(chosen)}")
-    record = dataclasses.asdict(spec)
-    dev = Device(device).value
-    rows = [features_task(paths.catalog, record, d, splits, batch_size, dev) for d in chosen]
+    base: dict[str, Any] = {"backbone": BackboneConfig.from_spec(spec), "splits": splits, "batch_size": batch_size,
+                            "device": Device(downstream.device).value}
+    rows = [features_task(p.catalog, d, FeaturesConfig.model_validate({**base, "datasets": [d]}).model_dump(
+        mode="json")) for d in chosen]
     note = " Random-init weights: features show the plumbing, not quality." if spec.random_init else ""
     short = [{"dataset": r["dataset"], "images": r["images"], "computed": r["computed"], "cached": r["cached"],
               "s": r["seconds"], "note": r["note"]} for r in rows]
     first = rows[0] if rows else {"feature_set": "-", "weights": RANDOM_INIT}
     create_table_artifact(key="features-summary", table=short or [{"dataset": "(none)"}],
                           description=f"Frozen `{spec.model}` features, feature set `{first['feature_set']}`, "
-                                      f"weights {first['weights']}, cached in `{paths.catalog}`.{note}")
+                                      f"weights {first['weights']}, cached in `{p.catalog}`.{note}")
     if rows and not any(r["images"] for r in rows):
         return skipped("features", "no labelled image to encode (" + "; ".join(
             f"{r['dataset']}: {r['note']}" for r in rows) + ")", rows)
@@ -133,22 +129,19 @@ def features_flow(catalog: str | None = None, backbone: BackboneParams = DEFAULT
     return rows
 
 
-@task(name="heads-train", tags=["gpu"], cache_policy=NO_CACHE, task_run_name="heads {spec[task]} {spec[dataset]}")
-def head_task(catalog_uri: str, backbone: dict[str, Any], spec: dict[str, Any], run_dir: str,
-              device: str) -> dict[str, Any]:
-    """Train, score and report one head holding a `gpu` slot (its run folder is reused when its inputs did not
-    change)."""
-    from stages.downstream.run import TaskSpec
-
-    loaded = cached_backbone(BackboneSpec(**backbone), device)
+@task(name="heads-train", tags=["gpu"], cache_policy=NO_CACHE, task_run_name="heads {task} {dataset}")
+def head_task(catalog_uri: str, task: str, dataset: str, config: dict[str, Any]) -> dict[str, Any]:
+    """Train, score and report one head (the heads runner on one task, holding a `gpu` slot); its run folder is
+    reused when its inputs did not change."""
+    heads = HeadsConfig.model_validate(config)
+    loaded = cached_backbone(heads.backbone.to_spec(), heads.device)
     with gpu_slot():
-        outcome = train_task(open_catalog(catalog_uri), loaded, TaskSpec.from_dict(spec), Path(run_dir),
-                             replace=True)
-    row = outcome.summary()
+        result = run_heads(open_catalog(catalog_uri), heads, backbone=loaded)
+    row, outcome = result.table[0], result.outcomes[0]
     if outcome.skipped:
-        print(f"{row['task']}: inputs unchanged (fingerprint {outcome.fingerprint[:12]}): reused {run_dir}")
+        print(f"{task}: inputs unchanged (fingerprint {outcome.fingerprint[:12]}): reused {heads.out_dir}")
     else:
-        print(f"{row['task']} head on {row['dataset']}: {row['trainable_parameters']:,} trainable parameters, "
+        print(f"{task} head on {dataset}: {row['trainable_parameters']:,} trainable parameters, "
               f"{row['metric']} {row['head']} vs baseline {row['baseline']}")
     return row
 
@@ -171,41 +164,43 @@ def _report_markdown(markdown: Path, plots: list[Path], weights: str) -> str:
 
 
 @flow(name="heads", log_prints=True)
-def heads_flow(catalog: str | None = None, backbone: BackboneParams = DEFAULT_BACKBONE,
-               downstream: DownstreamParams = DEFAULT_DOWNSTREAM, out_dir: str | None = None, seed: int = 0,
-               profile: Profile = Profile.production, runs: str | None = None) -> dict[str, Any] | State:
+def heads_flow(profile: Profile = Profile.production, paths: PathParams = DEFAULT_PATHS,
+               backbone: BackboneParams = DEFAULT_BACKBONE, downstream: DownstreamParams = DEFAULT_DOWNSTREAM,
+               out_dir: str | None = None, seed: int = 0) -> dict[str, Any] | State:
     """Train one head per task on the frozen backbone's features (a task whose inputs did not change reuses its
     result; a task whose dataset the catalog lacks is left out, saying so), score each against its trivial baseline
     and publish the report. Returns the report's paths and table.
 
     Args:
-        catalog: Catalog directory or fsspec URL. Empty: `HVP_CATALOG` (default `./hvp-data/catalog`).
+        profile: Which profile fills the empty fields: demo (`tiny`), production (the -B layout) or test.
+        paths: Catalog and runs folder (pretraining runs, reports), resolved to absolute paths.
         backbone: The frozen backbone: layout, weights (empty: the latest finished pretraining run) and
             preprocessing.
         downstream: Tasks (each with its labelled dataset), training steps per head and device.
         out_dir: Report folder, with one run folder per task. Empty: `<runs>/downstream-<model>-<feature set id>`.
         seed: Seed of head training.
-        profile: Which defaults fill the empty fields: demo (`tiny`) or production (the -B layout).
-        runs: Folder of training runs (pretraining runs, reports). Empty: `runs` beside a local catalog.
     """
-    paths = resolve_paths(PathParams(catalog=catalog, runs=runs))
-    spec, origin = resolve_backbone(profile, backbone, paths.runs)
-    tasks, missing = held_benchmarks(open_catalog(paths.catalog), downstream.task_datasets())
+    run = resolve(profile, paths, downstream=downstream)
+    p, downstream = run.paths, run.downstream
+    spec, origin = resolve_backbone(profile, backbone, p.runs)
+    tasks, missing = held_benchmarks(open_catalog(p.catalog), downstream.task_datasets())
     for note in missing:
         print(f"heads: left out: {note}")
     if not tasks:
         return skipped("heads", "; ".join(missing) or "no task chosen", {})
     device = Device(downstream.device).value
     loaded = cached_backbone(spec, device)
-    folder = Path(absolute_path(out_dir)) if out_dir else Path(paths.runs) / f"downstream-{spec.model}-{loaded.set_id}"
-    print(f"heads, profile {profile.value}: catalog {paths.catalog}; backbone {spec.model}, weights "
+    folder = Path(absolute_path(out_dir)) if out_dir else Path(p.runs) / f"downstream-{spec.model}-{loaded.set_id}"
+    print(f"heads, profile {run.profile.value}: catalog {p.catalog}; backbone {spec.model}, weights "
           f"{loaded.provenance} ({origin}); tasks {', '.join(f'{t} on {d}' for t, d in tasks.items())}; report "
           f"folder {folder}")
-    specs = [task_spec(t, loaded.descriptor["model"], loaded.img_size, dataset=d, steps=downstream.steps,
-                       seed=seed, device=device) for t, d in tasks.items()]
-    record = dataclasses.asdict(spec)
-    rows = [head_task(paths.catalog, record, s.to_dict(), str(folder / s.task), device) for s in specs]
-    outcomes = [load_outcome(folder / s.task, skipped=row["reused"]) for s, row in zip(specs, rows, strict=True)]
+    base: dict[str, Any] = {"backbone": BackboneConfig.from_spec(spec), "head_size": head_size_for(
+        loaded.descriptor["model"]), "steps": downstream.steps, "seed": seed, "device": device, "replace": True,
+        "folder_per_task": False}
+    rows = [head_task(p.catalog, t, d, HeadsConfig.model_validate(
+        {**base, "out_dir": str(folder / t), "tasks": [TaskChoice(task=t, dataset=d)]}).model_dump(mode="json"))
+            for t, d in tasks.items()]
+    outcomes = [load_outcome(folder / t, skipped=row["reused"]) for t, row in zip(tasks, rows, strict=True)]
     result = summarise(folder, outcomes, loaded)
     weights = loaded.provenance
     create_table_artifact(key="heads-report", table=[_short_row(r) for r in rows],
@@ -225,21 +220,14 @@ def heads_flow(catalog: str | None = None, backbone: BackboneParams = DEFAULT_BA
 
 
 @flow(name="downstream", log_prints=True)
-def downstream_flow(catalog: str | None = None, checkpoint: str = RANDOM_INIT, model: str = "tiny",
-                    preprocessing: str = "released", tasks: dict[str, str] | None = None,
-                    out_dir: str | None = None, steps: int | None = None,
-                    overrides: dict[str, Any] | None = None, seed: int = 0, device: str = "auto") -> dict[str, Any]:
-    """Features, then one head per task, then the report (`hvp heads run-all`): `checkpoint` is a pretraining
-    run's folder or a weights file, `tasks` maps each task to its labelled dataset (empty: the three benchmarks).
-    Returns {"report": report.json path, "markdown": report.md path, "table": one row per task (head vs baseline
-    on the primary metric)}."""
-    backbone = BackboneParams.model_validate({"model": resolve_name(model), "checkpoint": checkpoint, "seed": seed,
-                                              "overrides": overrides, "preprocessing": preprocessing})
-    chosen = dict(tasks or BENCHMARKS)
-    params = DownstreamParams.model_validate({"tasks": list(chosen), "benchmarks": chosen, "steps": steps,
-                                              "device": device})
-    whole_images = [d for t, d in chosen.items() if t != Task.tracking.value]  # the tracker encodes crops on the fly
-    if whole_images:
-        features_flow(catalog, backbone, whole_images, device=params.device)
-    result = heads_flow(catalog, backbone, params, out_dir, seed)
+def downstream_flow(profile: Profile = Profile.production, paths: PathParams = DEFAULT_PATHS,
+                    backbone: BackboneParams = DEFAULT_BACKBONE, downstream: DownstreamParams = DEFAULT_DOWNSTREAM,
+                    out_dir: str | None = None, seed: int = 0) -> dict[str, Any]:
+    """Features, then one head per task, then the report (`hvp heads run-all`). Returns {"report": report.json
+    path, "markdown": report.md path, "table": one row per task (head vs baseline on the primary metric)}."""
+    whole_images = cached_feature_datasets(downstream.task_datasets())
+    if whole_images:  # the tracker encodes its crops on the fly
+        only = PathParams.model_validate({**paths.model_dump(), "datasets": whole_images})
+        features_flow(profile, only, backbone, downstream)
+    result = heads_flow(profile, paths, backbone, downstream, out_dir, seed)
     return result.result() if isinstance(result, State) else result

@@ -22,7 +22,7 @@ from prefect import flow
 from prefect.artifacts import create_table_artifact
 from prefect.states import State
 
-from infra.settings import open_catalog
+from pipelines.catalogs import open_catalog
 from pipelines.downstream import features_flow, heads_flow
 from pipelines.ingest import ingest_flow
 from pipelines.label import fuse_flow, label_branch_flow
@@ -37,16 +37,15 @@ from pipelines.params import (
     PathParams,
     PretrainParams,
     Profile,
-    ResolvedLabel,
     ResolvedPaths,
-    Task,
-    resolve_label,
-    resolve_paths,
-    resolve_pretrain,
+    cached_feature_datasets,
 )
 from pipelines.pretrain import pretrain_flow
+from pipelines.profiles import ResolvedLabel, RunConfig, resolve
 from pipelines.wiring import in_process_subflows, markdown_table, publish_markdown, skipped
-from stages.downstream.run import held_benchmarks
+from stages.downstream.heads import held_benchmarks
+from stages.downstream.tasks import TASKS
+from stages.registry import record_config
 
 
 @dataclass
@@ -84,19 +83,19 @@ def _backbone(ctx: DagContext) -> BackboneParams:
 def _features(ctx: DagContext) -> Any:
     """Cache the frozen backbone's features of the labelled datasets the heads train on."""
     tasks, missing = held_benchmarks(open_catalog(ctx.paths.catalog), ctx.downstream.task_datasets())
-    datasets = [d for t, d in tasks.items() if t != Task.tracking.value]  # the tracker encodes its crops on the fly
+    datasets = cached_feature_datasets(tasks)  # tasks that encode their inputs on the fly read no cache
     if not datasets:
-        why = "; ".join([*missing, *(["tracking encodes its search crops on the fly"] if tasks else [])])
+        why = "; ".join([*missing, *(TASKS.get(t).uncached_reason for t in tasks if not TASKS.get(t).cached_features)])
         return skipped("features", f"no image to encode ({why})", [])
-    return features_flow(ctx.paths.catalog, _backbone(ctx), datasets, device=ctx.downstream.device,
-                         profile=ctx.profile, runs=ctx.paths.runs, return_state=True)
+    paths = PathParams(catalog=ctx.paths.catalog, runs=ctx.paths.runs, datasets=datasets)
+    return features_flow(ctx.profile, paths, _backbone(ctx), ctx.downstream, return_state=True)
 
 
 def _heads(ctx: DagContext) -> Any:
     """One head per task on the cached features, scored against its baseline; the report (in
     `<runs>/downstream-<model>-<feature set id>`, where the `heads` deployment finds it too)."""
-    return heads_flow(ctx.paths.catalog, _backbone(ctx), ctx.downstream, profile=ctx.profile, runs=ctx.paths.runs,
-                      return_state=True)
+    paths = PathParams(catalog=ctx.paths.catalog, runs=ctx.paths.runs)
+    return heads_flow(ctx.profile, paths, _backbone(ctx), ctx.downstream, return_state=True)
 
 
 #: Stages run after pretraining, in order.
@@ -127,16 +126,18 @@ def _run_stage(records: list[StageRecord], name: str, call: Callable[[], Any]) -
     return data
 
 
-def _ensure_sources(profile: Profile, source_root: str) -> None:
-    """The demo profile makes the fixture sources when the source root is empty or missing, and says so."""
+def _ensure_sources(run: RunConfig) -> None:
+    """A profile that says ``fixtures: true`` (demo) makes the fixture sources when the source root is empty or
+    missing, and says so."""
+    source_root = run.paths.source_root
     root = Path(source_root)
-    if profile is not Profile.demo or "://" in source_root or (root.is_dir() and any(root.iterdir())):
+    if not run.fixtures or "://" in source_root or (root.is_dir() and any(root.iterdir())):
         return
     from catalog.fixtures import make_fixtures
 
     written = make_fixtures(root)
     print(f"source root {root} was empty: wrote fixtures of {len(written)} datasets "
-          f"({sum(map(len, written.values()))} images) there (demo profile)")
+          f"({sum(map(len, written.values()))} images) there ({run.profile.value} profile)")
 
 
 @flow(name="hypervision", log_prints=True)
@@ -148,39 +149,34 @@ def hypervision_flow(profile: Profile = Profile.demo, paths: PathParams = DEFAUL
     stage's output.
 
     Args:
-        profile: demo (fixtures, tiny random-init models, loose thresholds) or production (the settings' models,
-            checkpoints and thresholds); fills every field left empty.
+        profile: demo (fixtures, tiny random-init models, loose thresholds), production (released model sizes, the
+            settings' checkpoints, the branches' thresholds) or test; fills every field left empty.
         paths: Source root, catalog and runs folder (resolved to absolute paths and shown in the run).
         label: Branches, each branch's labeler thresholds and tau.
         pretrain: Model, steps, batch and checkpoints of pretraining.
         downstream: Tasks, steps and device of head-only adaptation on the pretrained, frozen backbone.
         ingest_workers: More than 1 ingests on a local Dask cluster of that many processes.
     """
-    p = resolve_paths(paths)
-    resolved = resolve_label(profile, label)
-    pretrain_kw = resolve_pretrain(profile, pretrain)
-    _publish_parameters(profile, p, resolved, pretrain_kw, downstream)
-    _ensure_sources(profile, p.source_root)
+    run = resolve(profile, paths, label, pretrain, downstream)
+    p = run.paths
+    _publish_parameters(run)
+    _ensure_sources(run)
+    record_config(open_catalog(p.catalog).init(), "hypervision", run)
     records: list[StageRecord] = []
-    ctx = DagContext(profile, p, resolved, model=str(pretrain_kw["model"]),
-                     preprocessing=str(pretrain_kw.get("preprocessing", "released")), downstream=downstream)
-    ctx.outputs["ingest"] = _run_stage(records, "ingest", lambda: ingest_flow(
-        p.source_root, p.catalog, p.datasets, ingest_workers, return_state=True))
-    for branch in resolved.branches:
+    ctx = DagContext(run.profile, p, run.label, model=run.pretrain.model, preprocessing=run.pretrain.preprocessing,
+                     downstream=run.downstream)
+    only = PathParams(source_root=p.source_root, catalog=p.catalog, runs=p.runs, datasets=p.datasets)
+    ctx.outputs["ingest"] = _run_stage(records, "ingest", lambda: ingest_flow(only, ingest_workers,
+                                                                              return_state=True))
+    for branch in run.label.branches:
         def label_branch(b: str = branch) -> Any:
-            return label_branch_flow(p.catalog, b, resolved.configs[b], p.datasets, return_state=True)
+            return label_branch_flow(p.catalog, run.label_config(b), return_state=True)
 
         ctx.outputs[f"label-{branch}"] = _run_stage(records, f"label-{branch}", label_branch)
-    ctx.outputs["fuse"] = _run_stage(records, "fuse", lambda: fuse_flow(
-        p.catalog, label, p.datasets, profile, return_state=True))
-    given = pretrain.model_dump(exclude_none=True)
-    for key in ("model", "device"):
-        if key in given:
-            given[key] = getattr(pretrain, key)
-    ctx.pretrain = _run_stage(records, "pretrain", lambda: pretrain_flow(
-        catalog=p.catalog, runs=p.runs, datasets=p.datasets, profile=profile, return_state=True, **given))
+    ctx.outputs["fuse"] = _run_stage(records, "fuse", lambda: fuse_flow(profile, only, label, return_state=True))
+    ctx.pretrain = _run_stage(records, "pretrain", lambda: pretrain_flow(profile, only, pretrain, return_state=True))
     ctx.outputs["pretrain"] = ctx.pretrain
-    for stage in DOWNSTREAM if downstream.tasks else []:
+    for stage in DOWNSTREAM if run.downstream.tasks else []:
         def run_downstream(s: DownstreamStage = stage) -> Any:
             return s.run(ctx)
 
@@ -201,25 +197,27 @@ def _model_label(model_config: dict[str, Any]) -> str:
     return str(model_config.get("model", model_config))
 
 
-def _publish_parameters(profile: Profile, paths: ResolvedPaths, label: ResolvedLabel,
-                        pretrain: dict[str, Any], downstream: DownstreamParams) -> None:
+def _publish_parameters(run: RunConfig) -> None:
     """The run's resolved parameters (absolute paths, each labeler's configuration, pretraining, the downstream
     tasks) as a markdown artifact."""
+    paths, label, downstream = run.paths, run.label, run.downstream
     path_rows = [{"what": k, "value": f"`{v}`"} for k, v in paths.model_dump().items()]
-    labeler_rows = [{"branch": b, "model": _model_label(c["model_config"]),
-                     "checkpoint": Path(c["checkpoint"]).name if c["checkpoint"] else "random-init",
-                     "points": c["params"].get("points_per_side", "default"),
-                     "iou thr": c["params"].get("pred_iou_thresh", "default"),
-                     "stability thr": c["params"].get("stability_score_thresh", "default")}
-                    for b, c in label.configs.items()]
+    labeler_rows = [{"branch": b, "model": _model_label(c.model),
+                     "checkpoint": Path(c.checkpoint).name if c.checkpoint else "random-init",
+                     "points": c.params.get("points_per_side", "default"),
+                     "iou thr": c.params.get("pred_iou_thresh", "default"),
+                     "stability thr": c.params.get("stability_score_thresh", "default")}
+                    for b, c in label.labelers.items()]
     task_rows = [{"task": t, "dataset": d} for t, d in downstream.task_datasets().items()]
-    text = (f"## Run parameters (profile `{profile.value}`)\n\n### Paths\n\n{markdown_table(path_rows)}\n"
+    pretrain = run.pretrain.model_dump(exclude_none=True)
+    profile = run.profile.value
+    text = (f"## Run parameters (profile `{profile}`)\n\n### Paths\n\n{markdown_table(path_rows)}\n"
             f"### Labelers (branches run: {', '.join(label.branches)}; tau = {label.tau})\n\n"
             f"{markdown_table(labeler_rows)}\n### Pretraining\n\n"
             f"{markdown_table([{'field': k, 'value': v} for k, v in pretrain.items()])}\n"
             f"### Downstream (frozen pretrained backbone; head steps: {downstream.steps or 'by model size'}; device "
             f"{downstream.device.value})\n\n{markdown_table(task_rows)}")
-    print(f"profile {profile.value}; paths: " + ", ".join(f"{k}={v}" for k, v in paths.model_dump().items()))
+    print(f"profile {profile}; paths: " + ", ".join(f"{k}={v}" for k, v in paths.model_dump().items()))
     publish_markdown("hypervision-parameters", text,
-                     description=f"Resolved parameters of this run (profile `{profile.value}`): absolute paths, "
+                     description=f"Resolved parameters of this run (profile `{profile}`): absolute paths, "
                                  "labeler configurations, pretraining settings, downstream tasks.")

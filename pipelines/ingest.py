@@ -10,8 +10,9 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.states import State
 
-from infra.settings import cube_options, open_catalog
-from pipelines.params import PathParams, resolve_paths
+from infra.settings import cube_options
+from pipelines.catalogs import open_catalog
+from pipelines.params import DEFAULT_PATHS, PathParams, resolve_paths
 from pipelines.wiring import retry_on_io, skipped, threads
 from stages import ingest as stage
 
@@ -39,32 +40,31 @@ def ingest_file(catalog_uri: str, dataset: str, folder: str, primary: str, known
     return stage.ingest_path(catalog_uri, folder, primary, known_sha256, options).as_dict()
 
 
-def _ingest(source_dir: str, catalog: str, datasets: list[str] | None) -> list[dict[str, Any]] | State:
-    """Plan, map one task per file on the current flow's task runner, publish the summary."""
+def _ingest(catalog: str, config: stage.IngestConfig) -> list[dict[str, Any]] | State:
+    """The ingest stage on the current flow's task runner: start, one task per file, finish; publish the summary."""
     cat = open_catalog(catalog).init()
-    print(f"ingest {source_dir} -> {cat.uri}" + (f" (datasets {', '.join(datasets)})" if datasets else ""))
-    work = stage.plan(source_dir, cat, datasets)
-    stage.record_problems(cat, work.problems)
+    print(f"ingest {config.source_root} -> {cat.uri}" + (f" (datasets {', '.join(config.datasets)})"
+                                                          if config.datasets else ""))
+    work = stage.start_ingest(cat, config)
     for _, path, exc in work.problems:
         print(f"quarantined {path}: {exc}")
     futures = ingest_file.map([cat.uri] * len(work.items), [w.dataset for w in work.items],
                               [w.folder for w in work.items], [w.primary for w in work.items],
                               [w.known_sha256 for w in work.items], unmapped(cube_options()))
-    results: list[stage.IngestResult] = []
+    files: list[stage.FileResult] = []
     for item, fut in zip(work.items, futures, strict=True):
         fut.wait()
         if fut.state.is_completed():
-            results.append(stage.IngestResult(**fut.result()))
+            files.append(stage.FileResult(**fut.result()))
         else:  # I/O kept failing after the retries: record it and go on with the rest
             message = str(fut.state.message)
             path = str(Path(item.folder, item.primary).absolute())
             cat.add_quarantine(item.dataset, path, "OSError", "file", message,
                                "check that the file is readable and the storage reachable, then re-run ingest")
-            results.append(stage.IngestResult(item.dataset, path, "quarantined", None, message))
-    cat.compact()
-    summary = stage.summarize(results, work.problems)
+            files.append(stage.FileResult(item.dataset, path, "quarantined", None, message))
+    summary = stage.finish_ingest(cat, work, files).summary
     create_table_artifact(key="ingest-summary", table=summary,
-                          description=f"Ingest of `{source_dir}` into `{cat.uri}`: images per dataset.")
+                          description=f"Ingest of `{config.source_root}` into `{cat.uri}`: images per dataset.")
     changed = sum(r["ingested"] + r["quarantined"] for r in summary)
     if summary and not changed:
         unchanged = sum(r["skipped"] for r in summary)
@@ -77,30 +77,23 @@ ingest_on_dask = flow(name="ingest-dask", log_prints=True)(_ingest)
 
 
 @flow(name="ingest", log_prints=True, task_runner=threads(2))
-def ingest_flow(source_dir: str | None = None, catalog: str | None = None, datasets: list[str] | None = None,
-                workers: int = 1, dask_address: str | None = None) -> list[dict[str, Any]] | State:
+def ingest_flow(paths: PathParams = DEFAULT_PATHS, workers: int = 1,
+                dask_address: str | None = None) -> list[dict[str, Any]] | State:
     """Ingest every dataset folder under the source root into the catalog (bad files are quarantined, unchanged
     ones skipped by sha256); returns per-dataset counts.
 
     Args:
-        source_dir: Folder of dataset folders. Empty: `HVP_SOURCE_ROOT` (default `./hvp-data/sources`).
-        catalog: Catalog directory or fsspec URL. Empty: `HVP_CATALOG` (default `./hvp-data/catalog`).
-        datasets: Only these dataset folders (slugs). Empty: all.
+        paths: Source root, catalog and datasets (empty: `HVP_SOURCE_ROOT`, `HVP_CATALOG`, all folders), resolved
+            to absolute paths and shown in the run.
         workers: More than 1 ingests on a local Dask cluster of that many processes.
         dask_address: Address of a running Dask scheduler to ingest on instead.
     """
-    paths = resolve_paths(PathParams(source_root=source_dir, catalog=catalog, datasets=datasets))
+    p = resolve_paths(paths)
+    config = stage.IngestConfig(source_root=p.source_root, datasets=p.datasets)
     if dask_address or workers > 1:
         from prefect_dask import DaskTaskRunner
 
         runner: Any = (DaskTaskRunner(address=dask_address) if dask_address else
                        DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1}))
-        return ingest_on_dask.with_options(task_runner=runner)(paths.source_root, paths.catalog, paths.datasets)
-    return _ingest(paths.source_root, paths.catalog, paths.datasets)
-
-
-def run_ingest(source_dir: str, catalog: str | None = None, datasets: list[str] | None = None,
-               workers: int | None = None, dask_address: str | None = None) -> list[dict[str, Any]]:
-    """Run the flow on threads (default), a local Dask cluster of ``workers`` processes, or a running cluster."""
-    result: list[dict[str, Any]] = ingest_flow(source_dir, catalog, datasets, workers or 1, dask_address)  # type: ignore[assignment]
-    return result
+        return ingest_on_dask.with_options(task_runner=runner)(p.catalog, config)
+    return _ingest(p.catalog, config)

@@ -1,14 +1,10 @@
 """Flow parameters as pydantic models: what the Prefect UI shows as typed forms and what the CLI builds.
 
-Every field that can be left empty takes the value of the run's *profile*:
-
-- ``demo``: fixture data, tiny random-init models and loose thresholds, so that a first run on a laptop produces
-  masks in every branch (random-init models score every mask low);
-- ``production``: the models, checkpoints and labeler parameters of the settings (``HVP_*``) with the branches'
-  own default thresholds.
-
-``resolve_*`` turns parameters into plain values (absolute paths, one labeler configuration per branch) that the
-flows pass down as arguments; nothing below reads the environment to find out what the UI asked for.
+Every flow takes the same groups (`PathParams`, `LabelParams`, `PretrainParams`, `DownstreamParams`,
+`BackboneParams`) and a `Profile`. Every field that can be left empty takes the value of the run's profile, a YAML
+file of the same groups under pipelines/profiles/ (``demo``, ``production``, ``test``); `pipelines.profiles.resolve`
+turns profile + parameters into the typed stage configs the flows pass down. Nothing below reads the environment
+to find out what the UI asked for.
 """
 
 from __future__ import annotations
@@ -21,17 +17,17 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from infra.settings import Settings, get_settings
 from model.preprocess import CONTRACTS
-from model.registry import list_models
-from stages.downstream.run import DEFAULT_DATASETS
-from stages.labelling.label import labeler_config
-from stages.labelling.sam2_models import TINY_MODEL_CONFIG, available_configs
+from model.registry import list_models, resolve_name
+from stages.downstream.tasks import TASKS, ordered_tasks
+from stages.labelling.sam2_models import available_configs
 
 
 class Profile(StrEnum):
-    """Which defaults fill the fields left empty."""
+    """Which profile (pipelines/profiles/<name>.yaml) fills the fields left empty."""
 
     demo = "demo"
     production = "production"
+    test = "test"
 
 
 class Branch(StrEnum):
@@ -68,27 +64,7 @@ ModelName = StrEnum("ModelName", {name: name for name in list_models()})  # type
 Sam2Config = StrEnum("Sam2Config", {name.replace("/", "_").replace(".", "_"): name  # type: ignore[misc]
                                     for name in available_configs()})
 
-#: Registry names preferred as the production pretraining model, first available wins.
-PRODUCTION_MODELS = ("hypervision_b", "base")
-
 _FORM = ConfigDict(extra="forbid", frozen=True)
-
-# What the demo profile uses where a field is left empty: tiny models, random-init weights, loose thresholds.
-DEMO_AMG: dict[str, Any] = {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
-DEMO_SPECTRAL: dict[str, Any] = {"stride": 4, "max_objects": 4}
-DEMO_MATERIAL_MODEL: dict[str, Any] = {"model": "tiny"}
-DEMO_PRETRAIN: dict[str, Any] = {"model": "tiny", "steps": 6, "batch_size": 2, "checkpoint_every": 3}
-PRODUCTION_PRETRAIN: dict[str, Any] = {"steps": 100_000, "batch_size": 4}
-
-
-def production_model() -> str:
-    """The production pretraining model: the first of PRODUCTION_MODELS in the registry, else its largest-sorted
-    non-tiny name."""
-    names = list_models()
-    for name in PRODUCTION_MODELS:
-        if name in names:
-            return name
-    return next((n for n in names if n != "tiny"), names[0])
 
 
 class PathParams(BaseModel):
@@ -132,21 +108,20 @@ def resolve_paths(paths: PathParams, settings: Settings | None = None) -> Resolv
                          datasets=paths.datasets or None)
 
 
-class _AmgParams(BaseModel):
+class AmgParams(BaseModel):
     """Thresholds of a SAM-style automatic mask generator; empty fields take the profile's values."""
 
     model_config = _FORM
 
-    checkpoint: str | None = Field(default=None, description="Local weights file. Empty: demo random-init; production "
-                                   "the settings' checkpoint (random-init when none).")
-    points_per_side: int | None = Field(default=None, ge=1, le=128, description="Prompt grid side. Empty: demo 4; "
-                                        "production the settings' value or the branch default (32).")
+    checkpoint: str | None = Field(default=None, description="Local weights file. Empty: the profile's (production: "
+                                   "the settings' checkpoint; random-init when none).")
+    points_per_side: int | None = Field(default=None, ge=1, le=128, description="Prompt grid side. Empty: the "
+                                        "profile's, else the branch default (32).")
     pred_iou_thresh: float | None = Field(default=None, ge=0.0, le=1.0, description="Keep masks whose predicted IoU "
-                                          "reaches this. Empty: demo 0.0; production the settings' value or the "
-                                          "branch default.")
+                                          "reaches this. Empty: the profile's, else the branch default.")
     stability_score_thresh: float | None = Field(default=None, ge=0.0, le=1.0, description="Keep masks whose stability "
-                                                 "score reaches this. Empty: demo 0.0; production the settings' "
-                                                 "value or the branch default.")
+                                                 "score reaches this. Empty: the profile's, else the branch "
+                                                 "default.")
     extra: dict[str, Any] = Field(default_factory=dict, description="Further generator parameters by name "
                                   "(advanced; unknown names are an error naming the allowed ones).")
 
@@ -156,24 +131,24 @@ class _AmgParams(BaseModel):
         return {**self.extra, **{k: getattr(self, k) for k in keys if getattr(self, k) is not None}}
 
 
-class SpatialParams(_AmgParams):
+class SpatialParams(AmgParams):
     """Spatial branch: SAM2 automatic masks on each image's RGB."""
 
-    sam2_config: Sam2Config | None = Field(default=None, description="SAM2 config. Empty: demo Hiera-T; production "
-                                           "`HVP_SAM2_MODEL`.")
-    image_size: int | None = Field(default=None, ge=32, description="SAM2 input side (a multiple of 32). Empty: demo "
-                                   "128; production `HVP_SAM2_MODEL`.")
+    sam2_config: Sam2Config | None = Field(default=None, description="SAM2 config. Empty: the profile's (demo "
+                                           "Hiera-T, production Hiera-B+).")
+    image_size: int | None = Field(default=None, ge=32, description="SAM2 input side (a multiple of 32). Empty: the "
+                                   "profile's (demo 128, production 1024).")
 
 
 class SpectralParams(SpatialParams):
     """Spectral branch: SAM2 memory propagation through false-colour triplets along the spectrum."""
 
-    stride: int | None = Field(default=None, ge=1, description="Bands between consecutive triplets. Empty: demo 4; "
-                               "production the settings' value or 2.")
-    max_objects: int | None = Field(default=None, ge=1, description="Most seed objects tracked. Empty: demo 4; "
-                                    "production the settings' value or 32.")
+    stride: int | None = Field(default=None, ge=1, description="Bands between consecutive triplets. Empty: the "
+                               "profile's, else 2.")
+    max_objects: int | None = Field(default=None, ge=1, description="Most seed objects tracked. Empty: the profile's, "
+                                    "else 32.")
     nms_thresh: float | None = Field(default=None, gt=0.0, le=1.0, description="IoU threshold of the intra-branch NMS. "
-                                     "Empty: the settings' value or 0.7.")
+                                     "Empty: the profile's, else 0.7.")
 
     def overrides(self) -> dict[str, Any]:
         """Thresholds, extras and the spectral parameters set here."""
@@ -181,11 +156,11 @@ class SpectralParams(SpatialParams):
         return {**super().overrides(), **extra}
 
 
-class MaterialParams(_AmgParams):
+class MaterialParams(AmgParams):
     """Material branch: HyperFree automatic masks on the full cube."""
 
-    model: ModelName | None = Field(default=None, description="HyperFree registry model. Empty: demo `tiny`; "  # type: ignore[valid-type]
-                                    "production `HVP_HYPERFREE_MODEL`.")
+    model: ModelName | None = Field(default=None, description="HyperFree registry model. Empty: the profile's "  # type: ignore[valid-type]
+                                    "(demo `tiny`, production `hyperfree_b`).")
 
 
 class LabelParams(BaseModel):
@@ -195,50 +170,11 @@ class LabelParams(BaseModel):
 
     branches: list[Branch] = Field(default_factory=lambda: list(Branch), description="Branches to label with.")
     tau: float | None = Field(default=None, gt=0.0, le=1.0, description="IoU threshold of the global NMS that "
-                              "fuses the branches. Empty: `HVP_FUSE_TAU` (default 0.7).")
+                              "fuses the branches. Empty: the profile's (0.7).")
     overlays: int = Field(default=4, ge=0, le=32, description="Overlay previews published with the fuse report.")
     spatial: SpatialParams = Field(default_factory=SpatialParams, description="Spatial branch labeler.")
     spectral: SpectralParams = Field(default_factory=SpectralParams, description="Spectral branch labeler.")
     material: MaterialParams = Field(default_factory=MaterialParams, description="Material branch labeler.")
-
-
-class ResolvedLabel(BaseModel):
-    """Labeler configurations (``{"model_config", "checkpoint", "params"}``) of the chosen branches and tau."""
-
-    branches: list[str]
-    configs: dict[str, dict[str, Any]]
-    tau: float
-    overlays: int
-
-
-def resolve_label(profile: Profile, label: LabelParams, settings: Settings | None = None) -> ResolvedLabel:
-    """Each branch's labeler configuration: the profile's base, then the fields set in ``label``. Every branch
-    is resolved (fusion names all three labeler ids), labelling runs only ``label.branches``."""
-    s = settings or get_settings()
-    configs: dict[str, dict[str, Any]] = {}
-    for branch in Branch:
-        p: _AmgParams = getattr(label, branch.value)
-        if profile is Profile.demo:
-            model = dict(DEMO_MATERIAL_MODEL) if branch is Branch.material else dict(TINY_MODEL_CONFIG)
-            base: dict[str, Any] = {"model_config": model, "checkpoint": None,
-                    "params": {**DEMO_AMG, **(DEMO_SPECTRAL if branch is Branch.spectral else {})}}
-        else:
-            base = labeler_config(branch.value, s)
-        model_config = dict(base["model_config"])
-        if isinstance(p, SpatialParams):
-            if p.sam2_config is not None:
-                model_config["config"] = p.sam2_config.value
-            if p.image_size is not None:
-                model_config["image_size"] = p.image_size
-        if isinstance(p, MaterialParams) and p.model is not None:
-            model_config["model"] = p.model.value
-        checkpoint = p.checkpoint or base["checkpoint"]
-        configs[branch.value] = {"model_config": model_config,
-                                 "checkpoint": absolute_path(checkpoint) if checkpoint else None,
-                                 "params": {**base["params"], **p.overrides()}}
-    tau = label.tau if label.tau is not None else s.fuse_tau
-    return ResolvedLabel(branches=[b.value for b in label.branches] or [b.value for b in Branch], configs=configs,
-                         tau=tau, overlays=label.overlays)
 
 
 class PretrainParams(BaseModel):
@@ -247,11 +183,11 @@ class PretrainParams(BaseModel):
 
     model_config = _FORM
 
-    model: ModelName | None = Field(default=None, description="Registry model to train. Empty: demo `tiny`; production "  # type: ignore[valid-type]
-                                    "the -B HyperVision layout.")
-    steps: int | None = Field(default=None, ge=1, description="Optimizer steps. Empty: demo 6; production 100000.")
-    batch_size: int | None = Field(default=None, ge=1, description="Crops per device and step. Empty: demo 2; "
-                                   "production 4.")
+    model: ModelName | None = Field(default=None, description="Registry model to train. Empty: the profile's "  # type: ignore[valid-type]
+                                    "(demo `tiny`, production the -B HyperVision layout).")
+    steps: int | None = Field(default=None, ge=1, description="Optimizer steps. Empty: the profile's.")
+    batch_size: int | None = Field(default=None, ge=1, description="Crops per device and step. Empty: the "
+                                   "profile's.")
     out: str | None = Field(default=None, description="Run folder. Empty: `<runs>/pretrain-<model>-<inputs key>`, so "
                             "unchanged inputs find their finished run and skip.")
     lr: float | None = Field(default=None, gt=0.0, description="Peak learning rate. Empty: the model preset's.")
@@ -261,11 +197,14 @@ class PretrainParams(BaseModel):
     teacher_checkpoint: str | None = Field(default=None, description="Local RGB teacher weights. Empty: random-init.")
     student_checkpoint: str | None = Field(default=None, description="Initial student weights (HyperFree/HyperVision). "
                                            "Empty: random-init.")
-    checkpoint_every: int | None = Field(default=None, ge=1, description="Steps between checkpoints. Empty: demo 3; "
-                                         "production the preset's.")
+    checkpoint_every: int | None = Field(default=None, ge=1, description="Steps between checkpoints. Empty: the "
+                                         "profile's, else the preset's.")
+    min_mask_pixels: int | None = Field(default=None, ge=1, description="Smallest sub-mask trained on, in pixels. "
+                                        "Empty: the preset's (16).")
     nproc: int | None = Field(default=None, ge=1, description="Processes under torchrun. Empty: the visible GPUs, "
                               "or 1.")
-    device: Device = Field(default=Device.auto, description="auto (CUDA when available), cpu or cuda.")
+    device: Device | None = Field(default=None, description="auto (CUDA when available), cpu or cuda. Empty: the "
+                                  "profile's (auto).")
     init_strict: bool = Field(default=True, description="Load the initial student weights strictly (keys and shapes "
                               "must match the layout); off: load what matches and list what was dropped or resized.")
     preprocessing: Preprocessing = Field(default=Preprocessing.released, description="Preprocessing contract of "
@@ -273,33 +212,26 @@ class PretrainParams(BaseModel):
                                          "were fed, or `crop_max` (each crop divided by its maximum).")
 
 
-def resolve_pretrain(profile: Profile, pretrain: PretrainParams) -> dict[str, Any]:
-    """Keyword arguments of ``pretrain_flow`` (without the catalog): the profile's values where a field is
-    empty, checkpoint paths absolute."""
-    base = dict(DEMO_PRETRAIN) if profile is Profile.demo else {"model": production_model(), **PRODUCTION_PRETRAIN}
-    given = pretrain.model_dump(exclude_none=True)
-    for key in ("model", "device", "preprocessing"):
-        if key in given:
-            given[key] = getattr(pretrain, key).value
-    for key in ("teacher_checkpoint", "student_checkpoint", "out"):
-        if key in given:
-            given[key] = absolute_path(given[key])
-    return {**base, **given}
+#: Downstream tasks (stages.downstream.tasks.TASKS, in report order), each a head on the frozen backbone scored
+#: against a trivial baseline.
+Task = StrEnum("Task", {name: name for name in ordered_tasks()})  # type: ignore[misc]
+
+#: Each task's benchmark dataset (its TaskDef's first dataset): what an empty `benchmarks` means.
+BENCHMARKS: dict[str, str] = {name: TASKS.get(name).default_dataset for name in ordered_tasks()}
+
+#: Layouts sized for the CPU, whose heads take the tasks' "small" sizes and schedules (fixtures train in seconds);
+#: every other layout takes the paper's head sizes.
+SMALL_LAYOUTS = frozenset({"tiny", "hypersigma_tiny"})
 
 
-class Task(StrEnum):
-    """Downstream tasks, each a head on the frozen backbone scored against a trivial baseline."""
-
-    segmentation = "segmentation"
-    saliency = "saliency"
-    tracking = "tracking"
+def head_size_for(model: str) -> str:
+    """The tasks' head size for a backbone layout: "small" for CPU-sized layouts, else "paper"."""
+    return "small" if resolve_name(model) in SMALL_LAYOUTS else "paper"
 
 
-#: Each task's benchmark dataset (stages.downstream.run.DEFAULT_DATASETS): what an empty `benchmarks` means.
-BENCHMARKS: dict[str, str] = dict(DEFAULT_DATASETS)
-if set(BENCHMARKS) != {t.value for t in Task}:  # pragma: no cover - guards the two lists drifting apart
-    raise ImportError(f"pipelines.params.Task lists {[t.value for t in Task]} but stages.downstream.run."
-                      f"DEFAULT_DATASETS has {list(BENCHMARKS)}: update the enum")
+def cached_feature_datasets(tasks: dict[str, str]) -> list[str]:
+    """The datasets of `tasks` (task -> dataset) whose heads read cached whole-image features."""
+    return [d for t, d in tasks.items() if TASKS.get(t).cached_features]
 
 
 class DownstreamParams(BaseModel):
@@ -309,19 +241,20 @@ class DownstreamParams(BaseModel):
 
     model_config = _FORM
 
-    tasks: list[Task] = Field(default_factory=lambda: list(Task), description="Tasks to run (segmentation on HSI "
-                              "Drive v2.0, salient objects on HSSOD, tracking on HOT-2023 VIS). Empty: none.")
-    benchmarks: dict[Task, str] | None = Field(default=None, description="Labelled dataset (slug) per task, e.g. "
-                                               '`{"segmentation": "hyperspectral-city-v2"}`. Empty: `hsi-drive-v2-0`, '
-                                               "`hssod`, `hot-2023-vis`.")
+    tasks: list[Task] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: list(Task), description="Tasks to run, each on its benchmark unless `benchmarks` "
+        "says otherwise (" + ", ".join(f"{t} on `{d}`" for t, d in BENCHMARKS.items()) + "). Empty: none.")
+    benchmarks: dict[Task, str] | None = Field(  # type: ignore[valid-type]
+        default=None, description='Labelled dataset (slug) per task, e.g. `{"segmentation": '
+        '"hyperspectral-city-v2"}`. Empty: ' + ", ".join(f"`{d}`" for d in BENCHMARKS.values()) + ".")
     steps: int | None = Field(default=None, ge=1, description="Training steps per head. Empty: by model size "
                               "(100 for tiny).")
     device: Device = Field(default=Device.auto, description="auto (CUDA when available), cpu or cuda.")
 
     def task_datasets(self) -> dict[str, str]:
         """The chosen tasks, each with its labelled dataset."""
-        given = {t.value: d for t, d in (self.benchmarks or {}).items()}
-        return {t.value: given.get(t.value, BENCHMARKS[t.value]) for t in self.tasks}
+        given = {str(t.value): d for t, d in (self.benchmarks or {}).items()}
+        return {str(t.value): given.get(str(t.value), BENCHMARKS[str(t.value)]) for t in self.tasks}
 
 
 class BackboneParams(BaseModel):
@@ -344,11 +277,9 @@ class BackboneParams(BaseModel):
     strict: bool = Field(default=True, description="Load the checkpoint strictly (keys and shapes must match the "
                          "layout).")
 
-    def model_name(self, profile: Profile) -> str:
-        """The registry layout: the one given, else the profile's pretraining model."""
-        if self.model is not None:
-            return str(self.model.value)
-        return str(DEMO_PRETRAIN["model"]) if profile is Profile.demo else production_model()
+    def model_name(self, default: str) -> str:
+        """The registry layout: the one given, else ``default`` (the profile's pretraining model)."""
+        return str(self.model.value) if self.model is not None else default
 
 
 #: Defaults of the flows' grouped parameters (frozen: shared safely as default values).

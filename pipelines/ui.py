@@ -6,6 +6,10 @@ without questions, makes the fixture sources when the source root is empty, star
 prints the URL, and on Ctrl-C or SIGTERM stops everything it started (each child runs in its own process group,
 so the server's own children go with it). Killed outright (``kill -9``), it cannot stop them itself: each child
 gets SIGTERM from the kernel then (Linux's parent-death signal) and stops its own children.
+
+Paths and the server credential come from the settings (``HVP_SOURCE_ROOT``, ``HVP_CATALOG``, ``HVP_SERVER_AUTH``).
+With a credential the server requires Prefect's basic authentication and the worker, the watcher and the prefect
+commands send it; without one it binds loopback only.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
+
+from infra.settings import Settings, get_settings
 
 #: The repository root: where prefect.yaml lives and where deployments run.
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -121,39 +127,58 @@ def run_prefect(args: Sequence[str], env: dict[str, str], cwd: Path, log: Path) 
         raise RuntimeError(f"`prefect {' '.join(args)}` exited with {proc.returncode}; see {log}")
 
 
-def ui_env(url: str, prefect_home: Path, source_root: Path, catalog: str) -> dict[str, str]:
+def ui_env(url: str, prefect_home: Path, source_root: Path, catalog: str,
+           settings: Settings | None = None) -> dict[str, str]:
     """Environment of the server, worker and prefect commands: this server, this Prefect home, no analytics,
-    and the pipeline's paths as absolute settings (what runs resolve their empty paths to)."""
+    the pipeline's paths as absolute settings (what runs resolve their empty paths to), and the credential when
+    one is configured (the server requires it, the others send it)."""
+    from infra.prefect_server import auth_env
+
     env = dict(os.environ)
     env.update(PREFECT_API_URL=f"{url}/api", PREFECT_UI_URL=url, PREFECT_HOME=str(prefect_home),
                PREFECT_SERVER_ANALYTICS_ENABLED="false", HVP_SOURCE_ROOT=str(source_root), HVP_CATALOG=catalog,
                HVP_PROJECT_ROOT=str(PROJECT_ROOT), PYTHONUNBUFFERED="1",
                PWD=str(PROJECT_ROOT))  # prefect.yaml's pull step: runs start in the repository root
+    env.update(auth_env(settings))
     return env
 
 
 def serve_ui(workdir: Path, port: int = 4200, watch_interval: float = 5.0, host: str = "127.0.0.1",
              extra_env: dict[str, str] | None = None, ready: threading.Event | None = None,
-             stop: threading.Event | None = None) -> int:
+             stop: threading.Event | None = None, settings: Settings | None = None) -> int:
     """Start everything, wait for Ctrl-C/SIGTERM (or ``stop``), stop everything; returns the exit status.
-    ``ready`` is set once the URL is printed (tests)."""
+    ``ready`` is set once the URL is printed (tests). The source root and the catalog are the settings' when set
+    there, else ``sources`` and ``catalog`` under ``workdir``; a ``host`` beyond loopback needs a credential."""
+    from infra.prefect_server import credential, is_loopback, refresh_prefect_settings
+
+    conf = settings or get_settings()
     workdir = workdir.resolve()
-    source_root = Path(os.environ.get("HVP_SOURCE_ROOT") or workdir / "sources").resolve()
-    catalog = os.environ.get("HVP_CATALOG") or str(workdir / "catalog")
+    source_root = (conf.source_root if "source_root" in conf.model_fields_set else workdir / "sources").resolve()
+    catalog = conf.catalog if "catalog" in conf.model_fields_set else str(workdir / "catalog")
     catalog = catalog if "://" in catalog else str(Path(catalog).resolve())
     url = f"http://{host}:{port}"
+    authenticated = credential(conf) is not None
+    if not authenticated and not is_loopback(host):
+        print(f"error: refusing to serve on {host}, beyond this machine, without authentication: set HVP_SERVER_AUTH "
+              "to a 'user:password' credential (every client then needs it too), or bind 127.0.0.1", flush=True)
+        return 2
     if not port_free(host, port):
         print(f"error: {host}:{port} is in use (another Prefect server?): stop it or pass --port", flush=True)
         return 2
     logs = workdir / "logs"
-    env = ui_env(url, workdir / "prefect", source_root, catalog)
+    env = ui_env(url, workdir / "prefect", source_root, catalog, conf)
     env.update(extra_env or {})
-    os.environ.update({k: env[k] for k in ("PREFECT_API_URL", "PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED")})
+    # this process's own clients (the watcher) use the same server, home and credential
+    os.environ.update({k: env[k] for k in ("PREFECT_API_URL", "PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED",
+                                           "PREFECT_API_AUTH_STRING") if k in env})
+    refresh_prefect_settings()
     children = Children()
     old = {s: signal.signal(s, _raise_stop) for s in (signal.SIGTERM, signal.SIGINT)}
     watcher_stop = threading.Event()
     try:
-        print(f"starting the Prefect server on {url} (log: {logs / 'server.log'})", flush=True)
+        print(f"starting the Prefect server on {url} "
+              f"({'basic authentication' if authenticated else 'no authentication: loopback only'}; "
+              f"log: {logs / 'server.log'})", flush=True)
         children.start("server", prefect_cmd("server", "start", "--host", host, "--port", str(port)), env,
                        logs / "server.log", workdir)
         wait_healthy(url, children.procs["server"], logs / "server.log")

@@ -12,8 +12,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Completed, State
+
+from infra.markdown import escape_markdown, escape_rows
 
 #: Name of the global concurrency limit that labelling and training take a slot of (`hvp ui` creates it with one
 #: slot; where it does not exist, work proceeds unlimited).
@@ -113,22 +115,30 @@ def png_data_uri(path: str | Path, side: int = PREVIEW_SIDE) -> str:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """A markdown table of ``rows`` (the markdown renderer wraps long cells, where the table view cuts them)."""
+    """A markdown table of ``rows`` (the markdown renderer wraps long cells, where the table view cuts them); every
+    header and cell is shown as text (``escape_markdown``): datasets name their own images, paths and classes."""
     if not rows:
         return "_(no rows)_\n"
     cols = list(dict.fromkeys(k for r in rows for k in r))
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines = ["| " + " | ".join(map(_cell, cols)) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for r in rows:
         lines.append("| " + " | ".join(_cell(r.get(c, "")) for c in cols) + " |")
     return "\n".join(lines) + "\n"
 
 
 def _cell(value: Any) -> str:
+    """One table cell: a number as it is (rounded), anything else as escaped text."""
     if isinstance(value, float):
-        value = round(value, 3)
-    return str(value).replace("|", "\\|").replace("\n", " ")
+        return str(round(value, 3))
+    return str(value) if isinstance(value, int) else escape_markdown(value)
 
 
 def publish_markdown(key: str, markdown: str, description: str) -> None:
     """A markdown artifact named after its stage (``key``, e.g. ``fuse-overlays``)."""
     create_markdown_artifact(key=key, markdown=markdown, description=description)
+
+
+def publish_table(key: str, rows: list[dict[str, Any]], description: str) -> None:
+    """A table artifact whose text cells show as text (the UI renders each string cell as markdown, and datasets
+    name their own images, paths and classes)."""
+    create_table_artifact(key=key, table=escape_rows(rows), description=description)

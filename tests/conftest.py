@@ -28,11 +28,11 @@ def ingested_sources(fixture_sources: tuple[Path, dict], tmp_path_factory: pytes
     """The whole fixture tree ingested once with plain stage calls: (Catalog, {slug: [FixtureImage]}, results).
     Tests that share it must not change it."""
     from catalog.catalog import Catalog
-    from stages.ingest import ingest_all
+    from stages.ingest import IngestConfig, run_ingest
 
     root, truth = fixture_sources
     cat = Catalog(tmp_path_factory.mktemp("cat") / "catalog").init()
-    return cat, truth, ingest_all(cat, root)[0]
+    return cat, truth, run_ingest(cat, IngestConfig(source_root=str(root))).files
 
 
 @pytest.fixture(scope="session")
@@ -42,20 +42,13 @@ def labelled_catalog(tmp_path_factory: pytest.TempPathFactory) -> tuple:
     counts what is computed) and must not change anything else."""
     from catalog.catalog import Catalog
     from catalog.fixtures import write_dataset
-    from catalog.specs import spec_for_folder
-    from stages.ingest import ingest_item, item_for, plan
+    from stages.ingest import IngestConfig, run_ingest
 
     root = tmp_path_factory.mktemp("labelled-sources")
     for slug in ("hsi-drive-v2-0", "hssod", "hot-2023-vis"):
         write_dataset(slug, root)
     cat = Catalog(tmp_path_factory.mktemp("labelled") / "catalog").init()
-    work = plan(root, cat)
-    assert not work.problems
-    for w in work.items:
-        spec = spec_for_folder(Path(w.folder))
-        assert spec is not None
-        ingest_item(cat, spec, item_for(Path(w.folder), spec, w.primary), w.known_sha256)
-    cat.compact()
+    assert not run_ingest(cat, IngestConfig(source_root=str(root))).problems
     return cat, root
 
 

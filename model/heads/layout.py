@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -52,6 +53,12 @@ def feature_layout(config: EncoderConfig) -> FeatureLayout:
         channels=(*(config.embed_dim for _ in indexes), config.out_chans),
         strides=(*strides, config.patch_size << len(merges)),
     )
+
+
+def layout_from_info(info: Sequence[Mapping[str, Any]]) -> FeatureLayout:
+    """Layout from a registry entry's timm-style `feature_info` (``num_chs``, ``reduction`` per map): sizes heads
+    for any family (e.g. HyperSIGMA's fused maps) without building the model."""
+    return FeatureLayout(tuple(int(i["num_chs"]) for i in info), tuple(int(i["reduction"]) for i in info))
 
 
 def as_layout(in_channels: Sequence[int], strides: Sequence[int] | None) -> FeatureLayout:

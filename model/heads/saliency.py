@@ -20,12 +20,14 @@ from segment_anything.modeling.transformer import TwoWayTransformer
 from torch import nn
 
 from model.heads.layout import as_layout
+from model.heads.registry import HEADS
 
 
 def _project(in_channels: int, out_channels: int) -> nn.Module:
     return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False), LayerNorm2d(out_channels))
 
 
+@HEADS.register("basam")
 class SaliencyHead(nn.Module):
     """One saliency logit map per image from the multi-scale features of a frozen backbone."""
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.heads.layout import as_layout
+from model.heads.registry import HEADS
 
 DEFAULT_WIDTHS = (656, 320, 160, 80)
 """Decoder widths, bottleneck first; about 15.7 M trainable parameters over the released -B features."""
@@ -47,6 +48,7 @@ def _lateral(in_channels: int, out_channels: int) -> nn.Sequential:
                          nn.ReLU(inplace=True))
 
 
+@HEADS.register("runet")
 class SegmentationHead(nn.Module):
     """Per-pixel class logits from the multi-scale features of a frozen backbone."""
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.heads.layout import as_layout
+from model.heads.registry import HEADS
 
 BRANCHES = ("cls", "box")
 
@@ -58,6 +59,7 @@ def template_window(size: int, fraction: float) -> int:
     return k if k % 2 else max(1, k - 1)
 
 
+@HEADS.register("siamhyper")
 class TrackingHead(nn.Module):
     """Target logits and box distances over the search crop from template and search feature lists."""
 

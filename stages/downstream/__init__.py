@@ -1,6 +1,9 @@
 """Downstream evaluation on the frozen backbone: features, task heads, metrics and reports.
 
-Modules: `samples` (frozen features + labels), `tasks` (head losses), `train` (head-only training, checkpoints,
-resume), `evaluate` (predictions and scores), `tracker` (Siamese online tracker), `backbone` (frozen feature
-function), `metrics`, `baselines`, `report`.
+Entry points: `runners` (`run_features`, `run_heads` with their typed configs, registered stages). Tasks: `registry`
+(`TaskDef`, `TASKS`), `tasks/` (one module + YAML card per task: segmentation, saliency, tracking). Head runs:
+`heads` (train, score, reuse, evaluate again), `spec` (task spec, fingerprint), `outcomes` (stored results, reports),
+`train` + `checkpoints` (head-only training on stages.training). Pieces: `features` (the frozen backbone and its
+feature cache), `data` + `samples` (catalog splits as samples), `losses`, `evaluate`, `baselines`, `tracker`,
+`backbone`, `report`.
 """

@@ -11,7 +11,7 @@ from torch import nn
 from model.hyperfree import HyperFree
 from model.preprocess import DEFAULT_CONTRACT, extract_features
 from stages.downstream.tracker import FeatureFn
-from stages.downstream.train import autocast
+from stages.training.device import autocast
 
 
 def freeze(module: nn.Module) -> nn.Module:

@@ -6,11 +6,10 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, overload
 
-import numpy as np
 import torch
 
 from catalog.annotations import AnnotationMap
@@ -18,9 +17,10 @@ from catalog.catalog import Catalog
 from catalog.features import FeatureStore
 from infra.errors import InputError
 from stages.downstream.features import CubeInfo, cube_info, read_cube, read_features
-from stages.downstream.samples import SaliencySample, SegmentationSample, TrackingSequence
+from stages.downstream.samples import TrackingSequence
 
-Sample = SegmentationSample | SaliencySample
+SampleBuilder = Callable[[tuple[torch.Tensor, ...], AnnotationMap, dict[str, Any]], Any]
+"""(cached feature maps, the image's annotation, geometry: input_size, image_id, frame_size) -> one sample."""
 
 
 def check_label_kind(catalog: Catalog, dataset: str, kind: str) -> None:
@@ -61,13 +61,14 @@ class LabelInfo:
         return len(self.class_names)
 
 
-class CatalogSamples(Sequence[Sample]):
-    """The segmentation or saliency samples of a list of images, built on access from the feature cache and the
-    catalog's labels and kept in memory up to `cache_bytes` (oldest dropped first), so a large split trains
-    without holding every feature map at once. Supports the indexing and slicing the trainer and evaluators use."""
+class CatalogSamples(Sequence[Any]):
+    """The samples of a list of images with `kind` annotations, built on access by `build` from the feature cache
+    and the catalog's annotations and kept in memory up to `cache_bytes` (oldest dropped first), so a large split
+    trains without holding every feature map at once. Supports the indexing and slicing the trainer and evaluators
+    use."""
 
-    def __init__(self, catalog: Catalog, set_id: str, image_ids: Sequence[str], variant: str | None = None,
-                 cache_bytes: int = 2 << 30) -> None:
+    def __init__(self, catalog: Catalog, set_id: str, image_ids: Sequence[str], variant: str | None = None, *,
+                 kind: str, build: SampleBuilder, cache_bytes: int = 2 << 30) -> None:
         if not image_ids:
             raise ValueError("CatalogSamples: no images given")
         self.catalog = catalog
@@ -75,23 +76,24 @@ class CatalogSamples(Sequence[Sample]):
         self.set_id = set_id
         self.image_ids = list(image_ids)
         self.variant = variant
+        self.build = build
         self.cache_bytes = cache_bytes
-        self._cache: OrderedDict[int, Sample] = OrderedDict()
+        self._cache: OrderedDict[int, Any] = OrderedDict()
         self._bytes = 0
         first = self.label(0)
         self.info = LabelInfo(first.kind, tuple(first.class_names), first.ignore_index)
-        if first.kind not in ("segmentation", "saliency"):
-            raise ValueError(f"image '{self.image_ids[0]}' has a {first.kind} label; samples are for segmentation "
-                             "and saliency (tracking reads sequences)")
+        if first.kind != kind:
+            raise ValueError(f"image '{self.image_ids[0]}' has a {first.kind} label; these samples need {kind} "
+                             "labels")
 
     def label(self, index: int) -> AnnotationMap:
         """The label map of image `index` (read from the catalog, checksums verified)."""
-        return self.catalog.annotations(self.image_ids[index], self.variant)
+        return self.catalog.annotation(self.image_ids[index], self.variant)
 
     def __len__(self) -> int:
         return len(self.image_ids)
 
-    def _build(self, index: int) -> Sample:
+    def _build(self, index: int) -> Any:
         image_id = self.image_ids[index]
         features, attrs = read_features(self.store, self.set_id, image_id)
         label = self.label(index)
@@ -100,11 +102,9 @@ class CatalogSamples(Sequence[Sample]):
                              f"{self.info.kind} one; a split holds one label kind")
         geometry: dict[str, Any] = {"input_size": tuple(attrs["input_size"]), "image_id": image_id,
                                     "frame_size": int(attrs["frame_size"])}
-        if label.kind == "segmentation":
-            return SegmentationSample(features, torch.from_numpy(label.array.astype(np.int64)), **geometry)
-        return SaliencySample(features, torch.from_numpy(label.array.astype(np.float32)), **geometry)
+        return self.build(features, label, geometry)
 
-    def _get(self, index: int) -> Sample:
+    def _get(self, index: int) -> Any:
         if index < 0:
             index += len(self)
         if not 0 <= index < len(self):
@@ -122,17 +122,17 @@ class CatalogSamples(Sequence[Sample]):
         return sample
 
     @overload
-    def __getitem__(self, index: int) -> Sample: ...
+    def __getitem__(self, index: int) -> Any: ...
 
     @overload
-    def __getitem__(self, index: slice) -> list[Sample]: ...
+    def __getitem__(self, index: slice) -> list[Any]: ...
 
-    def __getitem__(self, index: int | slice) -> Sample | list[Sample]:
+    def __getitem__(self, index: int | slice) -> Any:
         if isinstance(index, slice):
             return [self._get(i) for i in range(*index.indices(len(self)))]
         return self._get(index)
 
-    def __iter__(self) -> Iterator[Sample]:
+    def __iter__(self) -> Iterator[Any]:
         return (self._get(i) for i in range(len(self)))
 
 

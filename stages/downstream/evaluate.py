@@ -12,7 +12,6 @@ from torch import nn
 from model.heads.tracking import TrackingHead
 from stages.downstream.samples import SaliencySample, SegmentationSample, TrackingSequence, stack_features
 from stages.downstream.tracker import FeatureFn, TrackerConfig, track_sequence
-from stages.downstream.train import autocast
 from stages.metrics import (
     TrackingCurves,
     confusion_matrix,
@@ -21,6 +20,7 @@ from stages.metrics import (
     tracking_curves,
     tracking_metrics,
 )
+from stages.training.device import autocast
 
 
 @dataclass(frozen=True)

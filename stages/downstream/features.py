@@ -11,8 +11,8 @@ autocast on CUDA, fp32 on the CPU) and stored as float16 with per-chunk crc32c c
 float16 storage was measured against float32 (bench/downstream.py, tiny at 128 px, 100 head steps, same seeds):
 segmentation mIoU 0.3342 vs 0.3346, saliency CC 0.8468 vs 0.8468; half the bytes, no loss that matters.
 
-Tracking does not read this cache: the online tracker encodes each search crop on the fly (stages/downstream/run.py
-says why, with the measurement), so track datasets are skipped here.
+Tracking does not read this cache: the online tracker encodes each search crop on the fly (stages/downstream/tasks/
+tracking.py says why, with the measurement), so its datasets are skipped (TaskDef.cached_features).
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ from model.preprocess import DEFAULT_CONTRACT, check_contract, prepare
 from model.registry import resolve_name
 from stages.downstream.backbone import freeze
 from stages.downstream.samples import Features
-from stages.downstream.train import autocast
 from stages.pretraining.data import DEFAULT_GSD_M
+from stages.training.device import autocast, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -152,13 +152,6 @@ def checkpoint_origin(path: Path) -> dict[str, str]:
     return {k: meta[k] for k in ("step", "student_weights", "teacher_weights", "model") if k in meta}
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """CUDA for "auto" when present, else the CPU."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' asked for but no CUDA device is visible; use 'auto' or 'cpu'.")
-    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
-
-
 _LOADED: dict[str, Backbone] = {}
 
 
@@ -194,7 +187,7 @@ def load_backbone(spec: BackboneSpec, device: str = "auto") -> Backbone:
         load = {"strict": spec.strict, "dropped": sorted(report.dropped), "missing": sorted(report.missing),
                 "resized": sorted(report.resized)}
         origin = checkpoint_origin(path)
-    dev = resolve_device(device)
+    dev = resolve_device(device, field="device")
     freeze(model).to(dev)
     descriptor = {
         "stage": "features", "version": STAGE_VERSION, "model": name, "overrides": overrides,
@@ -327,24 +320,3 @@ def read_features(store: FeatureStore, set_id: str, image_id: str) -> tuple[Feat
     """One image's cached maps as (C, h, w) tensors in the stored dtype, and the entry's attrs."""
     cached = store.read(set_id, image_id)
     return tuple(torch.from_numpy(m) for m in cached.maps), cached.attrs
-
-
-def feature_images(catalog: Catalog, datasets: Sequence[str], splits: Sequence[str] | None = None
-                   ) -> tuple[list[str], dict[str, str]]:
-    """The labelled images of `datasets` (of `splits`, if given) whose whole-image features heads read, and the
-    datasets left out with the reason (track datasets: the tracker encodes crops on the fly; unknown ones)."""
-    index = catalog.images()
-    ids: list[str] = []
-    skipped: dict[str, str] = {}
-    for dataset in datasets:
-        rows = index[(index["dataset"] == dataset) & index["label_kind"].notna()] if not index.empty else index
-        if rows.empty:
-            skipped[dataset] = "no labelled images in the catalog (ingest it first; `hvp datasets` lists slugs)"
-            continue
-        if set(rows["label_kind"]) == {"track"}:
-            skipped[dataset] = "tracking: the tracker encodes search crops on the fly, whole frames are not cached"
-            continue
-        if splits:
-            rows = rows[rows["split"].isin(list(splits))]
-        ids += sorted(rows["image_id"])
-    return ids, skipped

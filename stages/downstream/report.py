@@ -1,6 +1,8 @@
 """The downstream report of a run: report.json, a Parquet table, a markdown table laid out like the paper's
 Tables 2-4 (the paper's figures beside this run's), and PNG plots (OTB curves, confusion matrix, examples).
 
+How a task is reported (its primary metric, names, the paper's columns and figures, how its examples are drawn) is
+its `ReportSection`, data of the task's card (stages/downstream/tasks/<task>.yaml) that every TaskReport carries.
 Every output carries the backbone's weight provenance and the preprocessing contract; a random-init backbone is
 named as such in each of them.
 """
@@ -24,60 +26,58 @@ import pandas as pd  # noqa: E402
 
 from stages.metrics import TrackingCurves  # noqa: E402
 
-TASKS = ("segmentation", "saliency", "tracking")
-PRIMARY: dict[str, tuple[str, bool]] = {
-    "segmentation": ("miou", True),
-    "saliency": ("cc", True),
-    "tracking": ("success_auc", True),
-}
-"""Primary metric and whether higher is better, per task."""
-HEAD_NAMES = {
-    "segmentation": "RU-Net-style head (frozen backbone)",
-    "saliency": "BA-SAM-style head (frozen backbone)",
-    "tracking": "SiamHYPER-style head (frozen backbone)",
-}
-BASELINE_NAMES = {
-    "segmentation": "per-pixel spectral classifier",
-    "saliency": "centre prior",
-    "tracking": "first-frame box held",
-}
-
-# Columns of the paper's tables: (label, metric key or None for a paper-only column, scale for display).
-COLUMNS: dict[str, list[tuple[str, str | None, float]]] = {
-    "segmentation": [("Acc_μ %", "oa", 100.0), ("Acc_M %", "macc", 100.0), ("F1_M %", "mf1", 100.0),
-                     ("mIoU %", "miou", 100.0)],
-    "tracking": [("AUC", "success_auc", 1.0), ("DP@20", "precision_20", 1.0)],
-    "saliency": [("AUC", "auc", 1.0), ("CC", "cc", 1.0), ("MAE", "mae", 1.0),
-                 ("4th *", None, 1.0), ("max F", "max_f", 1.0),
-                 ("S-measure", "s_measure", 1.0), ("E-measure", "e_measure", 1.0)],
-}
-# The paper's figures (Tables 2-4), per task and dataset key, in the order of the paper's columns.
-PAPER: dict[str, dict[str, dict[str, tuple[float, ...]]]] = {
-    "segmentation": {
-        "hsidrive": {"RU-Net (task-specific)": (95.53, 77.09, 79.36, 68.61),
-                     "HyperFree (head-only)": (96.56, 87.52, 88.22, 79.75),
-                     "HyperVision (head-only)": (97.44, 89.67, 90.70, 83.51)},
-        "hcity": {"RU-Net (task-specific)": (93.30, 63.13, 66.45, 56.11),
-                  "HyperFree (head-only)": (90.14, 58.88, 60.56, 49.07),
-                  "HyperVision (head-only)": (93.41, 66.05, 67.87, 57.04)},
-    },
-    "tracking": {"hot2023": {"SENSE": (0.559, 0.766), "SiamBAG": (0.512, 0.739), "HyperVision": (0.571, 0.785)}},
-    "saliency": {"hssod": {"BA-SAM": (0.938, 0.665, 0.070, 0.681), "HyperFree": (0.959, 0.735, 0.052, 0.728),
-                           "HyperVision": (0.959, 0.762, 0.049, 0.742)}},
-}
-PAPER_NAMES = {"hsidrive": "HSI Drive v2.0", "hcity": "Hyperspectral City v2", "hot2023": "HOT-2023",
-               "hssod": "HSSOD"}
+OVERLAY_STYLES = ("classes", "map", "boxes")
+"""How a section draws its examples: image + label + prediction as class maps, or as [0, 1] maps, or the image
+with named boxes."""
 
 
-def paper_dataset(task: str, dataset: str) -> str | None:
-    """Key of the paper's figures for a catalog dataset name (HSI Drive, H-City, HOT-2023, HSSOD), or None."""
-    key = re.sub(r"[^a-z0-9]", "", dataset.lower())
-    aliases = {"hsidrive": ("hsidrive",), "hcity": ("hyperspectralcity", "hcity"), "hot2023": ("hot2023",),
-               "hssod": ("hssod",)}
-    for name, prefixes in aliases.items():
-        if name in PAPER.get(task, {}) and key.startswith(prefixes):
-            return name
-    return None
+@dataclass(frozen=True)
+class Column:
+    """One column of a task's table: its label, the metric it shows (None: a paper-only column) and the display
+    scale (100 for percentages)."""
+
+    label: str
+    metric: str | None
+    scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class PaperTable:
+    """The paper's figures on one dataset: method -> figures in the order of the section's columns."""
+
+    key: str
+    name: str
+    """The dataset as the paper names it."""
+    aliases: tuple[str, ...]
+    """Prefixes of a catalog dataset name (lower case, alphanumerics only) that mean this dataset."""
+    rows: dict[str, tuple[float, ...]]
+
+    def matches(self, dataset: str) -> bool:
+        """Whether catalog dataset `dataset` is this table's dataset."""
+        return re.sub(r"[^a-z0-9]", "", dataset.lower()).startswith(self.aliases)
+
+
+@dataclass(frozen=True)
+class ReportSection:
+    """How one task is reported: its primary metric and sense, what its head and baseline are called, the columns
+    of the paper's table, the paper's figures per dataset and how its examples are drawn (a task's data)."""
+
+    task: str
+    primary: str
+    higher_is_better: bool
+    head_name: str
+    baseline_name: str
+    columns: tuple[Column, ...]
+    paper: tuple[PaperTable, ...] = ()
+    overlay: str = "map"
+
+    def __post_init__(self) -> None:
+        if self.overlay not in OVERLAY_STYLES:
+            raise ValueError(f"ReportSection {self.task}: overlay={self.overlay!r}; choose one of {OVERLAY_STYLES}.")
+
+    def paper_table(self, dataset: str) -> PaperTable | None:
+        """The paper's figures on catalog dataset `dataset`, or None when the paper reports none."""
+        return next((t for t in self.paper if t.matches(dataset)), None)
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ class Overlay:
 class TaskReport:
     """One task's results on one dataset: head and baseline scores plus what the plots need."""
 
-    task: str
+    section: ReportSection
     dataset: str
     head: dict[str, float]
     baseline: dict[str, float]
@@ -107,10 +107,13 @@ class TaskReport:
     baseline_curves: TrackingCurves | None = None
     overlays: Sequence[Overlay] = ()
 
+    @property
+    def task(self) -> str:
+        """The task's name."""
+        return self.section.task
+
     def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            raise ValueError(f"TaskReport.task={self.task!r}; choose one of {TASKS}.")
-        primary = PRIMARY[self.task][0]
+        primary = self.section.primary
         for side, scores in (("head", self.head), ("baseline", self.baseline)):
             if primary not in scores:
                 raise ValueError(f"TaskReport {self.task}: {side} scores lack the primary metric {primary!r}; "
@@ -130,11 +133,13 @@ class ReportPaths:
 def report_json(tasks: Sequence[TaskReport], weights: str, preprocessing: str, model: str) -> dict[str, Any]:
     """The report.json document: per task the dataset, head and baseline scores, primary metric and its sense;
     the backbone's provenance beside it."""
+    names = [t.task for t in tasks]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"Two {twice[0]} results in one report; write one report per dataset of a task.")
     out: dict[str, Any] = {"tasks": {}}
     for t in tasks:
-        if t.task in out["tasks"]:
-            raise ValueError(f"Two {t.task} results in one report; write one report per dataset of a task.")
-        primary, higher = PRIMARY[t.task]
+        primary, higher = t.section.primary, t.section.higher_is_better
         out["tasks"][t.task] = {"dataset": t.dataset, "head": {k: float(v) for k, v in t.head.items()},
                                 "baseline": {k: float(v) for k, v in t.baseline.items()}, "primary": primary,
                                 "higher_is_better": higher}
@@ -146,7 +151,7 @@ def results_table(tasks: Sequence[TaskReport], weights: str, preprocessing: str,
     """Long table: one row per (task, method, metric)."""
     rows = []
     for t in tasks:
-        primary, higher = PRIMARY[t.task]
+        primary, higher = t.section.primary, t.section.higher_is_better
         for method, scores in (("head", t.head), ("baseline", t.baseline)):
             for metric, value in scores.items():
                 rows.append({"task": t.task, "dataset": t.dataset, "method": method, "metric": metric,
@@ -164,22 +169,23 @@ def _cell(value: float | None, scale: float) -> str:
 def markdown_table(t: TaskReport, weights: str) -> str:
     """The task's table as in the paper: methods as rows, the paper's columns, a `source` column marking the
     paper's figures ("paper") and this run's ("this run")."""
-    columns = COLUMNS[t.task]
-    key = paper_dataset(t.task, t.dataset)
+    section = t.section
+    columns = [(c.label, c.metric, c.scale) for c in section.columns]
+    paper = section.paper_table(t.dataset)
     title = f"### {t.task.capitalize()} — {t.dataset}"
     header = "| method | source | " + " | ".join(label for label, _, _ in columns) + " |"
     lines = [title, "", header, "|" + "---|" * (len(columns) + 2)]
-    for method, figures in (PAPER[t.task].get(key, {}) if key else {}).items():
+    for method, figures in (paper.rows if paper else {}).items():
         cells = [_cell(v / scale, scale) for v, (_, _, scale) in zip(figures, columns, strict=False)]
         lines.append(f"| {method} | paper | " + " | ".join(cells + ["—"] * (len(columns) - len(cells))) + " |")
-    for name, scores in ((HEAD_NAMES[t.task], t.head), (BASELINE_NAMES[t.task], t.baseline)):
+    for name, scores in ((section.head_name, t.head), (section.baseline_name, t.baseline)):
         cells = [_cell(scores.get(metric) if metric else None, scale) for _, metric, scale in columns]
         lines.append(f"| {name} | this run ({weights}) | " + " | ".join(cells) + " |")
     lines.append("")
-    if key is None:
+    if paper is None:
         lines.append(f"The paper reports no figures for {t.dataset}.")
     else:
-        lines.append(f"Rows marked paper: the published figures on {PAPER_NAMES[key]}, not measured by this run.")
+        lines.append(f"Rows marked paper: the published figures on {paper.name}, not measured by this run.")
     if any(label.endswith("*") for label, _, _ in columns):
         lines.append("")
         lines.append("\\* A column of the paper's table whose name is lost in the paper's text; its figures are "
@@ -208,7 +214,7 @@ def _plot_curves(t: TaskReport, out_dir: Path, weights: str) -> list[Path]:
         ax.set(xlabel=xlabel, ylabel=f"{name} rate", ylim=(0, 1.02),
                title=f"{t.dataset}: {name} plot\n" + _wrap(f"backbone {weights}", 48))
         ax.legend(loc="best", fontsize=8)
-        path = out_dir / f"tracking_{name}.png"
+        path = out_dir / f"{t.task}_{name}.png"
         fig.tight_layout()
         fig.savefig(path, dpi=100)
         plt.close(fig)
@@ -235,7 +241,7 @@ def _plot_confusion(t: TaskReport, out_dir: Path, weights: str) -> list[Path]:
     ax.set(xlabel="predicted", ylabel="target",
            title=f"{t.dataset} (row-normalised)\n" + _wrap(f"backbone {weights}", 48))
     fig.colorbar(image, ax=ax, fraction=0.046)
-    path = out_dir / "segmentation_confusion.png"
+    path = out_dir / f"{t.task}_confusion.png"
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -253,7 +259,7 @@ def _class_colours(classes: np.ndarray, n_classes: int) -> np.ndarray:
 def _plot_overlays(t: TaskReport, out_dir: Path, weights: str) -> list[Path]:
     if not t.overlays:
         return []
-    n_cols = 1 if t.task == "tracking" else 3
+    n_cols = 1 if t.section.overlay == "boxes" else 3
     fig, axes = plt.subplots(len(t.overlays), n_cols, figsize=(max(5.0, 3.2 * n_cols), 3 * len(t.overlays)),
                              squeeze=False)
     colours = ("lime", "red", "deepskyblue", "orange")
@@ -268,7 +274,7 @@ def _plot_overlays(t: TaskReport, out_dir: Path, weights: str) -> list[Path]:
             row[0].legend(loc="lower right", fontsize=6)
         if n_cols == 3:
             for ax, data, label in ((row[1], overlay.target, "label"), (row[2], overlay.prediction, "head")):
-                if data is not None and t.task == "segmentation":
+                if data is not None and t.section.overlay == "classes":
                     ax.imshow(_class_colours(np.asarray(data), n_classes), interpolation="nearest")
                 elif data is not None:
                     ax.imshow(data, cmap="gray", vmin=0, vmax=1)

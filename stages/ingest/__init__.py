@@ -2,12 +2,13 @@
 
 Plain functions, no orchestration: ``plan`` lists the work (one item per source image) from a source root,
 ``ingest_item`` stores one image or quarantines it with an error that names the file, the field and the fix.
-The Prefect flow (pipelines/ingest.py) maps ``ingest_path`` over the plan; the CLI can call the same functions.
+The stage's runner is ``run_ingest(catalog, IngestConfig) -> IngestResult``: ``start_ingest`` (plan, record the
+config and the unusable folders), ``ingest_path`` per item, ``finish_ingest`` (compact, count). The Prefect flow
+(pipelines/ingest.py) maps ``ingest_path`` between the same two calls.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import os
 from collections import defaultdict
@@ -18,15 +19,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from catalog.annotations import ingest_fingerprint, stored_fingerprints
-from catalog.catalog import Catalog, CubeWrite
-from catalog.cubes import dtype_sample, lossless_dtype
+from catalog.catalog import Catalog
+from catalog.cubes.dtypes import dtype_sample, lossless_dtype
+from catalog.cubes.writer import CubeWrite
 from catalog.readers.base import BandSubset, SourceItem, load_rgb
 from catalog.specs import SPEC_FILENAME, DatasetSpec, spec_for_folder
 from catalog.validate import cube_shape, wavelengths_nm
 from infra.errors import InputError
 from stages.ingest import annotate, discover
+from stages.ingest.discover import item_for, list_items
+from stages.registry import record_config, register_stage
 
 STAGE_VERSION = "1"
 #: Errors reading a source file that a retry cannot cure: the file is quarantined at once.
@@ -53,8 +58,17 @@ class Plan:
     problems: list[tuple[str, str, InputError]] = field(default_factory=list)  # (dataset, path, error)
 
 
+class IngestConfig(BaseModel):
+    """What the ingest stage reads: the source root (one folder per dataset) and, optionally, which folders."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source_root: str = Field(description="folder of dataset folders (absolute, as resolved by the caller)")
+    datasets: list[str] | None = Field(default=None, description="only these dataset folders (slugs); None: all")
+
+
 @dataclass
-class IngestResult:
+class FileResult:
     """What happened to one source image."""
 
     dataset: str
@@ -68,47 +82,6 @@ class IngestResult:
 
 
 # ---------------------------------------------------------------------------------------------- discovery
-def _excluded(rel: str, patterns: list[str]) -> bool:
-    return any(fnmatch.fnmatch(rel, p) or fnmatch.fnmatch(rel, p.removeprefix("**/")) for p in patterns)
-
-
-def list_items(folder: Path, spec: DatasetSpec, source_root: Path | None = None,
-               max_entries: int = discover.MAX_ENTRIES) -> tuple[list[SourceItem], list[InputError]]:
-    """Every source image of a dataset folder: the spec's globs minus excludes, one in every ``sample_every``
-    per sub-folder (video frames), each with its companion files and aligned RGB resolved; and the problems
-    found on the way (symlink loops, links out of ``source_root``, items whose companions cannot be used).
-    The walk is bounded by ``max_entries`` (an InputError beyond)."""
-    root = (source_root or folder.parent).absolute()
-    files, problems = discover.walk_files(folder, root, max_entries)
-    folder = folder.resolve()
-    rels = [r for r in discover.matching(files, spec.files) if not _excluded(r, spec.exclude) and r != SPEC_FILENAME]
-    if spec.sample_every > 1:
-        by_dir: dict[str, list[str]] = defaultdict(list)
-        for r in rels:
-            by_dir[r.rsplit("/", 1)[0] if "/" in r else ""].append(r)
-        rels = sorted(r for group in by_dir.values() for r in group[:: spec.sample_every])
-    items = []
-    for r in rels:
-        try:
-            items.append(item_for(folder, spec, r))
-        except InputError as exc:
-            problems.append(exc)
-    return items, problems
-
-
-def item_for(folder: Path, spec: DatasetSpec, primary_rel: str) -> SourceItem:
-    """The SourceItem of one primary file (relative to the dataset folder)."""
-    primary = folder / primary_rel
-    key = primary_rel.rsplit(".", 1)[0] if "." in Path(primary_rel).name else primary_rel
-    bare = SourceItem(dataset=spec.slug, root=folder, primary=primary, files=(primary,), key=key,
-                      stem_suffix=spec.stem_suffix)
-    companions = spec.reader.companions(primary, spec.reader_options(primary))
-    rgb = bare.resolve(spec.rgb) if spec.rgb else None
-    files = (primary, *companions, *([rgb] if rgb else []))
-    return SourceItem(dataset=spec.slug, root=folder, primary=primary, files=files, key=key, rgb=rgb,
-                      stem_suffix=spec.stem_suffix)
-
-
 def plan(source_root: str | Path, catalog: Catalog | None = None, datasets: list[str] | None = None) -> Plan:
     """List the work under ``source_root`` (one folder per dataset), with the sha256 already catalogued per image
     so unchanged images are skipped cheaply. A folder with no usable spec becomes a problem, not a crash."""
@@ -162,7 +135,7 @@ def source_sha256(item: SourceItem, block: int = 1 << 20) -> str:
 
 
 def ingest_item(catalog: Catalog, spec: DatasetSpec, item: SourceItem, known_sha256: str | None = None,
-                on_strip: Any = None) -> IngestResult:
+                on_strip: Any = None) -> FileResult:
     """Read, validate and store one image; bad input is quarantined (never raised), and so is a source file that
     cannot be read for good (no permission, gone); other I/O errors propagate so the caller can retry. An unchanged
     image (same source sha256 and labels as catalogued) writes nothing; a bad label quarantines the image before
@@ -180,19 +153,19 @@ def ingest_item(catalog: Catalog, spec: DatasetSpec, item: SourceItem, known_sha
         labels = annotate.resolve(spec, item)
         location = catalog.location_for(spec.slug, item.key, sha)
         if known_sha256 == ingest_fingerprint(sha, labels.label_sha256) and catalog.is_complete(location):
-            return IngestResult(spec.slug, src, "skipped", image_id, "unchanged (same source sha256 and labels)")
+            return FileResult(spec.slug, src, "skipped", image_id, "unchanged (same source sha256 and labels)")
         with catalog.storage.lock(f"ingest/{image_id}"):
             if catalog.is_complete(location) and catalog.indexed(image_id, sha, labels.label_sha256):
-                return IngestResult(spec.slug, src, "skipped", image_id,
+                return FileResult(spec.slug, src, "skipped", image_id,
                                     "already catalogued (same source sha256 and labels)")
             cw = prepare(spec, item, sha)
             annotate.attach(catalog, spec, item, labels, cw)
             catalog.write_cube(cw, on_strip=on_strip)
-        return IngestResult(spec.slug, src, "ingested", image_id, cw.attrs.get("note", ""))
+        return FileResult(spec.slug, src, "ingested", image_id, cw.attrs.get("note", ""))
     except InputError as exc:
         path = os.path.abspath(exc.path)
         catalog.add_quarantine(spec.slug, path, type(exc).__name__, exc.field, exc.problem, exc.fix)
-        return IngestResult(spec.slug, src, "quarantined", None, str(exc))
+        return FileResult(spec.slug, src, "quarantined", None, str(exc))
     except OSError as exc:
         sources = {f.absolute() for f in item.files}
         if not (isinstance(exc, UNREADABLE) and exc.filename and Path(exc.filename).absolute() in sources):
@@ -201,16 +174,16 @@ def ingest_item(catalog: Catalog, spec: DatasetSpec, item: SourceItem, known_sha
         problem = f"cannot read the file ({exc.strerror or type(exc).__name__})"
         fix = "make the file readable by the user running ingest (or remove it), then re-run ingest"
         catalog.add_quarantine(spec.slug, path, type(exc).__name__, "file", problem, fix)
-        return IngestResult(spec.slug, src, "quarantined", None, f"{path}: field 'file': {problem}. Fix: {fix}")
+        return FileResult(spec.slug, src, "quarantined", None, f"{path}: field 'file': {problem}. Fix: {fix}")
     except Exception as exc:  # a reader choked on malformed content: quarantine it, keep the run going
         message = f"{type(exc).__name__}: {exc}"
         catalog.add_quarantine(spec.slug, src, type(exc).__name__, "file", message,
                                "the file is malformed for its format; re-export it, or report a reader bug with it")
-        return IngestResult(spec.slug, src, "quarantined", None, f"{src}: {message}")
+        return FileResult(spec.slug, src, "quarantined", None, f"{src}: {message}")
 
 
 def _ingest_new(catalog: Catalog, spec: DatasetSpec, item: SourceItem, labels: Any, src: str, image_id: str,
-                on_strip: Any) -> IngestResult:
+                on_strip: Any) -> FileResult:
     """Store an image the catalog has never held (the caller holds its ingest lock): the source is hashed on a
     thread while the cube is written to a temporary, which then moves to the location the hash names. There is
     no stored version to compare with, so nothing waits for the hash before the write."""
@@ -222,28 +195,51 @@ def _ingest_new(catalog: Catalog, spec: DatasetSpec, item: SourceItem, labels: A
             catalog.write_cube(cw, on_strip=on_strip, source_sha256=hashing.result)
         finally:
             hashing.cancel()
-    return IngestResult(spec.slug, src, "ingested", image_id, cw.attrs.get("note", ""))
+    return FileResult(spec.slug, src, "ingested", image_id, cw.attrs.get("note", ""))
 
 
-def ingest_all(catalog: Catalog, source_root: str | Path, datasets: list[str] | None = None,
-               on_item: Callable[[IngestResult], None] | None = None) -> tuple[list[IngestResult], Plan]:
-    """Plan and ingest every file under ``source_root`` in this process, one after another, then compact the
-    catalog: the plain (no Prefect) path of the CLI and of tests. ``on_item`` sees each result as it lands."""
-    work = plan(source_root, catalog, datasets)
+@dataclass
+class IngestResult:
+    """What one ingest run did: each source file's result, the folders that could not be used, and the
+    per-dataset counts (``summary``)."""
+
+    files: list[FileResult]
+    problems: list[tuple[str, str, InputError]]
+    summary: list[dict[str, Any]]
+
+
+def start_ingest(catalog: Catalog, config: IngestConfig) -> Plan:
+    """The first step of a run: plan the work, record the resolved config and quarantine unusable folders."""
+    work = plan(config.source_root, catalog, config.datasets)
+    record_config(catalog, "ingest", config)
     record_problems(catalog, work.problems)
-    results = []
+    return work
+
+
+def finish_ingest(catalog: Catalog, work: Plan, files: list[FileResult]) -> IngestResult:
+    """The last step of a run: compact the catalog (which also clears a killed writer's temporaries) and count."""
+    catalog.compact()
+    return IngestResult(files, work.problems, summarize(files, work.problems))
+
+
+@register_stage("ingest", IngestConfig, "source folders -> validated cubes in the catalog (bad files quarantined)")
+def run_ingest(catalog: Catalog, config: IngestConfig,
+               on_item: Callable[[FileResult], None] | None = None) -> IngestResult:
+    """Ingest every file under the source root in this process, one after another (``on_item`` sees each result
+    as it lands); unchanged files are skipped by sha256, so a rerun does only what is left."""
+    work = start_ingest(catalog, config)
+    files = []
     for w in work.items:
         spec = spec_for_folder(Path(w.folder))
         assert spec is not None  # plan() only lists folders with a spec
-        results.append(ingest_item(catalog, spec, item_for(Path(w.folder), spec, w.primary), w.known_sha256))
+        files.append(ingest_item(catalog, spec, item_for(Path(w.folder), spec, w.primary), w.known_sha256))
         if on_item is not None:
-            on_item(results[-1])
-    catalog.compact()
-    return results, work
+            on_item(files[-1])
+    return finish_ingest(catalog, work, files)
 
 
 def ingest_path(catalog_uri: str, folder: str, primary: str, known_sha256: str | None = None,
-                options: dict[str, Any] | None = None) -> IngestResult:
+                options: dict[str, Any] | None = None) -> FileResult:
     """``ingest_item`` from paths and strings only: what a task or a worker process calls (``options``: the
     Catalog's cube-store options)."""
     spec = spec_for_folder(Path(folder))
@@ -331,7 +327,7 @@ def new_dataset_folders(source_root: Path, catalog: Catalog) -> list[str]:
     return out
 
 
-def summarize(results: list[IngestResult], problems: list[tuple[str, str, InputError]]) -> list[dict[str, Any]]:
+def summarize(results: list[FileResult], problems: list[tuple[str, str, InputError]]) -> list[dict[str, Any]]:
     """Per-dataset counts of ingested / skipped / quarantined (spec problems count as quarantined)."""
     counts: dict[str, dict[str, int]] = defaultdict(lambda: {"ingested": 0, "skipped": 0, "quarantined": 0})
     for r in results:

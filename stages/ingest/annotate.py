@@ -30,11 +30,14 @@ from catalog.annotations import (
     write_label_group,
     write_track_row,
 )
-from catalog.catalog import Catalog, CubeWrite, now_utc
+from catalog.catalog import Catalog
+from catalog.cubes.writer import CubeWrite
 from catalog.readers.annotations import binary_map, class_ids, read_boxes, read_label_map, read_spectrum, saliency_mask
 from catalog.readers.base import BandSubset, SourceItem
 from catalog.specs import DatasetSpec
+from catalog.storage import now_utc
 from infra.errors import InputError
+from stages.ingest.discover import list_items
 
 #: Boxes may overhang the frame by this many pixels (annotation rounding) before they count as outside it.
 BOX_TOLERANCE_PX = 1.0
@@ -355,8 +358,6 @@ def assign_split(spec: DatasetSpec, item: SourceItem, frame: FrameInfo | None) -
 def ordered_split(spec: DatasetSpec, item: SourceItem, fractions: dict[str, float]) -> str:
     """The split of an image by its rank among the dataset's images in path order: the first ``fraction`` of
     them go to the first split, and so on (boundaries rounded to whole images)."""
-    from stages.ingest import list_items  # the dataset's images exactly as ingest lists them
-
     keys = [it.key for it in list_items(item.root, spec)[0]]
     rank, total, cumulative = keys.index(item.key), len(keys), 0.0
     for split, fraction in fractions.items():

@@ -9,11 +9,15 @@ glob syntax (``*``, ``?``, ``[...]`` within one path component, ``**`` for any n
 from __future__ import annotations
 
 import errno
+import fnmatch
 import os
 import re
+from collections import defaultdict
 from functools import cache
 from pathlib import Path
 
+from catalog.readers.base import SourceItem
+from catalog.specs import SPEC_FILENAME, DatasetSpec
 from infra.errors import InputError
 
 #: Files and folders one dataset walk may visit before it stops with an error (a runaway tree or link farm).
@@ -140,3 +144,44 @@ def matching(files: list[str], patterns: list[str]) -> list[str]:
     """The files (relative POSIX paths) that match any of the patterns."""
     regexes = [pattern_regex(p) for p in patterns]
     return [f for f in files if any(r.match(f) for r in regexes)]
+
+
+def _excluded(rel: str, patterns: list[str]) -> bool:
+    return any(fnmatch.fnmatch(rel, p) or fnmatch.fnmatch(rel, p.removeprefix("**/")) for p in patterns)
+
+
+def list_items(folder: Path, spec: DatasetSpec, source_root: Path | None = None,
+               max_entries: int = MAX_ENTRIES) -> tuple[list[SourceItem], list[InputError]]:
+    """Every source image of a dataset folder: the spec's globs minus excludes, one in every ``sample_every``
+    per sub-folder (video frames), each with its companion files and aligned RGB resolved; and the problems
+    found on the way (symlink loops, links out of ``source_root``, items whose companions cannot be used).
+    The walk is bounded by ``max_entries`` (an InputError beyond)."""
+    root = (source_root or folder.parent).absolute()
+    files, problems = walk_files(folder, root, max_entries)
+    folder = folder.resolve()
+    rels = [r for r in matching(files, spec.files) if not _excluded(r, spec.exclude) and r != SPEC_FILENAME]
+    if spec.sample_every > 1:
+        by_dir: dict[str, list[str]] = defaultdict(list)
+        for r in rels:
+            by_dir[r.rsplit("/", 1)[0] if "/" in r else ""].append(r)
+        rels = sorted(r for group in by_dir.values() for r in group[:: spec.sample_every])
+    items = []
+    for r in rels:
+        try:
+            items.append(item_for(folder, spec, r))
+        except InputError as exc:
+            problems.append(exc)
+    return items, problems
+
+
+def item_for(folder: Path, spec: DatasetSpec, primary_rel: str) -> SourceItem:
+    """The SourceItem of one primary file (relative to the dataset folder)."""
+    primary = folder / primary_rel
+    key = primary_rel.rsplit(".", 1)[0] if "." in Path(primary_rel).name else primary_rel
+    bare = SourceItem(dataset=spec.slug, root=folder, primary=primary, files=(primary,), key=key,
+                      stem_suffix=spec.stem_suffix)
+    companions = spec.reader.companions(primary, spec.reader_options(primary))
+    rgb = bare.resolve(spec.rgb) if spec.rgb else None
+    files = (primary, *companions, *([rgb] if rgb else []))
+    return SourceItem(dataset=spec.slug, root=folder, primary=primary, files=files, key=key, rgb=rgb,
+                      stem_suffix=spec.stem_suffix)

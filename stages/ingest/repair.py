@@ -11,7 +11,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from catalog.catalog import Catalog, Problem, VerifyReport
+from catalog.catalog import Catalog
+from catalog.problems import Problem, VerifyReport
 from catalog.readers.base import SourceItem
 from catalog.specs import DatasetSpec, spec_for_folder
 from infra.errors import InputError

@@ -1,7 +1,10 @@
-"""Labelling and fusion over the catalog: which images need work, one image at a time, and the run's report.
+"""Labelling and fusion over the catalog: the stage runners ``run_label`` (one branch) and ``run_fuse``, which
+images need work, one image at a time, and the run's report.
 
-Plain functions; pipelines/label.py maps them as Prefect tasks. A labeler labels only the images that lack masks
-for its current labeler id, so a changed parameter or checkpoint relabels everything and an unchanged one nothing.
+Plain functions; pipelines/label.py maps the per-image ones as Prefect tasks between the same ``start_*`` and
+``finish_*`` steps the runners take. A labeler labels only the images that lack masks for its current labeler
+id, so a changed parameter or checkpoint relabels everything and an unchanged one nothing. Model names, sizes and
+checkpoint paths come in the config (a `LabelerSpec` per branch): nothing here reads settings.
 """
 
 from __future__ import annotations
@@ -9,85 +12,232 @@ from __future__ import annotations
 import json
 import threading
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import lru_cache
+from importlib import import_module
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from catalog.catalog import Catalog
 from catalog.masks import MaskSet, MaskStore
-from infra.settings import Settings, get_settings
+from infra.registry import Registry
 from stages.labelling import fuse as fusion
 from stages.labelling.falsecolor import ensure_falsecolor
 from stages.labelling.labeler import ImageSample, Labeler
+from stages.registry import record_config, register_stage
 
 BRANCHES = ("spatial", "spectral", "material")
+BranchName = Literal["spatial", "spectral", "material"]
 _LOCKS: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
 
 
-def labeler_config(branch: str, settings: Settings | None = None) -> dict[str, Any]:
-    """The branch's configuration as the settings give it: ``{"model_config", "checkpoint", "params"}``, the
-    three arguments of its labeler (what a flow's ``production`` profile starts from)."""
-    s = settings or get_settings()
-    if branch in ("spatial", "spectral"):
-        params = s.spatial_params if branch == "spatial" else s.spectral_params
-        checkpoint = str(s.sam2_checkpoint) if s.sam2_checkpoint else None
-        return {"model_config": dict(s.sam2_model), "checkpoint": checkpoint, "params": dict(params)}
-    if branch == "material":
-        checkpoint = str(s.hyperfree_checkpoint) if s.hyperfree_checkpoint else None
-        return {"model_config": dict(s.hyperfree_model), "checkpoint": checkpoint, "params": dict(s.material_params)}
-    raise ValueError(f"unknown branch '{branch}': choose from {', '.join(BRANCHES)}")
+def _lazy(module: str, name: str) -> Callable[[], type[Labeler]]:
+    """A labeler class imported on first use (sam2 and segment-anything load only for the branches used)."""
+    return lambda: getattr(import_module(module), name)  # type: ignore[no-any-return]
 
 
-def build_labeler(branch: str, config: Mapping[str, Any] | None = None) -> Labeler:
-    """The labeler of one branch from its configuration (``labeler_config``'s shape; None: the settings')."""
-    c = dict(config) if config is not None else labeler_config(branch)
-    unknown = sorted(set(c) - {"model_config", "checkpoint", "params"})
-    if unknown:
-        raise ValueError(f"labeler configuration of '{branch}' has unknown key(s) {unknown}: give model_config, "
-                         "checkpoint and params")
-    model_config, checkpoint, params = dict(c.get("model_config") or {}), c.get("checkpoint"), c.get("params") or {}
-    if branch == "spatial":
-        from stages.labelling.spatial import SpatialLabeler
-
-        return SpatialLabeler(model_config, checkpoint, dict(params))
-    if branch == "spectral":
-        from stages.labelling.spectral import SpectralLabeler
-
-        return SpectralLabeler(model_config, checkpoint, dict(params))
-    if branch == "material":
-        from stages.labelling.material import MaterialLabeler
-
-        return MaterialLabeler(model_config, checkpoint, dict(params))
-    raise ValueError(f"unknown branch '{branch}': choose from {', '.join(BRANCHES)}")
+#: The branches' labeler classes, by branch name.
+LABELERS: Registry[Callable[[], type[Labeler]]] = Registry("labeler")
+LABELERS.add("spatial", _lazy("stages.labelling.spatial", "SpatialLabeler"))
+LABELERS.add("spectral", _lazy("stages.labelling.spectral", "SpectralLabeler"))
+LABELERS.add("material", _lazy("stages.labelling.material", "MaterialLabeler"))
 
 
-def cached_labeler(branch: str, config: Mapping[str, Any] | None = None) -> Labeler:
-    """One labeler per branch and whole configuration in this process (models are built once, not per image).
+class LabelerSpec(BaseModel):
+    """One branch's labeler: its model config (SAM2 ``{"config", "image_size"}`` or a registry ``{"model"}``), its
+    local weights file (None: random-init) and its parameters; the labeler id hashes all three."""
 
-    The cache key is the configuration itself plus the checkpoint file's size and modification time, so two
-    configurations never share a labeler and a checkpoint replaced in place is loaded afresh."""
-    c = dict(config) if config is not None else labeler_config(branch)
-    checkpoint = c.get("checkpoint")
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: dict[str, Any] = Field(description="the branch model's config")
+    checkpoint: str | None = Field(default=None, description="local weights file; None: random-init")
+    params: dict[str, Any] = Field(default_factory=dict, description="the labeler's parameters by name")
+
+
+class LabelConfig(BaseModel):
+    """The label stage of one branch: its labeler and, optionally, which datasets."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    branch: BranchName
+    labeler: LabelerSpec
+    datasets: list[str] | None = Field(default=None, description="only images of these datasets; None: all")
+
+
+class FuseConfig(BaseModel):
+    """The fuse stage: every branch's labeler (the fusion id names them all), tau, overlays and datasets."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    labelers: dict[BranchName, LabelerSpec]
+    tau: float = Field(default=0.7, gt=0.0, le=1.0, description="IoU threshold of the global NMS")
+    overlays: int = Field(default=4, ge=0, description="overlay previews written with the report")
+    datasets: list[str] | None = Field(default=None, description="only images of these datasets; None: all")
+
+
+def build_labeler(branch: str, spec: LabelerSpec) -> Labeler:
+    """The labeler of one branch from its spec."""
+    return LABELERS.get(branch)()(dict(spec.model), spec.checkpoint, dict(spec.params))
+
+
+def cached_labeler(branch: str, spec: LabelerSpec) -> Labeler:
+    """One labeler per branch and whole spec in this process (models are built once, not per image).
+
+    The cache key is the spec itself plus the checkpoint file's size and modification time, so two specs never
+    share a labeler and a checkpoint replaced in place is loaded afresh."""
     stamp = None
-    if checkpoint and Path(checkpoint).is_file():
-        st = Path(checkpoint).stat()
+    if spec.checkpoint and Path(spec.checkpoint).is_file():
+        st = Path(spec.checkpoint).stat()
         stamp = (st.st_size, st.st_mtime_ns)
-    key = json.dumps({"branch": branch, "config": c, "checkpoint_stamp": stamp}, sort_keys=True, default=str)
+    key = json.dumps({"branch": branch, "spec": spec.model_dump(mode="json"), "checkpoint_stamp": stamp},
+                     sort_keys=True, default=str)
     return _labeler_for_key(key)
 
 
 @lru_cache(maxsize=12)
 def _labeler_for_key(key: str) -> Labeler:
     spec = json.loads(key)
-    return build_labeler(spec["branch"], spec["config"])
+    return build_labeler(spec["branch"], LabelerSpec.model_validate(spec["spec"]))
 
 
 def clear_labeler_cache() -> None:
     """Drop every cached labeler (tests and benchmarks that compare model builds)."""
     _labeler_for_key.cache_clear()
+
+
+# ---------------------------------------------------------------------------------------------- label runner
+@dataclass
+class LabelPlan:
+    """What a label run has to do: its labeler, the images lacking its masks, and how many it looked at."""
+
+    labeler: Labeler
+    todo: list[str]
+    images: int
+
+    @property
+    def skip_reason(self) -> str | None:
+        """Why there is nothing to do (None when there is)."""
+        return None if self.todo else f"all {self.images} images already have masks of {self.labeler.labeler_id}"
+
+
+@dataclass
+class LabelResult:
+    """A label run: one row per image labelled, and the branch's summary (mask count over the catalog)."""
+
+    branch: str
+    labeler_id: str
+    weights: str
+    images: int
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    masks: int = 0
+
+    def summary(self) -> dict[str, Any]:
+        """The branch summary a person reads: labeler id, weights, images seen and labelled, masks."""
+        return {"branch": self.branch, "labeler_id": self.labeler_id, "weights": self.weights[:12],
+                "images": self.images, "labelled": len(self.rows), "masks": self.masks}
+
+
+def start_label(catalog: Catalog, config: LabelConfig) -> LabelPlan:
+    """The first step of a label run: record the resolved config, build (lazily) the labeler, list the work."""
+    record_config(catalog, f"label-{config.branch}", config)
+    labeler = cached_labeler(config.branch, config.labeler)
+    return LabelPlan(labeler, pending(catalog, labeler.labeler_id, config.datasets),
+                     len(image_ids(catalog, config.datasets)))
+
+
+def label_images(catalog: Catalog, image_ids: list[str], labeler: Labeler) -> list[dict[str, Any]]:
+    """Label those of ``image_ids`` still lacking masks of ``labeler`` (a retry redoes only those)."""
+    todo = set(pending(catalog, labeler.labeler_id)) & set(image_ids)
+    return [label_image(catalog, i, labeler) for i in image_ids if i in todo]
+
+
+def finish_label(catalog: Catalog, plan: LabelPlan, rows: list[dict[str, Any]]) -> LabelResult:
+    """The last step: compact the mask index (clearing a killed writer's temporaries) and count the masks."""
+    MaskStore(catalog).compact()
+    lab = plan.labeler
+    return LabelResult(lab.branch, lab.labeler_id, lab.weights, plan.images, rows,
+                       mask_count(catalog, lab.labeler_id))
+
+
+@register_stage("label", LabelConfig, "one branch's pseudo-labels for every image lacking them")
+def run_label(catalog: Catalog, config: LabelConfig) -> LabelResult:
+    """Label every image lacking masks for the branch's labeler id, in this process."""
+    plan = start_label(catalog, config)
+    return finish_label(catalog, plan, label_images(catalog, plan.todo, plan.labeler))
+
+
+def mask_count(catalog: Catalog, labeler_id: str) -> int:
+    """Masks of one labeler over the whole catalog (from the mask index)."""
+    index = MaskStore(catalog).index(refresh=True)
+    return int(index.loc[index["labeler_id"] == labeler_id, "n"].sum()) if not index.empty else 0
+
+
+# ---------------------------------------------------------------------------------------------- fuse runner
+@dataclass
+class FusePlan:
+    """What a fuse run has to do: the branches' labeler ids, the fusion id, the images to fuse (those lacking a
+    pseudo-target that have branch masks) and every image in scope."""
+
+    labeler_ids: dict[str, str]
+    fusion_id: str
+    todo: list[str]
+    image_ids: list[str]
+    waiting: int
+    """Images lacking a pseudo-target that have no branch masks yet."""
+
+    @property
+    def skip_reason(self) -> str | None:
+        """Why there is nothing to do (None when there is)."""
+        if self.todo:
+            return None
+        if not self.waiting:
+            return f"all {len(self.image_ids)} images already have pseudo-targets of {self.fusion_id}"
+        return f"none of the {self.waiting} images without a pseudo-target has branch masks yet"
+
+
+@dataclass
+class FuseResult:
+    """A fuse run: the fused images' rows, the report (a row per image in scope), the overlay PNGs and the
+    branches whose weights were random-init."""
+
+    fusion_id: str
+    fused: list[dict[str, Any]]
+    report: list[dict[str, Any]]
+    overlays: dict[str, Path]
+    random_init: list[str]
+
+
+def start_fuse(catalog: Catalog, config: FuseConfig) -> FusePlan:
+    """The first step of a fuse run: record the resolved config and list the images to fuse."""
+    record_config(catalog, "fuse", config)
+    ids: dict[str, str] = {b: cached_labeler(b, spec).labeler_id for b, spec in config.labelers.items()}
+    fid = fusion.fusion_id(list(ids.values()), config.tau)
+    todo = pending(catalog, fid, config.datasets)
+    index = MaskStore(catalog).index()
+    has_masks = set(index.loc[index["labeler_id"].isin(list(ids.values())), "image_id"]) if not index.empty else set()
+    labelled = [i for i in todo if i in has_masks]
+    return FusePlan(ids, fid, labelled, image_ids(catalog, config.datasets), len(todo) - len(labelled))
+
+
+def finish_fuse(catalog: Catalog, config: FuseConfig, plan: FusePlan, fused: list[dict[str, Any]]) -> FuseResult:
+    """The last step: compact the mask index, then the report and the overlay previews of the images in scope."""
+    MaskStore(catalog).compact()
+    rows = report(catalog, plan.image_ids, plan.labeler_ids, config.tau)
+    pngs = write_overlays(catalog, plan.image_ids, plan.labeler_ids, config.tau, config.overlays)
+    random_init = sorted(str(b) for b, spec in config.labelers.items() if cached_labeler(b, spec).random_init)
+    return FuseResult(plan.fusion_id, fused, rows, pngs, random_init)
+
+
+@register_stage("fuse", FuseConfig, "global IoU-NMS over the branches' masks -> pseudo-targets, with the report")
+def run_fuse(catalog: Catalog, config: FuseConfig) -> FuseResult:
+    """Fuse every image lacking a pseudo-target that has branch masks, in this process, then report."""
+    plan = start_fuse(catalog, config)
+    ids = list(plan.labeler_ids.values())
+    return finish_fuse(catalog, config, plan, [fuse_image(catalog, i, ids, config.tau) for i in plan.todo])
 
 
 def pending(catalog: Catalog, labeler_id: str, datasets: list[str] | None = None) -> list[str]:

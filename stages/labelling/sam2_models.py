@@ -4,11 +4,12 @@ sam2's configs are Hydra files inside the installed package. ``build_sam2_model`
 context (the caller's own Hydra state, if any, is restored afterwards), resizes the model consistently when
 ``image_size`` is given, and loads a checkpoint strictly, naming every missing or unexpected key.
 
-The tiny variant used by tests and demos (``TINY_MODEL_CONFIG``) is the unchanged Hiera-T architecture at a
-128-pixel input: its parameters do not depend on the input size, so an official ``sam2.1_hiera_tiny.pt`` loads
-into it as well. Measured on 2 CPU cores (best of several runs; other jobs shared the cores): automatic masks with
-points_per_side 4 take about 0.05 s per image at 128 px (0.08 s on one thread), 0.17 s at 256 px and 2.4 s at the
-native 1024 px; video propagation at 128 px takes about 0.07 s per frame for one object, 0.13 s for four.
+Model names and sizes are configuration (the caller's profile: the demo runs the unchanged Hiera-T architecture
+at a 128-pixel input, production Hiera-B+ at its native 1024 px). A model's parameters do not depend on the input
+size, so an official checkpoint (e.g. ``sam2.1_hiera_tiny.pt``) loads at any size. Measured on 2 CPU cores (best of
+several runs; other jobs shared the cores): automatic masks with points_per_side 4 take about 0.05 s per image at
+128 px (0.08 s on one thread), 0.17 s at 256 px and 2.4 s at the native 1024 px; video propagation at 128 px takes
+about 0.07 s per frame for one object, 0.13 s for four.
 """
 
 from __future__ import annotations
@@ -45,8 +46,6 @@ TRUNK_STRIDE = 32
 FEATURE_STRIDES = (4, 8, 16)
 #: Seed of random-init weights, so that a random-init labeler id always stands for the same weights.
 RANDOM_INIT_SEED = 0
-#: Tests and demos: Hiera-T at 128 px (CPU-friendly, loads the official Hiera-T checkpoint).
-TINY_MODEL_CONFIG: dict[str, Any] = {"config": "configs/sam2.1/sam2.1_hiera_t.yaml", "image_size": 128}
 #: The automatic mask generator's parameters a labeler may set, with SAM2's defaults (``point_grids`` and
 #: ``output_mode`` are fixed: a regular grid of ``points_per_side`` and binary masks).
 AMG_DEFAULTS: dict[str, Any] = {
@@ -182,7 +181,8 @@ def model_spec(model_config: dict[str, Any]) -> tuple[str, int]:
     unknown = sorted(set(model_config) - {"config", "image_size"})
     if unknown or "config" not in model_config or "image_size" not in model_config:
         raise ValueError(f"a SAM2 model config needs exactly the keys 'config' and 'image_size' (e.g. "
-                         f"{TINY_MODEL_CONFIG}), got {sorted(model_config)}")
+                         "{'config': 'configs/sam2.1/sam2.1_hiera_b+.yaml', 'image_size': 1024}), got "
+                         f"{sorted(model_config)}")
     size = model_config["image_size"]
     if not isinstance(size, int) or isinstance(size, bool):
         raise ValueError(f"model config 'image_size' must be an integer, got {size!r}")

@@ -28,7 +28,7 @@ from stages.labelling.sam2_models import (
 class SpatialLabeler(Labeler):
     """SAM2 automatic masks on one RGB per image.
 
-    ``model_config``: ``{"config": <sam2 config name>, "image_size": <int>}`` (see sam2_models.TINY_MODEL_CONFIG);
+    ``model_config``: ``{"config": <sam2 config name>, "image_size": <int>}`` (sam2_models.model_spec);
     ``params``: SAM2AutomaticMaskGenerator's parameters (sam2_models.AMG_DEFAULTS, SAM2's defaults); the id
     hashes them with the defaults filled in, so leaving a parameter out or giving its default is the same labeler.
     """

@@ -112,6 +112,8 @@ class PretrainResult:
     student_weights: str
     teacher_weights: str
     world_size: int
+    reused: bool = False
+    """True when the stage found this finished run on the same inputs and trained nothing."""
 
     @property
     def random_init(self) -> bool:

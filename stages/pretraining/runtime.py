@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from stages.training.device import autocast, resolve_device
 
 
 @dataclass(frozen=True)
@@ -29,26 +31,20 @@ class Runtime:
 
     def autocast(self) -> AbstractContextManager[Any]:
         """bf16 autocast on CUDA; fp32 on the CPU."""
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else nullcontext()
+        return autocast(self.device)
 
 
 def setup_runtime(device: str) -> Runtime:
-    """Pick the device and, under torchrun (WORLD_SIZE > 1), join the process group (NCCL on CUDA, else gloo)."""
+    """Pick the device (this rank's GPU under torchrun) and, under torchrun (WORLD_SIZE > 1), join the process
+    group (NCCL on CUDA, else gloo)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("PretrainConfig.device is 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'.")
-    if device not in ("auto", "cuda", "cpu"):
-        raise ValueError(f"PretrainConfig.device must be 'auto', 'cuda' or 'cpu', got {device!r}.")
-    dev = torch.device("cuda", local) if use_cuda else torch.device("cpu")
-    if use_cuda:
+    dev = resolve_device(device, index=local, field="PretrainConfig.device")
+    if dev.type == "cuda":
         torch.cuda.set_device(dev)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
     return Runtime(dev, rank, world)
-
-

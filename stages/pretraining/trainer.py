@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import random
 import time
 from dataclasses import dataclass
@@ -40,33 +39,16 @@ from model.distill import DistillHead, RGBTeacher
 from model.losses import segmentation_loss
 from model.preprocess import check_contract, describe, prepare_batch
 from model.pretraining import PretrainModule, StudentOutput, student_token_dim
-from stages.checkpoint_dir import prune_checkpoints
 from stages.pretraining.checkpoints import config_diff, latest_checkpoint, load_training_state, save_checkpoint
 from stages.pretraining.config import RANDOM_INIT, STAGE_VERSION, PretrainConfig, PretrainResult
 from stages.pretraining.data import BandSignatureBatchSampler, PretrainBatch, PretrainDataset, collate, scan_catalog
 from stages.pretraining.logs import append_row, plot_losses, truncate_metrics
 from stages.pretraining.runtime import Runtime, setup_runtime
+from stages.training.checkpoints import prune_checkpoints
+from stages.training.loop import checkpoint_due, optimizer_step
+from stages.training.optim import adamw, warmup_cosine
 
 logger = logging.getLogger(__name__)
-
-
-def lr_factor(step: int, config: PretrainConfig) -> float:
-    """Linear warm-up to `lr` over `warmup_steps`, then cosine decay to `min_lr` at `steps` (as a factor of lr)."""
-    if step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
-    progress = min((step - config.warmup_steps) / max(config.steps - config.warmup_steps, 1), 1.0)
-    lr = config.min_lr + (config.lr - config.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
-    return lr / config.lr
-
-
-def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: weight decay on matrices and kernels, none on 1-D parameters (biases, norm scales)."""
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
-    for _, param in sorted(module.named_parameters()):
-        if param.requires_grad:
-            (no_decay if param.ndim <= 1 else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 # ---------------------------------------------------------------------------------------------- the trainer
@@ -105,9 +87,8 @@ class Trainer:
         teacher = RGBTeacher(config.teacher).to(rt.device)
         head = DistillHead(student_token_dim(student), teacher.embed_dim, config.distill)
         module = PretrainModule(student, head, config.multimask).to(rt.device)
-        optimizer = torch.optim.AdamW(param_groups(module, config.weight_decay), lr=config.lr,
-                                      betas=(0.9, 0.999), fused=True if rt.cuda else None)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
+        optimizer = adamw(module, config.lr, config.weight_decay, rt.device)
+        scheduler = warmup_cosine(optimizer, config)
         train_module: nn.Module = module
         if rt.world_size > 1:
             # Some parameters get no gradient on some steps (grid bank with < 20 bands, box/mask prompt embeddings).
@@ -149,12 +130,8 @@ class Trainer:
         t_logits = head.teacher_logits(teacher_tokens, out.grid)
         distill = head.loss(out.head_logits, t_logits)
         loss = seg.total + config.lambda_distill * distill
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), config.grad_clip)
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
-        self.scheduler.step()
+        clipped, lr = optimizer_step(loss, self.module, self.optimizer, self.scheduler, config.grad_clip)
+        grad_norm = clipped if clipped is not None else loss.new_tensor(float("nan"))
         head.update_center(t_logits)
         mean_iou = seg.chosen_iou.mean() if seg.chosen_iou.numel() else loss.new_tensor(float("nan"))
         names = ("loss", "seg", "focal", "dice", "iou_mse", "distill", "mask_iou", "grad_norm")
@@ -164,7 +141,7 @@ class Trainer:
             dist.all_reduce(values)
             values /= self.runtime.world_size
         return {**dict(zip(names, values.tolist(), strict=True)), "prompts": int(targets.shape[0]),
-                "bands": int(batch.wavelengths.numel()), "lr": float(lr)}
+                "bands": int(batch.wavelengths.numel()), "lr": lr}
 
 
 def train(config: PretrainConfig, resume: bool = False, until_step: int | None = None) -> PretrainResult:
@@ -257,7 +234,7 @@ def _train(config: PretrainConfig, rt: Runtime, resume: bool, until_step: int | 
         if rt.is_main:
             append_row(metrics_csv, row)
             done = step + 1
-            if done % config.checkpoint_every == 0 or done == end:
+            if checkpoint_due(done, config.checkpoint_every, end):
                 save_checkpoint(run_dir, done, module, trainer.optimizer, trainer.scheduler, resolved,
                                 config.keep_checkpoints)
     steps_done = step + 1

@@ -17,9 +17,10 @@ import pandas as pd
 import yaml
 from PIL import Image
 
+from stages.zeroshot.results import Scene, TaskOutput
+
 if TYPE_CHECKING:
     from stages.zeroshot.encode import Backbone
-    from stages.zeroshot.run import Scene, TaskOutput
 
 PRIMARY = {"classification": "oa", "one_class": "f1", "target": "auc_pd_pf", "anomaly": "auc_pd_pf",
            "change": "f1", "segment_all": "masks", "segment_point": "predicted_iou_1"}

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from catalog.annotations import AnnotationMap
 from catalog.catalog import Catalog
 from infra.registry import Registry
 from stages.metrics import change_metrics, classification_metrics, detection_auc, one_class_metrics
@@ -33,34 +32,11 @@ from stages.zeroshot.encode import (
     scene_masks,
 )
 from stages.zeroshot.report import write_report
+from stages.zeroshot.results import Scene, TaskOutput
 
 AMG_KEYS = ("pred_iou_thresh", "stability_score_thresh", "points_per_side", "box_nms_thresh")
 MAX_RELAX_POINTS = 128
 """The most points per side a relaxed retry asks for (the AMG's cost grows with their square)."""
-
-
-@dataclass
-class Scene:
-    """One catalogued scene as a task reads it: cube (H, W, C), wavelengths, GSD and its annotation."""
-
-    image_id: str
-    sha: str
-    cube: np.ndarray
-    wavelengths: np.ndarray
-    gsd_m: float
-    annotation: AnnotationMap
-
-
-@dataclass
-class TaskOutput:
-    """A task's maps and scores, its baseline's, and what the run recorded on the way (retries, chosen values)."""
-
-    maps: dict[str, np.ndarray]
-    metrics: dict[str, float]
-    baseline: str
-    baseline_maps: dict[str, np.ndarray]
-    baseline_metrics: dict[str, float]
-    notes: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

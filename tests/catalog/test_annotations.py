@@ -21,7 +21,8 @@ from catalog.annotations import (
     read_annotation,
     write_label_group,
 )
-from catalog.catalog import Catalog, CubeWrite
+from catalog.catalog import Catalog
+from catalog.cubes.writer import CubeWrite
 from catalog.fixtures.matlab import write_mat_v73
 from catalog.readers.annotations import class_ids, read_boxes, read_label_map, saliency_mask
 from infra.errors import CatalogError, CorruptChunkError, InputError

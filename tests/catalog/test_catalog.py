@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import zarr
 
-from catalog.catalog import Catalog, CubeWrite
+from catalog.catalog import Catalog
+from catalog.cubes.writer import CubeWrite
 
 
 def _cube(seed: int = 0, shape: tuple[int, int, int] = (12, 40, 50), dtype: str = "uint16") -> np.ndarray:

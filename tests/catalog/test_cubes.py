@@ -9,12 +9,14 @@ from pathlib import Path
 import numcodecs.blosc
 import numpy as np
 import pytest
-import torch
+import xarray as xr
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
-from catalog.catalog import Catalog, CubeWrite
-from catalog.cubes import CubeLayout, lossless_dtype
+from catalog.catalog import Catalog
+from catalog.cubes.dtypes import lossless_dtype
+from catalog.cubes.layout import CubeLayout
+from catalog.cubes.writer import CubeWrite
 from infra.errors import CorruptChunkError
 
 LAYOUTS = [
@@ -33,11 +35,11 @@ def _cube(shape: tuple[int, int, int] = (12, 40, 50), seed: int = 0, dtype: str 
 
 
 def _write(cat: Catalog, data: np.ndarray, image: str = "img", store_dtype: np.dtype | None = None,
-           rgb: np.ndarray | None = None) -> dict:
+           rgb: np.ndarray | None = None, fwhm: np.ndarray | None = None) -> dict:
     return cat.write_cube(CubeWrite(
         dataset="ds", image_id=f"ds/{image}", key=image, sha256=image.ljust(64, "0"), data=data,
         wavelength_nm=np.linspace(400, 700, data.shape[0]), attrs={"source_path": f"/src/{image}.npy"},
-        rgb=rgb, store_dtype=store_dtype))
+        rgb=rgb, store_dtype=store_dtype, fwhm_nm=fwhm))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda lay: lay.label())
@@ -121,8 +123,6 @@ def test_a_flipped_byte_is_caught_on_every_read_path(tmp_path: Path, layout: Cub
         cat.open("ds/img").values  # noqa: B018
     with pytest.raises(CorruptChunkError):
         cat.read_batch([(loc, 10, 10)], 16)
-    with pytest.raises(CorruptChunkError):
-        cat.read_batch([(loc, 10, 10)], 16, device="cpu")
     np.testing.assert_array_equal(cat.read_crop(loc, 0, 0, 16), data[:, :16, :16])  # other chunks still read
 
 
@@ -189,7 +189,8 @@ def test_matlab_double_counts_ingest_as_integers(tmp_path: Path) -> None:
     import scipy.io
 
     from catalog.specs import parse_spec
-    from stages.ingest import ingest_item, item_for
+    from stages.ingest import ingest_item
+    from stages.ingest.discover import item_for
 
     folder = tmp_path / "src" / "pines"
     folder.mkdir(parents=True)
@@ -205,37 +206,48 @@ def test_matlab_double_counts_ingest_as_integers(tmp_path: Path) -> None:
     np.testing.assert_array_equal(cat.read_image("pines/pines"), counts.transpose(2, 0, 1))
 
 
-def test_device_batches_match_the_cpu_path(tmp_path: Path) -> None:
-    """The staged (GPU) path's chunk staging and on-device cutting, run on the CPU device; CUDA runs the same
-    code with pinned staging and one transfer."""
-    from catalog.cubes import DeviceBatchReader
-
-    cat = Catalog(tmp_path / "cat", layout=CubeLayout(chunk_xy=16, band_group=5), read_threads=2).init()
-    a, b = _cube(seed=1), _cube(seed=2)
-    la, lb = _write(cat, a, "a")["location"], _write(cat, b, "b")["location"]
-    crops = [(la, 3, 4), (lb, 25, 30), (la, 16, 16)]
-    staged = DeviceBatchReader(cat.cubes, "cpu", staged=True)
-    for bands in (None, [0, 1, 6, 11]):
-        got = staged.read_batch(crops, 20, bands)
-        assert isinstance(got, torch.Tensor) and got.dtype == torch.float32
-        np.testing.assert_array_equal(got.numpy(), cat.read_batch(crops, 20, bands))
-    fallback = cat.read_batch(crops, 20, device="cpu")
-    np.testing.assert_array_equal(fallback.numpy(), cat.read_batch(crops, 20))
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_batches_match_the_cpu_path(tmp_path: Path) -> None:
-    cat = Catalog(tmp_path / "cat", layout=CubeLayout(chunk_xy=16)).init()
-    data = _cube()
-    loc = _write(cat, data)["location"]
-    got = cat.read_batch([(loc, 3, 4), (loc, 30, 30)], 24, device="cuda")
-    assert got.device.type == "cuda"
-    np.testing.assert_array_equal(got.cpu().numpy(), cat.read_batch([(loc, 3, 4), (loc, 30, 30)], 24))
-
-
 def test_remote_catalogs_use_the_same_reader(tmp_path: Path) -> None:
     cat = Catalog("memory://hvp-cubes-test/cat", layout=CubeLayout(chunk_xy=16, shard_xy=32)).init()
     data = _cube()
     loc = _write(cat, data)["location"]
     np.testing.assert_array_equal(cat.read_crop(loc, 5, 7, 30), data[:, 5:35, 7:37])
     np.testing.assert_array_equal(cat.open("ds/img").values, data)
+
+
+def test_band_coordinates_decode_in_plain_xarray_and_old_groups_still_read(tmp_path: Path) -> None:
+    """``wavelength`` and ``fwhm`` are coordinates of ``band`` for plain ``xarray.open_zarr`` as for the catalog;
+    a group written before the cube named them (no ``coordinates`` attribute) still opens with both."""
+    cat = Catalog(tmp_path / "cat", layout=CubeLayout(chunk_xy=16)).init()
+    data, fwhm = _cube(), np.linspace(5, 8, 12)
+    loc = _write(cat, data, fwhm=fwhm)["location"]
+    ds = xr.open_zarr(str(tmp_path / "cat" / loc), consolidated=False)
+    assert list(ds.data_vars) == ["cube"] and ds["cube"].dtype == np.uint16
+    for da in (ds["cube"], cat.open("ds/img")):
+        assert da.dims == ("band", "y", "x") and "coordinates" not in da.attrs
+        assert da["wavelength"].dims == da["fwhm"].dims == ("band",) and da["wavelength"].attrs["units"] == "nm"
+        np.testing.assert_array_equal(da["wavelength"].values, np.linspace(400, 700, 12))
+        np.testing.assert_array_equal(da["fwhm"].values, fwhm)
+        np.testing.assert_array_equal(da.values, data)
+    no_fwhm = _write(cat, data, "plain")["location"]
+    plain = zarr.open_group(str(tmp_path / "cat" / no_fwhm), mode="r")["cube"]
+    assert plain.attrs["coordinates"] == "wavelength" and "fwhm" not in cat.open("ds/plain").coords
+    # the old form: the same group without the attribute (the chunks are the same bytes either way)
+    old = zarr.open_group(str(tmp_path / "cat" / loc), mode="r+")["cube"]
+    del old.attrs["coordinates"]
+    assert sorted(xr.open_zarr(str(tmp_path / "cat" / loc), consolidated=False).data_vars) == [
+        "cube", "fwhm", "wavelength"]
+    da = Catalog(tmp_path / "cat").open("ds/img")
+    assert set(da.coords) == {"wavelength", "fwhm"} and da["wavelength"].dims == ("band",)
+    np.testing.assert_array_equal(da["fwhm"].values, fwhm)
+
+
+def test_the_catalog_layer_imports_no_torch() -> None:
+    """Device batches are the pretraining stage's; the catalog (cubes included) loads without torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys, catalog.catalog, catalog.cubes.reader, catalog.cubes.writer, catalog.cubes.xarray_view; "
+            "print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2], capture_output=True,
+                          text=True, check=False)
+    assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from catalog.fixtures import FixtureImage, write_dataset
+from catalog.fixtures import write_dataset
+from catalog.fixtures.base import FixtureImage
 from catalog.fixtures.hsd import write_hsd
 from catalog.fixtures.mosaic import mosaic
 from catalog.readers.base import RawCube, SourceItem, load_rgb

@@ -14,7 +14,8 @@ import rasterio
 import rasterio.io
 import tifffile
 
-from catalog.fixtures import FixtureImage, write_dataset
+from catalog.fixtures import write_dataset
+from catalog.fixtures.base import FixtureImage
 from catalog.fixtures.envi import write_envi
 from catalog.readers.base import AxisView, RawCube, SourceItem, get_reader
 from catalog.readers.envi import EnviArray, EnviOptions

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import scipy.io
 
-from catalog.fixtures import FixtureImage, write_dataset
+from catalog.fixtures import write_dataset
+from catalog.fixtures.base import FixtureImage
 from catalog.fixtures.matlab import write_mat_v5, write_mat_v73
 from catalog.fixtures.synth import rgb_preview
 from catalog.readers.base import AxisView, BandSubset, RawCube, Reader, ReaderOptions, SourceItem
@@ -122,7 +123,9 @@ def test_um_files_hold_a_distractor_cube(tmp_path: Path) -> None:
 
 
 def test_npz_keeps_float16_and_all_33_channels(tmp_path: Path) -> None:
-    for image, _, raw in read_fixture("hyperdrive-vnir", tmp_path):
+    read = read_fixture("hyperdrive-vnir", tmp_path)
+    assert read, "the hyperdrive-vnir fixture wrote no image"
+    for image, _, raw in read:
         assert raw.data.shape == (33, *image.cube.shape[1:]) and raw.data.dtype == np.float16
 
 

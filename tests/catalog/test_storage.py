@@ -20,7 +20,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from catalog.catalog import INDEX_SCHEMA, Catalog, CubeWrite
+from catalog.catalog import INDEX_SCHEMA, Catalog
+from catalog.cubes.writer import CubeWrite
 from catalog.storage import Lease, Storage
 from infra.errors import CatalogError, CorruptChunkError
 from pipelines.cli import app
@@ -48,7 +49,8 @@ def _wait_for(predicate: object, timeout: float = 60.0) -> None:
 SLOW_WRITER = textwrap.dedent("""
     import sys, time
     import numpy as np
-    from catalog.catalog import Catalog, CubeWrite
+    from catalog.catalog import Catalog
+    from catalog.cubes.writer import CubeWrite
 
     class Slow:  # a lazy source that takes its time: the write is still going when it is killed
         shape, dtype = (4, 64, 64), np.dtype("uint16")

@@ -1,5 +1,6 @@
 """Fault injection: each stage is killed (kill -9) at a few seeded random points, run again, and must leave the
-catalog and the training run exactly as an uninterrupted run does (see infra/faults.py; bench/faults.py runs 50)."""
+catalog and the training run exactly as an uninterrupted run does (see tests/faults/harness.py; bench/faults.py
+runs 50)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from infra import faults
+from tests.faults import harness as faults
 
 POINTS_PER_STAGE = 2
 

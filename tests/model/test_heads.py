@@ -20,7 +20,7 @@ from model.heads.tracking import depthwise_xcorr
 from model.registry import create_model, get_config
 
 # The released HyperVision-B layout at 512 px: global attention at 5, 8, 11, patch merge after block 3.
-TARGETS = {"segmentation": 15.7e6, "saliency": 4.1e6, "tracking": 25.9e6}  # the paper's head sizes
+TARGETS = {"runet": 15.7e6, "basam": 4.1e6, "siamhyper": 25.9e6}  # the paper's head sizes (HEADS names)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -44,13 +44,13 @@ def test_feature_layout_matches_what_the_tiny_encoder_returns() -> None:
     assert [size // f.shape[-1] for f in feats] == list(layout.strides)
 
 
-@pytest.mark.parametrize("task", sorted(TARGETS))
-def test_head_sizes_at_b_match_the_paper_within_3_percent(task: str) -> None:
+@pytest.mark.parametrize("name", sorted(TARGETS))
+def test_head_sizes_at_b_match_the_paper_within_3_percent(name: str) -> None:
     layout = feature_layout(get_config("hypervision_b").encoder)
-    head = build_head(task, layout, **({"num_classes": 11} if task == "segmentation" else {}))
+    head = build_head(name, layout, **({"num_classes": 11} if name == "runet" else {}))
     count = count_trainable_parameters(head)
-    print(f"{task} head at -B: {count:,} trainable parameters (paper: {TARGETS[task]:,.0f})")
-    assert abs(count - TARGETS[task]) / TARGETS[task] < 0.03
+    print(f"{name} head at -B: {count:,} trainable parameters (paper: {TARGETS[name]:,.0f})")
+    assert abs(count - TARGETS[name]) / TARGETS[name] < 0.03
 
 
 def _tiny_features(batch: int = 2) -> tuple[FeatureLayout, list[torch.Tensor]]:
@@ -111,16 +111,16 @@ def test_tracking_head_shapes_and_template_window() -> None:
     assert bool((box >= 0).all())
 
 
-@pytest.mark.parametrize("task", ["segmentation", "saliency", "tracking"])
-def test_head_rebuilds_from_its_hparams(task: str) -> None:
+@pytest.mark.parametrize("name", ["runet", "basam", "siamhyper"])
+def test_head_rebuilds_from_its_hparams(name: str) -> None:
     layout, feats = _tiny_features(1)
-    small = {"segmentation": {"num_classes": 4, "widths": (16, 8)}, "saliency": {"dim": 16, "num_heads": 2,
-             "mlp_dim": 32}, "tracking": {"hidden": 8, "tower_depth": 1, "groups": 4}}[task]
-    head = build_head(task, layout, **small).eval()
-    copy = head_from_hparams(task, head.hparams).eval()
+    small = {"runet": {"num_classes": 4, "widths": (16, 8)}, "basam": {"dim": 16, "num_heads": 2, "mlp_dim": 32},
+             "siamhyper": {"hidden": 8, "tower_depth": 1, "groups": 4}}[name]
+    head = build_head(name, layout, **small).eval()
+    copy = head_from_hparams(name, head.hparams).eval()
     copy.load_state_dict(head.state_dict())
-    out = head(feats) if task != "tracking" else head(feats, feats)[0]
-    again = copy(feats) if task != "tracking" else copy(feats, feats)[0]
+    out = head(feats) if name != "siamhyper" else head(feats, feats)[0]
+    again = copy(feats) if name != "siamhyper" else copy(feats, feats)[0]
     assert torch.equal(out, again)
 
 
@@ -132,7 +132,7 @@ def test_heads_run_on_real_b_layout_features() -> None:
     with torch.no_grad():
         feats = model.image_encoder.forward_intermediates(torch.rand(1, 8, 512, 512), [500 + 50 * i for i in range(8)])
         assert [tuple(f.shape[1:]) for f in feats] == [(768, 32, 32), (768, 16, 16), (768, 16, 16), (256, 16, 16)]
-        assert build_head("segmentation", layout, num_classes=11).eval()(feats, (216, 409)).shape == (1, 11, 216, 409)
-        assert build_head("saliency", layout).eval()(feats).shape == (1, 1, 64, 64)
-        cls, box = build_head("tracking", layout).eval()(feats, feats)
+        assert build_head("runet", layout, num_classes=11).eval()(feats, (216, 409)).shape == (1, 11, 216, 409)
+        assert build_head("basam", layout).eval()(feats).shape == (1, 1, 64, 64)
+        cls, box = build_head("siamhyper", layout).eval()(feats, feats)
         assert cls.shape == (1, 1, 32, 32) and box.shape == (1, 4, 32, 32)

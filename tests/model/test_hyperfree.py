@@ -238,7 +238,9 @@ def test_hyperfree_b_has_official_rel_pos_shapes() -> None:
 
 
 def test_registry_and_config_round_trip() -> None:
-    assert list_models() == ["hyperfree_b", "hypervision_b", "hypervision_h", "hypervision_l", "tiny"]
+    assert list_models(family="hyperfree") == ["hyperfree_b", "hypervision_b", "hypervision_h", "hypervision_l",
+                                               "tiny"]
+    assert list_models() == sorted(list_models(family="hyperfree") + list_models(family="hypersigma"))
     cfg = get_config("tiny", patch_size=16, decoder_depth=1)
     assert cfg.encoder.patch_size == 16 and cfg.decoder_depth == 1
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg

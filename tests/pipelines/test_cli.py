@@ -58,3 +58,27 @@ def test_bad_input_is_one_clear_line_and_exit_2(tmp_path: Path) -> None:
                           "--catalog", str(tmp_path / "cat")], capture_output=True, text=True, check=False)
     assert out.returncode == 2
     assert "SOURCE_DIR" in out.stdout and "Traceback" not in out.stdout + out.stderr
+
+
+def test_plain_stage_runners_through_the_cli(tmp_path: Path) -> None:
+    """`--plain` runs each stage's runner with the profile's configuration (here the test profile): label one
+    branch, fuse, pretrain two steps; each run leaves its resolved config beside its outputs."""
+    from catalog.fixtures import write_dataset
+
+    src, cat = tmp_path / "src", str(tmp_path / "cat")
+    write_dataset("hot-2024-rednir", src)
+    assert runner.invoke(app, ["ingest", str(src), "--catalog", cat, "--plain"]).exit_code == 0
+    res = runner.invoke(app, ["label", "--catalog", cat, "--plain", "--profile", "test", "--branch", "material"])
+    assert res.exit_code == 0, res.output
+    assert "label-material" in res.output and "labelled 2 images" in res.output
+    assert json.loads((tmp_path / "cat" / "stages" / "label-material.json").read_text())["config"]["branch"] == \
+        "material"
+    assert not (tmp_path / "cat" / "stages" / "label-spatial.json").exists()
+    res = runner.invoke(app, ["fuse", "--catalog", cat, "--plain", "--profile", "test"])
+    assert res.exit_code == 0 and "fused 2 images" in res.output, res.output
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["pretrain", "--catalog", cat, "--plain", "--profile", "test", "--steps", "2",
+                              "--batch-size", "2", "--out", str(out)])
+    assert res.exit_code == 0 and "pretrained 2 steps" in res.output, res.output
+    recorded = json.loads((out / "stage-config.json").read_text())["config"]
+    assert recorded["device"] == "cpu" and recorded["crop_size"] == 16 and recorded["steps"] == 2  # profile + options

@@ -28,10 +28,9 @@ from pipelines.params import (
     SpatialParams,
     SpectralParams,
     Task,
-    resolve_label,
     resolve_paths,
-    resolve_pretrain,
 )
+from pipelines.profiles import load_profile, resolve
 from stages.labelling import label as stage
 
 REPO = Path(__file__).resolve().parents[2]
@@ -58,7 +57,7 @@ def test_run_form_is_typed_with_descriptions_and_enums() -> None:
     top = schema["properties"]
     assert set(top) == {"profile", "paths", "label", "pretrain", "downstream", "ingest_workers"}
     assert all(p.get("description") for p in top.values())
-    assert schema["definitions"]["Profile"]["enum"] == ["demo", "production"]
+    assert schema["definitions"]["Profile"]["enum"] == ["demo", "production", "test"]
     assert schema["definitions"]["Branch"]["enum"] == ["spatial", "spectral", "material"]
     assert schema["definitions"]["ModelName"]["enum"] == list_models()  # follows the registry, never hard-coded
     label = _props(schema, top["label"])
@@ -72,38 +71,59 @@ def test_run_form_is_typed_with_descriptions_and_enums() -> None:
 
 
 def test_profiles_resolve_to_labeler_configs_passed_as_arguments(tmp_path: Path) -> None:
-    demo = resolve_label(Profile.demo, LabelParams())
+    demo = resolve(Profile.demo, settings=Settings()).label
     assert demo.branches == ["spatial", "spectral", "material"]
-    for config in demo.configs.values():
-        assert config["checkpoint"] is None
-        assert config["params"]["pred_iou_thresh"] == 0.0 and config["params"]["stability_score_thresh"] == 0.0
-    assert demo.configs["material"]["model_config"] == {"model": "tiny"}
-    assert demo.configs["spectral"]["params"]["stride"] == 4
+    for spec in demo.labelers.values():
+        assert spec.checkpoint is None
+        assert spec.params["pred_iou_thresh"] == 0.0 and spec.params["stability_score_thresh"] == 0.0
+    assert demo.labelers["material"].model == {"model": "tiny"}
+    assert demo.labelers["spatial"].model == {"config": "configs/sam2.1/sam2.1_hiera_t.yaml", "image_size": 128}
+    assert demo.labelers["spectral"].params["stride"] == 4
 
-    settings = Settings(spatial_params={"points_per_side": 8}, fuse_tau=0.5, sam2_model={
+    # production: released sizes at their native input, the branches' own thresholds
+    plain = resolve(Profile.production, settings=Settings()).label
+    assert plain.labelers["spatial"].model == {"config": "configs/sam2.1/sam2.1_hiera_b+.yaml", "image_size": 1024}
+    assert plain.labelers["material"].model == {"model": "hyperfree_b"} and plain.labelers["spatial"].params == {}
+
+    settings = Settings(spatial_params={"points_per_side": 8, "box_nms_thresh": 0.5}, fuse_tau=0.5, sam2_model={
         "config": "configs/sam2.1/sam2.1_hiera_t.yaml", "image_size": 256})
-    prod = resolve_label(Profile.production, LabelParams(), settings)
-    assert prod.tau == 0.5 and prod.configs["spatial"]["params"] == {"points_per_side": 8}
-    assert prod.configs["spatial"]["model_config"]["image_size"] == 256
+    prod = resolve(Profile.production, label=LabelParams(), settings=settings).label
+    assert prod.tau == 0.5 and prod.labelers["spatial"].params == {"points_per_side": 8, "box_nms_thresh": 0.5}
+    assert prod.labelers["spatial"].model["image_size"] == 256
+    assert resolve(Profile.demo, settings=settings).label.labelers["spatial"].model["image_size"] == 128
 
     ckpt = tmp_path / "weights.pt"
     given = LabelParams(tau=0.6, branches=["material"], spatial=SpatialParams(pred_iou_thresh=0.3, image_size=64),
                         material=MaterialParams(checkpoint=str(ckpt), model=ModelName("tiny")))
-    out = resolve_label(Profile.production, given, settings)
+    out = resolve(Profile.production, label=given, settings=settings).label
     assert out.tau == 0.6 and out.branches == ["material"]
-    assert out.configs["spatial"]["params"] == {"points_per_side": 8, "pred_iou_thresh": 0.3}
-    assert out.configs["spatial"]["model_config"]["image_size"] == 64
-    assert out.configs["material"]["checkpoint"] == str(ckpt.resolve())
+    assert out.labelers["spatial"].params == {"points_per_side": 8, "box_nms_thresh": 0.5, "pred_iou_thresh": 0.3}
+    assert out.labelers["spatial"].model["image_size"] == 64
+    assert out.labelers["material"].checkpoint == str(ckpt.resolve())
+    assert out.labelers["material"].model == {"model": "tiny"}
+
+
+def test_profile_files_are_the_profiles_and_validate() -> None:
+    from pipelines.profiles import PROFILE_DIR
+
+    assert sorted(p.stem for p in PROFILE_DIR.glob("*.yaml")) == [p.value for p in Profile]
+    for p in Profile:
+        assert load_profile(p)["description"]
+    test = resolve(Profile.test, settings=Settings())
+    assert test.label.labelers["spatial"].model["image_size"] == 64 and test.label.overlays == 0
+    assert test.pretrain.device == "cpu" and test.pretrain.checkpoint_every == 2 and test.downstream.steps == 6
+    assert test.fuse.tau == 0.7 and set(test.fuse.labelers) == {"spatial", "spectral", "material"}
+    assert test.label_config("spectral").labeler.params["stride"] == 7
 
 
 def test_labeler_cache_is_keyed_on_the_whole_configuration() -> None:
-    configs = resolve_label(Profile.demo, LabelParams()).configs
-    a = stage.cached_labeler("spatial", configs["spatial"])
-    assert stage.cached_labeler("spatial", dict(configs["spatial"])) is a
-    looser = {**configs["spatial"], "params": {**configs["spatial"]["params"], "points_per_side": 3}}
+    specs = resolve(Profile.demo, settings=Settings()).label.labelers
+    a = stage.cached_labeler("spatial", specs["spatial"])
+    assert stage.cached_labeler("spatial", specs["spatial"].model_copy()) is a
+    looser = specs["spatial"].model_copy(update={"params": {**specs["spatial"].params, "points_per_side": 3}})
     b = stage.cached_labeler("spatial", looser)
     assert b is not a and b.labeler_id != a.labeler_id and b.params["points_per_side"] == 3
-    bigger = {**configs["spatial"], "model_config": {**configs["spatial"]["model_config"], "image_size": 64}}
+    bigger = specs["spatial"].model_copy(update={"model": {**specs["spatial"].model, "image_size": 64}})
     assert stage.cached_labeler("spatial", bigger).labeler_id not in (a.labeler_id, b.labeler_id)
 
 
@@ -113,12 +133,12 @@ def test_paths_and_pretrain_defaults_resolve(tmp_path: Path, monkeypatch: pytest
     assert p.source_root == str(tmp_path / "src") and p.catalog == str(tmp_path / "data" / "cat")
     assert p.runs == str(tmp_path / "data" / "runs")
     assert resolve_paths(PathParams(catalog="s3://bucket/cat"), Settings()).catalog == "s3://bucket/cat"
-    assert resolve_pretrain(Profile.demo, PretrainParams()) == {"model": "tiny", "steps": 6, "batch_size": 2,
-                                                                "checkpoint_every": 3, "lambda_distill": 1.0,
-                                                                "device": "auto", "init_strict": True,
-                                                                "preprocessing": "released"}
-    prod = resolve_pretrain(Profile.production, PretrainParams(steps=10))
-    assert prod["model"] != "tiny" and prod["model"] in list_models() and prod["steps"] == 10
+    demo = resolve(Profile.demo, PathParams(catalog="data/cat"), settings=Settings()).pretrain
+    assert demo.model_dump(exclude_none=True) == {
+        "model": "tiny", "steps": 6, "batch_size": 2, "checkpoint_every": 3, "lambda_distill": 1.0, "device": "auto",
+        "init_strict": True, "preprocessing": "released", "runs": str(tmp_path / "data" / "runs"), "resume": False}
+    prod = resolve(Profile.production, pretrain=PretrainParams(steps=10), settings=Settings()).pretrain
+    assert prod.model == "hypervision_b" and prod.steps == 10 and prod.batch_size == 4
 
 
 def test_prefect_yaml_asks_nothing_and_declares_the_dag() -> None:
@@ -210,6 +230,6 @@ def test_hypervision_dag_runs_every_stage_then_skips_them(prefect_server: None, 
     # the `heads` deployment's defaults (profile demo, nothing else) find this run's backbone and report
     from pipelines.downstream import heads_flow
 
-    alone = heads_flow(paths.catalog, downstream=downstream, profile=Profile.demo, runs=paths.runs,
+    alone = heads_flow(Profile.demo, PathParams(catalog=paths.catalog, runs=paths.runs), downstream=downstream,
                        return_state=True)
     assert alone.name == "Skipped" and alone.result()["report"] == heads["report"]

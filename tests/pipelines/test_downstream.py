@@ -69,12 +69,17 @@ def _artifacts() -> dict[str, list[str]]:
 def test_flows_reuse_unchanged_work_and_publish_the_report(prefect_server: None, labelled_catalog: tuple,
                                                            tmp_path: Path) -> None:
     from pipelines.downstream import downstream_flow, features_flow
-    from pipelines.params import BackboneParams, Profile
+    from pipelines.params import BackboneParams, Device, DownstreamParams, PathParams, Profile, Task
 
     cat = labelled_catalog[0].uri
-    tasks = {"saliency": "hssod"}  # every head's training is covered by tests/stages; one keeps the flow test short
-    first = downstream_flow(catalog=cat, out_dir=str(tmp_path), tasks=tasks, steps=2, seed=31,
-                            device="cpu")
+    # every head's training is covered by tests/stages; one keeps the flow test short
+    paths = PathParams(catalog=cat)
+    backbone = BackboneParams(seed=31, model="tiny")
+
+    def saliency(steps: int) -> DownstreamParams:
+        return DownstreamParams(tasks=[Task.saliency], steps=steps, device=Device.cpu)
+
+    first = downstream_flow(Profile.production, paths, backbone, saliency(2), out_dir=str(tmp_path), seed=31)
     assert Path(first["report"]).is_file() and [r["task"] for r in first["table"]] == ["saliency"]
     assert not any(r["reused"] for r in first["table"])
     artifacts = _artifacts()
@@ -82,16 +87,14 @@ def test_flows_reuse_unchanged_work_and_publish_the_report(prefect_server: None,
     markdown = artifacts["heads-report-markdown"][-1]
     assert "data:image/png;base64," in markdown and "file://" not in markdown and "random-init" in markdown
     assert "| this run |" in markdown  # the weights are said once above the tables, which then fit the UI
-    state = features_flow(cat, BackboneParams(seed=31), ["hssod"], device="cpu", profile=Profile.demo,
-                          return_state=True)
+    state = features_flow(Profile.demo, PathParams(catalog=cat, datasets=["hssod"]), BackboneParams(seed=31),
+                          saliency(2), return_state=True)
     rows = state.result()
     assert state.name == "Skipped"
     assert rows[0]["computed"] == 0 and rows[0]["cached"] == 12 and "unchanged" in rows[0]["note"]
-    again = downstream_flow(catalog=cat, out_dir=str(tmp_path), tasks=tasks, steps=2, seed=31,
-                            device="cpu")
+    again = downstream_flow(Profile.production, paths, backbone, saliency(2), out_dir=str(tmp_path), seed=31)
     assert all(r["reused"] for r in again["table"])
-    changed = downstream_flow(catalog=cat, out_dir=str(tmp_path), tasks=tasks, steps=3, seed=31,
-                              device="cpu")
+    changed = downstream_flow(Profile.production, paths, backbone, saliency(3), out_dir=str(tmp_path), seed=31)
     assert changed["table"][0]["steps"] == 3 and not changed["table"][0]["reused"]
 
 
@@ -107,13 +110,13 @@ def test_deployments_name_the_demo_profile_and_forms_are_typed() -> None:
     for flow in (features_flow, heads_flow):
         schema = parameter_schema(flow).model_dump()
         top = schema["properties"]
-        assert {"profile", "catalog", "runs", "backbone"} <= set(top) and all(p.get("description") for p in
-                                                                              top.values()), flow.name
+        assert {"profile", "paths", "backbone", "downstream"} <= set(top) and all(p.get("description") for p in
+                                                                                  top.values()), flow.name
         backbone = schema["definitions"]["BackboneParams"]["properties"]
         assert all(f.get("description") for f in backbone.values())
         assert schema["definitions"]["ModelName"]["enum"] and schema["definitions"]["Device"]["enum"]
     heads = parameter_schema(heads_flow).model_dump()["definitions"]
-    assert heads["Task"]["enum"] == ["segmentation", "saliency", "tracking"]
+    assert heads["Task"]["enum"] == ["segmentation", "saliency", "tracking"]  # the registered tasks, report order
 
 
 def test_empty_fields_resolve_to_the_latest_pretraining_run_and_absolute_paths(tmp_path: Path,

@@ -26,6 +26,7 @@ def test_flow_ingests_and_publishes_summary(prefect_server: None, tmp_path: Path
     from prefect.client.orchestration import get_client
 
     from pipelines.ingest import ingest_flow
+    from pipelines.params import PathParams
 
     for slug in ("cave", "hssod", "hot-2024-nir"):
         write_dataset(slug, tmp_path / "src")
@@ -33,7 +34,8 @@ def test_flow_ingests_and_publishes_summary(prefect_server: None, tmp_path: Path
     make_broken_fixtures(broken)
     (tmp_path / "src" / "nan-values").symlink_to(broken / "nan-values", target_is_directory=True)
     catalog = str(tmp_path / "cat")
-    summary = ingest_flow(str(tmp_path / "src"), catalog)
+    paths = PathParams(source_root=str(tmp_path / "src"), catalog=catalog)
+    summary = ingest_flow(paths)
     by = {r["dataset"]: r for r in summary}
     assert by["cave"]["ingested"] == 2 and by["hssod"]["ingested"] >= 1 and by["hot-2024-nir"]["ingested"] == 2
     assert by["nan-values"] == {"dataset": "nan-values", "ingested": 0, "skipped": 0, "quarantined": 1}
@@ -41,7 +43,7 @@ def test_flow_ingests_and_publishes_summary(prefect_server: None, tmp_path: Path
     assert len(cat.images()) == sum(r["ingested"] for r in summary) and cat.verify().healthy
     assert list(cat.quarantine()["field"]) == ["values"]
 
-    again = ingest_flow(str(tmp_path / "src"), catalog)
+    again = ingest_flow(paths)
     assert sum(r["skipped"] for r in again) == len(cat.images()) and sum(r["ingested"] for r in again) == 0
 
     import asyncio
@@ -76,10 +78,11 @@ def test_deployments_point_at_real_flows() -> None:
 
 
 def test_flow_on_a_local_dask_cluster(prefect_server: None, tmp_path: Path) -> None:
-    from pipelines.ingest import run_ingest
+    from pipelines.ingest import ingest_flow
+    from pipelines.params import PathParams
 
     for slug in ("harvard", "hyperspectral-city-v2"):
         write_dataset(slug, tmp_path / "src")
-    summary = run_ingest(str(tmp_path / "src"), str(tmp_path / "cat"), workers=2)
+    summary = ingest_flow(PathParams(source_root=str(tmp_path / "src"), catalog=str(tmp_path / "cat")), workers=2)
     assert {r["dataset"]: r["ingested"] for r in summary} == {"harvard": 2, "hyperspectral-city-v2": 13}
     assert Catalog(str(tmp_path / "cat")).verify().healthy

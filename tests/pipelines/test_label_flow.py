@@ -9,7 +9,8 @@ import pytest
 from catalog.catalog import Catalog
 from catalog.fixtures import write_dataset
 from catalog.masks import MaskStore
-from pipelines.params import LabelParams, Profile, SpatialParams, SpectralParams, resolve_label
+from pipelines.params import LabelParams, PathParams, Profile, SpatialParams, SpectralParams
+from pipelines.profiles import resolve
 from stages.labelling import label as stage
 from stages.labelling.fuse import fusion_id
 
@@ -26,11 +27,11 @@ def prefect_server():
 
 
 def _ingest(root: Path, catalog: str, slugs: list[str]) -> None:
-    from pipelines.cli import _ingest as ingest
+    from stages.ingest import IngestConfig, run_ingest
 
     for slug in slugs:
         write_dataset(slug, root)
-    ingest(root, catalog, None, None, None, True)
+    run_ingest(Catalog(catalog).init(), IngestConfig(source_root=str(root)))
 
 
 def test_label_then_relabel_only_what_changed(prefect_server: None, tmp_path: Path) -> None:
@@ -40,10 +41,10 @@ def test_label_then_relabel_only_what_changed(prefect_server: None, tmp_path: Pa
     _ingest(tmp_path / "src", catalog, ["cave", "hot-2024-rednir"])
     cat = Catalog(catalog)
     images = list(cat.images()["image_id"])
-    rows = label_flow(catalog, FAST, profile=Profile.demo)
+    rows = label_flow(Profile.demo, PathParams(catalog=catalog), FAST)
     assert sorted(r["image_id"] for r in rows) == sorted(images)
-    resolved = resolve_label(Profile.demo, FAST)
-    ids = {b: stage.cached_labeler(b, c).labeler_id for b, c in resolved.configs.items()}
+    resolved = resolve(Profile.demo, label=FAST).label
+    ids = {b: stage.cached_labeler(b, spec).labeler_id for b, spec in resolved.labelers.items()}
     store = MaskStore(cat)
     for image_id in images:
         for lid in ids.values():
@@ -60,15 +61,15 @@ def test_label_then_relabel_only_what_changed(prefect_server: None, tmp_path: Pa
     # unchanged inputs relabel nothing: every stage skips
     assert all(stage.pending(cat, lid) == [] for lid in ids.values())
     parts_before = len(MaskStore(cat).index(refresh=True))
-    assert label_flow(catalog, FAST, profile=Profile.demo) == []
+    assert label_flow(Profile.demo, PathParams(catalog=catalog), FAST) == []
     assert len(MaskStore(cat).index(refresh=True)) == parts_before
 
     # a changed parameter gives a new labeler id: that branch relabels every image, the others nothing
     changed = LabelParams(branches=["spatial"], spatial=SpatialParams(points_per_side=3),
                           spectral=FAST.spectral)
-    new_id = stage.cached_labeler("spatial", resolve_label(Profile.demo, changed).configs["spatial"]).labeler_id
+    new_id = stage.cached_labeler("spatial", resolve(Profile.demo, label=changed).label.labelers["spatial"]).labeler_id
     assert new_id != ids["spatial"] and sorted(stage.pending(cat, new_id)) == sorted(images)
-    label_flow(catalog, changed, profile=Profile.demo)
+    label_flow(Profile.demo, PathParams(catalog=catalog), changed)
     assert stage.pending(cat, new_id) == [] and stage.pending(cat, ids["material"]) == []
 
 
@@ -77,10 +78,11 @@ def test_relabel_flow_ingests_and_labels_only_new_folders(prefect_server: None, 
 
     root, catalog = tmp_path / "src", str(tmp_path / "cat")
     _ingest(root, catalog, ["harvard"])
-    label_flow(catalog, FAST, profile=Profile.demo)
-    assert relabel_flow(str(root), catalog, FAST, Profile.demo) == []  # nothing new
+    paths = PathParams(source_root=str(root), catalog=catalog)
+    label_flow(Profile.demo, paths, FAST)
+    assert relabel_flow(Profile.demo, paths, FAST) == []  # nothing new
     write_dataset("hsi-road", root)
-    rows = relabel_flow(str(root), catalog, FAST, Profile.demo)
+    rows = relabel_flow(Profile.demo, paths, FAST)
     assert rows and {r["image_id"].split("/")[0] for r in rows} == {"hsi-road"}
     cat = Catalog(catalog)
     assert set(cat.images()["dataset"]) == {"harvard", "hsi-road"}
@@ -96,7 +98,7 @@ def test_show_writes_an_overlay(prefect_server: None, tmp_path: Path) -> None:
 
     catalog = str(tmp_path / "cat")
     _ingest(tmp_path / "src", catalog, ["hsi-road"])
-    label_flow(catalog, LabelParams(overlays=0, spectral=FAST.spectral), profile=Profile.demo)
+    label_flow(Profile.demo, PathParams(catalog=catalog), LabelParams(overlays=0, spectral=FAST.spectral))
     image_id = Catalog(catalog).images()["image_id"][0]
     out = tmp_path / "show.png"
     res = CliRunner().invoke(app, ["show", image_id, "--catalog", catalog, "--out", str(out), "--profile", "demo"])

@@ -3,7 +3,6 @@ and label flows run on a two-worker Dask cluster through prefect-dask (bench/sca
 
 from __future__ import annotations
 
-import json
 import uuid
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pytest
 
 from catalog.catalog import Catalog
 from catalog.fixtures import write_dataset
-from infra import faults
+from tests.faults import harness as faults
 
 
 def _content(cat: Catalog) -> tuple[list[dict], dict[tuple[str, str], bytes]]:
@@ -58,11 +57,9 @@ def test_ingest_and_label_flows_on_two_dask_workers_with_a_file_url(prefect_serv
     from infra.settings import get_settings
     from pipelines.ingest import ingest_flow
     from pipelines.label import label_flow
-    from pipelines.params import LabelParams
+    from pipelines.params import PathParams, Profile
     from stages.labelling import label as stage
 
-    for key, value in faults.LABEL_SETTINGS.items():
-        monkeypatch.setenv(f"HVP_{key.upper()}", json.dumps(value))
     monkeypatch.setenv("HVP_LABEL_BATCH", "1")
     get_settings.cache_clear()
     stage.clear_labeler_cache()
@@ -71,9 +68,10 @@ def test_ingest_and_label_flows_on_two_dask_workers_with_a_file_url(prefect_serv
     catalog = f"file://{tmp_path / 'cat'}"
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         runner = DaskTaskRunner(address=cluster.scheduler_address)
-        summary = ingest_flow.with_options(task_runner=runner)(str(tmp_path / "src"), catalog)
+        paths = PathParams(source_root=str(tmp_path / "src"), catalog=catalog)
+        summary = ingest_flow.with_options(task_runner=runner)(paths)
         assert sum(r["ingested"] for r in summary) == 4
-        rows = label_flow(catalog, LabelParams(overlays=0), dask_address=cluster.scheduler_address)
+        rows = label_flow(Profile.test, paths, dask_address=cluster.scheduler_address)
     cat = Catalog(catalog)
     assert len(rows) == 4 and cat.verify().healthy
     assert len(cat.mask_store.index()) == 16  # three branches and the fused set for each image

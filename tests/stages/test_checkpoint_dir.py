@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stages.checkpoint_dir import latest_checkpoint_dir, prune_checkpoints, save_checkpoint_dir
+from stages.training.checkpoints import latest_checkpoint_dir, prune_checkpoints, save_checkpoint_dir
 
 
 def _write(folder: Path) -> None:

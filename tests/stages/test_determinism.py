@@ -11,7 +11,7 @@ import pytest
 from catalog.catalog import Catalog
 from catalog.fixtures import write_dataset
 from catalog.masks import MASK_INDEX_SCHEMA
-from infra import faults
+from tests.faults import harness as faults
 
 
 def _files(root: Path, top: str) -> dict[str, bytes]:

@@ -20,21 +20,24 @@ from stages.downstream.features import (
     cached_backbone,
     compute_features,
     cube_info,
-    feature_images,
     load_backbone,
     read_cube,
     resolve_checkpoint,
 )
-from stages.downstream.run import TaskSpec, evaluate_run, run_downstream, summarise, task_spec, train_task
+from stages.downstream.heads import evaluate_run, held_benchmarks, task_spec, train_task
+from stages.downstream.outcomes import summarise
+from stages.downstream.runners import BackboneConfig, HeadsConfig, TaskChoice, feature_images, run_heads
+from stages.downstream.spec import TaskSpec
+from stages.downstream.tasks import TASKS, ordered_tasks
 
-TASK_DATASETS = {"segmentation": "hsi-drive-v2-0", "saliency": "hssod", "tracking": "hot-2023-vis"}
+TASK_DATASETS = {name: TASKS.get(name).default_dataset for name in ordered_tasks()}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _quick(task: str, img_size: int, steps: int = 2) -> TaskSpec:
-    return task_spec(task, "tiny", img_size, dataset=TASK_DATASETS[task], steps=steps, pairs_per_sequence=2,
+    return task_spec(task, "small", img_size, dataset=TASK_DATASETS[task], steps=steps, pairs_per_sequence=2,
                      device="cpu")
 
 
@@ -96,8 +99,12 @@ def test_the_backbone_stays_frozen_through_the_catalog_path(labelled_catalog: tu
     assert all(r["trainable_parameters"] > 1000 and not r["reused"] for r in result.table)
     markdown = result.report.markdown.read_text()
     assert "random-init" in markdown and "| paper |" in markdown and "trainable parameters" in markdown
-    again = run_downstream(cat, spec, specs, tmp_path, device="cpu")
-    assert all(r["reused"] for r in again.table)
+    config = HeadsConfig(out_dir=str(tmp_path), backbone=BackboneConfig.from_spec(spec), head_size="small", steps=2,
+                         pairs_per_sequence=2, device="cpu", tasks=[TaskChoice(task=t) for t in TASK_DATASETS])
+    again = run_heads(cat, config, backbone=backbone)
+    assert all(r["reused"] for r in again.table) and again.specs == specs  # the runner resolves the same specs
+    resolved = json.loads(again.config_path.read_text())
+    assert resolved["config"]["head_size"] == "small" and [s["task"] for s in resolved["specs"]] == list(TASK_DATASETS)
     assert json.loads(again.report.json.read_text())["tasks"] == doc["tasks"]
 
 
@@ -105,7 +112,7 @@ def test_a_run_killed_while_reporting_reports_on_the_rerun(labelled_catalog: tup
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """result.json is the commit point: a run killed while writing its report is not taken as finished (the rerun
     reused the result and the report never appeared when result.json was written first)."""
-    import stages.downstream.run as run_module
+    import stages.downstream.heads as run_module
 
     cat, _ = labelled_catalog
     backbone = cached_backbone(BackboneSpec(seed=17), device="cpu")
@@ -129,7 +136,7 @@ def test_a_run_killed_while_reporting_reports_on_the_rerun(labelled_catalog: tup
 # against its trivial baseline on the labelled fixtures, by a margin.
 def _default_run(cat: Catalog, task: str, tmp_path: Path) -> dict[str, dict[str, float]]:
     backbone = cached_backbone(BackboneSpec(), device="cpu")
-    spec = task_spec(task, "tiny", 128, dataset=TASK_DATASETS[task], device="cpu")
+    spec = task_spec(task, "small", 128, dataset=TASK_DATASETS[task], device="cpu")
     outcome = train_task(cat, backbone, spec, tmp_path)
     assert outcome.steps == 100 and outcome.report.dataset == TASK_DATASETS[task]
     return {"head": outcome.report.head, "baseline": outcome.report.baseline}
@@ -195,10 +202,10 @@ def test_a_run_folder_is_reused_refused_or_replaced(labelled_catalog: tuple, tmp
 def test_a_wrong_dataset_or_split_names_the_field_and_the_fix(labelled_catalog: tuple, tmp_path: Path) -> None:
     cat, _ = labelled_catalog
     backbone = cached_backbone(BackboneSpec(), device="cpu")
-    wrong_kind = task_spec("segmentation", "tiny", 128, dataset="hot-2023-vis", device="cpu")
+    wrong_kind = task_spec("segmentation", "small", 128, dataset="hot-2023-vis", device="cpu")
     with pytest.raises(InputError, match=r"field 'dataset'.*no segmentation labels: its labels are track"):
         train_task(cat, backbone, wrong_kind, tmp_path)
-    no_split = task_spec("saliency", "tiny", 128, dataset="hssod", test_split="val", device="cpu")
+    no_split = task_spec("saliency", "small", 128, dataset="hssod", test_split="val", device="cpu")
     with pytest.raises(InputError, match=r"field 'split'.*pass one of its splits: \['test', 'train'\]"):
         train_task(cat, backbone, no_split, tmp_path)
     assert not (tmp_path / "run.json").exists()  # nothing was recorded for runs that never started
@@ -213,7 +220,7 @@ def test_the_released_b_layout_runs_every_head_at_the_paper_sizes(labelled_catal
     assert backbone.img_size == 512 and backbone.layout.strides == (16, 32, 32, 32)
     sizes = {"segmentation": (15.5e6, 16.0e6), "saliency": (4.0e6, 4.3e6), "tracking": (25.4e6, 26.0e6)}
     for task, (low, high) in sizes.items():
-        spec = task_spec(task, "hypervision_b", backbone.img_size, dataset=TASK_DATASETS[task], steps=1,
+        spec = task_spec(task, "paper", backbone.img_size, dataset=TASK_DATASETS[task], steps=1,
                          device="cpu", pairs_per_sequence=1)
         assert spec.train.batch_size == 8 and spec.tracker.crop_px == 512
         outcome = train_task(cat, backbone, spec, tmp_path / task)
@@ -222,9 +229,7 @@ def test_the_released_b_layout_runs_every_head_at_the_paper_sizes(labelled_catal
 
 
 def test_held_benchmarks_leaves_out_tasks_whose_dataset_the_catalog_lacks(labelled_catalog: tuple) -> None:
-    from stages.downstream.run import DEFAULT_DATASETS, held_benchmarks
-
     cat = labelled_catalog[0]
-    held, missing = held_benchmarks(cat, {**DEFAULT_DATASETS, "segmentation": "hyperspectral-city-v2"})
+    held, missing = held_benchmarks(cat, {**TASK_DATASETS, "segmentation": "hyperspectral-city-v2"})
     assert held == {"saliency": "hssod", "tracking": "hot-2023-vis"}
     assert missing == ["segmentation needs hyperspectral-city-v2, which the catalog does not hold"]

@@ -23,10 +23,11 @@ from stages.downstream.baselines import (
 )
 from stages.downstream.checkpoints import load_head
 from stages.downstream.evaluate import evaluate_saliency, evaluate_segmentation, evaluate_tracking
+from stages.downstream.losses import SaliencyLoss, SegmentationLoss, TrackingLoss
 from stages.downstream.samples import SaliencySample, SegmentationSample, TrackingSequence
-from stages.downstream.tasks import SaliencyTask, SegmentationTask, TrackingTask
+from stages.downstream.spec import HeadTrainConfig
 from stages.downstream.tracker import TrackerConfig, make_tracking_pairs
-from stages.downstream.train import HeadTrainConfig, train_head
+from stages.downstream.train import train_head
 
 IGNORE = 255
 
@@ -64,7 +65,7 @@ def test_segmentation_head_learns_and_beats_the_spectral_baseline(tmp_path: Path
     test, test_cubes = _segmentation_data(4, seed=2)
     head = _segmentation_head()
     config = HeadTrainConfig(steps=40, batch_size=4, lr=3e-3, warmup_steps=4, checkpoint_every=40)
-    result = train_head(head, SegmentationTask(3, IGNORE), train, config, tmp_path, weights="random-init",
+    result = train_head(head, SegmentationLoss(3, IGNORE), train, config, tmp_path, weights="random-init",
                         preprocessing="synthetic")
     assert np.mean(result.losses[-5:]) < 0.5 * np.mean(result.losses[:5])
     scores = evaluate_segmentation(head, test, 3, IGNORE)
@@ -78,7 +79,7 @@ def test_segmentation_head_learns_and_beats_the_spectral_baseline(tmp_path: Path
 
 def test_checkpoint_resume_ends_with_the_same_head(tmp_path: Path) -> None:
     samples, _ = _segmentation_data(6, seed=3)
-    task = SegmentationTask(3, IGNORE)
+    task = SegmentationLoss(3, IGNORE)
     config = HeadTrainConfig(steps=6, batch_size=2, lr=3e-3, warmup_steps=2, checkpoint_every=3)
     straight = _segmentation_head()
     full = train_head(straight, task, samples, config, tmp_path / "straight", weights="random-init",
@@ -118,7 +119,7 @@ def test_a_run_killed_after_a_checkpoint_keeps_every_logged_step(tmp_path: Path,
     import stages.downstream.train as train_module
 
     samples, _ = _segmentation_data(4, seed=6)
-    task = SegmentationTask(3, IGNORE)
+    task = SegmentationLoss(3, IGNORE)
     config = HeadTrainConfig(steps=6, batch_size=2, lr=3e-3, warmup_steps=2, checkpoint_every=3)
     train_head(_segmentation_head(), task, samples, config, tmp_path / "straight", weights="random-init",
                preprocessing="synthetic")
@@ -145,14 +146,14 @@ def test_a_run_killed_after_a_checkpoint_keeps_every_logged_step(tmp_path: Path,
 def test_resume_refuses_a_different_run(tmp_path: Path) -> None:
     samples, _ = _segmentation_data(2, seed=4)
     config = HeadTrainConfig(steps=1, batch_size=1, warmup_steps=1)
-    train_head(_segmentation_head(), SegmentationTask(3, IGNORE), samples, config, tmp_path, weights="random-init",
+    train_head(_segmentation_head(), SegmentationLoss(3, IGNORE), samples, config, tmp_path, weights="random-init",
                preprocessing="synthetic")
     with pytest.raises(InputError, match="train.lr"):
-        train_head(_segmentation_head(), SegmentationTask(3, IGNORE), samples,
+        train_head(_segmentation_head(), SegmentationLoss(3, IGNORE), samples,
                    HeadTrainConfig(steps=2, batch_size=1, warmup_steps=1, lr=5e-4), tmp_path,
                    weights="random-init", preprocessing="synthetic")
     with pytest.raises(InputError, match="weights"):
-        train_head(_segmentation_head(), SegmentationTask(3, IGNORE), samples, config, tmp_path,
+        train_head(_segmentation_head(), SegmentationLoss(3, IGNORE), samples, config, tmp_path,
                    weights="0" * 64, preprocessing="synthetic")
 
 
@@ -187,7 +188,7 @@ def test_saliency_head_learns_and_beats_the_centre_prior(tmp_path: Path) -> None
     torch.manual_seed(0)
     head = SaliencyHead([2, 8], [4, 4], dim=32, num_heads=2, mlp_dim=64)
     config = HeadTrainConfig(steps=50, batch_size=4, lr=3e-3, warmup_steps=5, checkpoint_every=50)
-    result = train_head(head, SaliencyTask(), train, config, tmp_path, weights="random-init",
+    result = train_head(head, SaliencyLoss(), train, config, tmp_path, weights="random-init",
                         preprocessing="synthetic")
     assert np.mean(result.losses[-5:]) < 0.6 * np.mean(result.losses[:5])
     scores = evaluate_saliency(head, test)
@@ -234,7 +235,7 @@ def test_tracking_head_learns_and_beats_the_held_first_box(tmp_path: Path) -> No
     torch.manual_seed(0)
     head = TrackingHead([3, 3], [4, 8], hidden=16, tower_depth=1, groups=4)
     config = HeadTrainConfig(steps=60, batch_size=8, lr=3e-3, warmup_steps=5, checkpoint_every=60)
-    result = train_head(head, TrackingTask(), pairs, config, tmp_path, weights="random-init",
+    result = train_head(head, TrackingLoss(), pairs, config, tmp_path, weights="random-init",
                         preprocessing="synthetic")
     assert np.mean(result.losses[-5:]) < 0.7 * np.mean(result.losses[:5])
     test = [_sequence(s) for s in (10, 11)]
@@ -261,7 +262,7 @@ def test_the_backbone_stays_frozen_with_a_real_tiny_backbone_in_the_loop(tmp_pat
     layout_channels = [f.shape[0] for f in samples[0].features]
     head = SegmentationHead(layout_channels, 2, [8] * len(layout_channels), widths=(16, 8), dropout=0.0)
     head_before = {k: v.clone() for k, v in head.state_dict().items()}
-    train_head(head, SegmentationTask(2, None), samples, HeadTrainConfig(steps=3, batch_size=2, warmup_steps=1),
+    train_head(head, SegmentationLoss(2, None), samples, HeadTrainConfig(steps=3, batch_size=2, warmup_steps=1),
                tmp_path / "seg", weights="random-init", preprocessing="released")
     feature_fn = backbone_feature_fn(backbone, wavelengths)  # the production path: frozen, no grad
     sequence = _sequence(20, frames=3)
@@ -269,7 +270,7 @@ def test_the_backbone_stays_frozen_with_a_real_tiny_backbone_in_the_loop(tmp_pat
     tracker = TrackerConfig(crop_px=size)
     pairs = make_tracking_pairs([sequence], feature_fn, tracker, pairs_per_sequence=2)
     track_head = TrackingHead(layout_channels, [8] * len(layout_channels), hidden=8, tower_depth=1, groups=4)
-    train_head(track_head, TrackingTask(), pairs, HeadTrainConfig(steps=2, batch_size=2, warmup_steps=1),
+    train_head(track_head, TrackingLoss(), pairs, HeadTrainConfig(steps=2, batch_size=2, warmup_steps=1),
                tmp_path / "track", weights="random-init", preprocessing="released")
     evaluate_tracking(track_head, [sequence], feature_fn, tracker)
     assert any(not torch.equal(v, head.state_dict()[k]) for k, v in head_before.items())  # the head did train

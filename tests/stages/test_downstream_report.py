@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from stages.downstream.report import Overlay, TaskReport, paper_dataset, write_report
+from stages.downstream.report import Overlay, TaskReport, write_report
+from stages.downstream.tasks import TASKS
 from stages.metrics import confusion_matrix, saliency_metrics, segmentation_metrics, tracking_curves, tracking_metrics
 
 
@@ -25,14 +26,15 @@ def _tasks() -> list[TaskReport]:
     gt = np.array([[10, 10, 20, 20], [14, 12, 20, 20], [18, 14, 20, 20]], float)
     held = np.repeat(gt[:1], 3, axis=0)
     image = rng.random((12, 16, 3))
+    seg, sal, track = (TASKS.get(name).report for name in ("segmentation", "saliency", "tracking"))
     return [
-        TaskReport("segmentation", "HSI Drive v2.0", segmentation_metrics(head_pred, target, 3, 255),
+        TaskReport(seg, "HSI Drive v2.0", segmentation_metrics(head_pred, target, 3, 255),
                    segmentation_metrics(base_pred, target, 3, 255),
                    confusion=confusion_matrix(head_pred, target, 3, 255), class_names=["road", "sky", "tree"],
                    overlays=[Overlay(image, "img0", target, head_pred)]),
-        TaskReport("saliency", "HSSOD", saliency_metrics(head_map, mask), saliency_metrics(np.full_like(mask, 0.5) +
+        TaskReport(sal, "HSSOD", saliency_metrics(head_map, mask), saliency_metrics(np.full_like(mask, 0.5) +
                    np.linspace(0, 0.1, 16)[None], mask), overlays=[Overlay(image, "img1", mask, head_map)]),
-        TaskReport("tracking", "HOT-2023-VIS", tracking_metrics(gt + 1, gt), tracking_metrics(held, gt),
+        TaskReport(track, "HOT-2023-VIS", tracking_metrics(gt + 1, gt), tracking_metrics(held, gt),
                    head_curves=tracking_curves(gt + 1, gt), baseline_curves=tracking_curves(held, gt),
                    overlays=[Overlay(np.zeros((40, 40, 3)), "frame 2", boxes={"truth": gt[2], "head": gt[2] + 1})]),
     ]
@@ -85,15 +87,20 @@ def test_a_trained_backbone_is_not_called_random_init(tmp_path: Path) -> None:
     assert json.loads(paths.json.read_text())["provenance"]["weights"] == "ab" * 32
 
 
+def _paper_key(task: str, dataset: str) -> str | None:
+    table = TASKS.get(task).report.paper_table(dataset)
+    return None if table is None else table.key
+
+
 def test_paper_dataset_names() -> None:
-    assert paper_dataset("segmentation", "HSI Drive v2.0") == "hsidrive"
-    assert paper_dataset("segmentation", "Hyperspectral City v2") == "hcity"
-    assert paper_dataset("tracking", "HOT-2023-NIR") == "hot2023"
-    assert paper_dataset("tracking", "HOT-2024-VIS") is None
-    assert paper_dataset("saliency", "HSSOD") == "hssod"
-    assert paper_dataset("saliency", "HSI Drive v2.0") is None
+    assert _paper_key("segmentation", "HSI Drive v2.0") == "hsidrive"
+    assert _paper_key("segmentation", "Hyperspectral City v2") == "hcity"
+    assert _paper_key("tracking", "HOT-2023-NIR") == "hot2023"
+    assert _paper_key("tracking", "HOT-2024-VIS") is None
+    assert _paper_key("saliency", "HSSOD") == "hssod"
+    assert _paper_key("saliency", "HSI Drive v2.0") is None
 
 
 def test_a_task_report_needs_its_primary_metric() -> None:
     with pytest.raises(ValueError, match="primary metric 'miou'"):
-        TaskReport("segmentation", "x", {"oa": 1.0}, {"miou": 0.5})
+        TaskReport(TASKS.get("segmentation").report, "x", {"oa": 1.0}, {"miou": 0.5})

@@ -149,7 +149,8 @@ def test_ensure_falsecolor_stores_the_rgb_once(tmp_path) -> None:
     from catalog.catalog import Catalog
     from catalog.fixtures import write_dataset
     from catalog.specs import spec_for_folder
-    from stages.ingest import ingest_item, item_for, plan
+    from stages.ingest import ingest_item, plan
+    from stages.ingest.discover import item_for
     from stages.labelling.falsecolor import ensure_falsecolor, to_rgb
 
     write_dataset("harvard", tmp_path / "src")  # no aligned RGB

@@ -3,6 +3,7 @@ quarantine of bad input without damage to what is stored."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,11 +12,11 @@ import pytest
 from catalog.catalog import Catalog
 from catalog.fixtures.broken import make_broken_fixtures
 from catalog.specs import builtin_specs, spec_for_folder
-from stages.ingest import ingest_all, plan
+from stages.ingest import IngestConfig, plan, run_ingest
 
 
 def _run(source: Path, catalog: Catalog, datasets: list[str] | None = None) -> list:
-    return ingest_all(catalog, source, datasets)[0]
+    return run_ingest(catalog, IngestConfig(source_root=str(source), datasets=datasets)).files
 
 
 @pytest.fixture(scope="module")
@@ -161,3 +162,73 @@ def test_a_new_image_is_hashed_while_it_is_written_and_lands_where_its_hash_says
     assert report.healthy and not report.stale and not report.in_progress
     again = ingest_item(overlapped, spec, item)  # no plan: the stored cube sends it down the hash-first path
     assert again.status == "skipped" and "already catalogued" in again.message
+
+
+PLAIN_READER = """
+import json, sys
+import numpy as np
+import xarray as xr
+import zarr
+
+out = {}
+for path in sys.argv[1:]:
+    ds = xr.open_zarr(path, consolidated=False)
+    group = zarr.open_group(path, mode="r")
+    wl = group["wavelength"]
+    out[path] = {
+        "data_vars": sorted(ds.data_vars), "cube_coords": {k: list(v.dims) for k, v in ds["cube"].coords.items()},
+        "xr_wavelength": ds["cube"]["wavelength"].values.tolist(), "xr_units": ds["wavelength"].attrs.get("units"),
+        "cube_values": bool(np.array_equal(ds["cube"].values, group["cube"][...])),
+        "zarr_coordinates": group["cube"].attrs.get("coordinates"), "zarr_wl_dims": list(wl.metadata.dimension_names),
+        "zarr_wavelength": wl[...].tolist(), "zarr_units": wl.attrs.get("units"),
+    }
+project = {"catalog", "stages", "model", "pipelines", "infra"}
+out["project_modules"] = sorted({m.split(".")[0] for m in sys.modules} & project)
+print(json.dumps(out))
+"""
+
+
+def test_plain_xarray_and_zarr_read_the_catalog_wavelengths(ingested: tuple[Catalog, dict, list],
+                                                             tmp_path: Path) -> None:
+    """A freshly ingested cube opened by plain ``xarray.open_zarr`` and plain zarr, in a process that imports no
+    project code: ``wavelength`` (nm) is the coordinate of ``band`` on the cube, equal to what the catalog gives."""
+    import json
+    import subprocess
+    import sys
+
+    cat, _, _ = ingested
+    df = cat.images().drop_duplicates("dataset")  # one image of every dataset
+    paths = {f"{cat.root}/{loc}": image_id for loc, image_id in zip(df["location"], df["image_id"], strict=True)}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", PLAIN_READER, *paths], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    assert seen.pop("project_modules") == []
+    assert len(seen) == len(paths) > 20
+    for path, image_id in paths.items():
+        plain, da = seen[path], cat.open(image_id)
+        assert plain["data_vars"] == ["cube"] + (["rgb"] if cat.rgb(image_id) is not None else []), image_id
+        assert plain["cube_coords"]["wavelength"] == ["band"] and plain["cube_values"], image_id
+        assert plain["zarr_coordinates"].split()[0] == "wavelength" and plain["zarr_wl_dims"] == ["band"], image_id
+        assert plain["xr_units"] == plain["zarr_units"] == da["wavelength"].attrs["units"] == "nm", image_id
+        np.testing.assert_array_equal(plain["xr_wavelength"], da["wavelength"].values, err_msg=image_id)
+        np.testing.assert_array_equal(plain["zarr_wavelength"], da["wavelength"].values, err_msg=image_id)
+def test_runner_is_registered_records_its_config_and_counts(tmp_path: Path) -> None:
+    import json
+
+    from catalog.fixtures import write_dataset
+    from stages.registry import STAGES
+
+    assert STAGES.get("ingest").run is run_ingest and STAGES.get("ingest").config is IngestConfig
+    write_dataset("cave", tmp_path / "src")
+    write_dataset("harvard", tmp_path / "src")
+    cat = Catalog(tmp_path / "cat").init()
+    config = IngestConfig(source_root=str(tmp_path / "src"), datasets=["cave"])
+    seen: list[str] = []
+    result = run_ingest(cat, config, on_item=lambda r: seen.append(r.status))
+    assert result.summary == [{"dataset": "cave", "ingested": 2, "skipped": 0, "quarantined": 0}]
+    assert seen == ["ingested", "ingested"] and not result.problems
+    assert json.loads(cat.storage.read_bytes("stages/ingest.json")) == {"stage": "ingest",
+                                                                        "config": config.model_dump(mode="json")}
+    assert run_ingest(cat, config).summary == [{"dataset": "cave", "ingested": 0, "skipped": 2, "quarantined": 0}]

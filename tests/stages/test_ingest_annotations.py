@@ -12,18 +12,20 @@ import pytest
 from PIL import Image
 
 from catalog.catalog import Catalog
-from catalog.fixtures import FixtureImage, write_dataset
+from catalog.fixtures import write_dataset
+from catalog.fixtures.base import FixtureImage
 from catalog.specs import spec_for_folder
 from infra.errors import CatalogError
-from stages.ingest import IngestResult, ingest_all, ingest_item, item_for, plan
+from stages.ingest import FileResult, IngestConfig, ingest_item, plan, run_ingest
+from stages.ingest.discover import item_for
 from stages.labelling.label import image_ids
 
 SEGMENTATION = ("hsi-drive-v2-0", "hyperspectral-city-v2", "my-lab-labels")
 TRACKING = ("hot-2023-vis", "hot-2023-nir", "hot-2023-rednir")
 
 
-def _run(source: Path, catalog: Catalog, datasets: list[str] | None = None) -> list[IngestResult]:
-    return ingest_all(catalog, source, datasets)[0]
+def _run(source: Path, catalog: Catalog, datasets: list[str] | None = None) -> list[FileResult]:
+    return run_ingest(catalog, IngestConfig(source_root=str(source), datasets=datasets)).files
 
 
 def test_label_maps_splits_and_roles_round_trip(ingested_sources: tuple[Catalog, dict, list],

@@ -19,11 +19,13 @@ from catalog.fixtures.hsd import write_hsd
 from catalog.specs import load_spec_file, spec_for_folder
 from infra.errors import InputError
 from stages import ingest as stage
-from stages.ingest import IngestResult, ingest_item, item_for, list_items, plan
+from stages.ingest import FileResult, IngestConfig, IngestResult, ingest_item, plan, run_ingest
+from stages.ingest.discover import item_for, list_items
 
 
-def _run(source: Path | str, catalog: Catalog) -> tuple[list[IngestResult], stage.Plan]:
-    return stage.ingest_all(catalog, source)
+def _run(source: Path | str, catalog: Catalog) -> tuple[list[FileResult], IngestResult]:
+    run = run_ingest(catalog, IngestConfig(source_root=str(source)))
+    return run.files, run
 
 
 def _dataset(folder: Path, **spec: object) -> Path:

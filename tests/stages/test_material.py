@@ -289,7 +289,8 @@ def test_small_region_cleanup_without_opencv_says_how_to_fix() -> None:
 def test_labels_a_catalogued_image_into_the_mask_store(tmp_path: Path) -> None:
     from catalog.fixtures import write_dataset
     from catalog.specs import spec_for_folder
-    from stages.ingest import ingest_item, item_for, plan
+    from stages.ingest import ingest_item, plan
+    from stages.ingest.discover import item_for
     from stages.labelling.label import label_image
 
     write_dataset("cave", tmp_path / "src")

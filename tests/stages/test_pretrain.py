@@ -22,12 +22,15 @@ from infra.errors import InputError
 from model import create_model, describe, load_checkpoint
 from model.hyperfree import file_sha256
 from model.preprocess import prepare_batch
-from stages.ingest import ingest_item, item_for, plan
+from stages.ingest import ingest_item, plan
+from stages.ingest.discover import item_for
 from stages.pretraining import PretrainConfig, launch, train
-from stages.pretraining.checkpoints import latest_checkpoint, rng_state, set_rng_state
+from stages.pretraining.checkpoints import latest_checkpoint
 from stages.pretraining.data import BandSignatureBatchSampler, PretrainDataset, collate, scan_catalog
 from stages.pretraining.runtime import setup_runtime
-from stages.pretraining.trainer import Trainer, lr_factor
+from stages.pretraining.trainer import Trainer
+from stages.training.checkpoints import rng_state, set_rng_state
+from stages.training.optim import lr_factor
 
 DATASETS = ("cave", "hot-2024-rednir", "hyperspectral-city-v2", "virginia-tech-tree")  # 31, 15, 128, 420 bands
 CROP = 16
@@ -190,7 +193,9 @@ def test_worker_processes_yield_the_same_batches(catalog_uri: str) -> None:
         return list(DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
                                multiprocessing_context="spawn" if workers else None))
 
-    for a, b in zip(batches(0), batches(2), strict=True):
+    in_process, in_workers = batches(0), batches(2)
+    assert len(in_process) >= 2, "the fixture catalog gave fewer than two batches: nothing is compared"
+    for a, b in zip(in_process, in_workers, strict=True):
         assert a.image_ids == b.image_ids and torch.equal(a.cube, b.cube) and torch.equal(a.rgb, b.rgb)
         assert all(torch.equal(x, y) for x, y in zip(a.masks, b.masks, strict=True))
 
@@ -328,6 +333,25 @@ def test_rng_state_round_trips_through_weights_only_load(tmp_path: Path) -> None
     assert torch.equal(torch.rand(3), expected[0]) and np.array_equal(np.random.rand(3), expected[1])
 
 
+def test_runner_records_its_config_and_reuses_a_finished_run(catalog_uri: str, tmp_path: Path) -> None:
+    from stages.pretraining import PretrainStageConfig, run_pretrain
+    from stages.registry import STAGES
+
+    assert STAGES.get("pretrain").run is run_pretrain and STAGES.get("pretrain").config is PretrainStageConfig
+    config = PretrainStageConfig(model="tiny", steps=2, batch_size=2, crop_size=CROP, min_mask_pixels=4,
+                                 checkpoint_every=100, device="cpu", runs=str(tmp_path))
+    first = run_pretrain(Catalog(catalog_uri), config)
+    folder = Path(first.out_dir)
+    assert not first.reused and first.steps_done == 2 and folder.parent == tmp_path
+    assert folder.name.startswith("pretrain-tiny-")  # keyed on the inputs
+    recorded = json.loads((folder / "stage-config.json").read_text())
+    assert recorded["stage"] == "pretrain" and recorded["config"] == config.model_dump(mode="json")
+    again = run_pretrain(Catalog(catalog_uri), config)
+    assert again.reused and again.checkpoint == first.checkpoint and again.final == first.final
+    other = run_pretrain(Catalog(catalog_uri), config.model_copy(update={"steps": 3}))
+    assert not other.reused and other.out_dir != first.out_dir
+
+
 @pytest.mark.slow
 def test_launch_runs_ddp_under_torchrun_on_cpu(catalog_uri: str, tmp_path: Path) -> None:
     result = launch(tiny_config(catalog_uri, tmp_path / "ddp", steps=3), nproc=2)
@@ -344,11 +368,13 @@ def test_pretrain_flow_runs_two_steps_and_publishes_artifacts(catalog_uri: str, 
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
     from prefect.testing.utilities import prefect_test_harness
 
+    from pipelines.params import Device, ModelName, PathParams, PretrainParams, Profile
     from pipelines.pretrain import pretrain_flow
 
+    params = PretrainParams(model=ModelName("tiny"), steps=2, out=str(tmp_path / "flow"), batch_size=2,
+                            crop_size=CROP, device=Device.cpu)
     with prefect_test_harness(server_startup_timeout=120):
-        result = pretrain_flow(catalog=catalog_uri, model="tiny", steps=2, out=str(tmp_path / "flow"), batch_size=2,
-                               crop_size=CROP, device="cpu")
+        result = pretrain_flow(Profile.production, PathParams(catalog=catalog_uri), params)
 
         async def artifacts() -> list:
             async with get_client() as client:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,7 +19,6 @@ from catalog.masks import MaskSet
 from stages.labelling.falsecolor import spectral_sequence
 from stages.labelling.labeler import ImageSample
 from stages.labelling.sam2_models import (
-    TINY_MODEL_CONFIG,
     SAM2CheckpointError,
     automatic_masks,
     build_sam2_model,
@@ -28,6 +28,8 @@ from stages.labelling.sam2_models import (
 from stages.labelling.spatial import SpatialLabeler
 from stages.labelling.spectral import InMemoryVideoPredictor, SpectralLabeler
 
+#: Hiera-T at 128 px, as the demo profile runs it (CPU-friendly; the official Hiera-T checkpoint loads into it).
+TINY_MODEL_CONFIG: dict[str, Any] = {"config": "configs/sam2.1/sam2.1_hiera_t.yaml", "image_size": 128}
 CONFIG, SIZE = TINY_MODEL_CONFIG["config"], TINY_MODEL_CONFIG["image_size"]
 #: Random weights score low: keep every mask so the synthetic scenes give at least one.
 PERMISSIVE = {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}

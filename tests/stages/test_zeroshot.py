@@ -11,12 +11,17 @@ import pytest
 
 from catalog.catalog import Catalog
 from catalog.fixtures import FixtureImage, write_dataset
-from stages.ingest import ingest_all
+from stages.ingest import IngestConfig, run_ingest
 from stages.metrics import change_metrics, classification_metrics, detection_auc, one_class_metrics
 from stages.zeroshot import baselines, core
 from stages.zeroshot.core import MaskFeatures, PromptOutsideMasks, Stack
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _ingest(catalog: Catalog, source: Path) -> list:
+    """Ingest a source tree with the plain stage runner; its per-file results."""
+    return run_ingest(catalog, IngestConfig(source_root=str(source))).files
 DATASETS = ("whu-hi-longkou", "abu-beach", "hyperfree-stone", "hermiston")
 OPEN = {"pred_iou_thresh": -100.0, "stability_score_thresh": -100.0, "points_per_side": 8, "box_nms_thresh": 1.0}
 """Thresholds that keep every mask of a random-init model (its predicted IoUs are meaningless; without NMS its
@@ -30,7 +35,7 @@ def airborne(tmp_path_factory: pytest.TempPathFactory) -> tuple[Catalog, dict[st
     root = tmp_path_factory.mktemp("airborne")
     truth = {slug: write_dataset(slug, root / "src")[0] for slug in DATASETS}
     catalog = Catalog(str(root / "catalog")).init()
-    results, _ = ingest_all(catalog, root / "src")
+    results = _ingest(catalog, root / "src")
     assert all(r.status == "ingested" for r in results), [r.message for r in results]
     return catalog, truth, root
 
@@ -241,7 +246,7 @@ def test_pixel_split_is_recorded_and_bad_maps_quarantine(airborne, tmp_path: Pat
     data["map"][0, :3] = [2, 3, 4]
     scipy.io.savemat(src / "abu-beach" / "abu-beach-2.mat", {"data": data["data"], "map": data["map"]})
     bad = Catalog(str(tmp_path / "cat")).init()
-    results, _ = ingest_all(bad, src)
+    results = _ingest(bad, src)
     assert results[0].status == "quarantined"
     q = bad.quarantine()
     assert q["field"].tolist() == ["labels.files"] and "binary" in q["message"].iloc[0]
@@ -297,7 +302,7 @@ def test_airborne_companions_are_checked_at_ingest(tmp_path: Path, what: str, fi
         path = src / "hermiston" / "val" / "time2" / "img2_1.tif"
         tifffile.imwrite(path, tifffile.imread(path)[:, :20], photometric="minisblack", metadata=None)
     catalog = Catalog(str(tmp_path / "cat")).init()
-    results, _ = ingest_all(catalog, src)
+    results = _ingest(catalog, src)
     assert [r.status for r in results] == ["quarantined"]
     q = catalog.quarantine()
     assert q["field"].tolist() == [field] and q["source_path"].iloc[0] == str(path)
@@ -319,7 +324,7 @@ def test_a_user_dataset_declares_pixel_classes_in_its_yaml(tmp_path: Path) -> No
         "labels: {kind: pixel_classes, files: '{stem}_gt.npy', class_names: [unlabelled, field, forest],\n"
         "         pixel_split: {fraction: 0.2, seed: 7}}\n")
     catalog = Catalog(str(tmp_path / "cat")).init()
-    results, _ = ingest_all(catalog, tmp_path / "src")
+    results = _ingest(catalog, tmp_path / "src")
     assert results[0].status == "ingested", results[0].message
     ann = catalog.annotation("my-scene/scene")
     assert ann.protocol == {"per_class": None, "fraction": 0.2, "seed": 7}

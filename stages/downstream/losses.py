@@ -1,7 +1,7 @@
 """Per-task training losses of the heads: what one batch of samples costs.
 
-Each task object is a small, picklable description (its label conventions) with `loss(head, batch, device)`;
-the trainer in stages/downstream/train.py is task-agnostic.
+Each loss is a small, picklable description (its task's name and label conventions, recorded in every checkpoint)
+with `loss(head, batch, device)`; the trainer in stages/downstream/train.py is task-agnostic.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from model.losses import dice_loss
 from stages.downstream.samples import SaliencySample, SegmentationSample, TrackingPair, stack_features
 
 
-class HeadTask(Protocol):
+class HeadLoss(Protocol):
     """What the trainer needs from a task: its name and the loss of a batch."""
 
     name: str
@@ -30,7 +30,7 @@ class HeadTask(Protocol):
 
 
 @dataclass(frozen=True)
-class SegmentationTask:
+class SegmentationLoss:
     """Pixel-wise cross-entropy at the label's native size; `ignore_index` pixels carry no loss."""
 
     num_classes: int
@@ -52,7 +52,7 @@ class SegmentationTask:
 
 
 @dataclass(frozen=True)
-class SaliencyTask:
+class SaliencyLoss:
     """Binary cross-entropy plus soft dice on the mask at native size (the usual SOD objective)."""
 
     name: str = "saliency"
@@ -91,7 +91,7 @@ def tracking_targets(boxes: torch.Tensor, height: int, width: int) -> tuple[torc
 
 
 @dataclass(frozen=True)
-class TrackingTask:
+class TrackingLoss:
     """Balanced BCE on the response map plus a GIoU loss on the boxes predicted at positive cells."""
 
     box_weight: float = 2.0

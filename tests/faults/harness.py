@@ -21,9 +21,11 @@ reports, so each is hit as often as the other instead of one drowning the other'
 catalog the pretraining left with the labelled benchmark fixtures ingested (uninterrupted, in the set-up) and
 use the uninterrupted pretraining run's checkpoint as the frozen backbone, as the DAG does.
 
-The stages run as the CLI's plain path runs them (the same stage functions the flows call). Each killed run is a
-child forked from a server process that preloaded the pipeline's modules, so a trial costs the stage's own work.
-``tests/faults/`` runs a few points per stage; ``bench/faults.py`` runs 50.
+The stages run as the CLI's plain path runs them: each stage's runner (ingest, label per branch, fuse, pretrain)
+with the test profile's configuration (pipelines/profiles/test.yaml: tiny random-init models, permissive
+thresholds, a checkpoint every two steps). Each killed run is a child forked from a server process that preloaded
+the pipeline's modules, so a trial costs the stage's own work. ``tests/faults/`` runs a few points per stage;
+``bench/faults.py`` runs 50.
 """
 
 from __future__ import annotations
@@ -53,22 +55,22 @@ STAGES = ("ingest", "label", "fuse", "pretrain", "features", "heads")
 DATASETS = ("hot-2024-rednir", "cave")
 #: Labelled benchmark fixtures, ingested before the features stage: one dataset per head task.
 HEAD_DATASETS = {"segmentation": "hsi-drive-v2-0", "saliency": "hssod", "tracking": "hot-2023-vis"}
-#: Tiny labeler settings (random-init models, permissive thresholds, few prompts).
-LABEL_SETTINGS: dict[str, Any] = {
-    "sam2_model": {"config": "configs/sam2.1/sam2.1_hiera_t.yaml", "image_size": 64},
-    "spatial_params": {"points_per_side": 2, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0},
-    "spectral_params": {"points_per_side": 2, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0, "stride": 7,
-                        "max_objects": 2},
-    "material_params": {"points_per_side": 2, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0},
-}
-TAU = 0.7
-#: A short pretraining run with a checkpoint every two steps.
-PRETRAIN: dict[str, Any] = {"steps": 6, "batch_size": 2, "crop_size": 16, "min_mask_pixels": 2,
-                            "checkpoint_every": 2, "device": "cpu"}
-#: Short head runs: a checkpoint every two steps, two tracking pairs per sequence, one example per report.
-HEADS: dict[str, Any] = {"steps": 6, "checkpoint_every": 2, "pairs_per_sequence": 2, "overlays": 1}
-PRELOAD = ["infra.faults", "stages.ingest", "stages.labelling.label", "stages.labelling.spatial",
-           "stages.labelling.spectral", "stages.labelling.material", "stages.pretraining", "stages.downstream.run"]
+"""The registered tasks' benchmark fixtures (test_faults checks this equals the task registry's defaults)."""
+#: Short head runs: a checkpoint every two steps, two tracking pairs per sequence, one example per report (the head
+#: steps are the test profile's).
+HEADS: dict[str, Any] = {"checkpoint_every": 2, "pairs_per_sequence": 2, "overlays": 1, "head_size": "small",
+                         "device": "cpu", "replace": True}
+PRELOAD = ["tests.faults.harness", "pipelines.profiles", "stages.ingest", "stages.labelling.label",
+           "stages.labelling.spatial", "stages.labelling.spectral", "stages.labelling.material", "stages.pretraining",
+           "stages.downstream.runners"]
+
+
+@functools.cache
+def profile() -> Any:
+    """The test profile, resolved (a pipelines.profiles.RunConfig; its paths are filled per stage below)."""
+    from pipelines.profiles import resolve
+
+    return resolve("test")
 
 
 # ---------------------------------------------------------------------------------------------- the stages
@@ -78,86 +80,39 @@ def run_stage(stage: str, catalog: str, run_dir: str, source: str, backbone: str
     run whose checkpoint the features and heads stages freeze."""
     import torch
 
+    from catalog.catalog import Catalog
+
     torch.set_num_threads(1)
+    run = profile()
     if stage == "ingest":
-        from catalog.catalog import Catalog
-        from catalog.specs import spec_for_folder
-        from stages.ingest import ingest_item, item_for, plan, record_problems
+        from stages.ingest import IngestConfig, run_ingest
 
-        cat = Catalog(catalog).init()
-        work = plan(source, cat)
-        record_problems(cat, work.problems)
-        for w in work.items:
-            spec = spec_for_folder(Path(w.folder))
-            assert spec is not None
-            ingest_item(cat, spec, item_for(Path(w.folder), spec, w.primary), w.known_sha256)
-        cat.compact()
+        run_ingest(Catalog(catalog).init(), IngestConfig(source_root=source))
     elif stage == "label":
-        from catalog.catalog import Catalog
-        from stages.labelling import label
+        from stages.labelling.label import run_label
 
-        cat = Catalog(catalog)
-        for labeler in _labelers().values():
-            for image_id in label.pending(cat, labeler.labeler_id):
-                label.label_image(cat, image_id, labeler)
-        cat.mask_store.compact()
+        for branch in run.label.branches:
+            run_label(Catalog(catalog), run.label_config(branch))
     elif stage == "fuse":
-        from catalog.catalog import Catalog
-        from stages.labelling import label
-        from stages.labelling.fuse import fusion_id
+        from stages.labelling.label import run_fuse
 
-        cat = Catalog(catalog)
-        ids = [lab.labeler_id for lab in _labelers().values()]
-        for image_id in label.pending(cat, fusion_id(ids, TAU)):
-            label.fuse_image(cat, image_id, ids, TAU)
-        cat.mask_store.compact()
+        run_fuse(Catalog(catalog), run.fuse)
     elif stage == "pretrain":
-        from stages.pretraining import PretrainConfig, train
+        from stages.pretraining import run_pretrain
 
-        train(PretrainConfig.preset("tiny", catalog=catalog, out_dir=run_dir, **PRETRAIN), resume=True)
+        run_pretrain(Catalog(catalog), run.pretrain.model_copy(update={"out_dir": run_dir, "resume": True}))
     elif stage == "features":
-        from catalog.catalog import Catalog
-        from stages.downstream.features import BackboneSpec, compute_features, feature_images, load_backbone
+        from stages.downstream.runners import BackboneConfig, FeaturesConfig, run_features
 
-        cat = Catalog(catalog)
-        loaded = load_backbone(BackboneSpec(checkpoint=backbone), "cpu")
-        ids, _ = feature_images(cat, [d for t, d in HEAD_DATASETS.items() if t != "tracking"])
-        compute_features(cat, loaded, ids)
+        run_features(Catalog(catalog), FeaturesConfig(backbone=BackboneConfig(checkpoint=backbone), device="cpu"))
     elif stage == "heads":
-        from catalog.catalog import Catalog
-        from stages.downstream.features import BackboneSpec, load_backbone
-        from stages.downstream.run import summarise, train_task
+        from stages.downstream.runners import BackboneConfig, HeadsConfig, TaskChoice, run_heads
 
-        cat = Catalog(catalog)
-        loaded = load_backbone(BackboneSpec(checkpoint=backbone), "cpu")
-        outcomes = [train_task(cat, loaded, spec, Path(run_dir) / spec.task, replace=True)
-                    for spec in head_specs(loaded.img_size)]
-        summarise(Path(run_dir), outcomes, loaded)
+        tasks = [TaskChoice(task=t, dataset=d) for t, d in HEAD_DATASETS.items()]
+        run_heads(Catalog(catalog), HeadsConfig(out_dir=run_dir, backbone=BackboneConfig(checkpoint=backbone),
+                                                tasks=tasks, steps=run.downstream.steps, **HEADS))
     else:
         raise ValueError(f"unknown stage {stage!r}: choose from {', '.join(STAGES)}")
-
-
-def head_specs(img_size: int) -> list[Any]:
-    """The heads stage's task specs: every task on its benchmark fixture, HEADS's short schedule, on the CPU."""
-    from stages.downstream.run import task_spec
-
-    steps, every = HEADS["steps"], HEADS["checkpoint_every"]
-    specs = []
-    for task, dataset in HEAD_DATASETS.items():
-        spec = task_spec(task, "tiny", img_size, dataset=dataset, steps=steps, device="cpu",
-                         pairs_per_sequence=HEADS["pairs_per_sequence"], overlays=HEADS["overlays"])
-        specs.append(dataclasses.replace(spec, train=dataclasses.replace(spec.train, checkpoint_every=every)))
-    return specs
-
-
-@functools.cache
-def _labelers() -> dict[str, Any]:
-    """The three labelers as LABEL_SETTINGS configure them (built once per process; models load lazily)."""
-    from infra.settings import Settings
-    from stages.labelling.label import BRANCHES, build_labeler, labeler_config
-
-    settings = Settings(**LABEL_SETTINGS)
-    return {b: build_labeler(b, labeler_config(b, settings)) for b in BRANCHES}
 
 
 # ---------------------------------------------------------------------------------------------- kill points

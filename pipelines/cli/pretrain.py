@@ -1,0 +1,66 @@
+"""`hvp pretrain` and `hvp models`: the HyperVision backbone on the fused pseudo-targets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pipelines.cli.common import CatalogOpt, PlainOpt, ProfileOpt, console, print_pretrain, start_flows
+
+
+def pretrain(catalog: CatalogOpt = None,
+             model: Annotated[str, typer.Option(help="registry model name (`hvp models`): tiny, or a released "
+                                                    "layout by name (hypervision_b/l/h, hyperfree_b)")] = "tiny",
+             steps: Annotated[int, typer.Option(help="optimizer steps")] = 1000,
+             out: Annotated[Path, typer.Option(help="run folder (config, metrics, checkpoints)")] = Path(
+                 "hvp-data/runs/pretrain"),
+             batch_size: int = 4,
+             nproc: Annotated[int | None, typer.Option(help="processes under torchrun (default: GPUs, or 1)")] = None,
+             teacher_checkpoint: Annotated[str | None, typer.Option(help="local RGB teacher weights")] = None,
+             init: Annotated[str | None, typer.Option(
+                 "--init", "--student-checkpoint",
+                 help="start from these weights: a released HyperVision checkpoint of --model's layout or any "
+                      "compatible .pth/.safetensors, loaded strictly")] = None,
+             non_strict: Annotated[bool, typer.Option(
+                 "--non-strict", help="load --init even where keys or shapes differ; lists what is dropped or "
+                                      "resized")] = False,
+             preprocessing: Annotated[str, typer.Option(
+                 help="preprocessing contract: released (as the released checkpoints) | crop_max")] = "released",
+             resume: Annotated[bool, typer.Option(help="continue the run in OUT")] = False,
+             profile: ProfileOpt = "production", plain: PlainOpt = False) -> None:
+    """Pretrain the HyperVision backbone on the fused pseudo-targets (Prefect flow unless --plain; torchrun when
+    nproc > 1); the profile fills what the options leave empty."""
+    import dataclasses
+
+    from model.registry import resolve_name
+    from pipelines.params import ModelName, PathParams, Preprocessing, PretrainParams, Profile
+
+    try:
+        name = ModelName(resolve_name(model))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--model") from None
+    params = PretrainParams(model=name, steps=steps, out=str(out.resolve()), batch_size=batch_size, nproc=nproc,
+                            teacher_checkpoint=teacher_checkpoint, student_checkpoint=init,
+                            init_strict=not non_strict, preprocessing=Preprocessing(preprocessing))
+    paths = PathParams(catalog=catalog)
+    if plain:
+        from pipelines.catalogs import open_catalog
+        from pipelines.profiles import resolve
+        from stages.pretraining import run_pretrain
+
+        run = resolve(Profile(profile), paths, pretrain=params, resume=resume)
+        print_pretrain(dataclasses.asdict(run_pretrain(open_catalog(run.paths.catalog), run.pretrain)))
+        return
+    from pipelines.pretrain import pretrain_flow
+
+    start_flows()
+    print_pretrain(pretrain_flow(Profile(profile), paths, params, resume))  # type: ignore[arg-type]
+
+
+def models() -> None:
+    """The registry's model names (what `--model` and the UI's model fields accept)."""
+    from model.registry import list_models
+
+    console.print("\n".join(list_models()))
