@@ -1,6 +1,7 @@
 """The zero-shot report: per scene the task's and the baseline's maps as PNG images (with the ground truth and a
 mask overlay), a metrics table with HyperFree's reported figure in a "paper" row, results.parquet and report.json
-in the heads' report shape (per task: dataset, method scores, primary metric; the backbone's provenance).
+in the heads' report shape (per task: dataset, ``head`` (here the zero-shot method's scores, averaged over the
+scenes) and ``baseline`` scores, primary metric and its sense; the backbone's provenance).
 A random-init backbone is named in every file: its figures measure the plumbing, not the method.
 """
 
@@ -17,6 +18,7 @@ import pandas as pd
 import yaml
 from PIL import Image
 
+from stages.zeroshot.encode import CONTRACT
 from stages.zeroshot.results import Scene, TaskOutput
 
 if TYPE_CHECKING:
@@ -95,15 +97,21 @@ def write_report(out_dir: Path, task: str, dataset: str, results: Sequence[tuple
     table = pd.DataFrame(rows)
     table.to_parquet(out_dir / "results.parquet", index=False)
     primary = PRIMARY[task]
-    mean = {m: float(g["value"].mean()) for m, g in table[table["metric"] == primary].groupby("method")}
-    provenance = {"weights": weights, "model": backbone.name, "behaviour": behaviour,
+
+    def means(side: str) -> dict[str, float]:
+        keys = dict.fromkeys(k for scene in scenes for k in scene[side])
+        return {k: float(np.mean([scene[side][k] for scene in scenes if k in scene[side]])) for k in keys}
+
+    contract = CONTRACT[behaviour]
+    provenance = {"weights": weights, "preprocessing": contract, "model": backbone.name, "behaviour": behaviour,
                   "random_init": backbone.random_init, "backbone": backbone.descriptor}
-    doc = {"tasks": {task: {"dataset": dataset, "primary": primary, "higher_is_better": True,
-                            "zeroshot": {primary: mean.get(f"HyperFree zero-shot ({behaviour})")},
-                            "baseline": {primary: next((v for k, v in mean.items() if k.startswith("baseline")),
-                                                       None)},
-                            "paper": paper, "params": params, "scenes": scenes}},
-           "provenance": provenance}
+    doc: dict[str, Any] = {
+        "tasks": {task: {"dataset": dataset, "head": means("zeroshot"), "baseline": means("baseline"),
+                         "primary": primary, "higher_is_better": True,
+                         "method": f"HyperFree zero-shot ({behaviour})",
+                         "baseline_method": scenes[0]["baseline_method"] if scenes else "", "paper": paper,
+                         "params": params, "scenes": scenes}},
+        "provenance": provenance}
     if backbone.random_init:
         doc["note"] = RANDOM_INIT_NOTE
     json_path = out_dir / "report.json"

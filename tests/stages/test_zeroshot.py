@@ -189,6 +189,10 @@ def test_every_task_runs_and_reports_random_init(airborne, task: str, dataset: s
                                                   out=str(root / "reports")))
     doc = json.loads(result.report_json.read_text())
     assert result.random_init and "plumbing" in doc["note"] and doc["provenance"]["weights"] == "random-init"
+    entry = doc["tasks"][task]  # the heads' report shape: dataset, head and baseline scores, primary metric
+    assert entry["dataset"] == dataset and entry["primary"] in entry["head"]
+    primary_rows = [r["value"] for r in result.rows if r["primary"] and r["method"].startswith("HyperFree")]
+    assert entry["head"][entry["primary"]] == pytest.approx(float(np.mean(primary_rows)))
     assert (result.out_dir / "results.parquet").is_file() and (result.out_dir / "config.json").is_file()
     assert list(result.out_dir.glob("*.png"))
     methods = {r["method"] for r in result.rows}
