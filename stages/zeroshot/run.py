@@ -7,6 +7,7 @@ gets masks and features (cached), runs the task and the baseline, scores both an
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -243,7 +244,7 @@ def _change(catalog: Catalog, bb: Backbone, scene: Scene, p: dict[str, Any], cfg
     if second is None:
         raise ValueError(f"{scene.image_id}: no second cube; change detection needs change_pair labels")
     cube2 = np.moveaxis(second, 0, -1)
-    sha2 = f"{scene.sha[:12]}-t2"
+    sha2 = hashlib.sha256(np.ascontiguousarray(second).tobytes()).hexdigest()  # its own content names its cache
     ids = (scene.image_id, f"{scene.image_id}#t2")
     m1 = scene_masks(catalog, bb, ids[0], scene.sha, scene.cube, scene.wavelengths, scene.gsd_m, _amg(p),
                      cfg.behaviour)
