@@ -294,7 +294,9 @@ ZS_PERTURB = 0.5
 collinear with SAM's initialisation)."""
 OPEN_SET = 0.99
 """Open-set threshold of the comparison: near 1, so that the released test on the last cosine bites."""
-ZS_LAYOUT = {"img_size": 256, "embed_dim": 64, "depth": 4, "num_heads": 2, "global_attn_indexes": (1, 3)}
+ZS_GLOBAL = (1, 3)
+ZS_LAYOUT: dict[str, Any] = {"img_size": 256, "embed_dim": 64, "depth": 4, "num_heads": 2,
+                             "global_attn_indexes": ZS_GLOBAL}
 """A reduced HyperFree layout (window 14, neck 256, SAM decoder as released) that both builders make."""
 
 
@@ -330,7 +332,7 @@ def released_hyperfree(pkg: types.ModuleType, seed: int = 0) -> torch.nn.Module:
     """The released builder's reduced model, every parameter but the weight banks perturbed (seeded)."""
     torch.manual_seed(seed)
     model = pkg._build_HyperFree(ZS_LAYOUT["embed_dim"], ZS_LAYOUT["depth"], ZS_LAYOUT["num_heads"],
-                                 list(ZS_LAYOUT["global_attn_indexes"]), None, 16,
+                                 list(ZS_GLOBAL), None, 16,
                                  image_size=ZS_LAYOUT["img_size"]).eval()
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
