@@ -41,6 +41,7 @@ cmd="${1:-}"
 [ $# -gt 0 ] && shift
 case "$cmd" in
   demo) exec "$venv/bin/hvp" demo "$@" ;;
-  test) cd "$root" && exec "$venv/bin/python" -m pytest "$@" ;;
+  # both tiers: the fast default tier and the integration tier (a later -m in the arguments wins)
+  test) cd "$root" && exec "$venv/bin/python" -m pytest -m "integration or slow or not (integration or slow)" "$@" ;;
   *) echo "usage: bash infra/bootstrap.sh demo|test [args]" >&2; exit 2 ;;
 esac

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.states import State
 
@@ -34,7 +34,7 @@ from pipelines.params import (
     head_size_for,
 )
 from pipelines.profiles import pretrain_model, resolve
-from pipelines.wiring import gpu_slot, skipped
+from pipelines.wiring import gpu_slot, publish_table, skipped
 from stages.downstream.features import RANDOM_INIT, BackboneSpec, cached_backbone
 from stages.downstream.heads import held_benchmarks
 from stages.downstream.outcomes import load_outcome, summarise
@@ -117,9 +117,9 @@ def features_flow(profile: Profile = Profile.production, paths: PathParams = DEF
     short = [{"dataset": r["dataset"], "images": r["images"], "computed": r["computed"], "cached": r["cached"],
               "s": r["seconds"], "note": r["note"]} for r in rows]
     first = rows[0] if rows else {"feature_set": "-", "weights": RANDOM_INIT}
-    create_table_artifact(key="features-summary", table=short or [{"dataset": "(none)"}],
-                          description=f"Frozen `{spec.model}` features, feature set `{first['feature_set']}`, "
-                                      f"weights {first['weights']}, cached in `{p.catalog}`.{note}")
+    publish_table("features-summary", short or [{"dataset": "(none)"}],
+                  description=f"Frozen `{spec.model}` features, feature set `{first['feature_set']}`, "
+                              f"weights {first['weights']}, cached in `{p.catalog}`.{note}")
     if rows and not any(r["images"] for r in rows):
         return skipped("features", "no labelled image to encode (" + "; ".join(
             f"{r['dataset']}: {r['note']}" for r in rows) + ")", rows)
@@ -203,10 +203,10 @@ def heads_flow(profile: Profile = Profile.production, paths: PathParams = DEFAUL
     outcomes = [load_outcome(folder / t, skipped=row["reused"]) for t, row in zip(tasks, rows, strict=True)]
     result = summarise(folder, outcomes, loaded)
     weights = loaded.provenance
-    create_table_artifact(key="heads-report", table=[_short_row(r) for r in rows],
-                          description=f"Head vs trivial baseline per task on the primary metric (`{spec.model}`, "
-                                      f"weights {weights}); params: the head's trainable parameters; s: seconds. "
-                                      f"Report folder `{folder}`.")
+    publish_table("heads-report", [_short_row(r) for r in rows],
+                  description=f"Head vs trivial baseline per task on the primary metric (`{spec.model}`, "
+                              f"weights {weights}); params: the head's trainable parameters; s: seconds. "
+                              f"Report folder `{folder}`.")
     create_markdown_artifact(key="heads-report-markdown",
                              markdown=_report_markdown(result.report.markdown, list(result.report.plots), weights),
                              description=f"Downstream report, backbone weights {weights}")

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow
-from prefect.artifacts import create_table_artifact
 from prefect.states import State
 
 from pipelines.catalogs import open_catalog
@@ -42,7 +41,7 @@ from pipelines.params import (
 )
 from pipelines.pretrain import pretrain_flow
 from pipelines.profiles import ResolvedLabel, RunConfig, resolve
-from pipelines.wiring import in_process_subflows, markdown_table, publish_markdown, skipped
+from pipelines.wiring import in_process_subflows, markdown_table, publish_markdown, publish_table, skipped
 from stages.downstream.heads import held_benchmarks
 from stages.downstream.tasks import TASKS
 from stages.registry import record_config
@@ -182,9 +181,9 @@ def hypervision_flow(profile: Profile = Profile.demo, paths: PathParams = DEFAUL
 
         ctx.outputs[stage.name] = _run_stage(records, stage.name, run_downstream)
     rows = [vars(r) for r in records]
-    create_table_artifact(key="hypervision-stages", table=rows,
-                          description="Each stage of the run: its final state (Skipped when its inputs were "
-                                      "unchanged), wall time in seconds and why it skipped.")
+    publish_table("hypervision-stages", rows,
+                  description="Each stage of the run: its final state (Skipped when its inputs were "
+                              "unchanged), wall time in seconds and why it skipped.")
     for r in records:
         print(f"{r.stage}: {r.state} in {r.seconds:.1f} s" + (f" ({r.note})" if r.note else ""))
     return {"stages": rows, "outputs": ctx.outputs, "paths": p.model_dump()}

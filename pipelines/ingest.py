@@ -6,14 +6,13 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, task, unmapped
-from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.states import State
 
 from infra.settings import cube_options
 from pipelines.catalogs import open_catalog
 from pipelines.params import DEFAULT_PATHS, PathParams, resolve_paths
-from pipelines.wiring import retry_on_io, skipped, threads
+from pipelines.wiring import publish_table, retry_on_io, skipped, threads
 from stages import ingest as stage
 
 
@@ -63,8 +62,8 @@ def _ingest(catalog: str, config: stage.IngestConfig) -> list[dict[str, Any]] | 
                                "check that the file is readable and the storage reachable, then re-run ingest")
             files.append(stage.FileResult(item.dataset, path, "quarantined", None, message))
     summary = stage.finish_ingest(cat, work, files).summary
-    create_table_artifact(key="ingest-summary", table=summary,
-                          description=f"Ingest of `{config.source_root}` into `{cat.uri}`: images per dataset.")
+    publish_table("ingest-summary", summary,
+                  description=f"Ingest of `{config.source_root}` into `{cat.uri}`: images per dataset.")
     changed = sum(r["ingested"] + r["quarantined"] for r in summary)
     if summary and not changed:
         unchanged = sum(r["skipped"] for r in summary)

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
-from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.states import State
 
+from infra.markdown import escape_markdown
 from infra.settings import get_settings
 from pipelines.catalogs import open_catalog
 from pipelines.params import DEFAULT_LABEL, DEFAULT_PATHS, LabelParams, PathParams, Profile
@@ -25,6 +25,7 @@ from pipelines.wiring import (
     in_process_subflows,
     png_data_uri,
     publish_markdown,
+    publish_table,
     retry_on_io,
     skipped,
     threads,
@@ -74,10 +75,10 @@ def label_branch_flow(catalog: str, config: LabelConfig) -> dict[str, Any] | Sta
                for k in range(0, len(plan.todo), size)]  # a few images per task: Prefect's per-task cost is amortised
     result = stage.finish_label(cat, plan, [row for f in futures for row in f.result()])
     empty = sum(1 for r in result.rows if not r["masks"])
-    create_table_artifact(key=f"label-{config.branch}",
-                          table=[{k: v for k, v in r.items() if k != "labeler_id"} for r in result.rows],
-                          description=f"Masks per image of the {config.branch} branch, labeler `{lab.labeler_id}`, "
-                                      f"weights `{lab.weights[:12]}`.")
+    publish_table(f"label-{config.branch}",
+                  [{k: v for k, v in r.items() if k != "labeler_id"} for r in result.rows],
+                  description=f"Masks per image of the {config.branch} branch, labeler `{lab.labeler_id}`, "
+                              f"weights `{lab.weights[:12]}`.")
     print(f"{config.branch}: {sum(r['masks'] for r in result.rows)} masks on {len(result.rows)} images ({empty} "
           "without any mask)")
     return result.summary()
@@ -107,12 +108,12 @@ def fuse_flow(profile: Profile = Profile.production, paths: PathParams = DEFAULT
     fused = [f.result() for f in fuse_task.map(cat.uri, plan.todo, [ids] * len(plan.todo), config.tau)]
     result = stage.finish_fuse(cat, config, plan, fused)
     note = f" Weights: random-init for {', '.join(result.random_init)}." if result.random_init else ""
-    create_table_artifact(key="fuse-report", table=[_short_row(r) for r in result.report] or [{"image": "(none)"}],
-                          description=f"Masks per branch, fused sub-masks, coverage and branch agreement "
-                                      f"(tau={config.tau}, fusion `{plan.fusion_id}`).{note}")
+    publish_table("fuse-report", [_short_row(r) for r in result.report] or [{"image": "(none)"}],
+                  description=f"Masks per branch, fused sub-masks, coverage and branch agreement "
+                              f"(tau={config.tau}, fusion `{plan.fusion_id}`).{note}")
     if result.overlays:
-        blocks = [f"### `{image_id}`\n\n![{image_id} overlay]({png_data_uri(png)})\n\nFile: `{png}`\n"
-                  for image_id, png in result.overlays.items()]
+        blocks = [f"### {escape_markdown(image_id)}\n\n![{escape_markdown(image_id)} overlay]({png_data_uri(png)})"
+                  f"\n\nFile: {escape_markdown(str(png))}\n" for image_id, png in result.overlays.items()]
         publish_markdown("fuse-overlays", "## Mask overlays" + (" (random-init weights)" if result.random_init else "")
                          + "\n\nEach panel: the image's RGB, then each branch's masks and the fused pseudo-target.\n\n"
                          + "\n".join(blocks),

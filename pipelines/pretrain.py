@@ -13,14 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
-from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.states import State
 
 from pipelines.catalogs import open_catalog
 from pipelines.params import DEFAULT_PATHS, DEFAULT_PRETRAIN, PathParams, PretrainParams, Profile
 from pipelines.profiles import resolve
-from pipelines.wiring import gpu_slot, png_data_uri, publish_markdown, retry_on_io, skipped
+from pipelines.wiring import gpu_slot, png_data_uri, publish_markdown, publish_table, retry_on_io, skipped
 from stages import pretraining as stage
 from stages.pretraining.run import PretrainStageConfig, has_checkpoint, run_folder
 
@@ -85,5 +84,5 @@ def _publish(model: str, result: dict[str, Any]) -> None:
              {"metric": "world_size", "value": result["world_size"]},
              {"metric": "student_weights", "value": result["student_weights"][:12]},
              {"metric": "teacher_weights", "value": result["teacher_weights"][:12]}]
-    create_table_artifact(key="pretrain-metrics", table=rows,
-                          description=f"{note}final metrics of the pretraining run in `{result['out_dir']}`")
+    publish_table("pretrain-metrics", rows,
+                  description=f"{note}final metrics of the pretraining run in `{result['out_dir']}`")

@@ -62,3 +62,13 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The integration tier holds, beside the cases marked so, every case that starts a Prefect server (the
+    `prefect_server` fixture: flows run end to end on it) and the kill -9 fault harness; the fast tier runs every
+    stage through its runner without one."""
+    integration = pytest.mark.integration
+    for item in items:
+        if "prefect_server" in getattr(item, "fixturenames", ()) or "tests/faults/" in item.nodeid:
+            item.add_marker(integration)

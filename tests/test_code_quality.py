@@ -17,7 +17,7 @@ def test_ruff_clean() -> None:
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_mypy_clean() -> None:
     out = subprocess.run([sys.executable, "-m", "mypy", "catalog", "stages", "pipelines", "infra", "model"],
                          cwd=REPO, capture_output=True, text=True, check=False)

@@ -14,11 +14,13 @@ from pipelines.cli.common import console
 app = typer.Typer(help="HyperVision pretraining pipeline.", no_args_is_help=True, add_completion=False)
 catalog_app = typer.Typer(help="Inspect and check the catalog.", no_args_is_help=True)
 fixtures_app = typer.Typer(help="Tiny seeded fixtures of every dataset, in native formats.", no_args_is_help=True)
+models_app = typer.Typer(help="The model registry and checkpoint files.", no_args_is_help=True)
 heads_app = typer.Typer(help="Task heads on the frozen backbone: train, evaluate, run all three into one report.",
                         no_args_is_help=True)
 app.add_typer(catalog_app, name="catalog")
 app.add_typer(fixtures_app, name="fixtures")
 app.add_typer(heads_app, name="heads")
+app.add_typer(models_app, name="models")
 
 fixtures_app.command("make")(data.fixtures_make)
 app.command("datasets")(data.datasets)
@@ -29,11 +31,13 @@ catalog_app.command("show")(catalog.catalog_show)
 catalog_app.command("quarantine")(catalog.catalog_quarantine)
 catalog_app.command("verify")(catalog.catalog_verify)
 catalog_app.command("compact")(catalog.catalog_compact)
+catalog_app.command("gc")(catalog.catalog_gc)
 app.command("label")(label.label)
 app.command("fuse")(label.fuse)
 app.command("show")(label.show)
 app.command("pretrain")(pretrain.pretrain)
-app.command("models")(pretrain.models)
+models_app.command("list")(pretrain.models_list)
+models_app.command("inspect")(pretrain.models_inspect)
 app.command("demo")(run.demo)
 app.command("ui")(run.ui)
 app.command("watch")(run.watch)
@@ -47,8 +51,10 @@ def main() -> None:
     """The `hvp` entry point: bad input and missing files print one clear line (file, field, fix), not a
     traceback, and exit with status 2. Prefect's embedded server never phones home (no internet here)."""
     from infra.errors import InputError
+    from infra.prefect_server import configure_client_auth
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    configure_client_auth()  # clients (and the processes they start) send the configured credential
     try:
         app()
     except (InputError, FileNotFoundError) as exc:

@@ -120,3 +120,22 @@ def catalog_compact(catalog: CatalogOpt = None) -> None:
     cat = open_catalog(catalog)
     stale = sum(not t.alive for t in cat.storage.temporaries())
     console.print(f"merged {cat.compact()} part files, removed {stale} stale temporaries")
+
+
+def catalog_gc(catalog: CatalogOpt = None,
+               apply: Annotated[bool, typer.Option("--apply", help="remove what is listed (default: dry run)")] = False,
+               grace_hours: Annotated[float, typer.Option(help="leave anything changed more recently alone")] = 1.0,
+               json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
+    """Remove cubes, annotations, masks, features and dead writers' temporaries that no index row references
+    (never a referenced one; live writers and recent groups are left alone) and report the bytes. A dry run
+    unless --apply."""
+    import json
+
+    from catalog.gc import collect_garbage
+    from pipelines.catalogs import open_catalog
+
+    report = collect_garbage(open_catalog(catalog), dry_run=not apply, grace_s=grace_hours * 3600)
+    if json_out:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        console.print(report.summary(), markup=False)

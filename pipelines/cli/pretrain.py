@@ -11,7 +11,7 @@ from pipelines.cli.common import CatalogOpt, PlainOpt, ProfileOpt, console, prin
 
 
 def pretrain(catalog: CatalogOpt = None,
-             model: Annotated[str, typer.Option(help="registry model name (`hvp models`): tiny, or a released "
+             model: Annotated[str, typer.Option(help="registry model name (`hvp models list`): tiny, or a released "
                                                     "layout by name (hypervision_b/l/h, hyperfree_b)")] = "tiny",
              steps: Annotated[int, typer.Option(help="optimizer steps")] = 1000,
              out: Annotated[Path, typer.Option(help="run folder (config, metrics, checkpoints)")] = Path(
@@ -59,8 +59,25 @@ def pretrain(catalog: CatalogOpt = None,
     print_pretrain(pretrain_flow(Profile(profile), paths, params, resume))  # type: ignore[arg-type]
 
 
-def models() -> None:
+def models_list(family: Annotated[str | None, typer.Option(help="only this family: hyperfree | hypersigma")] = None
+                ) -> None:
     """The registry's model names (what `--model` and the UI's model fields accept)."""
     from model.registry import list_models
 
-    console.print("\n".join(list_models()))
+    console.print("\n".join(list_models(family)))
+
+
+def models_inspect(path: Annotated[Path, typer.Argument(help="a .safetensors, .pth or .pt checkpoint")],
+                   json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+                   limit: Annotated[int, typer.Option(help="tensors listed in the text form")] = 20) -> None:
+    """A checkpoint's sha256, its tensors' layout and the registry layouts it fits, read without executing
+    anything from the file (a file that would run code is refused)."""
+    import json
+
+    from model.inspect import describe, inspect_checkpoint
+
+    info = inspect_checkpoint(path)
+    if json_out:
+        print(json.dumps(info.as_dict(), indent=2))
+    else:
+        console.print(describe(info, limit), markup=False, highlight=False)

@@ -66,14 +66,16 @@ def demo(workdir: Annotated[Path, typer.Option(help="where sources, the catalog 
 
 def ui(workdir: Annotated[Path, typer.Option(help="sources, catalog, runs, the server's database and logs")] = Path(
            "hvp-data"),
-       port: Annotated[int, typer.Option(help="port of the Prefect server on 127.0.0.1")] = 4200,
-       watch_interval: Annotated[float, typer.Option(help="seconds between polls of the source root")] = 5.0) -> None:
+       port: Annotated[int, typer.Option(help="port of the Prefect server")] = 4200,
+       watch_interval: Annotated[float, typer.Option(help="seconds between polls of the source root")] = 5.0,
+       host: Annotated[str, typer.Option(help="address the server binds; beyond loopback it needs a credential "
+                                              "(HVP_SERVER_AUTH=user:password)")] = "127.0.0.1") -> None:
     """The Prefect UI with every deployment ready to run: starts a local server, the `local` work pool, the `gpu`
     concurrency limit, the deployments of prefect.yaml, a worker and the dataset-arrival watcher (fixtures are
     made when the source root is empty); Ctrl-C stops them all."""
     from pipelines.ui import serve_ui
 
-    raise typer.Exit(serve_ui(workdir, port, watch_interval))
+    raise typer.Exit(serve_ui(workdir, port, watch_interval, host=host))
 
 
 def watch(source_root: Annotated[Path | None, typer.Option(help="folder of dataset folders (default: "

@@ -24,6 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from infra.markdown import escape_markdown
 from stages.metrics import TrackingCurves  # noqa: E402
 
 OVERLAY_STYLES = ("classes", "map", "boxes")
@@ -172,7 +173,7 @@ def markdown_table(t: TaskReport, weights: str) -> str:
     section = t.section
     columns = [(c.label, c.metric, c.scale) for c in section.columns]
     paper = section.paper_table(t.dataset)
-    title = f"### {t.task.capitalize()} — {t.dataset}"
+    title = f"### {t.task.capitalize()} — {escape_markdown(t.dataset)}"
     header = "| method | source | " + " | ".join(label for label, _, _ in columns) + " |"
     lines = [title, "", header, "|" + "---|" * (len(columns) + 2)]
     for method, figures in (paper.rows if paper else {}).items():
@@ -183,7 +184,7 @@ def markdown_table(t: TaskReport, weights: str) -> str:
         lines.append(f"| {name} | this run ({weights}) | " + " | ".join(cells) + " |")
     lines.append("")
     if paper is None:
-        lines.append(f"The paper reports no figures for {t.dataset}.")
+        lines.append(f"The paper reports no figures for {escape_markdown(t.dataset)}.")
     else:
         lines.append(f"Rows marked paper: the published figures on {paper.name}, not measured by this run.")
     if any(label.endswith("*") for label, _, _ in columns):

@@ -124,7 +124,7 @@ def test_head_rebuilds_from_its_hparams(name: str) -> None:
     assert torch.equal(out, again)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_heads_run_on_real_b_layout_features() -> None:
     """The -B layout the heads are sized for is what the encoder returns at 512 px."""
     model = create_model("hypervision_b").eval()

@@ -19,7 +19,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 RELEASED = os.environ.get("HVP_HYPERSIGMA_REPO")
-pytestmark = [pytest.mark.slow,
+pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(not RELEASED, reason="set HVP_HYPERSIGMA_REPO to a released HyperSIGMA checkout")]
 
 TOLERANCE = 1e-4

@@ -246,7 +246,7 @@ def test_golden_state_is_not_the_default_init() -> None:
 
 
 # ---------------------------------------------------------------- against the released code (opt-in)
-@pytest.mark.slow
+@pytest.mark.integration
 @needs_released
 def test_released_code_writes_the_golden_values() -> None:
     expected = np.load(GOLDEN)
@@ -257,7 +257,7 @@ def test_released_code_writes_the_golden_values() -> None:
         np.testing.assert_allclose(got[key], expected[key], rtol=1e-4, atol=1e-4, err_msg=key)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 @needs_released
 def test_released_preprocessing_is_the_released_contract() -> None:
     pkg = load_released()
@@ -272,7 +272,7 @@ def test_released_preprocessing_is_the_released_contract() -> None:
     assert (prepare(cube, 64, "crop_max").image - theirs).abs().max() > 0.1
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 @needs_released
 def test_released_b_equivalence_on_every_output() -> None:
     spec = importlib.util.spec_from_file_location("released_equivalence", REPO / "bench" / "released_equivalence.py")

@@ -46,7 +46,7 @@ def test_a_bound_child_dies_with_its_killed_parent() -> None:
 
 
 @LINUX
-@pytest.mark.slow
+@pytest.mark.integration
 def test_killed_cli_takes_its_temporary_server_along(tmp_path: Path) -> None:
     for slug in ("cave", "harvard", "hyperspectral-city-v2"):
         write_dataset(slug, tmp_path / "src")

@@ -48,7 +48,7 @@ def prefect_server():
         yield
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_ingest_and_label_flows_on_two_dask_workers_with_a_file_url(prefect_server: None, tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     from distributed import LocalCluster

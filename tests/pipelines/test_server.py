@@ -51,7 +51,7 @@ def _owned_pids(prefect_home: Path) -> list[int]:
     return [p for p in out if p != os.getpid()]
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_schedule_and_arrival_trigger_fire_on_a_real_server(tmp_path: Path) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
@@ -129,7 +129,7 @@ def test_schedule_and_arrival_trigger_fire_on_a_real_server(tmp_path: Path) -> N
     assert port_free("127.0.0.1", port)  # nothing listens on the server's port any more
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_hvp_ui_killed_with_kill_9_leaves_no_server_or_worker(tmp_path: Path) -> None:
     work, port = tmp_path / "hvp", _free_port()
     write_dataset("hsi-road", work / "sources")

@@ -92,7 +92,6 @@ sys.stdin.readline()  # the server lives until the test has probed it
 
 
 @pytest.mark.integration
-@pytest.mark.slow
 def test_a_temporary_server_refuses_strangers_and_runs_an_authenticated_flow(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "PREFECT_SERVER_API"))}
     env.update(HVP_SERVER_AUTH=SECRET, PREFECT_HOME=str(tmp_path / "prefect"), PYTHONPATH=str(REPO),
@@ -120,7 +119,6 @@ def test_a_temporary_server_refuses_strangers_and_runs_an_authenticated_flow(tmp
 
 
 @pytest.mark.integration
-@pytest.mark.slow
 def test_hvp_ui_with_a_credential_serves_only_authenticated_clients(tmp_path: Path) -> None:
     work, port = tmp_path / "hvp", _free_port()
     write_dataset("hsi-road", work / "sources")

@@ -211,7 +211,7 @@ def test_a_wrong_dataset_or_split_names_the_field_and_the_fix(labelled_catalog: 
     assert not (tmp_path / "run.json").exists()  # nothing was recorded for runs that never started
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_the_released_b_layout_runs_every_head_at_the_paper_sizes(labelled_catalog: tuple, tmp_path: Path) -> None:
     """hypervision_b at its released 512 px frame through the same path: paper-sized heads (about 15.7 M, 4.1 M and
     25.9 M trainable parameters), one step each; the CUDA path (bf16) is the same code."""

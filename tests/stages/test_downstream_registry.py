@@ -12,6 +12,7 @@ import pytest
 from pydantic import ValidationError
 
 from infra.errors import InputError
+from infra.markdown import escape_markdown
 from model.heads import HEADS
 from stages.downstream.outcomes import TaskOutcome
 from stages.downstream.registry import HEAD_SIZES, TaskDef, load_card
@@ -76,7 +77,7 @@ def test_a_dense_regression_card_of_another_annotation_kind_builds_a_task(tmp_pa
     assert outcome.summary()["margin"] == pytest.approx(0.2)  # lower is better: the baseline's excess
     table = markdown_table(report, "random-init")
     assert "| dense regression head | this run (random-init) | 0.100 | 4.000 |" in table
-    assert "The paper reports no figures for some-airborne-scene." in table
+    assert f"The paper reports no figures for {escape_markdown('some-airborne-scene')}." in table  # shown as text
 
 
 @pytest.mark.parametrize(("old", "new", "field"), [

@@ -352,7 +352,7 @@ def test_runner_records_its_config_and_reuses_a_finished_run(catalog_uri: str, t
     assert not other.reused and other.out_dir != first.out_dir
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_launch_runs_ddp_under_torchrun_on_cpu(catalog_uri: str, tmp_path: Path) -> None:
     result = launch(tiny_config(catalog_uri, tmp_path / "ddp", steps=3), nproc=2)
     assert result.world_size == 2 and result.steps_done == 3
@@ -360,7 +360,7 @@ def test_launch_runs_ddp_under_torchrun_on_cpu(catalog_uri: str, tmp_path: Path)
     assert (Path(result.checkpoint) / "model.safetensors").is_file()
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_pretrain_flow_runs_two_steps_and_publishes_artifacts(catalog_uri: str, tmp_path: Path) -> None:
     import asyncio
 

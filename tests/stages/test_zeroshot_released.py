@@ -1,7 +1,8 @@
 """The zero-shot tasks in `released` behaviour against the released HyperFree task functions, run from a checkout
 of the released repository (never part of this project) on identical perturbed random weights and one cube:
 
-    HVP_RELEASED_HYPERFREE=/path/to/HyperFree .venv/bin/python -m pytest -m slow tests/stages/test_zeroshot_released.py
+    HVP_RELEASED_HYPERFREE=/path/to/HyperFree .venv/bin/python -m pytest -m integration \
+        tests/stages/test_zeroshot_released.py
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pytest
 RELEASED = os.environ.get("HVP_RELEASED_HYPERFREE")
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "released_equivalence.py"
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread"),
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread"),
               pytest.mark.skipif(not RELEASED, reason="set HVP_RELEASED_HYPERFREE to a released HyperFree checkout")]
 
 
