@@ -89,17 +89,24 @@ def cell_index(feature_hw: tuple[int, int], scene_hw: tuple[int, int], pad_aware
 
 
 class MaskFeatures:
-    """Mean features of masks from one feature map (C, h, w) float32, as the released code computes them (torch
-    float32 means of the gathered pixel features), cached per mask."""
+    """Mean features of masks from one feature map (C, h, w) float32. ``gather`` (the released arithmetic): the
+    torch float32 mean of the gathered pixel features, as the released code computes it; otherwise the same mean
+    from per-cell pixel counts, one (C, h*w) product per mask however large the mask (for full-size scenes)."""
 
-    def __init__(self, feature: np.ndarray | torch.Tensor, scene_hw: tuple[int, int], pad_aware: bool = True) -> None:
+    def __init__(self, feature: np.ndarray | torch.Tensor, scene_hw: tuple[int, int], pad_aware: bool = True,
+                 gather: bool = True) -> None:
         f = torch.as_tensor(np.asarray(feature, dtype=np.float32))
         self.flat = f.reshape(f.shape[0], -1)
         self.cells = cell_index((int(f.shape[1]), int(f.shape[2])), scene_hw, pad_aware)
+        self.gather = gather
+        self._flat64 = self.flat.double()
 
     def mean(self, mask: np.ndarray) -> torch.Tensor:
         """(C,) mean feature over the pixels of a (H, W) bool mask."""
-        return self.flat[:, self.cells[mask]].mean(1)
+        if self.gather:
+            return self.flat[:, self.cells[mask]].mean(1)
+        counts = np.bincount(self.cells[mask], minlength=self.flat.shape[1]).astype(np.float64)
+        return (self._flat64 @ torch.from_numpy(counts) / max(counts.sum(), 1.0)).float()
 
 
 def cosine_np(a: np.ndarray, b: np.ndarray) -> float:

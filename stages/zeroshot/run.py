@@ -160,7 +160,8 @@ def _classification(catalog: Catalog, bb: Backbone, scene: Scene, p: dict[str, A
     def attempt(q: dict[str, Any]) -> TaskOutput:
         masks, maps = _masks_features(catalog, bb, scene, q, cfg)
         stack = Stack.of(masks)
-        feats = MaskFeatures(_feature(maps, int(q["feature_index"])), stack.shape)
+        feats = MaskFeatures(_feature(maps, int(q["feature_index"])), stack.shape,
+                             gather=cfg.behaviour == "released")
         raw = core.classify(stack, feats, prompts, ids, float(q["open_set_thresh"]), cfg.behaviour, _thresholds(q))
         pred = np.asarray(ids)[raw] if cfg.behaviour == "released" else raw  # released: index j is class ids[j]
         lr = baselines.logistic_regression(scene.cube, prompts, ids, seed=cfg.seed)
@@ -194,7 +195,8 @@ def _one_class(catalog: Catalog, bb: Backbone, scene: Scene, p: dict[str, Any], 
     def attempt(q: dict[str, Any]) -> TaskOutput:
         masks, maps = _masks_features(catalog, bb, scene, q, cfg)
         stack = Stack.of(masks)
-        feats = MaskFeatures(_feature(maps, int(q["feature_index"])), stack.shape)
+        feats = MaskFeatures(_feature(maps, int(q["feature_index"])), stack.shape,
+                             gather=cfg.behaviour == "released")
         res = core.one_class(stack, feats, prompt, float(q["class_prior"]), cfg.behaviour, _thresholds(q))
         base = baselines.one_class_angle(scene.cube, prompt, float(q["class_prior"]))
         gt = ann.array == positive_class
@@ -219,7 +221,8 @@ def _target(catalog: Catalog, bb: Backbone, scene: Scene, p: dict[str, Any], cfg
     def attempt(q: dict[str, Any]) -> TaskOutput:
         masks, maps = _masks_features(catalog, bb, scene, q, cfg, released_random_bands=True)
         stack = Stack.of(masks)
-        feats = MaskFeatures(_feature(maps, int(q["feature_index"])), stack.shape)
+        feats = MaskFeatures(_feature(maps, int(q["feature_index"])), stack.shape,
+                             gather=cfg.behaviour == "released")
         det, pixel = core.target_detection(stack, feats, fed, spectrum, float(q["cosine_simi_thresh"]),
                                            int(q["dilate_kernel"]), _thresholds(q))
         base = baselines.ace(scene.cube, spectrum)
@@ -260,8 +263,10 @@ def _change(catalog: Catalog, bb: Backbone, scene: Scene, p: dict[str, Any], cfg
         f2 = scene_features(catalog, bb, ids[1], sha2, cube2, scene.wavelengths, scene.gsd_m, "fixed")[-1]
     hw = scene.cube.shape[:2]
     pad_aware = cfg.behaviour == "fixed"
-    det, _ = core.change_detection(Stack.of(m1), Stack.of(m2), MaskFeatures(f1, hw, pad_aware),
-                                   MaskFeatures(f2, hw, pad_aware), float(p["ratio_threshold"]), cfg.behaviour)
+    released = cfg.behaviour == "released"
+    det, _ = core.change_detection(Stack.of(m1), Stack.of(m2), MaskFeatures(f1, hw, pad_aware, released),
+                                   MaskFeatures(f2, hw, pad_aware, released), float(p["ratio_threshold"]),
+                                   cfg.behaviour)
     magnitude, base = baselines.change_vector(scene.cube, cube2)
     gt = scene.annotation.array
     return TaskOutput({"change": det}, change_metrics(det, gt), "change-vector analysis + Otsu",

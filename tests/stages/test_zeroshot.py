@@ -335,3 +335,13 @@ def test_a_user_dataset_declares_pixel_classes_in_its_yaml(tmp_path: Path) -> No
     train = ann.pixels("train")
     assert [int((train & (gt == c)).sum()) for c in (1, 2)] == [10, 12]  # 20% of 50 and of 60 pixels
     assert not (train & ann.pixels("test")).any() and ((train | ann.pixels("test")) == (gt > 0)).all()
+
+
+def test_mask_means_from_cell_counts_equal_the_gathered_ones() -> None:
+    rng = np.random.default_rng(4)
+    feature = rng.standard_normal((6, 4, 4)).astype(np.float32)
+    masks = rng.random((5, 30, 22)) < 0.4
+    gathered = MaskFeatures(feature, (30, 22))
+    counted = MaskFeatures(feature, (30, 22), gather=False)
+    for m in masks:
+        assert np.allclose(gathered.mean(m).numpy(), counted.mean(m).numpy(), atol=1e-6)
