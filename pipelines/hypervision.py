@@ -21,6 +21,7 @@ from typing import Any
 from prefect import flow
 from prefect.states import State
 
+from model.registry import FAMILY_HYPERFREE, model_entry
 from pipelines.catalogs import open_catalog
 from pipelines.downstream import features_flow, heads_flow
 from pipelines.ingest import ingest_flow
@@ -37,11 +38,13 @@ from pipelines.params import (
     PretrainParams,
     Profile,
     ResolvedPaths,
+    ZeroShotParams,
     cached_feature_datasets,
 )
 from pipelines.pretrain import pretrain_flow
 from pipelines.profiles import ResolvedLabel, RunConfig, resolve
 from pipelines.wiring import in_process_subflows, markdown_table, publish_markdown, publish_table, skipped
+from pipelines.zeroshot import DEFAULT_ZEROSHOT, zeroshot_flow
 from stages.downstream.heads import held_benchmarks
 from stages.downstream.tasks import TASKS
 from stages.registry import record_config
@@ -63,6 +66,8 @@ class DagContext:
     """The pretraining result: out_dir, checkpoint, final metrics, student/teacher weights."""
     outputs: dict[str, Any] = field(default_factory=dict)
     """Each finished stage's returned data, by stage name."""
+    zeroshot: ZeroShotParams = DEFAULT_ZEROSHOT
+    """HyperFree's tuning-free tasks on the pretrained checkpoint (no task: the stage skips)."""
 
 
 @dataclass(frozen=True)
@@ -97,8 +102,20 @@ def _heads(ctx: DagContext) -> Any:
     return heads_flow(ctx.profile, paths, _backbone(ctx), ctx.downstream, return_state=True)
 
 
+def _zeroshot(ctx: DagContext) -> Any:
+    """HyperFree's tuning-free tasks on the pretrained checkpoint, when the run names tasks and the layout has
+    HyperFree's mask decoder."""
+    if not ctx.zeroshot.tasks:
+        return skipped("zeroshot", "no zero-shot task chosen (zeroshot.tasks)", {})
+    if model_entry(ctx.model).family != FAMILY_HYPERFREE:
+        return skipped("zeroshot", f"{ctx.model} has no HyperFree mask decoder: the tuning-free tasks need one", {})
+    paths = PathParams(catalog=ctx.paths.catalog, runs=ctx.paths.runs)
+    return zeroshot_flow(ctx.profile, paths, _backbone(ctx), ctx.zeroshot, return_state=True)
+
+
 #: Stages run after pretraining, in order.
-DOWNSTREAM: list[DownstreamStage] = [DownstreamStage("features", _features), DownstreamStage("heads", _heads)]
+DOWNSTREAM: list[DownstreamStage] = [DownstreamStage("features", _features), DownstreamStage("heads", _heads),
+                                     DownstreamStage("zeroshot", _zeroshot)]
 
 
 @dataclass
@@ -142,7 +159,8 @@ def _ensure_sources(run: RunConfig) -> None:
 @flow(name="hypervision", log_prints=True)
 def hypervision_flow(profile: Profile = Profile.demo, paths: PathParams = DEFAULT_PATHS,
                      label: LabelParams = DEFAULT_LABEL, pretrain: PretrainParams = DEFAULT_PRETRAIN,
-                     downstream: DownstreamParams = DEFAULT_DOWNSTREAM, ingest_workers: int = 1) -> dict[str, Any]:
+                     downstream: DownstreamParams = DEFAULT_DOWNSTREAM, ingest_workers: int = 1,
+                     zeroshot: ZeroShotParams = DEFAULT_ZEROSHOT) -> dict[str, Any]:
     """The whole pipeline: ingest, label with the three branches, fuse, pretrain, then frozen features and one
     head per task with the report; stages whose inputs are unchanged skip. Returns the per-stage summary and each
     stage's output.
@@ -155,6 +173,8 @@ def hypervision_flow(profile: Profile = Profile.demo, paths: PathParams = DEFAUL
         pretrain: Model, steps, batch and checkpoints of pretraining.
         downstream: Tasks, steps and device of head-only adaptation on the pretrained, frozen backbone.
         ingest_workers: More than 1 ingests on a local Dask cluster of that many processes.
+        zeroshot: HyperFree's tuning-free tasks on the pretrained checkpoint (airborne scenes the catalog holds);
+            no task skips the stage.
     """
     run = resolve(profile, paths, label, pretrain, downstream)
     p = run.paths
@@ -163,7 +183,7 @@ def hypervision_flow(profile: Profile = Profile.demo, paths: PathParams = DEFAUL
     record_config(open_catalog(p.catalog).init(), "hypervision", run)
     records: list[StageRecord] = []
     ctx = DagContext(run.profile, p, run.label, model=run.pretrain.model, preprocessing=run.pretrain.preprocessing,
-                     downstream=run.downstream)
+                     downstream=run.downstream, zeroshot=zeroshot)
     only = PathParams(source_root=p.source_root, catalog=p.catalog, runs=p.runs, datasets=p.datasets)
     ctx.outputs["ingest"] = _run_stage(records, "ingest", lambda: ingest_flow(only, ingest_workers,
                                                                               return_state=True))

@@ -20,6 +20,7 @@ from model.preprocess import CONTRACTS
 from model.registry import list_models, resolve_name
 from stages.downstream.tasks import TASKS, ordered_tasks
 from stages.labelling.sam2_models import available_configs
+from stages.zeroshot.run import TASKS as ZERO_SHOT_TASKS
 
 
 class Profile(StrEnum):
@@ -288,3 +289,36 @@ DEFAULT_LABEL = LabelParams()
 DEFAULT_PRETRAIN = PretrainParams()
 DEFAULT_DOWNSTREAM = DownstreamParams()
 DEFAULT_BACKBONE = BackboneParams()
+
+
+#: HyperFree's tuning-free tasks (stages.zeroshot.run.TASKS): the choices of the zero-shot forms.
+ZeroShotTask = StrEnum("ZeroShotTask", {name: name for name in ZERO_SHOT_TASKS.names()})  # type: ignore[misc]
+
+
+class Behaviour(StrEnum):
+    """How the zero-shot tasks treat the released scripts' quirks (stages/zeroshot/README.md lists them)."""
+
+    fixed = "fixed"
+    released = "released"
+
+
+class ZeroShotParams(BaseModel):
+    """HyperFree's tuning-free tasks on airborne scenes: masks and one feature map of a frozen backbone, a few
+    prompts, no training; each beside its classical baseline and the HyperFree README's figures."""
+
+    model_config = _FORM
+
+    tasks: list[ZeroShotTask] = Field(  # type: ignore[valid-type]
+        default_factory=list, description="Tasks to run. In the DAG, empty skips the zero-shot stage; in the "
+        "zeroshot deployment, empty runs every task whose annotation kind the catalog holds.")
+    datasets: dict[ZeroShotTask, str] | None = Field(  # type: ignore[valid-type]
+        default=None, description='Dataset (slug) per task, e.g. `{"classification": "indian-pines"}`. Empty: the '
+        "first dataset holding the task's annotation kind.")
+    behaviour: Behaviour = Field(default=Behaviour.fixed, description="`fixed` corrects the released scripts' "
+                                 "quirks; `released` reproduces them exactly.")
+    params: dict[ZeroShotTask, dict[str, Any]] | None = Field(  # type: ignore[valid-type]
+        default=None, description='Per task, overrides of its released defaults, e.g. `{"anomaly": '
+        '{"area_ratio_threshold": 0.001}}`.')
+    relax: bool = Field(default=True, description="A prompt pixel outside every mask retries at lower thresholds "
+                        "and more points (recorded) instead of failing.")
+    seed: int = Field(default=0, description="Seed of the released random band draws and of the baselines.")

@@ -8,7 +8,7 @@ import os
 
 import typer
 
-from pipelines.cli import catalog, data, downstream, label, pretrain, run
+from pipelines.cli import catalog, data, downstream, label, pretrain, run, zeroshot
 from pipelines.cli.common import console
 
 app = typer.Typer(help="HyperVision pretraining pipeline.", no_args_is_help=True, add_completion=False)
@@ -45,6 +45,7 @@ app.command("features")(downstream.features)
 heads_app.command("train")(downstream.heads_train)
 heads_app.command("eval")(downstream.heads_eval)
 heads_app.command("run-all")(downstream.heads_run_all)
+app.command("zeroshot")(zeroshot.zeroshot)
 
 
 def main() -> None:

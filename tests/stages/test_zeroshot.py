@@ -345,3 +345,21 @@ def test_mask_means_from_cell_counts_equal_the_gathered_ones() -> None:
     counted = MaskFeatures(feature, (30, 22), gather=False)
     for m in masks:
         assert np.allclose(gathered.mean(m).numpy(), counted.mean(m).numpy(), atol=1e-6)
+
+
+def test_the_suite_runs_every_held_task_and_names_what_it_leaves_out(airborne) -> None:
+    from stages.zeroshot.suite import ZeroShotSuiteConfig, held_scenes, run_zeroshot_suite
+
+    catalog, _, root = airborne
+    held, missing = held_scenes(catalog, ["classification", "anomaly", "change", "target"],
+                                {"target": "whu-hi-longkou"})
+    assert held == {"classification": "whu-hi-longkou", "anomaly": "abu-beach", "change": "hermiston"}
+    assert "whu-hi-longkou holds no target_map" in missing["target"]
+    out = root / "suite"
+    result = run_zeroshot_suite(catalog, ZeroShotSuiteConfig(
+        tasks=["anomaly", "change"], params={"anomaly": OPEN, "change": OPEN}, out=str(out)))
+    assert {r["task"] for r in result.rows} == {"anomaly", "change"} and result.random_init
+    doc = json.loads((out / "suite.json").read_text())
+    assert set(doc["reports"]) == {"anomaly", "change"} and doc["random_init"] is True
+    assert json.loads((out / "suite-config.json").read_text())["tasks"] == ["anomaly", "change"]
+    assert all(Path(p).is_file() for p in doc["reports"].values())
