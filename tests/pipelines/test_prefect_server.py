@@ -45,6 +45,14 @@ def test_a_bound_child_dies_with_its_killed_parent() -> None:
             child.kill()
 
 
+def _cmdline(proc: psutil.Process) -> str:
+    """A process's command line, or "" for one that ended (or is a zombie) while the children were listed."""
+    try:
+        return " ".join(proc.cmdline())
+    except (psutil.ZombieProcess, psutil.NoSuchProcess, psutil.AccessDenied):
+        return ""
+
+
 @LINUX
 @pytest.mark.integration
 def test_killed_cli_takes_its_temporary_server_along(tmp_path: Path) -> None:
@@ -60,7 +68,7 @@ def test_killed_cli_takes_its_temporary_server_along(tmp_path: Path) -> None:
         t0 = time.monotonic()
         while server is None and time.monotonic() - t0 < 120 and cli.poll() is None:
             server = next((p for p in psutil.Process(cli.pid).children(recursive=True)
-                           if "uvicorn" in " ".join(p.cmdline())), None)
+                           if "uvicorn" in _cmdline(p)), None)
             time.sleep(0.1)
         assert server is not None, "the CLI started no temporary server"
         assert cli.poll() is None, "the CLI finished before it could be killed"
