@@ -30,7 +30,8 @@ import pyarrow.compute as pc
 import xarray as xr
 import zarr
 
-from catalog import annotations as annotation_store
+from catalog import annotation_store
+from catalog.annotations import INDEX_FIELDS, AnnotationMap, TrackSequence
 from catalog.cubes.files import FileAccess
 from catalog.cubes.layout import CubeLayout
 from catalog.cubes.reader import CubeReader
@@ -50,7 +51,7 @@ INDEX_SCHEMA = pa.schema([
     ("wl_max", pa.float64()), ("height", pa.int32()), ("width", pa.int32()), ("dtype", pa.string()),
     ("sha256", pa.string()), ("location", pa.string()), ("ingested_at", pa.timestamp("us", tz="UTC")),
     ("source_path", pa.string()), ("has_rgb", pa.bool_()), ("reader", pa.string()),
-    *annotation_store.INDEX_FIELDS,  # split, pretraining, label and sequence columns (catalog/annotations.py)
+    *INDEX_FIELDS,  # split, pretraining, label and sequence columns (catalog/annotations.py)
 ])
 QUARANTINE_SCHEMA = pa.schema([
     ("dataset", pa.string()), ("source_path", pa.string()), ("error_class", pa.string()), ("field", pa.string()),
@@ -349,13 +350,13 @@ class Catalog:
             return None
 
     # ------------------------------------------------------------------ annotations (catalog/annotations.py)
-    def annotation(self, image_id: str, variant: str | None = None) -> annotation_store.AnnotationMap:
+    def annotation(self, image_id: str, variant: str | None = None) -> AnnotationMap:
         """The segmentation class map or saliency mask of one image, aligned with its cube; ``variant`` applies a
         relabelling its dataset declares (e.g. HSI Drive's 'hs3bench'). KeyError naming the image if it has none;
         every chunk is checked against its ingest checksum."""
         return annotation_store.read_annotation(self, image_id, variant)
 
-    def sequence(self, seq_id: str) -> annotation_store.TrackSequence:
+    def sequence(self, seq_id: str) -> TrackSequence:
         """One tracking sequence: its frames' image ids in order and one (x, y, w, h) box per frame in 0-based
         pixels of the stored cube. KeyError if unknown; CatalogError if some frame is not catalogued."""
         return annotation_store.read_sequence(self, seq_id)

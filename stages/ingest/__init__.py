@@ -21,7 +21,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from catalog.annotations import ingest_fingerprint, stored_fingerprints
+from catalog.annotation_store import ingest_fingerprint, stored_fingerprints
 from catalog.catalog import Catalog
 from catalog.cubes.dtypes import dtype_sample, lossless_dtype
 from catalog.cubes.writer import CubeWrite

@@ -19,17 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from catalog.annotations import (
-    AIRBORNE_KINDS,
-    BINARY_KINDS,
-    SCENE_SPLIT,
-    declaration_json,
-    label_attrs,
-    label_location,
-    may_pretrain,
-    write_label_group,
-    write_track_row,
-)
+from catalog.annotation_store import label_location, write_label_group, write_track_row
+from catalog.annotations import AIRBORNE_KINDS, BINARY_KINDS, SCENE_SPLIT, declaration_json, label_attrs, may_pretrain
 from catalog.catalog import Catalog
 from catalog.cubes.writer import CubeWrite
 from catalog.readers.annotations import binary_map, class_ids, read_boxes, read_label_map, read_spectrum, saliency_mask

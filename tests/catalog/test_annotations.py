@@ -12,15 +12,8 @@ import scipy.io
 import zarr
 from PIL import Image
 
-from catalog.annotations import (
-    AnnotationSpec,
-    apply_variant,
-    chunk_checksums,
-    label_location,
-    may_pretrain,
-    read_annotation,
-    write_label_group,
-)
+from catalog.annotation_store import chunk_checksums, label_location, read_annotation, write_label_group
+from catalog.annotations import AnnotationSpec, apply_variant, may_pretrain
 from catalog.catalog import Catalog
 from catalog.cubes.writer import CubeWrite
 from catalog.fixtures.matlab import write_mat_v73
