@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,8 @@ from stages.pretraining.checkpoints import latest_checkpoint
 from stages.pretraining.config import RUNTIME_FIELDS, PretrainConfig, PretrainResult
 from stages.pretraining.launch import launch
 from stages.registry import record_run_config, register_stage
+from stages.research.cards import keep_snapshot, write_model_card
+from stages.research.tensorboard import pretraining_events
 
 #: File in a run folder that records the inputs key of the finished run and its result.
 KEY_FILE = "inputs-key.json"
@@ -122,10 +125,13 @@ def has_checkpoint(folder: str | Path) -> bool:
 
 
 @register_stage("pretrain", PretrainStageConfig, "HyperVision student on the fused pseudo-targets (restartable)")
-def run_pretrain(catalog: Catalog, config: PretrainStageConfig) -> PretrainResult:
+def run_pretrain(catalog: Catalog, config: PretrainStageConfig, *,
+                 on_checkpoint: Callable[[int, Path], None] | None = None) -> PretrainResult:
     """Train (in this process, or under torchrun with several devices), or reuse the finished run on the same
     inputs; an interrupted run in its automatic folder resumes. The resolved stage config is written beside the
-    run (stage-config.json), the inputs key and result into KEY_FILE."""
+    run (stage-config.json), the inputs key and result into KEY_FILE. Every checkpoint is kept as a snapshot
+    with its model card (stages.research.cards) and then announced to `on_checkpoint` (step, snapshot folder);
+    the run's TensorBoard event files go to <run>/tensorboard/pretrain."""
     trainer, key = run_folder(catalog, config)
     done = finished_run(trainer.out_dir, key)
     if done is not None and not config.resume:
@@ -133,7 +139,14 @@ def run_pretrain(catalog: Catalog, config: PretrainStageConfig) -> PretrainResul
     resume = config.resume or (config.out_dir is None and has_checkpoint(trainer.out_dir))
     record_run_config(trainer.out_dir, "pretrain", config)
     devices = torch.cuda.device_count() if trainer.device != "cpu" and torch.cuda.is_available() else 1
-    result = launch(trainer, nproc=config.nproc or devices, resume=resume)
+    def snapshot(step: int, checkpoint: Path) -> None:
+        kept = keep_snapshot(checkpoint, trainer.out_dir)
+        write_model_card(catalog, kept)
+        if on_checkpoint is not None:
+            on_checkpoint(step, kept)
+
+    result = launch(trainer, nproc=config.nproc or devices, resume=resume, on_checkpoint=snapshot)
+    pretraining_events(trainer.out_dir)
     path = Path(trainer.out_dir) / KEY_FILE
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps({"key": key, "result": dataclasses.asdict(result)}, indent=2))
