@@ -52,6 +52,7 @@ class PretrainStageConfig(BaseModel):
     device: str = Field(default="auto", description="auto (CUDA when available), cpu or cuda")
     nproc: int | None = Field(default=None, ge=1, description="processes under torchrun; None: the GPUs, or 1")
     datasets: list[str] | None = Field(default=None, description="only images of these datasets; None: all")
+    fusion_id: str | None = Field(default=None, description="train on this fusion's pseudo-targets; None: latest")
     out_dir: str | None = Field(default=None, description="run folder; None: <runs>/pretrain-<model>-<inputs key>")
     runs: str = Field(default="./hvp-data/runs", description="folder of run folders (when out_dir is None)")
     resume: bool = Field(default=False, description="continue the run in out_dir from its latest checkpoint")
@@ -59,7 +60,7 @@ class PretrainStageConfig(BaseModel):
     def trainer_config(self, catalog_uri: str) -> PretrainConfig:
         """The trainer's config: the model preset, then every field set here (out_dir left to the runner)."""
         keys = ("steps", "batch_size", "lr", "crop_size", "min_mask_pixels", "lambda_distill", "student_checkpoint",
-                "init_strict", "preprocessing", "checkpoint_every", "device", "datasets")
+                "init_strict", "preprocessing", "checkpoint_every", "device", "datasets", "fusion_id")
         given = {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
         config = PretrainConfig.preset(self.model, catalog=catalog_uri, **given)
         if self.teacher_checkpoint:
@@ -76,6 +77,8 @@ def inputs_key(catalog: Catalog, config: PretrainConfig) -> str:
         images = images[images["dataset"].isin(config.datasets)]
     index = MaskStore(catalog).index()
     fused = index[index["branch"] == "fused"] if not index.empty else index
+    if config.fusion_id is not None and not fused.empty:
+        fused = fused[fused["labeler_id"] == config.fusion_id]
     latest = dict(zip(fused["image_id"], fused["labeler_id"], strict=True)) if not fused.empty else {}
     content = sorted((i, s, latest[i]) for i, s in zip(images["image_id"], images["sha256"], strict=True)
                      if i in latest)

@@ -183,9 +183,9 @@ def _train(config: PretrainConfig, rt: Runtime, resume: bool, until_step: int | 
         raise ValueError("PretrainConfig.catalog is not set: give the catalog URI (the CLI and the pretrain flow "
                          "fill it from HVP_CATALOG)")
     catalog = Catalog(config.catalog)
-    images = scan_catalog(catalog, config.datasets)
+    images = scan_catalog(catalog, config.datasets, config.fusion_id)
     dataset = PretrainDataset(catalog.uri, trainer.crop_size, images, config.max_masks, config.min_mask_pixels,
-                              seed=config.seed)
+                              seed=config.seed, fusion_id=config.fusion_id)
     resolved = {
         "config": config.to_dict(), "model_config": module.student.config.to_dict(), "crop_size": trainer.crop_size,
         "student_weights": trainer.student_weights, "teacher": teacher.provenance(),

@@ -147,3 +147,40 @@ def test_event_writer_round_trip_and_corruption_is_named(tmp_path: Path) -> None
     writer.path.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="fails its CRC"):
         list(read_records(writer.path))
+
+
+def test_ablation_grid_shares_caches_and_writes_the_table5_layout(tmp_path: Path) -> None:
+    from pipelines.profiles import resolve
+    from stages.research.ablation import AblationConfig, run_ablation
+
+    for slug in ("hsi-drive-v2-0", "cave"):
+        write_dataset(slug, tmp_path / "src")
+    cat = Catalog(str(tmp_path / "catalog")).init()
+    assert not run_ingest(cat, IngestConfig(source_root=str(tmp_path / "src"))).problems
+    run = resolve("test")
+    config = AblationConfig(labelers=run.label.labelers, tau=run.label.tau, sources=["spatial"],
+                            distillation=[False, True], pretrain=run.pretrain, datasets=["cave"],
+                            tasks=[TaskChoice(task="segmentation")], head_size="small", head_steps=2, device="cpu",
+                            out_dir=str(tmp_path / "ablation"))
+    result = run_ablation(cat, config)
+    measured = [r for r in result.rows if r["row"] == "this run"]
+    assert [(r["sources"], r["distillation"]) for r in measured] == [("spatial", False), ("spatial", True)]
+    assert len({r["run"] for r in measured}) == 2 and len({r["sha256"] for r in measured}) == 2
+    assert {r["fusion_id"] for r in measured} == {result.fusion_ids["spatial"]}  # one fusion for both variants
+    fused = MaskStore(cat).index()
+    assert set(fused.loc[fused["branch"] == "fused", "labeler_id"]) == {result.fusion_ids["spatial"]}
+    for r in measured:
+        pretrain_cfg = json.loads((Path(r["run"]) / "config.json").read_text())["config"]
+        assert pretrain_cfg["fusion_id"] == result.fusion_ids["spatial"]
+        assert pretrain_cfg["lambda_distill"] == (1.0 if r["distillation"] else 0.0)
+        table = pd.read_parquet(Path(config.out_dir) / "evaluations" / f"tiny-spatial-"
+                                f"{'distill' if r['distillation'] else 'no-distill'}" / "evaluations.parquet")
+        assert r["segmentation"] == pytest.approx(100 * table["value"].iloc[-1])
+    paper = [r for r in result.rows if r["row"] == "paper"]
+    assert len(paper) == 4 and paper[-1]["segmentation"] == 83.51
+    text = result.markdown.read_text()
+    assert "| this run | SAM2 spatial masks only | spatial | off | tiny |" in text and "| paper |" in text
+    assert "random-init" in text
+    again = run_ablation(cat, config)  # every cache holds: same runs, same numbers
+    assert [r["sha256"] for r in again.rows if r["row"] == "this run"] == [r["sha256"] for r in measured]
+    assert [r["segmentation"] for r in again.rows] == [r["segmentation"] for r in result.rows]
