@@ -32,7 +32,8 @@ from stages.research.cards import SNAPSHOT_DIR, keep_snapshot, step_of
 from stages.research.evaluation import EvaluationConfig, run_evaluation
 
 Sources = Literal["spatial", "spatial+spectral", "spatial+spectral+material"]
-SOURCES: dict[str, tuple[str, ...]] = {"spatial": ("spatial",), "spatial+spectral": ("spatial", "spectral"),
+ALL_SOURCES: list[Sources] = ["spatial", "spatial+spectral", "spatial+spectral+material"]
+SOURCES: dict[str, tuple[BranchName, ...]] = {"spatial": ("spatial",), "spatial+spectral": ("spatial", "spectral"),
                                        "spatial+spectral+material": ("spatial", "spectral", "material")}
 TABLE_FILE = Path(__file__).with_name("table5.yaml")
 
@@ -56,7 +57,7 @@ class AblationConfig(BaseModel):
 
     labelers: dict[BranchName, LabelerSpec] = Field(description="each branch's labeler (those the sources need)")
     tau: float = Field(default=0.7, gt=0.0, le=1.0, description="IoU threshold of the fusion's global NMS")
-    sources: list[Sources] = Field(default_factory=lambda: list(SOURCES), description="pseudo-mask source sets")
+    sources: list[Sources] = Field(default_factory=lambda: list(ALL_SOURCES), description="pseudo-mask source sets")
     distillation: list[bool] = Field(default_factory=lambda: [False, True], description="distillation off / on")
     models: list[str] = Field(default_factory=lambda: ["tiny"], description="registry models to pretrain")
     pretrain: PretrainStageConfig = Field(description="base pretraining config (model, lambda_distill, fusion and "
@@ -111,14 +112,14 @@ def run_ablation(catalog: Catalog, config: AblationConfig) -> AblationResult:
     layout = table_layout()
     labels = {v["sources"] + ("/distill" if v["distillation"] else "/no-distill"): v["label"]
               for v in layout["variants"]}
-    needed = sorted({b for s in config.sources for b in SOURCES[s]})
+    needed: list[BranchName] = sorted({b for s in config.sources for b in SOURCES[s]})
     missing = [b for b in needed if b not in config.labelers]
     if missing:
         raise ValueError(f"AblationConfig.labelers lacks {missing}, which the sources {config.sources} need: add "
                          "their labeler specs (the profile's label group gives all three)")
     for branch in needed:
         run_label(catalog, LabelConfig(branch=branch, labeler=config.labelers[branch], datasets=config.datasets))
-    fusion_ids = {}
+    fusion_ids: dict[str, str] = {}
     for sources in config.sources:
         fused = run_fuse(catalog, FuseConfig(labelers={b: config.labelers[b] for b in SOURCES[sources]},
                                              tau=config.tau, overlays=0, datasets=config.datasets))

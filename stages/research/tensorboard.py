@@ -137,6 +137,7 @@ def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
 def _fields(data: bytes) -> Iterator[tuple[int, int, Any]]:
     """(field number, wire type, value) of a protobuf message (varint, 64-bit, length-delimited, 32-bit)."""
     pos = 0
+    value: Any
     while pos < len(data):
         key, pos = _read_varint(data, pos)
         number, wire = key >> 3, key & 7
@@ -179,6 +180,7 @@ def read_events(logdir: str | Path) -> tuple[list[ScalarEvent], dict[str, str], 
     for path in sorted(Path(logdir).rglob(f"{PREFIX}*")):
         for record in read_records(path):
             wall, step, summary = 0.0, 0, b""
+            value: Any
             for number, _, value in _fields(record):
                 if number == 1:
                     (wall,) = struct.unpack("<d", value)
