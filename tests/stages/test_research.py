@@ -184,3 +184,15 @@ def test_ablation_grid_shares_caches_and_writes_the_table5_layout(tmp_path: Path
     again = run_ablation(cat, config)  # every cache holds: same runs, same numbers
     assert [r["sha256"] for r in again.rows if r["row"] == "this run"] == [r["sha256"] for r in measured]
     assert [r["segmentation"] for r in again.rows] == [r["segmentation"] for r in result.rows]
+
+
+def test_tensorboard_itself_reads_the_event_files(tmp_path: Path) -> None:
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    writer = EventWriter(tmp_path)
+    writer.scalars(2, {"eval/segmentation/miou": 0.25})
+    writer.scalars(4, {"eval/segmentation/miou": 0.5})
+    writer.hparams({"lr": 0.001})
+    acc = accumulator.EventAccumulator(str(tmp_path))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("eval/segmentation/miou")] == [(2, 0.25), (4, 0.5)]
+    assert b"| lr | 0.001 |" in acc.Tensors("hparams")[0].tensor_proto.string_val[0]
