@@ -19,6 +19,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipelines.catalogs import open_catalog
+from pipelines.ingest import ingest_flow
 from pipelines.params import (
     DEFAULT_DOWNSTREAM,
     DEFAULT_LABEL,
@@ -32,7 +33,7 @@ from pipelines.params import (
     Profile,
     head_size_for,
 )
-from pipelines.profiles import resolve
+from pipelines.profiles import ensure_sources, resolve
 from pipelines.wiring import gpu_slot, png_data_uri, publish_markdown
 from stages.downstream.runners import TaskChoice
 from stages.labelling.labeler import file_sha256
@@ -85,8 +86,9 @@ def evaluation_config(run_dir: Path, checkpoint: str, step: int | None, profile:
     device) with the head size of its layout."""
     model = json.loads((Path(checkpoint) / "config.json").read_text())["config"]["model"]
     tasks = [TaskChoice(task=t, dataset=d) for t, d in downstream.task_datasets().items()]
-    return EvaluationConfig(checkpoint=checkpoint, run_dir=str(run_dir), step=step, tasks=tasks,
-                            head_size=head_size_for(model), steps=downstream.steps, device=downstream.device.value)
+    return EvaluationConfig.model_validate({"checkpoint": checkpoint, "run_dir": str(run_dir), "step": step,
+                                            "tasks": tasks, "head_size": head_size_for(model),
+                                            "steps": downstream.steps, "device": downstream.device.value})
 
 
 @task(name="evaluate-checkpoint", tags=["gpu"], cache_policy=NO_CACHE, task_run_name="evaluate step {step}")
@@ -177,8 +179,9 @@ def ablation_flow(profile: Profile = Profile.demo, paths: PathParams = DEFAULT_P
                   ablation: AblationParams = DEFAULT_ABLATION, label: LabelParams = DEFAULT_LABEL,
                   pretrain: PretrainParams = DEFAULT_PRETRAIN,
                   downstream: DownstreamParams = DEFAULT_DOWNSTREAM) -> dict[str, Any]:
-    """Pretrain every variant of the grid (labelling and fusion caches shared), evaluate each, write Table 5's
-    layout beside the paper's figures and publish it.
+    """Ingest what the catalog lacks (the demo profile writes the fixtures first), pretrain every variant of the
+    grid (labelling and fusion caches shared), evaluate each, write Table 5's layout beside the paper's figures and
+    publish it.
 
     Args:
         profile: Which profile fills the empty fields (demo: fixtures and tiny models, minutes on a CPU).
@@ -189,14 +192,17 @@ def ablation_flow(profile: Profile = Profile.demo, paths: PathParams = DEFAULT_P
         downstream: The tasks evaluated, the heads' steps and the device.
     """
     run = resolve(profile, paths, label=label, pretrain=pretrain, downstream=downstream)
+    ensure_sources(run)
+    p = run.paths
+    ingest_flow(PathParams(source_root=p.source_root, catalog=p.catalog, runs=p.runs, datasets=p.datasets))
     models = [str(m.value) for m in ablation.models] or [run.pretrain.model]
     out = ablation.out or str(Path(run.paths.runs) / "ablation")
     tasks = [TaskChoice(task=t, dataset=d) for t, d in run.downstream.task_datasets().items()]
-    config = AblationConfig(labelers=run.label.labelers, tau=run.label.tau,
-                            sources=[s.value for s in ablation.sources], distillation=ablation.distillation,
-                            models=models, pretrain=run.pretrain, tasks=tasks, head_size=head_size_for(models[0]),
-                            head_steps=run.downstream.steps, device=run.downstream.device.value,
-                            datasets=run.paths.datasets, out_dir=out)
+    config = AblationConfig.model_validate({
+        "labelers": run.label.labelers, "tau": run.label.tau, "sources": [s.value for s in ablation.sources],
+        "distillation": ablation.distillation, "models": models, "pretrain": run.pretrain, "tasks": tasks,
+        "head_size": head_size_for(models[0]), "head_steps": run.downstream.steps,
+        "device": run.downstream.device.value, "datasets": run.paths.datasets, "out_dir": out})
     print(f"ablation, profile {run.profile.value}: {len(config.sources) * len(config.distillation) * len(models)} "
           f"variants into {out}")
     with gpu_slot():
