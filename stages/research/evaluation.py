@@ -31,7 +31,7 @@ from catalog.catalog import Catalog
 from infra.errors import InputError
 from model.preprocess import DEFAULT_CONTRACT
 from stages.downstream.features import STAGE_VERSION as FEATURES_VERSION
-from stages.downstream.runners import BackboneConfig, HeadsConfig, TaskChoice, run_heads
+from stages.downstream.runners import BackboneConfig, Device, HeadsConfig, TaskChoice, run_heads
 from stages.downstream.spec import HEADS_VERSION
 from stages.downstream.tasks import ordered_tasks
 from stages.downstream.train import LOG_FILE
@@ -47,7 +47,6 @@ ROWS_DIR = "rows"
 PLOT_FILE = "metric_vs_step.png"
 REPORT_MD, REPORT_JSON = "report.md", "report.json"
 TB_DIR = "tensorboard"
-Device = Literal["auto", "cuda", "cpu"]
 
 
 class EvaluationConfig(BaseModel):
@@ -258,7 +257,7 @@ def _tensorboard(folder: Path, rows: list[dict[str, Any]], heads_dir: Path, prot
         values[f"eval/{r['task']}/{r['metric']}_baseline"] = float(r["baseline"])
     writer.scalars(step, values)
     writer.hparams({**proto, "checkpoint.sha256": rows[0]["sha256"], "pretraining.step": step},
-                   tag=f"hparams/step_{step}")
+                   tag=f"hparams/step_{step}", metrics=[k for k in values if not k.endswith("_baseline")])
     for r in rows:
         log = heads_dir / r["task"] / LOG_FILE
         if not log.is_file():

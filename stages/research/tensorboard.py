@@ -2,8 +2,9 @@
 
 An event file is a TFRecord stream (per record: uint64 length, masked CRC-32C of the length, the bytes, masked
 CRC-32C of the bytes) of `tensorflow.Event` protobuf messages: the first holds `file_version: "brain.Event:2"`,
-each further one a wall time, a step and a `Summary` of tagged values. Scalars are `simple_value`s; text (the
-hyper-parameters, as a markdown table) uses the text plugin's string tensor. TensorBoard (`tensorboard --logdir`)
+each further one a wall time, a step and a `Summary` of tagged values. Scalars are `simple_value`s; text uses the
+text plugin's string tensor; hyper-parameters are the HParams plugin's experiment / session summaries (and a
+markdown table beside them). TensorBoard (`tensorboard --logdir`)
 reads these files as it reads its own.
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 import socket
 import struct
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,38 @@ def _text_value(tag: str, text: str) -> bytes:
     return _bytes_field(1, tag.encode()) + _bytes_field(9, metadata) + _bytes_field(8, tensor)
 
 
+def _struct_value(value: Any) -> bytes:
+    # google.protobuf.Value: number_value = 2 (double), string_value = 3, bool_value = 4.
+    if isinstance(value, bool):
+        return _field(4, 0, _varint(int(value)))
+    if isinstance(value, int | float):
+        return _field(2, 1, struct.pack("<d", float(value)))
+    return _bytes_field(3, str(value).encode())
+
+
+def _hparams_values(params: Mapping[str, Any], metrics: Sequence[str]) -> list[bytes]:
+    """The HParams dashboard's summaries: an experiment (hparam names; metric tags), a session start (the values)
+    and a session end (status success). HParamsPluginData: version = 1, experiment = 2, session_start_info = 3,
+    session_end_info = 4."""
+
+    def plugin(tag: str, content: bytes) -> bytes:
+        data = _bytes_field(1, b"hparams") + _bytes_field(2, content)  # PluginData: plugin_name, content
+        # Summary.Value: tag = 1, metadata = 9 (SummaryMetadata.plugin_data = 1); an empty string tensor as value.
+        return _bytes_field(1, tag.encode()) + _bytes_field(9, _bytes_field(1, data)) + _bytes_field(
+            8, _field(1, 0, _varint(7)) + _bytes_field(2, b""))
+
+    version = _field(1, 0, _varint(0))
+    infos = b"".join(_bytes_field(4, _bytes_field(1, k.encode())) for k in params)  # Experiment.hparam_infos
+    infos += b"".join(_bytes_field(5, _bytes_field(1, _bytes_field(2, m.encode())))  # metric_infos.name.tag
+                      for m in metrics)
+    start = b"".join(_bytes_field(1, _bytes_field(1, k.encode()) + _bytes_field(2, _struct_value(v)))
+                     for k, v in params.items())  # SessionStartInfo.hparams (map<string, Value>)
+    end = _field(1, 0, _varint(1))  # SessionEndInfo.status = STATUS_SUCCESS
+    return [plugin("_hparams_/experiment", version + _bytes_field(2, infos)),
+            plugin("_hparams_/session_start_info", version + _bytes_field(3, start)),
+            plugin("_hparams_/session_end_info", version + _bytes_field(4, end))]
+
+
 def _event(step: int, values: list[bytes] | None = None, file_version: str | None = None,
            wall_time: float | None = None) -> bytes:
     # Event: wall_time = 1 (double), step = 2 (int64), file_version = 3 (string), summary = 5 (Summary: value = 1).
@@ -106,8 +139,11 @@ class EventWriter:
         """A markdown text summary (TensorBoard's Text tab)."""
         self._append(_event(step, [_text_value(tag, text)]))
 
-    def hparams(self, params: Mapping[str, Any], tag: str = "hparams") -> None:
-        """The run's hyper-parameters as a two-column markdown table (text summary `tag`)."""
+    def hparams(self, params: Mapping[str, Any], tag: str = "hparams", metrics: Sequence[str] = ()) -> None:
+        """The run's hyper-parameters: for the HParams dashboard (values None become "None"; `metrics` names the
+        scalar tags it lists beside them) and as a two-column markdown table (text summary `tag`)."""
+        clean = {k: v if isinstance(v, bool | int | float | str) else str(v) for k, v in params.items()}
+        self._append(_event(0, _hparams_values(clean, metrics)))
         rows = "\n".join(f"| {k} | {v} |" for k, v in sorted(params.items()))
         self.text(tag, f"| parameter | value |\n|---|---|\n{rows}")
 
@@ -239,5 +275,5 @@ def pretraining_events(run_dir: str | Path) -> Path | None:
         resolved = json.loads(config.read_text())
         flat = {k: json.dumps(v) if isinstance(v, dict | list) else v for k, v in resolved.get("config", {}).items()}
         writer.hparams({**flat, "student_weights": resolved.get("student_weights"),
-                        "teacher_weights": resolved.get("teacher_weights")})
+                        "teacher_weights": resolved.get("teacher_weights")}, metrics=["pretrain/loss"])
     return logdir

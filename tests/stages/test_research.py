@@ -191,8 +191,17 @@ def test_tensorboard_itself_reads_the_event_files(tmp_path: Path) -> None:
     writer = EventWriter(tmp_path)
     writer.scalars(2, {"eval/segmentation/miou": 0.25})
     writer.scalars(4, {"eval/segmentation/miou": 0.5})
-    writer.hparams({"lr": 0.001})
+    writer.hparams({"lr": 0.001, "model": "tiny"}, metrics=["eval/segmentation/miou"])
     acc = accumulator.EventAccumulator(str(tmp_path))
     acc.Reload()
     assert [(e.step, e.value) for e in acc.Scalars("eval/segmentation/miou")] == [(2, 0.25), (4, 0.5)]
     assert b"| lr | 0.001 |" in acc.Tensors("hparams")[0].tensor_proto.string_val[0]
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    content = acc.PluginTagToContent("hparams")
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    assert [h.name for h in experiment.hparam_infos] == ["lr", "model"]
+    assert [m.name.tag for m in experiment.metric_infos] == ["eval/segmentation/miou"]
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    assert start.session_start_info.hparams["lr"].number_value == 0.001
+    assert start.session_start_info.hparams["model"].string_value == "tiny"
