@@ -93,6 +93,7 @@ def model_card(catalog: Catalog, snapshot: str | Path, evaluations: Sequence[dic
         "random_init": random_init, "student_init": resolved.get("student_weights"),
         "teacher": resolved.get("teacher_weights"), "layout": _layout(config.get("model", "tiny")),
         "catalog": catalog_summary(catalog, resolved.get("datasets") or None),
+        "fusion_id": config.get("fusion_id") or "latest fused set per image",
         "preprocessing": resolved.get("preprocessing"), "training": config,
         "stage_version": resolved.get("stage_version"),
         "metrics": [{k: e[k] for k in ("task", "dataset", "metric", "value", "baseline", "protocol_id")}
@@ -113,7 +114,8 @@ def card_markdown(card: dict[str, Any]) -> str:
     lines += [f"| {d} | {v['images']} | `{v['content_sha256'][:16]}` |" for d, v in card["catalog"]["datasets"].items()]
     lines += ["", "Labeler ids: " + ", ".join(f"{b} `{', '.join(i[:12] for i in ids)}`"
                                               for b, ids in card["catalog"]["labeler_ids"].items()),
-              "Fusion ids: " + ", ".join(f"`{i[:12]}`" for i in card["catalog"]["fusion_ids"]), "",
+              "Fusion ids in the catalog: " + ", ".join(f"`{i[:12]}`" for i in card["catalog"]["fusion_ids"])
+              + f"; trained on: `{card['fusion_id']}`", "",
               "## Downstream metrics measured on this checkpoint", ""]
     if card["metrics"]:
         lines += ["| task | dataset | metric | value | baseline | protocol |", "|---|---|---|---|---|---|"]

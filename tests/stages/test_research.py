@@ -173,6 +173,9 @@ def test_ablation_grid_shares_caches_and_writes_the_table5_layout(tmp_path: Path
         pretrain_cfg = json.loads((Path(r["run"]) / "config.json").read_text())["config"]
         assert pretrain_cfg["fusion_id"] == result.fusion_ids["spatial"]
         assert pretrain_cfg["lambda_distill"] == (1.0 if r["distillation"] else 0.0)
+        last = sorted((Path(r["run"]) / "snapshots").glob("step_*"))[-1]  # the one evaluated
+        card = json.loads((last / "model-card.json").read_text())
+        assert card["fusion_id"] == result.fusion_ids["spatial"] and card["metrics"]
         table = pd.read_parquet(Path(config.out_dir) / "evaluations" / f"tiny-spatial-"
                                 f"{'distill' if r['distillation'] else 'no-distill'}" / "evaluations.parquet")
         assert r["segmentation"] == pytest.approx(100 * table["value"].iloc[-1])
