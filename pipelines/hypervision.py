@@ -42,7 +42,7 @@ from pipelines.params import (
     cached_feature_datasets,
 )
 from pipelines.pretrain import pretrain_flow
-from pipelines.profiles import ResolvedLabel, RunConfig, resolve
+from pipelines.profiles import ResolvedLabel, RunConfig, ensure_sources, resolve
 from pipelines.wiring import in_process_subflows, markdown_table, publish_markdown, publish_table, skipped
 from pipelines.zeroshot import DEFAULT_ZEROSHOT, zeroshot_flow
 from stages.downstream.heads import held_benchmarks
@@ -142,20 +142,6 @@ def _run_stage(records: list[StageRecord], name: str, call: Callable[[], Any]) -
     return data
 
 
-def _ensure_sources(run: RunConfig) -> None:
-    """A profile that says ``fixtures: true`` (demo) makes the fixture sources when the source root is empty or
-    missing, and says so."""
-    source_root = run.paths.source_root
-    root = Path(source_root)
-    if not run.fixtures or "://" in source_root or (root.is_dir() and any(root.iterdir())):
-        return
-    from catalog.fixtures import make_fixtures
-
-    written = make_fixtures(root)
-    print(f"source root {root} was empty: wrote fixtures of {len(written)} datasets "
-          f"({sum(map(len, written.values()))} images) there ({run.profile.value} profile)")
-
-
 @flow(name="hypervision", log_prints=True)
 def hypervision_flow(profile: Profile = Profile.demo, paths: PathParams = DEFAULT_PATHS,
                      label: LabelParams = DEFAULT_LABEL, pretrain: PretrainParams = DEFAULT_PRETRAIN,
@@ -179,7 +165,7 @@ def hypervision_flow(profile: Profile = Profile.demo, paths: PathParams = DEFAUL
     run = resolve(profile, paths, label, pretrain, downstream)
     p = run.paths
     _publish_parameters(run)
-    _ensure_sources(run)
+    ensure_sources(run)
     record_config(open_catalog(p.catalog).init(), "hypervision", run)
     records: list[StageRecord] = []
     ctx = DagContext(run.profile, p, run.label, model=run.pretrain.model, preprocessing=run.pretrain.preprocessing,

@@ -22,6 +22,9 @@ from torchmetrics.functional.classification import binary_auroc, binary_roc, mul
 ArrayLike = np.ndarray | torch.Tensor
 """A numpy array or a torch tensor (moved to the CPU when read)."""
 
+#: Version of the metric definitions below: bump it when a definition changes, so that results computed under
+#: another definition are never compared with today's (the research loop records it with every evaluation).
+METRICS_VERSION = "1"
 EPS = float(np.spacing(1))
 """MATLAB's eps, the guard the S- and E-measure definitions use."""
 F_BETA2 = 0.3

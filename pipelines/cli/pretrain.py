@@ -81,3 +81,16 @@ def models_inspect(path: Annotated[Path, typer.Argument(help="a .safetensors, .p
         print(json.dumps(info.as_dict(), indent=2))
     else:
         console.print(describe(info, limit), markup=False, highlight=False)
+
+
+def tensorboard(runs: Annotated[Path | None, typer.Option(
+        help="a runs folder or one run's folder (default: `runs` beside $HVP_CATALOG)")] = None) -> None:
+    """Print the command that opens the TensorBoard event files of pretraining, head training and checkpoint
+    evaluations (each run keeps them under its own folder)."""
+    from pipelines.params import PathParams, resolve_paths
+    from pipelines.research import tensorboard_command
+
+    folder = runs or Path(resolve_paths(PathParams()).runs)
+    found = sorted({p.parent for p in folder.rglob("events.out.tfevents*")}) if folder.is_dir() else []
+    console.print(f"{len(found)} folder(s) of event files under {folder}")
+    print(tensorboard_command(folder))

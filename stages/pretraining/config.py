@@ -55,6 +55,9 @@ class PretrainConfig:
     grid_samples: int | None = 40
     """Training-mode random grid-bank subset size (HyperFree's 40); None uses every matched band."""
     datasets: list[str] | None = None
+    fusion_id: str | None = None
+    """Train on the fused pseudo-targets of this fusion id (an ablation's mask sources); None: each image's
+    latest fused set."""
     seed: int = 0
     checkpoint_every: int = 100
     keep_checkpoints: int = 2

@@ -53,10 +53,13 @@ class ImageInfo:
     signature: str
 
 
-def scan_catalog(catalog: Catalog, datasets: Sequence[str] | None = None) -> list[ImageInfo]:
+def scan_catalog(catalog: Catalog, datasets: Sequence[str] | None = None,
+                 fusion_id: str | None = None) -> list[ImageInfo]:
     """Every catalogued image that pretraining may use (not an evaluation image, see catalog/annotations.py) and that
-    has a fused mask set (optionally of the given datasets), sorted by id."""
+    has a fused mask set (of `fusion_id`, if given; optionally of the given datasets), sorted by id."""
     index = MaskStore(catalog).index()
+    if not index.empty and fusion_id is not None:
+        index = index[index["labeler_id"] == fusion_id]
     fused = set(index.loc[index["branch"] == "fused", "image_id"]) if not index.empty else set()
     images = catalog.images()
     out: list[ImageInfo] = []
@@ -74,7 +77,8 @@ def scan_catalog(catalog: Catalog, datasets: Sequence[str] | None = None) -> lis
     if not out:
         raise ValueError(
             f"No image of catalog {catalog.uri}" + (f" in datasets {list(datasets)}" if datasets else "")
-            + " has fused masks; run the label and fuse stages (`hvp label`, `hvp fuse`) before pretraining."
+            + (f" has fused masks of fusion {fusion_id}" if fusion_id else " has fused masks")
+            + "; run the label and fuse stages (`hvp label`, `hvp fuse`) before pretraining."
         )
     return out
 
@@ -188,7 +192,8 @@ class PretrainDataset(Dataset[PretrainSample]):
 
     def __init__(self, catalog_uri: str, crop_size: int, images: Sequence[ImageInfo] | None = None,
                  max_masks: int = 16, min_mask_pixels: int = 16, crop_attempts: int = 8, seed: int = 0,
-                 mask_cache_mb: float = 256.0, read_threads: int | None = None) -> None:
+                 mask_cache_mb: float = 256.0, read_threads: int | None = None,
+                 fusion_id: str | None = None) -> None:
         if crop_size < 8:
             raise ValueError(f"crop_size={crop_size} is too small; use at least one 8 px patch.")
         self.catalog_uri = catalog_uri
@@ -200,6 +205,8 @@ class PretrainDataset(Dataset[PretrainSample]):
         self.seed = seed
         self.mask_cache_bytes = int(mask_cache_mb * 2**20)
         self.read_threads = read_threads
+        self.fusion_id = fusion_id
+        """The fused pseudo-targets trained on (a fusion id); None: each image's latest."""
         self._catalog: Catalog | None = None
         self._masks: OrderedDict[str, PackedMasks] = OrderedDict()
 
@@ -235,7 +242,8 @@ class PretrainDataset(Dataset[PretrainSample]):
         if image_id in self._masks:
             self._masks.move_to_end(image_id)
             return self._masks[image_id]
-        masks = self.catalog.fused(image_id, packed=True)
+        masks = (self.catalog.fused(image_id, packed=True) if self.fusion_id is None else
+                 self.catalog.masks(image_id, labeler_id=self.fusion_id, packed=True))
         self._masks[image_id] = masks
         while len(self._masks) > 1 and sum(m.nbytes for m in self._masks.values()) > self.mask_cache_bytes:
             self._masks.popitem(last=False)

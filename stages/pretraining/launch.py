@@ -14,15 +14,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from stages.pretraining.config import PretrainConfig, PretrainResult
-from stages.pretraining.trainer import train
+from stages.pretraining.trainer import OnCheckpoint, train
 
 logger = logging.getLogger(__name__)
 
 
-def launch(config: PretrainConfig, nproc: int = 1, resume: bool = False) -> PretrainResult:
-    """Train in this process (nproc 1) or under torchrun with `nproc` processes (one per GPU, or gloo on CPU)."""
+def launch(config: PretrainConfig, nproc: int = 1, resume: bool = False,
+           on_checkpoint: OnCheckpoint | None = None) -> PretrainResult:
+    """Train in this process (nproc 1) or under torchrun with `nproc` processes (one per GPU, or gloo on CPU).
+    `on_checkpoint` hears of each checkpoint as it is committed (under torchrun: of those kept, when it ends)."""
     if nproc <= 1:
-        return train(config, resume=resume)
+        return train(config, resume=resume, on_checkpoint=on_checkpoint)
     run_dir = Path(config.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg_path = run_dir / "launch_config.json"
@@ -38,6 +40,10 @@ def launch(config: PretrainConfig, nproc: int = 1, resume: bool = False) -> Pret
         raise RuntimeError(f"torchrun exited with {proc.returncode} for {cfg_path} ({' '.join(cmd)}); "
                            f"full log in {log}:\n{tail}")
     data = json.loads((run_dir / "result.json").read_text())
+    if on_checkpoint is not None:
+        kept = sorted(run_dir.glob("checkpoints/step_*"), key=lambda p: int(p.name.split("_")[1]))
+        for ckpt in kept:
+            on_checkpoint(int(ckpt.name.split("_")[1]), ckpt)
     return PretrainResult(**data)
 
 

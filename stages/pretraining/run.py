@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,8 @@ from stages.pretraining.checkpoints import latest_checkpoint
 from stages.pretraining.config import RUNTIME_FIELDS, PretrainConfig, PretrainResult
 from stages.pretraining.launch import launch
 from stages.registry import record_run_config, register_stage
+from stages.research.cards import keep_snapshot, write_model_card
+from stages.research.tensorboard import pretraining_events
 
 #: File in a run folder that records the inputs key of the finished run and its result.
 KEY_FILE = "inputs-key.json"
@@ -49,6 +52,7 @@ class PretrainStageConfig(BaseModel):
     device: str = Field(default="auto", description="auto (CUDA when available), cpu or cuda")
     nproc: int | None = Field(default=None, ge=1, description="processes under torchrun; None: the GPUs, or 1")
     datasets: list[str] | None = Field(default=None, description="only images of these datasets; None: all")
+    fusion_id: str | None = Field(default=None, description="train on this fusion's pseudo-targets; None: latest")
     out_dir: str | None = Field(default=None, description="run folder; None: <runs>/pretrain-<model>-<inputs key>")
     runs: str = Field(default="./hvp-data/runs", description="folder of run folders (when out_dir is None)")
     resume: bool = Field(default=False, description="continue the run in out_dir from its latest checkpoint")
@@ -56,7 +60,7 @@ class PretrainStageConfig(BaseModel):
     def trainer_config(self, catalog_uri: str) -> PretrainConfig:
         """The trainer's config: the model preset, then every field set here (out_dir left to the runner)."""
         keys = ("steps", "batch_size", "lr", "crop_size", "min_mask_pixels", "lambda_distill", "student_checkpoint",
-                "init_strict", "preprocessing", "checkpoint_every", "device", "datasets")
+                "init_strict", "preprocessing", "checkpoint_every", "device", "datasets", "fusion_id")
         given = {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
         config = PretrainConfig.preset(self.model, catalog=catalog_uri, **given)
         if self.teacher_checkpoint:
@@ -73,6 +77,8 @@ def inputs_key(catalog: Catalog, config: PretrainConfig) -> str:
         images = images[images["dataset"].isin(config.datasets)]
     index = MaskStore(catalog).index()
     fused = index[index["branch"] == "fused"] if not index.empty else index
+    if config.fusion_id is not None and not fused.empty:
+        fused = fused[fused["labeler_id"] == config.fusion_id]
     latest = dict(zip(fused["image_id"], fused["labeler_id"], strict=True)) if not fused.empty else {}
     content = sorted((i, s, latest[i]) for i, s in zip(images["image_id"], images["sha256"], strict=True)
                      if i in latest)
@@ -122,10 +128,13 @@ def has_checkpoint(folder: str | Path) -> bool:
 
 
 @register_stage("pretrain", PretrainStageConfig, "HyperVision student on the fused pseudo-targets (restartable)")
-def run_pretrain(catalog: Catalog, config: PretrainStageConfig) -> PretrainResult:
+def run_pretrain(catalog: Catalog, config: PretrainStageConfig, *,
+                 on_checkpoint: Callable[[int, Path], None] | None = None) -> PretrainResult:
     """Train (in this process, or under torchrun with several devices), or reuse the finished run on the same
     inputs; an interrupted run in its automatic folder resumes. The resolved stage config is written beside the
-    run (stage-config.json), the inputs key and result into KEY_FILE."""
+    run (stage-config.json), the inputs key and result into KEY_FILE. Every checkpoint is kept as a snapshot
+    with its model card (stages.research.cards) and then announced to `on_checkpoint` (step, snapshot folder);
+    the run's TensorBoard event files go to <run>/tensorboard/pretrain."""
     trainer, key = run_folder(catalog, config)
     done = finished_run(trainer.out_dir, key)
     if done is not None and not config.resume:
@@ -133,7 +142,14 @@ def run_pretrain(catalog: Catalog, config: PretrainStageConfig) -> PretrainResul
     resume = config.resume or (config.out_dir is None and has_checkpoint(trainer.out_dir))
     record_run_config(trainer.out_dir, "pretrain", config)
     devices = torch.cuda.device_count() if trainer.device != "cpu" and torch.cuda.is_available() else 1
-    result = launch(trainer, nproc=config.nproc or devices, resume=resume)
+    def snapshot(step: int, checkpoint: Path) -> None:
+        kept = keep_snapshot(checkpoint, trainer.out_dir)
+        write_model_card(catalog, kept)
+        if on_checkpoint is not None:
+            on_checkpoint(step, kept)
+
+    result = launch(trainer, nproc=config.nproc or devices, resume=resume, on_checkpoint=snapshot)
+    pretraining_events(trainer.out_dir)
     path = Path(trainer.out_dir) / KEY_FILE
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps({"key": key, "result": dataclasses.asdict(result)}, indent=2))

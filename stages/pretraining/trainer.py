@@ -22,6 +22,7 @@ import json
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,15 +145,21 @@ class Trainer:
                 "bands": int(batch.wavelengths.numel()), "lr": lr}
 
 
-def train(config: PretrainConfig, resume: bool = False, until_step: int | None = None) -> PretrainResult:
+#: Called on the main rank after each committed checkpoint with (step, checkpoint folder).
+OnCheckpoint = Callable[[int, Path], None]
+
+
+def train(config: PretrainConfig, resume: bool = False, until_step: int | None = None,
+          on_checkpoint: OnCheckpoint | None = None) -> PretrainResult:
     """Run (or, with `resume`, continue) the pretraining run in `config.out_dir`.
 
     `until_step` stops early after that many steps in total, with a checkpoint: a job with a wall-clock budget
-    runs in slices, and `resume=True` continues exactly where it stopped.
+    runs in slices, and `resume=True` continues exactly where it stopped. `on_checkpoint` hears of every
+    checkpoint once it is committed (the research loop evaluates each).
     """
     rt = setup_runtime(config.device)
     try:
-        return _train(config, rt, resume, until_step)
+        return _train(config, rt, resume, until_step, on_checkpoint)
     finally:
         if rt.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
@@ -167,7 +174,8 @@ def _init_record(config: PretrainConfig, report: LoadReport | None) -> dict[str,
             "dropped": list(report.dropped)}
 
 
-def _train(config: PretrainConfig, rt: Runtime, resume: bool, until_step: int | None) -> PretrainResult:
+def _train(config: PretrainConfig, rt: Runtime, resume: bool, until_step: int | None,
+           on_checkpoint: OnCheckpoint | None = None) -> PretrainResult:
     run_dir = Path(config.out_dir)
     trainer = Trainer.build(config, rt)
     module, teacher = trainer.module, trainer.teacher
@@ -175,9 +183,9 @@ def _train(config: PretrainConfig, rt: Runtime, resume: bool, until_step: int | 
         raise ValueError("PretrainConfig.catalog is not set: give the catalog URI (the CLI and the pretrain flow "
                          "fill it from HVP_CATALOG)")
     catalog = Catalog(config.catalog)
-    images = scan_catalog(catalog, config.datasets)
+    images = scan_catalog(catalog, config.datasets, config.fusion_id)
     dataset = PretrainDataset(catalog.uri, trainer.crop_size, images, config.max_masks, config.min_mask_pixels,
-                              seed=config.seed)
+                              seed=config.seed, fusion_id=config.fusion_id)
     resolved = {
         "config": config.to_dict(), "model_config": module.student.config.to_dict(), "crop_size": trainer.crop_size,
         "student_weights": trainer.student_weights, "teacher": teacher.provenance(),
@@ -235,8 +243,10 @@ def _train(config: PretrainConfig, rt: Runtime, resume: bool, until_step: int | 
             append_row(metrics_csv, row)
             done = step + 1
             if checkpoint_due(done, config.checkpoint_every, end):
-                save_checkpoint(run_dir, done, module, trainer.optimizer, trainer.scheduler, resolved,
-                                config.keep_checkpoints)
+                saved = save_checkpoint(run_dir, done, module, trainer.optimizer, trainer.scheduler, resolved,
+                                        config.keep_checkpoints)
+                if on_checkpoint is not None:
+                    on_checkpoint(done, saved)
     steps_done = step + 1
     rate = timed / (time.perf_counter() - t_first) if timed else 0.0
     png = run_dir / "loss.png"
