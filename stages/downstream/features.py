@@ -49,13 +49,13 @@ RANDOM_INIT = "random-init"
 STAGE_VERSION = "1"
 """Bumped when the feature computation changes, so cached features are recomputed."""
 
-DEFAULT_OVERRIDES: dict[str, dict[str, Any]] = {"tiny": {"img_size": 128}, "hypersigma_tiny": {"img_size": 64}}
+DEFAULT_OVERRIDES: dict[str, dict[str, Any]] = {"tiny": {"img_size": 128}}
 """Model overrides used when none are given. The tiny layout's own 64 px frame gives an 8 x 8 grid of stride-8
 cells, about 6 source pixels per cell on the 32 x 48 fixture scenes: thin classes (road marks, poles, people)
 vanish. Measured on the HSI Drive fixture with a random-init tiny backbone (100 head steps): mIoU 0.27 at 64 px,
 0.33 at 128 px, 0.44 at 256 px, against 0.21 for the per-pixel spectral classifier; 128 px keeps a head run at a
-few seconds on one CPU core. Released layouts keep their own size (512; HyperSIGMA's 64, its pretraining frame);
-hypersigma_tiny takes 64 px (its 32 px frame gives a 2 x 2 coarsest map)."""
+few seconds on one CPU core. Released layouts keep their own size (512; HyperSIGMA's 64, its pretraining frame,
+and hypersigma_tiny's 32, the tiny MAE's crop, so its pretrained spectral `spat_map` loads as is)."""
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,8 @@ from stages.pretraining.checkpoints import config_diff, latest_checkpoint, load_
 from stages.pretraining.config import RANDOM_INIT, STAGE_VERSION, PretrainConfig, PretrainResult
 from stages.pretraining.data import BandSignatureBatchSampler, PretrainBatch, PretrainDataset, collate, scan_catalog
 from stages.pretraining.logs import append_row, plot_losses, truncate_metrics
+from stages.pretraining.mae import train_mae
+from stages.pretraining.objectives import OBJECTIVES, Objective, register_objective
 from stages.pretraining.runtime import Runtime, setup_runtime
 from stages.training.checkpoints import prune_checkpoints
 from stages.training.loop import checkpoint_due, optimizer_step
@@ -145,14 +148,15 @@ class Trainer:
 
 
 def train(config: PretrainConfig, resume: bool = False, until_step: int | None = None) -> PretrainResult:
-    """Run (or, with `resume`, continue) the pretraining run in `config.out_dir`.
+    """Run (or, with `resume`, continue) the pretraining run in `config.out_dir` with its registered objective.
 
     `until_step` stops early after that many steps in total, with a checkpoint: a job with a wall-clock budget
     runs in slices, and `resume=True` continues exactly where it stopped.
     """
+    objective = OBJECTIVES.get(config.objective)
     rt = setup_runtime(config.device)
     try:
-        return _train(config, rt, resume, until_step)
+        return objective.train(config, rt, resume, until_step)
     finally:
         if rt.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
@@ -257,3 +261,11 @@ def _train(config: PretrainConfig, rt: Runtime, resume: bool, until_step: int | 
     return result
 
 
+
+
+register_objective(Objective(name="hypervision", train=_train, needs_masks=True,
+                             description="prompted segmentation on the fused masks + RGB distillation"))
+for _kind in ("spatial", "spectral"):
+    register_objective(Objective(
+        name=f"mae_{_kind}", train=partial(train_mae, _kind), needs_masks=False,
+        description=f"HyperSIGMA's {_kind} masked autoencoder (hypersigma_* models; no masks or teacher needed)"))

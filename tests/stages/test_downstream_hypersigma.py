@@ -22,9 +22,9 @@ def test_hypersigma_features_and_a_head(labelled_catalog: tuple, tmp_path: Path)
     feats = run_features(cat, FeaturesConfig(backbone=backbone, datasets=["hssod"], device="cpu"))
     assert feats.computed == feats.rows[0]["images"] > 0 and "random-init" in feats.weights
     loaded = load_backbone(backbone.to_spec(), "cpu")
-    assert loaded.spec.preprocessing == "hypersigma" and loaded.img_size == 64
+    assert loaded.spec.preprocessing == "hypersigma" and loaded.img_size == 32
     assert loaded.descriptor["preprocessing"]["name"] == "hypersigma"
-    info = feature_info("hypersigma_tiny", img_size=64)
+    info = feature_info("hypersigma_tiny")
     assert loaded.layout.channels == tuple(i["num_chs"] for i in info)
     assert loaded.layout.strides == tuple(i["reduction"] for i in info)
     heads = run_heads(cat, HeadsConfig(out_dir=str(tmp_path), backbone=backbone, head_size="small", steps=2,
@@ -44,7 +44,7 @@ def test_hypersigma_contract_is_the_family_default_and_checked() -> None:
 
 def test_spectral_encoder_checkpoint_loads_into_its_branch(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    mae = create_mae("hypersigma_tiny", "spectral", img_size=64)
+    mae = create_mae("hypersigma_tiny", "spectral")
     path = tmp_path / "spec.pth"
     torch.save({"model": encoder_state_dict(mae)}, path)
     loaded = load_backbone(BackboneSpec(model="hypersigma_tiny", checkpoint=str(path)), "cpu")
