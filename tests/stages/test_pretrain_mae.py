@@ -63,7 +63,7 @@ def test_mae_runs_resumes_and_loads_into_the_encoder(catalog: Catalog, tmp_path:
     resumed = run_pretrain(catalog, config.model_copy(update={"resume": True}))
     assert whole.steps_done == resumed.steps_done == 3
     assert resumed.final["loss"] == pytest.approx(whole.final["loss"], rel=1e-5)
-    rows = list(csv.DictReader(open(resumed.metrics_csv)))
+    rows = list(csv.DictReader(Path(resumed.metrics_csv).read_text().splitlines()))
     assert [int(r["step"]) for r in rows] == [0, 1, 2]
     recorded = json.loads((Path(resumed.out_dir) / "config.json").read_text())
     assert recorded["objective"] == objective and recorded["input"]["mask_ratio"] == 0.75
