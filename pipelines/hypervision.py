@@ -7,7 +7,8 @@ Each stage is keyed on catalog content (source sha256, labeler ids, fusion id, c
 Stages after pretraining are the DOWNSTREAM list of ``DownstreamStage(name, run)``, where ``run(ctx)`` calls the
 stage's own flow as a subflow and returns its summary; ``ctx`` (a DagContext) carries the resolved paths, labeler
 ids, the pretraining result (checkpoint, run folder) and every earlier stage's output. Today: frozen features of
-the labelled datasets from the run's pretrained checkpoint, then one head per task and the report (heads).
+the labelled datasets from the run's pretrained checkpoint, then one head per task and the report (heads), then,
+when `downstream.backbones` lists backbones, the same heads for those beside the run's backbone (compare).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from prefect.artifacts import create_table_artifact
 from prefect.states import State
 
 from pipelines.catalogs import open_catalog
-from pipelines.downstream import features_flow, heads_flow
+from pipelines.compare import compare_backbones, compare_entry, own_entry
+from pipelines.downstream import features_flow, heads_flow, resolve_backbone
 from pipelines.ingest import ingest_flow
 from pipelines.label import fuse_flow, label_branch_flow
 from pipelines.params import (
@@ -43,6 +45,7 @@ from pipelines.params import (
 from pipelines.pretrain import pretrain_flow
 from pipelines.profiles import ResolvedLabel, RunConfig, resolve
 from pipelines.wiring import in_process_subflows, markdown_table, publish_markdown, skipped
+from stages.downstream.features import cached_backbone
 from stages.downstream.heads import held_benchmarks
 from stages.downstream.tasks import TASKS
 from stages.registry import record_config
@@ -72,6 +75,8 @@ class DownstreamStage:
 
     name: str
     run: Callable[[DagContext], Any]
+    enabled: Callable[[DownstreamParams], bool] = lambda _params: True
+    """Whether the run's downstream parameters ask for this stage."""
 
 
 def _backbone(ctx: DagContext) -> BackboneParams:
@@ -98,8 +103,22 @@ def _heads(ctx: DagContext) -> Any:
     return heads_flow(ctx.profile, paths, _backbone(ctx), ctx.downstream, return_state=True)
 
 
+def _compare(ctx: DagContext) -> Any:
+    """The run's backbone beside `downstream.backbones`: the same heads on the same data, one report in
+    `<runs>/compare-<model>-<feature set id>`."""
+    spec, _ = resolve_backbone(ctx.profile, _backbone(ctx), ctx.paths.runs)
+    own = own_entry(spec, f"{spec.model} (this run)")
+    entries = [own, *(compare_entry(b) for b in ctx.downstream.backbones)]
+    set_id = cached_backbone(spec, ctx.downstream.device.value).set_id
+    folder = Path(ctx.paths.runs) / f"compare-{spec.model}-{set_id}"
+    return compare_backbones(ctx.paths.catalog, entries, ctx.downstream, folder)
+
+
 #: Stages run after pretraining, in order.
-DOWNSTREAM: list[DownstreamStage] = [DownstreamStage("features", _features), DownstreamStage("heads", _heads)]
+DOWNSTREAM: list[DownstreamStage] = [
+    DownstreamStage("features", _features), DownstreamStage("heads", _heads),
+    DownstreamStage("compare", _compare, enabled=lambda params: bool(params.backbones)),
+]
 
 
 @dataclass
@@ -176,7 +195,7 @@ def hypervision_flow(profile: Profile = Profile.demo, paths: PathParams = DEFAUL
     ctx.outputs["fuse"] = _run_stage(records, "fuse", lambda: fuse_flow(profile, only, label, return_state=True))
     ctx.pretrain = _run_stage(records, "pretrain", lambda: pretrain_flow(profile, only, pretrain, return_state=True))
     ctx.outputs["pretrain"] = ctx.pretrain
-    for stage in DOWNSTREAM if run.downstream.tasks else []:
+    for stage in [s for s in DOWNSTREAM if s.enabled(run.downstream)] if run.downstream.tasks else []:
         def run_downstream(s: DownstreamStage = stage) -> Any:
             return s.run(ctx)
 
