@@ -93,7 +93,11 @@ def compare_backbones(catalog: str, entries: list[CompareEntry], downstream: Dow
     for r in ours:
         print(f"compare: {r['backbone']} on {r['task']}: {r['metric']} {r['value']:.4f} ({r['weights']}); "
               f"{r['trainable_parameters']:,} head parameters; {r['feature_ms_per_image']:.1f} ms/image features")
-    return {**out, "left_out": missing}
+    result = {**out, "left_out": missing}
+    if ours and all(r["reused"] for r in ours):
+        return skipped("compare", f"all {len(ours)} heads' inputs unchanged (features, labels, parameters): their "
+                                  "results were reused", result)
+    return result
 
 
 @flow(name="compare", log_prints=True)

@@ -54,7 +54,8 @@ class PretrainStageConfig(BaseModel):
     model: str = Field(default="tiny", description="registry model to train")
     objective: str = Field(default="hypervision", description="hypervision | mae_spatial | mae_spectral "
                            "(stages.pretraining.objectives; mae_* train hypersigma_* models)")
-    mae: MAEOptions = Field(default_factory=MAEOptions, description="settings of the mae_* objectives")
+    mae: MAEOptions | None = Field(default=None, description="settings of the mae_* objectives; None: the model "
+                                   "preset's (HyperSIGMA's, or the tiny preset for hypersigma_tiny)")
     steps: int | None = Field(default=None, ge=1, description="optimizer steps")
     batch_size: int | None = Field(default=None, ge=1, description="crops per device and step")
     lr: float | None = Field(default=None, gt=0.0, description="peak learning rate")
@@ -85,8 +86,9 @@ class PretrainStageConfig(BaseModel):
                 "student_checkpoint", "init_strict", "preprocessing", "checkpoint_every", "device", "datasets")
         given = {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
         config = PretrainConfig.preset(self.model, catalog=catalog_uri, **given)
-        config = dataclasses.replace(config, mae=dataclasses.replace(config.mae,
-                                                                     **self.mae.model_dump(exclude_none=True)))
+        if self.mae is not None:
+            config = dataclasses.replace(config, mae=dataclasses.replace(config.mae,
+                                                                         **self.mae.model_dump(exclude_none=True)))
         if self.teacher_checkpoint:
             config = dataclasses.replace(config, teacher=dataclasses.replace(config.teacher,
                                                                              checkpoint=self.teacher_checkpoint))
