@@ -48,6 +48,7 @@ from pipelines.wiring import in_process_subflows, markdown_table, publish_markdo
 from stages.downstream.features import cached_backbone
 from stages.downstream.heads import held_benchmarks
 from stages.downstream.tasks import TASKS
+from stages.pretraining import OBJECTIVES
 from stages.registry import record_config
 
 
@@ -60,8 +61,9 @@ class DagContext:
     label: ResolvedLabel
     model: str = "tiny"
     """The pretrained registry layout (the frozen backbone of the downstream stages)."""
-    preprocessing: str = "released"
-    """The preprocessing contract pretraining used, which the downstream stages keep."""
+    preprocessing: str | None = "released"
+    """The preprocessing contract pretraining used, which the downstream stages keep (None: the objective scales
+    its own inputs, e.g. HyperSIGMA's MAE; the backbone takes its family's contract)."""
     downstream: DownstreamParams = DEFAULT_DOWNSTREAM
     pretrain: dict[str, Any] = field(default_factory=dict)
     """The pretraining result: out_dir, checkpoint, final metrics, student/teacher weights."""
@@ -182,7 +184,8 @@ def hypervision_flow(profile: Profile = Profile.demo, paths: PathParams = DEFAUL
     _ensure_sources(run)
     record_config(open_catalog(p.catalog).init(), "hypervision", run)
     records: list[StageRecord] = []
-    ctx = DagContext(run.profile, p, run.label, model=run.pretrain.model, preprocessing=run.pretrain.preprocessing,
+    contract = run.pretrain.preprocessing if OBJECTIVES.get(run.pretrain.objective).uses_contract else None
+    ctx = DagContext(run.profile, p, run.label, model=run.pretrain.model, preprocessing=contract,
                      downstream=run.downstream)
     only = PathParams(source_root=p.source_root, catalog=p.catalog, runs=p.runs, datasets=p.datasets)
     ctx.outputs["ingest"] = _run_stage(records, "ingest", lambda: ingest_flow(only, ingest_workers,

@@ -20,6 +20,7 @@ from model.preprocess import CONTRACTS
 from model.registry import list_models, resolve_name
 from stages.downstream.tasks import TASKS, ordered_tasks
 from stages.labelling.sam2_models import available_configs
+from stages.pretraining import OBJECTIVES
 
 
 class Profile(StrEnum):
@@ -60,6 +61,8 @@ if {p.value for p in Preprocessing} != set(CONTRACTS):  # pragma: no cover - gua
 
 #: Model names of the registry (model.registry.list_models): the choices of every `model` field.
 ModelName = StrEnum("ModelName", {name: name for name in list_models()})  # type: ignore[misc]
+#: Pretraining objectives (stages.pretraining.OBJECTIVES): the choices of `objective`.
+ObjectiveName = StrEnum("ObjectiveName", {name: name for name in OBJECTIVES.names()})  # type: ignore[misc]
 #: SAM2 config names that sam2 ships: the choices of `sam2_config`.
 Sam2Config = StrEnum("Sam2Config", {name.replace("/", "_").replace(".", "_"): name  # type: ignore[misc]
                                     for name in available_configs()})
@@ -185,6 +188,10 @@ class PretrainParams(BaseModel):
 
     model: ModelName | None = Field(default=None, description="Registry model to train. Empty: the profile's "  # type: ignore[valid-type]
                                     "(demo `tiny`, production the -B HyperVision layout).")
+    objective: ObjectiveName | None = Field(default=None, description="Pretraining objective: `hypervision` "  # type: ignore[valid-type]
+                                            "(prompted segmentation on the fused masks + distillation) or "
+                                            "HyperSIGMA's `mae_spatial` / `mae_spectral` (hypersigma_* models). "
+                                            "Empty: the profile's, else hypervision.")
     steps: int | None = Field(default=None, ge=1, description="Optimizer steps. Empty: the profile's.")
     batch_size: int | None = Field(default=None, ge=1, description="Crops per device and step. Empty: the "
                                    "profile's.")

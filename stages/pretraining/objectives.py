@@ -27,6 +27,9 @@ class Objective:
     train: TrainFn
     needs_masks: bool
     """Whether it trains on the fused pseudo-masks (else on every pretraining image's pixels)."""
+    uses_contract: bool
+    """Whether its crops are prepared under `PretrainConfig.preprocessing` (a model.preprocess contract the
+    downstream stages keep); else the objective scales its inputs itself and records how."""
     description: str
 
 

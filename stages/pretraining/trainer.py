@@ -263,9 +263,9 @@ def _train(config: PretrainConfig, rt: Runtime, resume: bool, until_step: int | 
 
 
 
-register_objective(Objective(name="hypervision", train=_train, needs_masks=True,
+register_objective(Objective(name="hypervision", train=_train, needs_masks=True, uses_contract=True,
                              description="prompted segmentation on the fused masks + RGB distillation"))
 for _kind in ("spatial", "spectral"):
     register_objective(Objective(
-        name=f"mae_{_kind}", train=partial(train_mae, _kind), needs_masks=False,
+        name=f"mae_{_kind}", train=partial(train_mae, _kind), needs_masks=False, uses_contract=False,
         description=f"HyperSIGMA's {_kind} masked autoencoder (hypersigma_* models; no masks or teacher needed)"))

@@ -61,3 +61,33 @@ def test_compare_flow_form_is_typed_and_deployed() -> None:
     assert DownstreamParams().backbones == []  # default: today's DAG
     demo = resolve("demo").downstream
     assert [b.model.value for b in demo.backbones] == ["hypersigma_tiny"]
+
+
+def test_hvp_pretrain_mae_plain_then_its_checkpoint_as_a_compared_backbone(labelled_catalog: tuple,
+                                                                            tmp_path: Path) -> None:
+    from catalog.catalog import Catalog
+    from catalog.fixtures import write_dataset
+    from stages.ingest import IngestConfig, run_ingest
+
+    write_dataset("cave", tmp_path / "src")
+    cat = Catalog(str(tmp_path / "cat")).init()
+    assert not run_ingest(cat, IngestConfig(source_root=str(tmp_path / "src"))).problems
+    run = tmp_path / "mae"
+    res = runner.invoke(app, ["pretrain", "--plain", "--profile", "test", "--catalog", cat.uri, "--model",
+                              "hypersigma_tiny", "--objective", "mae_spectral", "--steps", "2", "--batch-size", "2",
+                              "--out", str(run)])
+    assert res.exit_code == 0, res.output
+    recorded = json.loads((run / "config.json").read_text())
+    assert recorded["objective"] == "mae_spectral" and recorded["input"]["bands"].startswith("18 contiguous")
+
+    labelled, _ = labelled_catalog
+    out = tmp_path / "cmp"
+    res = runner.invoke(app, ["compare", "--models", "hypersigma_tiny", "random-init", "--tasks", "saliency",
+                              "--checkpoint", f"hypersigma_tiny={run}", "--catalog", labelled.uri, "--out", str(out),
+                              "--steps", "1", "--timing-images", "1", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    ours = {r["backbone"]: r for r in json.loads((out / "report.json").read_text())["rows"] if r["source"] ==
+            "this run"}
+    assert set(ours) == {"hypersigma_tiny", "random-init (hypersigma_tiny)"}
+    assert ours["random-init (hypersigma_tiny)"]["random_init"]
+    assert "spat_encoder" in ours["hypersigma_tiny"]["weights"]  # the spectral MAE left the spatial branch random
