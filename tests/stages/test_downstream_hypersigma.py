@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 def test_hypersigma_features_and_a_head(labelled_catalog: tuple, tmp_path: Path) -> None:
     cat, _ = labelled_catalog
-    backbone = BackboneConfig(model="hypersigma_tiny", seed=11)
+    backbone = BackboneConfig(model="hypersigma_tiny", seed=711)
     feats = run_features(cat, FeaturesConfig(backbone=backbone, datasets=["hssod"], device="cpu"))
     assert feats.computed == feats.rows[0]["images"] > 0 and "random-init" in feats.weights
     loaded = load_backbone(backbone.to_spec(), "cpu")
