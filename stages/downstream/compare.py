@@ -164,33 +164,35 @@ def _paper_rows(task: str, dataset: str) -> list[dict[str, Any]]:
 
 
 def _fmt(value: Any) -> str:
+    """A table cell: counts with thousands separators, scores to 4 significant digits, absent as a dash."""
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return "—"
-    if isinstance(value, float):
-        return f"{value:.4g}" if abs(value) < 1 else f"{value:,.2f}"
+    if isinstance(value, bool):
+        return str(value)
     if isinstance(value, int | np.integer):
         return f"{int(value):,}"
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1 else f"{value:,.2f}"
     return str(value)
 
 
 def compare_markdown(rows: list[dict[str, Any]]) -> str:
     """One table per task: a row per backbone, then the baseline's and the paper's rows."""
-    frame = pd.DataFrame(rows)
     md = ["# Backbones compared", "",
           "The same heads on the same data for every backbone (head-only adaptation on frozen features). Rows "
           "marked paper are published figures, not measured here."]
-    if frame["random_init"].any():
-        random = sorted(set(frame.loc[frame["random_init"], "backbone"]))
+    random = sorted({r["backbone"] for r in rows if r["random_init"]})
+    if random:
         md += ["", f"**random-init backbones ({', '.join(random)}): their figures measure the pipeline, not a "
                    "trained backbone.**"]
-    for (task, dataset), part in frame.groupby(["task", "dataset"], sort=False):
-        section = TASKS.get(str(task)).report
-        columns = [c.label for c in section.columns if c.label in part.columns]
+    for task, dataset in dict.fromkeys((r["task"], r["dataset"]) for r in rows):
+        part = [r for r in rows if (r["task"], r["dataset"]) == (task, dataset)]
+        section = TASKS.get(task).report
+        columns = [c.label for c in section.columns if any(c.label in r for r in part)]
         header = ["backbone", "source", "weights", *columns, f"{section.primary} (primary)", "trainable parameters",
                   "backbone parameters", "feature ms / image"]
-        md += ["", f"## {task} on {dataset}", "", "| " + " | ".join(header) + " |",
-               "|" + "---|" * len(header)]
-        for r in part.to_dict("records"):
+        md += ["", f"## {task} on {dataset}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for r in part:
             cells = [r["backbone"], r["source"], r["weights"], *(r.get(c) for c in columns), r["value"],
                      r["trainable_parameters"], r["backbone_parameters"], r["feature_ms_per_image"]]
             md.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
