@@ -91,8 +91,10 @@ def compare_backbones(catalog: str, entries: list[CompareEntry], downstream: Dow
     create_markdown_artifact(key="compare-report-markdown", markdown=Path(out["markdown"]).read_text(),
                              description="Backbones compared, one table per task")
     for r in ours:
+        ms = r["feature_ms_per_image"]
         print(f"compare: {r['backbone']} on {r['task']}: {r['metric']} {r['value']:.4f} ({r['weights']}); "
-              f"{r['trainable_parameters']:,} head parameters; {r['feature_ms_per_image']:.1f} ms/image features")
+              f"{r['trainable_parameters']:,} head parameters; features "
+              + ("not timed (no labelled test image)" if ms is None else f"{ms:.1f} ms/image"))
     result = {**out, "left_out": missing}
     if ours and all(r["reused"] for r in ours):
         return skipped("compare", f"all {len(ours)} heads' inputs unchanged (features, labels, parameters): their "

@@ -7,8 +7,8 @@ parameters and its feature time per image), the trivial baseline's row and the p
 (from the task cards). Features are cached per backbone (feature set ids), so adding a backbone costs only its own
 encoding; rerunning reuses every head whose inputs did not change.
 
-Feature time per image: each backbone encodes `timing_images` labelled images of the compared cached-feature
-datasets one at a time (after one warm-up pass), timed on the run's device, whatever the cache holds.
+Feature time per image: each backbone encodes `timing_images` labelled test images of the compared datasets (whole
+frames for tracking) one at a time, after one warm-up pass, timed on the run's device, whatever the cache holds.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from catalog.catalog import Catalog
 from stages.downstream.features import Backbone, cube_info, encode, load_backbone, read_cube
 from stages.downstream.outcomes import model_label, write_json
-from stages.downstream.runners import BackboneConfig, Device, HeadsConfig, TaskChoice, feature_images, run_heads
+from stages.downstream.runners import BackboneConfig, Device, HeadsConfig, TaskChoice, run_heads
 from stages.downstream.tasks import TASKS, ordered_tasks
 from stages.registry import register_stage
 
@@ -98,6 +98,16 @@ class CompareResult:
 
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-")
+
+
+def timing_images(catalog: Catalog, datasets: list[str], splits: list[str]) -> list[str]:
+    """Labelled images of the compared datasets' test splits (whole frames for tracking), in id order: what each
+    backbone encodes to time its features."""
+    index = catalog.images()
+    if index.empty:
+        return []
+    rows = index[index["dataset"].isin(datasets) & index["split"].isin(splits) & index["label_kind"].notna()]
+    return sorted(rows["image_id"])
 
 
 def feature_ms_per_image(catalog: Catalog, backbone: Backbone, image_ids: list[str], n: int) -> float | None:
@@ -206,9 +216,8 @@ def run_compare(catalog: Catalog, config: CompareConfig) -> CompareResult:
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     choices = config.task_choices()
-    cached_datasets = [c.dataset or TASKS.get(c.task).default_dataset for c in choices
-                       if TASKS.get(c.task).cached_features]
-    timing_ids, _ = feature_images(catalog, cached_datasets, [c.test_split for c in choices])
+    timing_ids = timing_images(catalog, [c.dataset or TASKS.get(c.task).default_dataset for c in choices],
+                               [c.test_split for c in choices])
     rows: list[dict[str, Any]] = []
     sets: dict[str, str] = {}
     heads_reports: dict[str, Path] = {}

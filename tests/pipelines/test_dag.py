@@ -226,6 +226,7 @@ def test_hypervision_dag_runs_every_stage_then_skips_them(prefect_server: None, 
     ours = {r["backbone"]: r for r in compared["rows"] if r["source"] == "this run"}
     assert set(ours) == {"tiny (this run)", "hypersigma_tiny (random-init)"}
     assert ours["hypersigma_tiny (random-init)"]["task"] == "tracking" and ours["tiny (this run)"]["random_init"]
+    assert all(r["feature_ms_per_image"] > 0 for r in ours.values())  # timed on whole tracking frames
     assert "random-init" in Path(compared["markdown"]).read_text()
 
     again = hypervision_flow(Profile.demo, paths, label, downstream=downstream)
