@@ -63,7 +63,8 @@ def resolve_backbone(profile: Profile, backbone: BackboneParams, runs: str) -> t
         checkpoint = absolute_path(checkpoint)
         origin = "as given"
     spec = BackboneSpec(model=model, checkpoint=checkpoint, seed=backbone.seed, overrides=backbone.overrides,
-                        preprocessing=backbone.preprocessing.value, strict=backbone.strict)
+                        preprocessing=backbone.preprocessing.value if backbone.preprocessing else None,
+                        strict=backbone.strict)
     return spec, origin
 
 

@@ -7,7 +7,8 @@ Each stage is keyed on catalog content (source sha256, labeler ids, fusion id, c
 Stages after pretraining are the DOWNSTREAM list of ``DownstreamStage(name, run)``, where ``run(ctx)`` calls the
 stage's own flow as a subflow and returns its summary; ``ctx`` (a DagContext) carries the resolved paths, labeler
 ids, the pretraining result (checkpoint, run folder) and every earlier stage's output. Today: frozen features of
-the labelled datasets from the run's pretrained checkpoint, then one head per task and the report (heads).
+the labelled datasets from the run's pretrained checkpoint, then one head per task and the report (heads), then,
+when `downstream.backbones` lists backbones, the same heads for those beside the run's backbone (compare).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from prefect.states import State
 
 from model.registry import FAMILY_HYPERFREE, model_entry
 from pipelines.catalogs import open_catalog
-from pipelines.downstream import features_flow, heads_flow
+from pipelines.compare import compare_backbones, compare_entry, own_entry
+from pipelines.downstream import features_flow, heads_flow, resolve_backbone
 from pipelines.ingest import ingest_flow
 from pipelines.label import fuse_flow, label_branch_flow
 from pipelines.params import (
@@ -45,8 +47,10 @@ from pipelines.pretrain import pretrain_flow
 from pipelines.profiles import ResolvedLabel, RunConfig, ensure_sources, resolve
 from pipelines.wiring import in_process_subflows, markdown_table, publish_markdown, publish_table, skipped
 from pipelines.zeroshot import DEFAULT_ZEROSHOT, zeroshot_flow
+from stages.downstream.features import cached_backbone
 from stages.downstream.heads import held_benchmarks
 from stages.downstream.tasks import TASKS
+from stages.pretraining import OBJECTIVES
 from stages.registry import record_config
 
 
@@ -59,8 +63,9 @@ class DagContext:
     label: ResolvedLabel
     model: str = "tiny"
     """The pretrained registry layout (the frozen backbone of the downstream stages)."""
-    preprocessing: str = "released"
-    """The preprocessing contract pretraining used, which the downstream stages keep."""
+    preprocessing: str | None = "released"
+    """The preprocessing contract pretraining used, which the downstream stages keep (None: the objective scales
+    its own inputs, e.g. HyperSIGMA's MAE; the backbone takes its family's contract)."""
     downstream: DownstreamParams = DEFAULT_DOWNSTREAM
     pretrain: dict[str, Any] = field(default_factory=dict)
     """The pretraining result: out_dir, checkpoint, final metrics, student/teacher weights."""
@@ -76,6 +81,8 @@ class DownstreamStage:
 
     name: str
     run: Callable[[DagContext], Any]
+    enabled: Callable[[DownstreamParams], bool] = lambda _params: True
+    """Whether the run's downstream parameters ask for this stage."""
 
 
 def _backbone(ctx: DagContext) -> BackboneParams:
@@ -113,9 +120,23 @@ def _zeroshot(ctx: DagContext) -> Any:
     return zeroshot_flow(ctx.profile, paths, _backbone(ctx), ctx.zeroshot, return_state=True)
 
 
+def _compare(ctx: DagContext) -> Any:
+    """The run's backbone beside `downstream.backbones`: the same heads on the same data, one report in
+    `<runs>/compare-<model>-<feature set id>`."""
+    spec, _ = resolve_backbone(ctx.profile, _backbone(ctx), ctx.paths.runs)
+    own = own_entry(spec, f"{spec.model} (this run)")
+    entries = [own, *(compare_entry(b) for b in ctx.downstream.backbones)]
+    set_id = cached_backbone(spec, ctx.downstream.device.value).set_id
+    folder = Path(ctx.paths.runs) / f"compare-{spec.model}-{set_id}"
+    return compare_backbones(ctx.paths.catalog, entries, ctx.downstream, folder)
+
+
 #: Stages run after pretraining, in order.
-DOWNSTREAM: list[DownstreamStage] = [DownstreamStage("features", _features), DownstreamStage("heads", _heads),
-                                     DownstreamStage("zeroshot", _zeroshot)]
+DOWNSTREAM: list[DownstreamStage] = [
+    DownstreamStage("features", _features), DownstreamStage("heads", _heads),
+    DownstreamStage("compare", _compare, enabled=lambda params: bool(params.backbones)),
+    DownstreamStage("zeroshot", _zeroshot),
+]
 
 
 @dataclass
@@ -168,7 +189,8 @@ def hypervision_flow(profile: Profile = Profile.demo, paths: PathParams = DEFAUL
     ensure_sources(run)
     record_config(open_catalog(p.catalog).init(), "hypervision", run)
     records: list[StageRecord] = []
-    ctx = DagContext(run.profile, p, run.label, model=run.pretrain.model, preprocessing=run.pretrain.preprocessing,
+    contract = run.pretrain.preprocessing if OBJECTIVES.get(run.pretrain.objective).uses_contract else None
+    ctx = DagContext(run.profile, p, run.label, model=run.pretrain.model, preprocessing=contract,
                      downstream=run.downstream, zeroshot=zeroshot)
     only = PathParams(source_root=p.source_root, catalog=p.catalog, runs=p.runs, datasets=p.datasets)
     ctx.outputs["ingest"] = _run_stage(records, "ingest", lambda: ingest_flow(only, ingest_workers,
@@ -181,7 +203,7 @@ def hypervision_flow(profile: Profile = Profile.demo, paths: PathParams = DEFAUL
     ctx.outputs["fuse"] = _run_stage(records, "fuse", lambda: fuse_flow(profile, only, label, return_state=True))
     ctx.pretrain = _run_stage(records, "pretrain", lambda: pretrain_flow(profile, only, pretrain, return_state=True))
     ctx.outputs["pretrain"] = ctx.pretrain
-    for stage in DOWNSTREAM if run.downstream.tasks else []:
+    for stage in [s for s in DOWNSTREAM if s.enabled(run.downstream)] if run.downstream.tasks else []:
         def run_downstream(s: DownstreamStage = stage) -> Any:
             return s.run(ctx)
 

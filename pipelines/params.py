@@ -20,6 +20,7 @@ from model.preprocess import CONTRACTS
 from model.registry import list_models, resolve_name
 from stages.downstream.tasks import TASKS, ordered_tasks
 from stages.labelling.sam2_models import available_configs
+from stages.pretraining import OBJECTIVES
 from stages.zeroshot.run import TASKS as ZERO_SHOT_TASKS
 
 
@@ -61,6 +62,8 @@ if {p.value for p in Preprocessing} != set(CONTRACTS):  # pragma: no cover - gua
 
 #: Model names of the registry (model.registry.list_models): the choices of every `model` field.
 ModelName = StrEnum("ModelName", {name: name for name in list_models()})  # type: ignore[misc]
+#: Pretraining objectives (stages.pretraining.OBJECTIVES): the choices of `objective`.
+ObjectiveName = StrEnum("ObjectiveName", {name: name for name in OBJECTIVES.names()})  # type: ignore[misc]
 #: SAM2 config names that sam2 ships: the choices of `sam2_config`.
 Sam2Config = StrEnum("Sam2Config", {name.replace("/", "_").replace(".", "_"): name  # type: ignore[misc]
                                     for name in available_configs()})
@@ -186,6 +189,10 @@ class PretrainParams(BaseModel):
 
     model: ModelName | None = Field(default=None, description="Registry model to train. Empty: the profile's "  # type: ignore[valid-type]
                                     "(demo `tiny`, production the -B HyperVision layout).")
+    objective: ObjectiveName | None = Field(default=None, description="Pretraining objective: `hypervision` "  # type: ignore[valid-type]
+                                            "(prompted segmentation on the fused masks + distillation) or "
+                                            "HyperSIGMA's `mae_spatial` / `mae_spectral` (hypersigma_* models). "
+                                            "Empty: the profile's, else hypervision.")
     steps: int | None = Field(default=None, ge=1, description="Optimizer steps. Empty: the profile's.")
     batch_size: int | None = Field(default=None, ge=1, description="Crops per device and step. Empty: the "
                                    "profile's.")
@@ -235,6 +242,18 @@ def cached_feature_datasets(tasks: dict[str, str]) -> list[str]:
     return [d for t, d in tasks.items() if TASKS.get(t).cached_features]
 
 
+class CompareBackboneParams(BaseModel):
+    """A backbone compared beside the run's own: a registry layout and its weights (a checkpoint, or random-init)."""
+
+    model_config = _FORM
+
+    model: ModelName = Field(description="Registry layout, e.g. `hyperfree_b` or `hypersigma_b`.")  # type: ignore[valid-type]
+    checkpoint: str | None = Field(default=None, description="Weights file, pretraining checkpoint or run folder. "
+                                   "Empty or `random-init`: random weights (stated as random-init in the report).")
+    label: str | None = Field(default=None, description="Row name in the report. Empty: the model name.")
+    seed: int = Field(default=0, description="Seed of random-init weights.")
+
+
 class DownstreamParams(BaseModel):
     """Head-only adaptation after pretraining: the frozen backbone is the run's pretrained checkpoint, its
     features are cached in the catalog, one head per task trains on them and the report compares each with a
@@ -251,6 +270,10 @@ class DownstreamParams(BaseModel):
     steps: int | None = Field(default=None, ge=1, description="Training steps per head. Empty: by model size "
                               "(100 for tiny).")
     device: Device = Field(default=Device.auto, description="auto (CUDA when available), cpu or cuda.")
+    backbones: list[CompareBackboneParams] = Field(default_factory=list, description="Backbones the heads stage "
+                                                   "compares beside the run's own (the same heads and data, one "
+                                                   "report with a row per backbone per task). Empty: the run's "
+                                                   "backbone only.")
 
     def task_datasets(self) -> dict[str, str]:
         """The chosen tasks, each with its labelled dataset."""
@@ -273,8 +296,10 @@ class BackboneParams(BaseModel):
     overrides: dict[str, Any] | None = Field(default=None, description="create_model overrides, e.g. "
                                              '`{"img_size": 256}`. Empty: the model\'s downstream defaults (128 px '
                                              "for tiny).")
-    preprocessing: Preprocessing = Field(default=Preprocessing.released, description="Preprocessing contract of the "
-                                         "inputs (model.preprocess); keep the one pretraining used.")
+    preprocessing: Preprocessing | None = Field(default=None, description="Preprocessing contract of the inputs "
+                                                "(model.preprocess); keep the one pretraining used. Empty: the model "
+                                                "family's (`released` for HyperFree layouts, `hypersigma` for "
+                                                "HyperSIGMA ones).")
     strict: bool = Field(default=True, description="Load the checkpoint strictly (keys and shapes must match the "
                          "layout).")
 

@@ -1,5 +1,6 @@
 """The `hvp` command line, one module per command group: data (fixtures, datasets, ingest), catalog, label
-(label, fuse, show), pretrain (pretrain, models), downstream (features, heads) and run (demo, ui, watch). This
+(label, fuse, show), pretrain (pretrain, models), downstream (features, heads), compare (compare) and run (demo,
+ui, watch). This
 module is the table of commands; the console script is ``hvp = pipelines.cli:main``."""
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ import os
 
 import typer
 
-from pipelines.cli import catalog, data, downstream, label, pretrain, run, zeroshot
+from pipelines.cli import catalog, compare, data, downstream, label, pretrain, run, zeroshot
 from pipelines.cli.common import console
 
 app = typer.Typer(help="HyperVision pretraining pipeline.", no_args_is_help=True, add_completion=False)
@@ -47,6 +48,7 @@ heads_app.command("train")(downstream.heads_train)
 heads_app.command("eval")(downstream.heads_eval)
 heads_app.command("run-all")(downstream.heads_run_all)
 app.command("zeroshot")(zeroshot.zeroshot)
+app.command("compare")(compare.compare)
 
 
 def main() -> None:

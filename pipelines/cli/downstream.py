@@ -12,14 +12,16 @@ from pipelines.cli.common import CatalogOpt, console, key_values, print_heads, p
 CheckpointOpt = Annotated[str, typer.Option(help="backbone weights: a .safetensors/.pth file, a pretraining checkpoint "
                                             "or run folder (its latest checkpoint), or random-init")]
 ModelOpt = Annotated[str, typer.Option(help="registry layout: tiny | hypervision_b | hypervision_l | hypervision_h | "
-                                       "hyperfree_b")]
+                                       "hyperfree_b | hypersigma_tiny | hypersigma_b | hypersigma_l | hypersigma_h")]
 OverrideOpt = Annotated[list[str] | None, typer.Option(
     "--override", help="model override KEY=VALUE (JSON value), e.g. img_size=256; repeat for several "
                        "(default: the model's downstream defaults, img_size=128 for tiny)")]
-PreprocessingOpt = Annotated[str, typer.Option(help="preprocessing contract: released | crop_max")]
+PreprocessingOpt = Annotated[str | None, typer.Option(
+    help="preprocessing contract: released | crop_max (HyperFree layouts), hypersigma (HyperSIGMA layouts); default: "
+         "the model family's")]
 
 
-def backbone_config(checkpoint: str, model: str, overrides: list[str] | None, preprocessing: str, seed: int,
+def backbone_config(checkpoint: str, model: str, overrides: list[str] | None, preprocessing: str | None, seed: int,
                     non_strict: bool) -> Any:
     """The frozen backbone the options name (a stages.downstream.runners.BackboneConfig)."""
     from stages.downstream.runners import BackboneConfig
@@ -34,7 +36,7 @@ def features(catalog: CatalogOpt = None, checkpoint: CheckpointOpt = "random-ini
                  "--dataset", help="labelled dataset slug; repeat for several (default: the paper's segmentation "
                                    "and saliency benchmarks)")] = None,
              split: Annotated[list[str] | None, typer.Option("--split", help="only these splits")] = None,
-             preprocessing: PreprocessingOpt = "released", override: OverrideOpt = None,
+             preprocessing: PreprocessingOpt = None, override: OverrideOpt = None,
              seed: Annotated[int, typer.Option(help="seed of random-init weights")] = 0,
              batch_size: Annotated[int, typer.Option(help="images per forward pass")] = 8,
              non_strict: Annotated[bool, typer.Option("--non-strict", help="load a checkpoint whose keys or shapes "
@@ -56,7 +58,7 @@ def features(catalog: CatalogOpt = None, checkpoint: CheckpointOpt = "random-ini
     for name, why in skipped.items():
         console.print(f"[yellow]{name}: skipped[/yellow]: {why}")
     console.print(f"backbone {backbone.descriptor['model']} {backbone.descriptor['overrides'] or ''} weights "
-                  f"{backbone.provenance}, preprocessing {preprocessing}: feature set {backbone.set_id}")
+                  f"{backbone.provenance}, preprocessing {backbone.spec.contract}: feature set {backbone.set_id}")
     with progress() as bar:
         task = bar.add_task("features", total=len(ids))
         run = run_features(cat, config, backbone=backbone, on_progress=lambda n: bar.advance(task, n))
@@ -72,7 +74,7 @@ def heads_train(task: TaskArg, out: Annotated[Path, typer.Option(help="the head'
                 dataset: Annotated[str | None, typer.Option(help="labelled dataset slug (default: the paper's "
                                                             "benchmark of the task)")] = None,
                 catalog: CatalogOpt = None, checkpoint: CheckpointOpt = "random-init", model: ModelOpt = "tiny",
-                preprocessing: PreprocessingOpt = "released", override: OverrideOpt = None,
+                preprocessing: PreprocessingOpt = None, override: OverrideOpt = None,
                 steps: Annotated[int | None, typer.Option(help="training steps (default: by model size)")] = None,
                 train_split: str = "train", test_split: str = "test",
                 variant: Annotated[str | None, typer.Option(help="label variant, e.g. hs3bench")] = None,
@@ -124,7 +126,7 @@ def heads_eval(run: Annotated[Path, typer.Option(help="a head's run folder (`hvp
 def heads_run_all(out: Annotated[Path, typer.Option(help="report folder, with one run folder per task")] = Path(
                       "hvp-data/runs/downstream"),
                   catalog: CatalogOpt = None, checkpoint: CheckpointOpt = "random-init", model: ModelOpt = "tiny",
-                  preprocessing: PreprocessingOpt = "released", override: OverrideOpt = None,
+                  preprocessing: PreprocessingOpt = None, override: OverrideOpt = None,
                   benchmark: Annotated[list[str] | None, typer.Option(
                       "--benchmark", help="TASK=DATASET: the labelled dataset of a task (default: the task's "
                                           "benchmark in the task registry); repeat for several")] = None,

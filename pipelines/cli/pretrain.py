@@ -12,7 +12,11 @@ from pipelines.cli.common import CatalogOpt, PlainOpt, ProfileOpt, console, prin
 
 def pretrain(catalog: CatalogOpt = None,
              model: Annotated[str, typer.Option(help="registry model name (`hvp models list`): tiny, or a released "
-                                                    "layout by name (hypervision_b/l/h, hyperfree_b)")] = "tiny",
+                                                    "layout by name (hypervision_b/l/h, hyperfree_b; "
+                                                    "hypersigma_tiny/b/l/h with an mae_* objective)")] = "tiny",
+             objective: Annotated[str, typer.Option(
+                 help="hypervision (fused masks + distillation) | mae_spatial | mae_spectral (HyperSIGMA's masked "
+                      "autoencoders: 64 x 64 crops of 100 contiguous bands, mask ratio 0.75)")] = "hypervision",
              steps: Annotated[int, typer.Option(help="optimizer steps")] = 1000,
              out: Annotated[Path, typer.Option(help="run folder (config, metrics, checkpoints)")] = Path(
                  "hvp-data/runs/pretrain"),
@@ -30,18 +34,20 @@ def pretrain(catalog: CatalogOpt = None,
                  help="preprocessing contract: released (as the released checkpoints) | crop_max")] = "released",
              resume: Annotated[bool, typer.Option(help="continue the run in OUT")] = False,
              profile: ProfileOpt = "production", plain: PlainOpt = False) -> None:
-    """Pretrain the HyperVision backbone on the fused pseudo-targets (Prefect flow unless --plain; torchrun when
-    nproc > 1); the profile fills what the options leave empty."""
+    """Pretrain the HyperVision backbone on the fused pseudo-targets, or a HyperSIGMA encoder with its masked
+    autoencoder (--objective mae_spatial | mae_spectral) (Prefect flow unless --plain; torchrun when nproc > 1); the
+    profile fills what the options leave empty."""
     import dataclasses
 
     from model.registry import resolve_name
-    from pipelines.params import ModelName, PathParams, Preprocessing, PretrainParams, Profile
+    from pipelines.params import ModelName, ObjectiveName, PathParams, Preprocessing, PretrainParams, Profile
 
     try:
         name = ModelName(resolve_name(model))
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--model") from None
-    params = PretrainParams(model=name, steps=steps, out=str(out.resolve()), batch_size=batch_size, nproc=nproc,
+    params = PretrainParams(model=name, objective=ObjectiveName(objective), steps=steps, out=str(out.resolve()),
+                            batch_size=batch_size, nproc=nproc,
                             teacher_checkpoint=teacher_checkpoint, student_checkpoint=init,
                             init_strict=not non_strict, preprocessing=Preprocessing(preprocessing))
     paths = PathParams(catalog=catalog)

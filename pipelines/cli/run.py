@@ -18,9 +18,9 @@ def demo(workdir: Annotated[Path, typer.Option(help="where sources, the catalog 
                           ] = False) -> None:
     """The main job end to end on fixture data with tiny random-init models: make fixtures, then run the
     `hypervision` flow (ingest, label with the three branches, fuse, pretrain a few steps, cache the pretrained
-    backbone's features, train and score the three task heads) with the demo profile on
-    a temporary local server, exactly as the UI's `hypervision` deployment does; stages with unchanged inputs
-    skip."""
+    backbone's features, train and score the three task heads, and the same heads on a tiny random-init HyperSIGMA
+    backbone beside it) with the demo profile on a temporary local server, exactly as the UI's `hypervision`
+    deployment does; stages with unchanged inputs skip."""
     from catalog.fixtures import make_fixtures
     from pipelines.catalogs import open_catalog
     from pipelines.hypervision import hypervision_flow
@@ -35,7 +35,7 @@ def demo(workdir: Annotated[Path, typer.Option(help="where sources, the catalog 
     if plain:
         console.print(table("ingest (plain)", run_ingest(sources, catalog, plain=True)))
     console.print("[bold]hypervision[/bold] flow, profile demo (tiny random-init models, loose thresholds): "
-                  "ingest -> label spatial, spectral, material -> fuse -> pretrain -> features -> heads")
+                  "ingest -> label spatial, spectral, material -> fuse -> pretrain -> features -> heads -> compare")
     out = hypervision_flow(Profile.demo, PathParams(source_root=str(sources), catalog=catalog,
                                                     runs=str(workdir / "runs")))
     console.print(table("stages", out["stages"]))
@@ -62,6 +62,14 @@ def demo(workdir: Annotated[Path, typer.Option(help="where sources, the catalog 
         print_heads(heads["table"], "heads on the frozen pretrained backbone vs trivial baselines (random-init "
                                     "student and teacher pretrained a few steps: the figures show the plumbing)")
         console.print(f"report: {heads['report']}  ({heads['markdown']})")
+    compared = out["outputs"].get("compare")
+    if compared:
+        rows = [{"task": r["task"], "backbone": r["backbone"], "source": r["source"], "metric": r["metric"],
+                 "value": "—" if r["value"] is None else f"{r['value']:.3f}",
+                 "weights": r["weights"] or "—"} for r in compared["rows"]]
+        console.print(table("backbones compared (same heads, same data; random-init weights stated per row; paper "
+                            "rows are published figures)", rows))
+        console.print(f"compare report: {compared['markdown']}")
 
 
 def ui(workdir: Annotated[Path, typer.Option(help="sources, catalog, runs, the server's database and logs")] = Path(

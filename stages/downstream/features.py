@@ -28,15 +28,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from catalog.catalog import Catalog
 from catalog.features import DTYPES, FeatureStore, feature_set_id
 from catalog.storage import member
 from infra.errors import InputError
-from model import HyperFree, create_model, describe, get_config, load_checkpoint
-from model.heads import FeatureLayout, feature_layout
-from model.preprocess import DEFAULT_CONTRACT, check_contract, prepare
-from model.registry import resolve_name
+from model import create_model, get_config
+from model.heads import FeatureLayout, layout_from_info
+from model.registry import model_entry, resolve_name
+from stages.downstream.adapters import ADAPTERS, BackboneAdapter
 from stages.downstream.backbone import freeze
 from stages.downstream.samples import Features
 from stages.pretraining.data import DEFAULT_GSD_M
@@ -53,7 +54,8 @@ DEFAULT_OVERRIDES: dict[str, dict[str, Any]] = {"tiny": {"img_size": 128}}
 cells, about 6 source pixels per cell on the 32 x 48 fixture scenes: thin classes (road marks, poles, people)
 vanish. Measured on the HSI Drive fixture with a random-init tiny backbone (100 head steps): mIoU 0.27 at 64 px,
 0.33 at 128 px, 0.44 at 256 px, against 0.21 for the per-pixel spectral classifier; 128 px keeps a head run at a
-few seconds on one CPU core. Released layouts keep their own size (512)."""
+few seconds on one CPU core. Released layouts keep their own size (512; HyperSIGMA's 64, its pretraining frame,
+and hypersigma_tiny's 32, the tiny MAE's crop, so its pretrained spectral `spat_map` loads as is)."""
 
 
 @dataclass(frozen=True)
@@ -67,18 +69,33 @@ class BackboneSpec:
     seed: int = 0
     overrides: Mapping[str, Any] | None = None
     """create_model overrides (e.g. img_size); None: DEFAULT_OVERRIDES of the model."""
-    preprocessing: str = DEFAULT_CONTRACT
+    preprocessing: str | None = None
+    """The family's preprocessing contract (None: the family's default, "released" for HyperFree layouts,
+    "hypersigma" for HyperSIGMA ones)."""
     strict: bool = True
     default_gsd_m: float = DEFAULT_GSD_M
     """GSD (m/pixel) for images whose GSD the catalog does not know (HyperVision's example value for ground scenes)."""
     dtype: str = "float16"
 
     def __post_init__(self) -> None:
-        check_contract(self.preprocessing)
+        adapter = self.adapter
+        object.__setattr__(self, "preprocessing", adapter.check_contract(self.preprocessing or
+                                                                        adapter.default_contract))
         if self.dtype not in DTYPES:
             raise ValueError(f"BackboneSpec.dtype={self.dtype!r}; choose one of {DTYPES}.")
         if self.checkpoint == RANDOM_INIT:
             object.__setattr__(self, "checkpoint", None)
+
+    @property
+    def adapter(self) -> BackboneAdapter:
+        """How the layout's family is built, loaded and encoded (stages.downstream.adapters)."""
+        return ADAPTERS.get(model_entry(self.model).family)
+
+    @property
+    def contract(self) -> str:
+        """The resolved preprocessing contract."""
+        assert self.preprocessing is not None  # resolved in __post_init__
+        return self.preprocessing
 
     @property
     def random_init(self) -> bool:
@@ -96,7 +113,7 @@ class BackboneSpec:
 class Backbone:
     """A loaded, frozen backbone with what a feature artifact records about it."""
 
-    model: HyperFree
+    model: nn.Module
     spec: BackboneSpec
     weights: str
     """The checkpoint's sha256, or "random-init"."""
@@ -104,11 +121,8 @@ class Backbone:
     set_id: str
     layout: FeatureLayout
     device: torch.device
-
-    @property
-    def img_size(self) -> int:
-        """Side of the square input frame."""
-        return int(self.model.config.encoder.img_size)
+    img_size: int
+    """Side of the square input frame."""
 
     @property
     def provenance(self) -> str:
@@ -116,6 +130,9 @@ class Backbone:
         checkpoint whose run started from random weights "<sha256> (random-init student pretrained N steps)"."""
         if self.spec.random_init:
             return f"{RANDOM_INIT} (seed {self.spec.seed})"
+        parts = (self.descriptor.get("load") or {}).get("random_parts")
+        if parts:
+            return f"{self.weights[:12]} ({RANDOM_INIT} {', '.join(parts)})"
         origin = self.descriptor.get("origin") or {}
         if RANDOM_INIT in (origin.get("student_weights"), origin.get("teacher_weights")):
             who = " and ".join(k.split("_")[0] for k in ("student_weights", "teacher_weights")
@@ -165,7 +182,9 @@ def cached_backbone(spec: BackboneSpec, device: str = "auto") -> Backbone:
 
 
 def load_backbone(spec: BackboneSpec, device: str = "auto") -> Backbone:
-    """Build the layout, load the weights (strict unless the spec says otherwise), freeze it and describe it."""
+    """Build the layout, load the weights with its family's loader (strict unless the spec says otherwise), freeze
+    it and describe it."""
+    adapter = spec.adapter
     name = resolve_name(spec.model)
     overrides = spec.resolved_overrides()
     config = get_config(name, **overrides)
@@ -182,24 +201,24 @@ def load_backbone(spec: BackboneSpec, device: str = "auto") -> Backbone:
     else:
         assert spec.checkpoint is not None
         path = resolve_checkpoint(spec.checkpoint)
-        report = load_checkpoint(model, path, strict=spec.strict)
-        weights, source = report.sha256, str(path)
-        load = {"strict": spec.strict, "dropped": sorted(report.dropped), "missing": sorted(report.missing),
-                "resized": sorted(report.resized)}
+        loaded = adapter.load_weights(model, path, spec.strict)
+        weights, source = loaded.sha256, str(path)
+        load = {**loaded.load, "random_parts": list(loaded.random_parts)} if loaded.random_parts else loaded.load
         origin = checkpoint_origin(path)
     dev = resolve_device(device, field="device")
     freeze(model).to(dev)
     descriptor = {
         "stage": "features", "version": STAGE_VERSION, "model": name, "overrides": overrides,
         "resolved_config": config.to_dict(), "weights": weights, "seed": spec.seed if spec.random_init else None,
-        "load": load, "preprocessing": describe(spec.preprocessing),
+        "load": load, "preprocessing": adapter.describe_contract(config, spec.contract),
         "gsd": {"rule": "the image's gsd_m attribute, else default_gsd_m", "default_gsd_m": spec.default_gsd_m},
-        "dtype": spec.dtype, "feature_info": config.encoder.feature_info,
+        "dtype": spec.dtype, "feature_info": model_entry(name).feature_info(config),
     }
     set_id = feature_set_id(descriptor)
     return Backbone(model=model, spec=spec, weights=weights, descriptor={**descriptor, "source": source,
                                                                          "origin": origin},
-                    set_id=set_id, layout=feature_layout(config.encoder), device=dev)
+                    set_id=set_id, layout=layout_from_info(descriptor["feature_info"]), device=dev,
+                    img_size=adapter.img_size(config))
 
 
 @dataclass(frozen=True)
@@ -234,18 +253,12 @@ def read_cube(catalog: Catalog, image_id: str) -> np.ndarray:
 @torch.no_grad()
 def encode(backbone: Backbone, cubes: Sequence[np.ndarray], wavelengths: np.ndarray, gsd_m: Sequence[float]
            ) -> tuple[list[list[torch.Tensor]], list[tuple[tuple[int, int], tuple[int, int], float]]]:
-    """Features of cubes (H, W, C) sharing one band set: each prepared under the contract, one batched forward pass
-    without autograd. Returns per cube its maps (C, h, w) on the CPU in float32, and (input_size, original_size,
-    effective GSD)."""
-    enc = backbone.model.image_encoder
-    prepared = [prepare(c, backbone.img_size, backbone.spec.preprocessing, device=backbone.device) for c in cubes]
-    gsd = [p.effective_gsd(g) for p, g in zip(prepared, gsd_m, strict=True)]
-    image = torch.cat([p.image for p in prepared]).to(enc.point_spectral_weight_bank_w.dtype)
+    """Features of cubes (H, W, C) sharing one band set: each prepared under the family's contract, one batched
+    forward pass without autograd (the family's adapter). Returns per cube its maps (C, h, w) on the CPU in float32,
+    and (input_size, original_size, effective GSD)."""
     with autocast(backbone.device):
-        maps = enc.forward_intermediates(image, wavelengths, torch.tensor(gsd, device=backbone.device))
-    per_image = [[m[i].float().cpu() for m in maps] for i in range(len(cubes))]
-    geometry = [(p.input_size, p.original_size, g) for p, g in zip(prepared, gsd, strict=True)]
-    return per_image, geometry
+        return backbone.spec.adapter.encode(backbone.model, cubes, wavelengths, gsd_m, backbone.spec.contract,
+                                            backbone.device)
 
 
 @dataclass(frozen=True)

@@ -95,7 +95,7 @@ def fit_head(head: nn.Module, data: TaskData, backbone: Backbone, run_dir: Path,
     task = TASKS.get(data.spec.task)
     samples = task.samples(data, backbone)
     return train_head(head, task.loss(data), samples, data.spec.train, run_dir, weights=backbone.provenance,
-                      preprocessing=backbone.spec.preprocessing, on_step=on_step)
+                      preprocessing=backbone.spec.contract, on_step=on_step)
 
 
 def evaluate_head(catalog: Catalog, head: nn.Module, backbone: Backbone, data: TaskData

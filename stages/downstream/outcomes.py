@@ -134,7 +134,7 @@ def runs_markdown(outcomes: Sequence[TaskOutcome], feature_set: str) -> str:
 def write_task_report(out_dir: Path, outcomes: Sequence[TaskOutcome], backbone: Backbone) -> ReportPaths:
     """The report of one or more head runs (write_report plus the runs appendix), provenance from the backbone."""
     return write_report(out_dir, [o.report for o in outcomes], weights=backbone.provenance,
-                        preprocessing=backbone.spec.preprocessing, model=model_label(backbone),
+                        preprocessing=backbone.spec.contract, model=model_label(backbone),
                         appendix=runs_markdown(outcomes, backbone.set_id))
 
 

@@ -14,7 +14,6 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from catalog.catalog import Catalog
-from model.preprocess import DEFAULT_CONTRACT
 from stages.downstream.features import RANDOM_INIT, Backbone, BackboneSpec, compute_features, load_backbone
 from stages.downstream.heads import train_task
 from stages.downstream.outcomes import TaskOutcome, summarise, write_json
@@ -42,7 +41,9 @@ class BackboneConfig(BaseModel):
     """Seed of random-init weights."""
     overrides: dict[str, Any] | None = None
     """create_model overrides; None: the layout's downstream defaults (img_size=128 for tiny)."""
-    preprocessing: str = DEFAULT_CONTRACT
+    preprocessing: str | None = None
+    """The preprocessing contract; None: the model family's ("released" for HyperFree layouts, "hypersigma" for
+    HyperSIGMA ones)."""
     strict: bool = True
     """Load the checkpoint strictly (every key and shape must match the layout)."""
     default_gsd_m: float = DEFAULT_GSD_M

@@ -7,8 +7,9 @@ The public entry points are re-exported here: the stage runner `run_pretrain` wi
 
 from stages.pretraining.config import RANDOM_INIT, PretrainConfig, PretrainResult
 from stages.pretraining.launch import launch
+from stages.pretraining.objectives import OBJECTIVES
 from stages.pretraining.run import PretrainStageConfig, run_pretrain
 from stages.pretraining.trainer import train
 
-__all__ = ["RANDOM_INIT", "PretrainConfig", "PretrainResult", "PretrainStageConfig", "launch", "run_pretrain",
-           "train"]
+__all__ = ["OBJECTIVES", "RANDOM_INIT", "PretrainConfig", "PretrainResult", "PretrainStageConfig", "launch",
+           "run_pretrain", "train"]

@@ -17,6 +17,43 @@ STAGE_VERSION = "1"
 # Fields that may differ between a run and its resumption without changing what it computes.
 RUNTIME_FIELDS = {"device", "num_workers", "catalog", "out_dir", "keep_checkpoints"}
 
+
+@dataclass(frozen=True)
+class MAESettings:
+    """HyperSIGMA's masked-autoencoder pretraining (objectives ``mae_spatial`` / ``mae_spectral``); the defaults are
+    the release's: 64 x 64 crops of 100 contiguous bands (random start per crop), 8 x 8 patches, 75 % of the tokens
+    masked, a 512-wide 8-deep decoder with 16 heads, MSE on raw pixel values (normalised per patch with
+    `norm_pix_loss`), raw values / 4000 (the release's maxNum), AdamW betas (0.9, 0.95)."""
+
+    bands: int = 100
+    """Contiguous bands per crop. Images with fewer bands are left out of the run (listed in its config.json with
+    the reason): resampling would invent spectra the sensor never measured. No image with enough bands: an error."""
+    crop_size: int = 64
+    patch_size: int = 8
+    mask_ratio: float = 0.75
+    decoder_embed_dim: int = 512
+    decoder_depth: int = 8
+    decoder_num_heads: int = 16
+    norm_pix_loss: bool = False
+    scale: float = 4000.0
+    """Crops are divided by this (the release's maxNum for Hyperion / GF-5 counts)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        if self.bands < 1 or self.crop_size < self.patch_size or self.scale <= 0:
+            raise ValueError(f"MAESettings needs bands >= 1, crop_size >= patch_size and scale > 0; got {self}.")
+
+    @classmethod
+    def tiny(cls) -> MAESettings:
+        """CPU-sized settings for hypersigma_tiny on the fixtures (15-band and wider cubes, tests and demos)."""
+        return cls(bands=18, crop_size=32, patch_size=4, decoder_embed_dim=32, decoder_depth=2, decoder_num_heads=2,
+                   scale=1.0)
+
+
+MAE_PRESETS: dict[str, MAESettings] = {"hypersigma_tiny": MAESettings.tiny()}
+"""MAE settings of layouts too small for the release's (the rest use MAESettings())."""
+
 @dataclass
 class PretrainConfig:
     """Everything that defines a pretraining run; saved, resolved, as config.json beside the run."""
@@ -26,6 +63,12 @@ class PretrainConfig:
     out_dir: str = "./hvp-data/runs/pretrain"
     model: str = "tiny"
     """A registry name (model.registry): "hypervision_b" / "_l" / "_h" are the released layouts."""
+    objective: str = "hypervision"
+    """A registered objective (stages.pretraining.objectives.OBJECTIVES): "hypervision" (prompted segmentation on
+    the fused masks + distillation), "mae_spatial" / "mae_spectral" (HyperSIGMA's masked autoencoders; hypersigma_*
+    models)."""
+    mae: MAESettings = field(default_factory=MAESettings)
+    """Settings of the mae_* objectives."""
     model_overrides: dict[str, Any] = field(default_factory=dict)
     student_checkpoint: str | None = None
     """Initial student weights (`hvp pretrain --init`): a released HyperVision checkpoint of the model's layout, or
@@ -70,7 +113,7 @@ class PretrainConfig:
         """Defaults for a model size: the tiny model gets the tiny teacher and head (CPU tests), others the
         ViT-S/14 DINOv2 teacher and the DINO head."""
         small = model == "tiny"  # model names are resolved (and checked) when the trainer builds the student
-        base: dict[str, Any] = {"model": model}
+        base: dict[str, Any] = {"model": model, "mae": MAE_PRESETS.get(model, MAESettings())}
         if small:
             base.update(teacher=TeacherConfig.tiny(), distill=DistillConfig.tiny(), warmup_steps=10, lr=1e-3,
                         checkpoint_every=50)
@@ -84,7 +127,7 @@ class PretrainConfig:
     def from_dict(cls, data: dict[str, Any]) -> PretrainConfig:
         """Rebuild from `to_dict` output (a saved config.json's "config" entry)."""
         values = dict(data)
-        nested = {"teacher": TeacherConfig, "distill": DistillConfig, "seg_loss": SegLossConfig}
+        nested = {"teacher": TeacherConfig, "distill": DistillConfig, "seg_loss": SegLossConfig, "mae": MAESettings}
         for name, kind in nested.items():
             if isinstance(values.get(name), dict):
                 values[name] = kind(**values[name])

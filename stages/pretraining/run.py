@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from catalog.catalog import Catalog
 from catalog.masks import MaskStore
@@ -23,12 +23,29 @@ from stages.labelling.labeler import checkpoint_identity
 from stages.pretraining.checkpoints import latest_checkpoint
 from stages.pretraining.config import RUNTIME_FIELDS, PretrainConfig, PretrainResult
 from stages.pretraining.launch import launch
+from stages.pretraining.objectives import OBJECTIVES
 from stages.registry import record_run_config, register_stage
 from stages.research.cards import keep_snapshot, write_model_card
 from stages.research.tensorboard import pretraining_events
 
 #: File in a run folder that records the inputs key of the finished run and its result.
 KEY_FILE = "inputs-key.json"
+
+
+class MAEOptions(BaseModel):
+    """Settings of the mae_* objectives; None: HyperSIGMA's (or the tiny model's preset, MAESettings)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bands: int | None = Field(default=None, ge=1, description="contiguous bands per crop (release: 100)")
+    crop_size: int | None = Field(default=None, ge=4, description="crop side in pixels (release: 64)")
+    patch_size: int | None = Field(default=None, ge=1, description="spatial patch side (release: 8)")
+    mask_ratio: float | None = Field(default=None, ge=0.0, lt=1.0, description="masked token fraction (0.75)")
+    decoder_embed_dim: int | None = Field(default=None, ge=1, description="decoder width (release: 512)")
+    decoder_depth: int | None = Field(default=None, ge=1, description="decoder blocks (release: 8)")
+    decoder_num_heads: int | None = Field(default=None, ge=1, description="decoder heads (release: 16)")
+    norm_pix_loss: bool | None = Field(default=None, description="loss on per-patch normalised pixels")
+    scale: float | None = Field(default=None, gt=0.0, description="crops are divided by this (release: 4000)")
 
 
 class PretrainStageConfig(BaseModel):
@@ -38,6 +55,10 @@ class PretrainStageConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(default="tiny", description="registry model to train")
+    objective: str = Field(default="hypervision", description="hypervision | mae_spatial | mae_spectral "
+                           "(stages.pretraining.objectives; mae_* train hypersigma_* models)")
+    mae: MAEOptions | None = Field(default=None, description="settings of the mae_* objectives; None: the model "
+                                   "preset's (HyperSIGMA's, or the tiny preset for hypersigma_tiny)")
     steps: int | None = Field(default=None, ge=1, description="optimizer steps")
     batch_size: int | None = Field(default=None, ge=1, description="crops per device and step")
     lr: float | None = Field(default=None, gt=0.0, description="peak learning rate")
@@ -57,12 +78,22 @@ class PretrainStageConfig(BaseModel):
     runs: str = Field(default="./hvp-data/runs", description="folder of run folders (when out_dir is None)")
     resume: bool = Field(default=False, description="continue the run in out_dir from its latest checkpoint")
 
+    @field_validator("objective")
+    @classmethod
+    def _registered(cls, objective: str) -> str:
+        OBJECTIVES.get(objective)
+        return objective
+
     def trainer_config(self, catalog_uri: str) -> PretrainConfig:
         """The trainer's config: the model preset, then every field set here (out_dir left to the runner)."""
-        keys = ("steps", "batch_size", "lr", "crop_size", "min_mask_pixels", "lambda_distill", "student_checkpoint",
-                "init_strict", "preprocessing", "checkpoint_every", "device", "datasets", "fusion_id")
+        keys = ("objective", "steps", "batch_size", "lr", "crop_size", "min_mask_pixels", "lambda_distill",
+                "student_checkpoint", "init_strict", "preprocessing", "checkpoint_every", "device", "datasets",
+                "fusion_id")
         given = {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
         config = PretrainConfig.preset(self.model, catalog=catalog_uri, **given)
+        if self.mae is not None:
+            config = dataclasses.replace(config, mae=dataclasses.replace(config.mae,
+                                                                         **self.mae.model_dump(exclude_none=True)))
         if self.teacher_checkpoint:
             config = dataclasses.replace(config, teacher=dataclasses.replace(config.teacher,
                                                                              checkpoint=self.teacher_checkpoint))
@@ -71,17 +102,21 @@ class PretrainStageConfig(BaseModel):
 
 def inputs_key(catalog: Catalog, config: PretrainConfig) -> str:
     """sha256 of what a run computes from: the config (without runtime fields and its folder), every trained
-    image's content sha256 and fused-mask id, and the student and teacher checkpoints' sha256."""
+    image's content sha256 and fused-mask id (objectives that train on masks), and the student and teacher
+    checkpoints' sha256."""
     images = catalog.images()
     if config.datasets:
         images = images[images["dataset"].isin(config.datasets)]
-    index = MaskStore(catalog).index()
-    fused = index[index["branch"] == "fused"] if not index.empty else index
-    if config.fusion_id is not None and not fused.empty:
-        fused = fused[fused["labeler_id"] == config.fusion_id]
-    latest = dict(zip(fused["image_id"], fused["labeler_id"], strict=True)) if not fused.empty else {}
-    content = sorted((i, s, latest[i]) for i, s in zip(images["image_id"], images["sha256"], strict=True)
-                     if i in latest)
+    if OBJECTIVES.get(config.objective).needs_masks:
+        index = MaskStore(catalog).index()
+        fused = index[index["branch"] == "fused"] if not index.empty else index
+        if config.fusion_id is not None and not fused.empty:
+            fused = fused[fused["labeler_id"] == config.fusion_id]
+        latest = dict(zip(fused["image_id"], fused["labeler_id"], strict=True)) if not fused.empty else {}
+        content = sorted((i, s, latest[i]) for i, s in zip(images["image_id"], images["sha256"], strict=True)
+                         if i in latest)
+    else:  # pixels only: every image's content
+        content = sorted((i, s, "") for i, s in zip(images["image_id"], images["sha256"], strict=True))
     settings = {k: v for k, v in config.to_dict().items() if k not in RUNTIME_FIELDS}
     parts = (settings, content, checkpoint_identity(config.student_checkpoint),
              checkpoint_identity(config.teacher.checkpoint))

@@ -22,8 +22,8 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,8 @@ from stages.pretraining.checkpoints import config_diff, latest_checkpoint, load_
 from stages.pretraining.config import RANDOM_INIT, STAGE_VERSION, PretrainConfig, PretrainResult
 from stages.pretraining.data import BandSignatureBatchSampler, PretrainBatch, PretrainDataset, collate, scan_catalog
 from stages.pretraining.logs import append_row, plot_losses, truncate_metrics
+from stages.pretraining.mae import train_mae
+from stages.pretraining.objectives import OBJECTIVES, Objective, OnCheckpoint, register_objective
 from stages.pretraining.runtime import Runtime, setup_runtime
 from stages.training.checkpoints import prune_checkpoints
 from stages.training.loop import checkpoint_due, optimizer_step
@@ -145,21 +147,18 @@ class Trainer:
                 "bands": int(batch.wavelengths.numel()), "lr": lr}
 
 
-#: Called on the main rank after each committed checkpoint with (step, checkpoint folder).
-OnCheckpoint = Callable[[int, Path], None]
-
-
 def train(config: PretrainConfig, resume: bool = False, until_step: int | None = None,
           on_checkpoint: OnCheckpoint | None = None) -> PretrainResult:
-    """Run (or, with `resume`, continue) the pretraining run in `config.out_dir`.
+    """Run (or, with `resume`, continue) the pretraining run in `config.out_dir` with its registered objective.
 
     `until_step` stops early after that many steps in total, with a checkpoint: a job with a wall-clock budget
     runs in slices, and `resume=True` continues exactly where it stopped. `on_checkpoint` hears of every
     checkpoint once it is committed (the research loop evaluates each).
     """
+    objective = OBJECTIVES.get(config.objective)
     rt = setup_runtime(config.device)
     try:
-        return _train(config, rt, resume, until_step, on_checkpoint)
+        return objective.train(config, rt, resume, until_step, on_checkpoint)
     finally:
         if rt.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
@@ -267,3 +266,11 @@ def _train(config: PretrainConfig, rt: Runtime, resume: bool, until_step: int | 
     return result
 
 
+
+
+register_objective(Objective(name="hypervision", train=_train, needs_masks=True, uses_contract=True,
+                             description="prompted segmentation on the fused masks + RGB distillation"))
+for _kind in ("spatial", "spectral"):
+    register_objective(Objective(
+        name=f"mae_{_kind}", train=partial(train_mae, _kind), needs_masks=False, uses_contract=False,
+        description=f"HyperSIGMA's {_kind} masked autoencoder (hypersigma_* models; no masks or teacher needed)"))

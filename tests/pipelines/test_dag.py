@@ -135,7 +135,8 @@ def test_paths_and_pretrain_defaults_resolve(tmp_path: Path, monkeypatch: pytest
     assert resolve_paths(PathParams(catalog="s3://bucket/cat"), Settings()).catalog == "s3://bucket/cat"
     demo = resolve(Profile.demo, PathParams(catalog="data/cat"), settings=Settings()).pretrain
     assert demo.model_dump(exclude_none=True) == {
-        "model": "tiny", "steps": 6, "batch_size": 2, "checkpoint_every": 3, "lambda_distill": 1.0, "device": "auto",
+        "model": "tiny", "objective": "hypervision", "steps": 6, "batch_size": 2, "checkpoint_every": 3,
+        "lambda_distill": 1.0, "device": "auto",
         "init_strict": True, "preprocessing": "released", "runs": str(tmp_path / "data" / "runs"), "resume": False}
     prod = resolve(Profile.production, pretrain=PretrainParams(steps=10), settings=Settings()).pretrain
     assert prod.model == "hypervision_b" and prod.steps == 10 and prod.batch_size == 4
@@ -197,7 +198,7 @@ def test_hypervision_dag_runs_every_stage_then_skips_them(prefect_server: None, 
     out = hypervision_flow(Profile.demo, paths, label, downstream=downstream)
     stages = [r["stage"] for r in out["stages"]]
     assert stages == ["ingest", "label-spatial", "label-spectral", "label-material", "fuse", "pretrain", "features",
-                      "heads"]
+                      "heads", "compare"]  # the demo profile compares a tiny HyperSIGMA beside the run's backbone
     states = {r["stage"]: r["state"] for r in out["stages"]}
     assert states.pop("features") == "Skipped"  # segmentation's dataset is absent, the tracker encodes on the fly
     assert set(states.values()) == {"Completed"}
@@ -221,6 +222,12 @@ def test_hypervision_dag_runs_every_stage_then_skips_them(prefect_server: None, 
     folder = Path(heads["report"]).parent  # keyed on the frozen backbone, under the runs folder
     assert folder.parent == tmp_path / "runs" and folder.name.startswith("downstream-tiny-")
     assert heads["left_out"] == ["segmentation needs hsi-drive-v2-0, which the catalog does not hold"]
+    compared = out["outputs"]["compare"]
+    ours = {r["backbone"]: r for r in compared["rows"] if r["source"] == "this run"}
+    assert set(ours) == {"tiny (this run)", "hypersigma_tiny (random-init)"}
+    assert ours["hypersigma_tiny (random-init)"]["task"] == "tracking" and ours["tiny (this run)"]["random_init"]
+    assert all(r["feature_ms_per_image"] > 0 for r in ours.values())  # timed on whole tracking frames
+    assert "random-init" in Path(compared["markdown"]).read_text()
 
     again = hypervision_flow(Profile.demo, paths, label, downstream=downstream)
     assert [(r["stage"], r["state"]) for r in again["stages"]] == [(s, "Skipped") for s in stages]

@@ -40,7 +40,8 @@ from stages.downstream.tracker import FeatureFn, make_tracking_pairs, track_sequ
 
 def feature_fn(backbone: Backbone, seq: CatalogSequence) -> FeatureFn:
     """The frozen backbone's features of one crop of the sequence's sensor."""
-    return backbone_feature_fn(backbone.model, seq.sensor.wavelengths, seq.sensor.gsd_m, backbone.spec.preprocessing)
+    return backbone_feature_fn(backbone.model, seq.sensor.wavelengths, seq.sensor.gsd_m, backbone.spec.contract,
+                               backbone.spec.adapter.extract)
 
 
 def read(catalog: Catalog, backbone: Backbone, spec: TaskSpec, with_train: bool,
