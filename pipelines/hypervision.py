@@ -81,8 +81,8 @@ class DownstreamStage:
 
     name: str
     run: Callable[[DagContext], Any]
-    enabled: Callable[[DownstreamParams], bool] = lambda _params: True
-    """Whether the run's downstream parameters ask for this stage."""
+    enabled: Callable[[DagContext], bool] = lambda _ctx: True
+    """Whether the run's parameters ask for this stage."""
 
 
 def _backbone(ctx: DagContext) -> BackboneParams:
@@ -112,8 +112,6 @@ def _heads(ctx: DagContext) -> Any:
 def _zeroshot(ctx: DagContext) -> Any:
     """HyperFree's tuning-free tasks on the pretrained checkpoint, when the run names tasks and the layout has
     HyperFree's mask decoder."""
-    if not ctx.zeroshot.tasks:
-        return skipped("zeroshot", "no zero-shot task chosen (zeroshot.tasks)", {})
     if model_entry(ctx.model).family != FAMILY_HYPERFREE:
         return skipped("zeroshot", f"{ctx.model} has no HyperFree mask decoder: the tuning-free tasks need one", {})
     paths = PathParams(catalog=ctx.paths.catalog, runs=ctx.paths.runs)
@@ -134,8 +132,8 @@ def _compare(ctx: DagContext) -> Any:
 #: Stages run after pretraining, in order.
 DOWNSTREAM: list[DownstreamStage] = [
     DownstreamStage("features", _features), DownstreamStage("heads", _heads),
-    DownstreamStage("compare", _compare, enabled=lambda params: bool(params.backbones)),
-    DownstreamStage("zeroshot", _zeroshot),
+    DownstreamStage("compare", _compare, enabled=lambda ctx: bool(ctx.downstream.backbones)),
+    DownstreamStage("zeroshot", _zeroshot, enabled=lambda ctx: bool(ctx.zeroshot.tasks)),
 ]
 
 
@@ -203,7 +201,7 @@ def hypervision_flow(profile: Profile = Profile.demo, paths: PathParams = DEFAUL
     ctx.outputs["fuse"] = _run_stage(records, "fuse", lambda: fuse_flow(profile, only, label, return_state=True))
     ctx.pretrain = _run_stage(records, "pretrain", lambda: pretrain_flow(profile, only, pretrain, return_state=True))
     ctx.outputs["pretrain"] = ctx.pretrain
-    for stage in [s for s in DOWNSTREAM if s.enabled(run.downstream)] if run.downstream.tasks else []:
+    for stage in [s for s in DOWNSTREAM if s.enabled(ctx)] if run.downstream.tasks else []:
         def run_downstream(s: DownstreamStage = stage) -> Any:
             return s.run(ctx)
 

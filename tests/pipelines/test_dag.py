@@ -28,6 +28,7 @@ from pipelines.params import (
     SpatialParams,
     SpectralParams,
     Task,
+    ZeroShotParams,
     resolve_paths,
 )
 from pipelines.profiles import load_profile, resolve
@@ -192,13 +193,19 @@ def test_hypervision_dag_runs_every_stage_then_skips_them(prefect_server: None, 
     src = tmp_path / "src"
     write_dataset("hsi-road", src)
     write_dataset("hot-2023-vis", src)  # evaluation only: tracked by the heads stage, never labelled or pretrained
+    write_dataset("abu-beach", src)  # an airborne anomaly scene: the zero-shot stage's
     paths = PathParams(source_root=str(src), catalog=str(tmp_path / "cat"), runs=str(tmp_path / "runs"))
     label = LabelParams(spectral=SpectralParams(stride=3, max_objects=3), overlays=1)
     downstream = DownstreamParams(tasks=[Task.segmentation, Task.tracking], steps=20)
-    out = hypervision_flow(Profile.demo, paths, label, downstream=downstream)
+    zeroshot = ZeroShotParams.model_validate({"tasks": ["anomaly"], "params": {"anomaly": {
+        "points_per_side": 8, "pred_iou_thresh": -100.0, "stability_score_thresh": -100.0, "box_nms_thresh": 1.0}}})
+    out = hypervision_flow(Profile.demo, paths, label, downstream=downstream, zeroshot=zeroshot)
     stages = [r["stage"] for r in out["stages"]]
     assert stages == ["ingest", "label-spatial", "label-spectral", "label-material", "fuse", "pretrain", "features",
-                      "heads", "compare"]  # the demo profile compares a tiny HyperSIGMA beside the run's backbone
+                      "heads", "compare", "zeroshot"]  # the demo compares a tiny HyperSIGMA beside the run's backbone
+    zeroshot_report = json.loads(Path(out["outputs"]["zeroshot"]["reports"]["anomaly"]).read_text())
+    assert zeroshot_report["tasks"]["anomaly"]["dataset"] == "abu-beach"
+    assert zeroshot_report["provenance"]["weights"] != "random-init"  # the run's pretrained checkpoint
     states = {r["stage"]: r["state"] for r in out["stages"]}
     assert states.pop("features") == "Skipped"  # segmentation's dataset is absent, the tracker encodes on the fly
     assert set(states.values()) == {"Completed"}
@@ -230,7 +237,7 @@ def test_hypervision_dag_runs_every_stage_then_skips_them(prefect_server: None, 
     assert "random-init" in Path(compared["markdown"]).read_text()
 
     again = hypervision_flow(Profile.demo, paths, label, downstream=downstream)
-    assert [(r["stage"], r["state"]) for r in again["stages"]] == [(s, "Skipped") for s in stages]
+    assert [(r["stage"], r["state"]) for r in again["stages"]] == [(s, "Skipped") for s in stages if s != "zeroshot"]
     notes = {r["stage"]: r["note"] for r in again["stages"]}
     assert "unchanged" in notes["ingest"] and "already" in notes["pretrain"] and "reused" in notes["heads"]
     assert again["outputs"]["pretrain"]["checkpoint"] == trained["checkpoint"]
