@@ -16,7 +16,7 @@ def test_cli_round_trip(tmp_path: Path) -> None:
     src, cat = tmp_path / "src", str(tmp_path / "cat")
     res = runner.invoke(app, ["fixtures", "make", str(src)])
     assert res.exit_code == 0, res.output
-    assert len([p for p in src.iterdir() if p.is_dir()]) == 36  # 34 built-in datasets, 2 user examples
+    assert len([p for p in src.iterdir() if p.is_dir()]) == 47  # 45 built-in datasets (11 airborne), 2 user examples
     res = runner.invoke(app, ["ingest", str(src), "--catalog", cat, "--plain", "--dataset", "cave",
                               "--dataset", "my-lab-camera", "--dataset", "my-lab-labels"])
     assert res.exit_code == 0, res.output

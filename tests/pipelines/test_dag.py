@@ -56,7 +56,7 @@ def test_run_form_is_typed_with_descriptions_and_enums() -> None:
 
     schema = parameter_schema(hypervision_flow).model_dump()
     top = schema["properties"]
-    assert set(top) == {"profile", "paths", "label", "pretrain", "downstream", "ingest_workers"}
+    assert set(top) == {"profile", "paths", "label", "pretrain", "downstream", "ingest_workers", "zeroshot"}
     assert all(p.get("description") for p in top.values())
     assert schema["definitions"]["Profile"]["enum"] == ["demo", "production", "test"]
     assert schema["definitions"]["Branch"]["enum"] == ["spatial", "spectral", "material"]
