@@ -134,6 +134,7 @@ def _writes(cat: Catalog) -> list[tuple[str, str]]:
     return sorted((r["image_id"], r["labeler_id"]) for r in cat.mask_store.index(refresh=True).to_dict("records"))
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_two_device_workers_label_like_one_and_survive_a_killed_worker(prefect_server: None, tmp_path: Path,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:

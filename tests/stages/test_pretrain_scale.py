@@ -63,6 +63,7 @@ def _config_file(catalog: str, out: Path, **kw: object) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_two_nodes_meet_at_a_c10d_rendezvous_over_loopback(catalog_uri: str, tmp_path: Path) -> None:  # noqa: F811
     out = tmp_path / "run"
@@ -78,6 +79,7 @@ def test_two_nodes_meet_at_a_c10d_rendezvous_over_loopback(catalog_uri: str, tmp
     assert [r["step"] for r in _rows(out)] == [str(s) for s in range(4)]  # rank 0 alone writes
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_a_killed_rank_is_restarted_and_resumes_from_the_last_checkpoint(catalog_uri: str,  # noqa: F811
                                                                          tmp_path: Path) -> None:
