@@ -26,7 +26,7 @@ from infra.settings import get_settings
 from pipelines.catalogs import open_catalog
 from pipelines.downstream import features_flow, heads_flow
 from pipelines.ingest import ingest_flow
-from pipelines.label import branch_runner, fuse_flow, label_branch_flow
+from pipelines.label import fuse_flow, label_branch_flow
 from pipelines.params import (
     DEFAULT_DOWNSTREAM,
     DEFAULT_LABEL,
@@ -43,7 +43,7 @@ from pipelines.params import (
 )
 from pipelines.pretrain import pretrain_flow
 from pipelines.profiles import ResolvedLabel, RunConfig, resolve
-from pipelines.wiring import concurrently, in_process_subflows, markdown_table, publish_markdown, skipped
+from pipelines.wiring import concurrently, engine_runner, in_process_subflows, markdown_table, publish_markdown, skipped
 from stages.downstream.heads import held_benchmarks
 from stages.downstream.tasks import TASKS
 from stages.registry import record_config
@@ -177,7 +177,7 @@ def hypervision_flow(profile: Profile = Profile.demo, paths: PathParams = DEFAUL
     ctx.outputs["ingest"] = _run_stage(records, "ingest", lambda: ingest_flow(only, ingest_workers,
                                                                               return_state=True))
     # the three branches are independent: they run at once (sharing the engine's workers), fusion waits for all
-    runner = branch_runner(dask_address=get_settings().dask_address)
+    runner = engine_runner(dask_address=get_settings().dask_address)
     labelled = concurrently([
         lambda b=b: _timed(f"label-{b}", lambda: label_branch_flow.with_options(task_runner=runner)(
             p.catalog, run.label_config(b), return_state=True)) for b in run.label.branches])

@@ -22,6 +22,7 @@ from pipelines.params import DEFAULT_LABEL, DEFAULT_PATHS, LabelParams, PathPara
 from pipelines.profiles import RunConfig, resolve
 from pipelines.wiring import (
     concurrently,
+    engine_runner,
     fan_out,
     gpu_slot,
     in_process_subflows,
@@ -142,20 +143,10 @@ def label_resolved(run: RunConfig, workers: int = 1, dask_address: str | None = 
     """One label-<branch> subflow per chosen branch (in the calling flow run), all branches at once; each branch
     on ``workers`` threads, or its shards on the running Dask cluster at ``dask_address`` (one worker per device);
     returns their summaries."""
-    branch_flow = label_branch_flow.with_options(task_runner=branch_runner(workers, dask_address))
+    branch_flow = label_branch_flow.with_options(task_runner=engine_runner(workers, dask_address))
     with in_process_subflows():
         return [_data(r) for r in concurrently([
             lambda b=b: branch_flow(run.paths.catalog, run.label_config(b)) for b in run.label.branches])]
-
-
-def branch_runner(workers: int = 1, dask_address: str | None = None) -> Any:
-    """The task runner of a label branch: the Dask cluster at ``dask_address`` (workers anywhere that point at its
-    scheduler), else ``workers`` threads of this process."""
-    if dask_address:
-        from prefect_dask import DaskTaskRunner
-
-        return DaskTaskRunner(address=dask_address)
-    return threads(max(1, workers))
 
 
 @flow(name="label", log_prints=True)
@@ -176,7 +167,7 @@ def label_flow(profile: Profile = Profile.production, paths: PathParams = DEFAUL
     """
     run = resolve(profile, paths, label)
     print(f"label {', '.join(run.label.branches)}, profile {run.profile.value}, catalog {run.paths.catalog}")
-    summaries = label_resolved(run, workers, dask_address)
+    summaries = label_resolved(run, workers, dask_address or get_settings().dask_address)
     if not fuse:
         return summaries
     with in_process_subflows():

@@ -36,6 +36,16 @@ def threads(workers: int) -> Any:
     return ThreadPoolTaskRunner(max_workers=workers)
 
 
+def engine_runner(workers: int = 1, dask_address: str | None = None) -> Any:
+    """The task runner that fans a stage's shards out: the Dask cluster at ``dask_address`` (workers on any machine
+    that point at its scheduler, one per device), else ``workers`` threads of this process."""
+    if dask_address:
+        from prefect_dask import DaskTaskRunner
+
+        return DaskTaskRunner(address=dask_address)
+    return threads(max(1, workers))
+
+
 def retry_on_io(task: Any, task_run: Any, state: Any) -> bool:
     """Retry only transient I/O failures (OSError); bad input and bugs fail at once."""
     try:

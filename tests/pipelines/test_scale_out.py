@@ -79,7 +79,8 @@ def test_ingest_and_label_flows_on_two_dask_workers_with_a_file_url(prefect_serv
     stage.clear_labeler_cache()
 
 
-def _labelled(tmp_path: Path, name: str, devices: list[str], kill: bool = False) -> tuple[Catalog, dict[str, set]]:
+def _labelled(tmp_path: Path, name: str, devices: list[str], monkeypatch: pytest.MonkeyPatch,
+              kill: bool = False) -> tuple[Catalog, dict[str, set]]:
     """Ingest and label the fault datasets on a device cluster of ``devices`` through the flows; the catalog and,
     per label-images task key, the workers that ran it (``kill``: SIGKILL the worker running the first shard
     while it runs)."""
@@ -92,9 +93,11 @@ def _labelled(tmp_path: Path, name: str, devices: list[str], kill: bool = False)
     from prefect_dask import DaskTaskRunner
 
     from infra.cluster import device_cluster
+    from infra.settings import get_settings
+    from pipelines.downstream import features_flow
     from pipelines.ingest import ingest_flow
     from pipelines.label import label_flow
-    from pipelines.params import PathParams, Profile
+    from pipelines.params import BackboneParams, PathParams, Profile
 
     catalog = f"file://{tmp_path / name}"
     paths = PathParams(source_root=str(tmp_path / "src"), catalog=catalog)
@@ -120,13 +123,33 @@ def _labelled(tmp_path: Path, name: str, devices: list[str], kill: bool = False)
             thread.start()
         with get_task_stream(client) as stream:
             label_flow(Profile.test, paths, dask_address=cluster.scheduler_address)
+            if not kill:
+                monkeypatch.setenv("HVP_DASK_ADDRESS", cluster.scheduler_address)
+                monkeypatch.setenv("HVP_FEATURES_SHARD", "1")
+                get_settings.cache_clear()
+                rows = features_flow(Profile.test, PathParams(catalog=catalog, datasets=["hssod"]),
+                                     BackboneParams(seed=31))
+                monkeypatch.delenv("HVP_DASK_ADDRESS")
+                get_settings.cache_clear()
+                assert rows[0]["computed"] == rows[0]["images"] > 1
         if kill:
             thread.join()
             assert killed, "no label shard was seen running: nothing was killed"
         for rec in stream.data:
-            if "label" in str(rec["key"]):
+            if "label" in str(rec["key"]) or "features" in str(rec["key"]):
                 ran.setdefault(str(rec["key"]), set()).add(rec["worker"])
     return Catalog(catalog), ran
+
+
+def _features(cat: Catalog) -> dict[tuple[str, str], list[bytes]]:
+    """Every cached feature entry's arrays, as bytes."""
+    from catalog.features import FeatureStore
+
+    store = FeatureStore(cat)
+    index = store.index(refresh=True)
+    return {(r["feature_set"], r["image_id"]): [np.asarray(m).tobytes() for m in store.read(r["feature_set"],
+                                                                                        r["image_id"]).maps]
+            for r in index.to_dict("records")}
 
 
 def _writes(cat: Catalog) -> list[tuple[str, str]]:
@@ -144,14 +167,16 @@ def test_two_device_workers_label_like_one_and_survive_a_killed_worker(prefect_s
     monkeypatch.setenv("HVP_LABEL_BATCH", "1")  # four images, one shard each per branch
     get_settings.cache_clear()
     stage.clear_labeler_cache()
-    for slug in faults.DATASETS:
+    for slug in (*faults.DATASETS, "hssod"):
         write_dataset(slug, tmp_path / "src")
-    one, _ = _labelled(tmp_path, "one", ["cpu"])
-    two, ran = _labelled(tmp_path, "two", ["cpu", "cpu"])
-    assert len({w for workers in ran.values() for w in workers}) == 2  # shards went to both workers
+    one, _ = _labelled(tmp_path, "one", ["cpu"], monkeypatch)
+    two, ran = _labelled(tmp_path, "two", ["cpu", "cpu"], monkeypatch)
+    assert len({w for k, workers in ran.items() if "label" in k for w in workers}) == 2  # labels on both workers
+    assert len({w for k, workers in ran.items() if "features" in k for w in workers}) == 2  # and features
     assert _content(one) == _content(two)  # the same index and the same mask bits as one worker
+    assert _features(one) == _features(two) and _features(one)  # and the same features
     assert two.verify().healthy
-    killed, _ = _labelled(tmp_path, "killed", ["cpu", "cpu"], kill=True)
+    killed, _ = _labelled(tmp_path, "killed", ["cpu", "cpu"], monkeypatch, kill=True)
     assert killed.verify().healthy
     assert _content(killed) == _content(one)  # nothing lost
     writes = _writes(killed)
