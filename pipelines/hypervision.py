@@ -12,6 +12,7 @@ the labelled datasets from the run's pretrained checkpoint, then one head per ta
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -177,10 +178,9 @@ def hypervision_flow(profile: Profile = Profile.demo, paths: PathParams = DEFAUL
     ctx.outputs["ingest"] = _run_stage(records, "ingest", lambda: ingest_flow(only, ingest_workers,
                                                                               return_state=True))
     # the three branches are independent: they run at once (sharing the engine's workers), fusion waits for all
-    runner = engine_runner(dask_address=get_settings().dask_address)
-    labelled = concurrently([
-        lambda b=b: _timed(f"label-{b}", lambda: label_branch_flow.with_options(task_runner=runner)(
-            p.catalog, run.label_config(b), return_state=True)) for b in run.label.branches])
+    branch_flow = label_branch_flow.with_options(task_runner=engine_runner(dask_address=get_settings().dask_address))
+    labelled = concurrently([functools.partial(_timed, f"label-{b}", functools.partial(
+        branch_flow, p.catalog, run.label_config(b), return_state=True)) for b in run.label.branches])
     for branch, (record, data) in zip(run.label.branches, labelled, strict=True):
         records.append(record)
         ctx.outputs[f"label-{branch}"] = data

@@ -8,6 +8,7 @@ fusion id. A stage whose inputs are unchanged therefore has nothing to do; it re
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -144,9 +145,9 @@ def label_resolved(run: RunConfig, workers: int = 1, dask_address: str | None = 
     on ``workers`` threads, or its shards on the running Dask cluster at ``dask_address`` (one worker per device);
     returns their summaries."""
     branch_flow = label_branch_flow.with_options(task_runner=engine_runner(workers, dask_address))
+    calls = [functools.partial(branch_flow, run.paths.catalog, run.label_config(b)) for b in run.label.branches]
     with in_process_subflows():
-        return [_data(r) for r in concurrently([
-            lambda b=b: branch_flow(run.paths.catalog, run.label_config(b)) for b in run.label.branches])]
+        return [_data(r) for r in concurrently(calls)]
 
 
 @flow(name="label", log_prints=True)

@@ -10,7 +10,7 @@ import io
 import json
 import os
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -131,7 +131,7 @@ def fan_out(submit: Callable[[Any], Any], items: list[Any], in_flight: int) -> l
     return results
 
 
-def concurrently(calls: list[Callable[[], Any]]) -> list[Any]:
+def concurrently(calls: Sequence[Callable[[], Any]]) -> list[Any]:
     """Run independent subflow calls at once, each in a thread that carries this flow run's context (so each is a
     subflow of it); returns their results in order. Used where the engine has room for several stages."""
     import contextvars
