@@ -3,8 +3,9 @@ N devices: the per-image cost of every stage measured on this machine's device a
 (SAM 2.1 Hiera-B+ at 1024 px, HyperFree-b, HyperVision-B), scaled by each dataset's image count and band count.
 
 What is measured and what is extrapolated (said again in the output):
-- the labellers cost an image encoding plus a per-prompt-point decoding: each is timed on one image at two small
-  point grids and the cost is extrapolated linearly to the production grid (32 x 32 points); the spectral branch
+- the labellers cost an image encoding plus one decoding per batch of prompt points: each is timed on one image at
+  two small point grids (1 and 3 batches) and extrapolated linearly to the production grid (32 x 32 points, 16
+  batches); the spectral branch
   is timed at two frame counts and extrapolated linearly to each dataset's frames (bands / 6 at stride 2), its
   seed masks priced at the spatial branch's per-point cost;
 - features: one HyperVision-B forward at its 512 px input per image, at two band counts (linear in bands);
@@ -82,6 +83,11 @@ def linear(x0: float, y0: float, x1: float, y1: float) -> tuple[float, float]:
     return max(y0 - slope * x0, 0.0), slope
 
 
+def full_batches(cost: dict[str, Any]) -> int:
+    """Decoder batches of the production point grid."""
+    return -(-PRODUCTION_POINTS // int(cost["points_per_batch"]))
+
+
 def sample(bands: int, side: int, seed: int = 0) -> Any:
     """A sensor-like uint16 cube of ``bands`` x ``side`` x ``side`` with wavelengths over 400-1000 nm."""
     from catalog.fixtures.synth import scene, to_dtype
@@ -112,19 +118,21 @@ def measure(device: str, side: int, quick_points: tuple[int, int]) -> dict[str, 
     out: dict[str, Any] = {}
     img = sample(128, side)
     p0, p1 = quick_points
-    # spatial and material: encode + per-point decode, at two grids
+    # spatial and material: encode + decode per batch of prompt points, at two grids
     for branch in ("spatial", "material"):
-        times = []
+        times, batches = [], []
         for pps in (p0, p1):
             spec = specs[branch].model_copy(update={"params": {**specs[branch].params, "points_per_side": pps}})
             lab = build_labeler(branch, spec, device)
+            per_batch = int(lab.params.get("points_per_batch", 64))
             if gpu:
                 lab.label(img)  # warm
             times.append(timed(lambda lab=lab: lab.label(img), sync))
-            say(f"{branch}: {pps * pps} points {times[-1]:.1f} s")
-        base, per_point = linear(p0 * p0, times[0], p1 * p1, times[1])
-        out[branch] = {"encode_s": base, "per_point_s": per_point, "measured_s": times,
-                       "points": [p0 * p0, p1 * p1]}
+            batches.append(-(-pps * pps // per_batch))
+            say(f"{branch}: {pps * pps} points in {batches[-1]} batch(es) {times[-1]:.1f} s")
+        base, per_batch_s = linear(batches[0], times[0], batches[1], times[1])
+        out[branch] = {"encode_s": base, "per_batch_s": per_batch_s, "points_per_batch": per_batch,
+                       "measured_s": times, "batches": batches}
     # spectral: per frame, at two frame counts (seed grid at the small size; the rest priced by the spatial fit)
     frames, times = [], []
     spec = specs["spectral"].model_copy(update={"params": {**specs["spectral"].params, "points_per_side": p0}})
@@ -138,7 +146,8 @@ def measure(device: str, side: int, quick_points: tuple[int, int]) -> dict[str, 
         say(f"spectral: {frames[-1]} frames {times[-1]:.1f} s")
     base, per_frame = linear(frames[0], times[0], frames[1], times[1])
     out["spectral"] = {"base_s": base, "per_frame_s": per_frame, "stride": int(lab.params["stride"]),
-                       "seed_points_s": out["spatial"]["per_point_s"] * (PRODUCTION_POINTS - p0 * p0),
+                       "seed_points_s": out["spatial"]["per_batch_s"] * (full_batches(out["spatial"])
+                                                                          - out["spatial"]["batches"][0]),
                        "measured_s": times, "frames": frames}
     # features and pretraining: HyperVision-B on its 512 px input, at two band counts
     from model.registry import create_model
@@ -214,9 +223,9 @@ def project(costs: dict[str, Any], table: list[Dataset], devices: int, cpu_worke
         frames = len(sequence_bands(d.bands, sc["stride"]))
         per = {
             "ingest": (costs["ingest"]["per_byte_s"] * cube, 2 * cube),  # source read + cube written
-            "label-spatial": (sp["encode_s"] + sp["per_point_s"] * PRODUCTION_POINTS, cube + 60 * px / 8),
+            "label-spatial": (sp["encode_s"] + sp["per_batch_s"] * full_batches(sp), cube + 60 * px / 8),
             "label-spectral": (sc["base_s"] + sc["per_frame_s"] * frames + sc["seed_points_s"], cube + 60 * px / 8),
-            "label-material": (ma["encode_s"] + ma["per_point_s"] * PRODUCTION_POINTS, cube + 60 * px / 8),
+            "label-material": (ma["encode_s"] + ma["per_batch_s"] * full_batches(ma), cube + 60 * px / 8),
             "fuse": (costs["fuse"]["per_pixel_s"] * px, 3 * 60 * px / 8 + 60 * px / 8),
             "features": (costs["features"]["base_s"] + costs["features"]["per_band_s"] * d.bands,
                          cube + 256 * 32 * 32 * 4),
@@ -239,7 +248,7 @@ def main() -> None:
     ap.add_argument("--cpu-workers", type=int, default=32, help="CPU workers for ingest and fusion")
     ap.add_argument("--device", default="auto", help="device to measure on: auto, cpu, cuda:0")
     ap.add_argument("--side", type=int, default=512, help="side of the timed cubes")
-    ap.add_argument("--points", default="1,2", help="two small point grids (per side) the labellers are timed at")
+    ap.add_argument("--points", default="8,12", help="two small point grids (per side) the labellers are timed at")
     ap.add_argument("--steps", type=int, default=None, help="pretraining steps (default: the production profile's)")
     ap.add_argument("--json", action="store_true", help="print the measurements and projection as JSON")
     args = ap.parse_args()
@@ -264,9 +273,9 @@ def main() -> None:
           f"{load0:.1f} / {os.getloadavg()[0]:.1f}; random-init production models; {len(table)} datasets, "
           f"{images} images (the paper's corpus: {CORPUS_IMAGES}), mean {main_proj['mean_bands']:.0f} bands")
     print("extrapolated, not run: labellers from grids of "
-          f"{p0 * p0} and {p1 * p1} points to {PRODUCTION_POINTS}; spectral from {costs['spectral']['frames']} "
-          "frames to each dataset's; features and pretraining from 32 and 128 bands to each dataset's; pretraining "
-          f"{steps} steps x batch {batch}")
+          f"{p0 * p0} and {p1 * p1} points to {PRODUCTION_POINTS} (in decoder batches); spectral from "
+          f"{costs['spectral']['frames']} frames to each dataset's; features and pretraining from 32 and 128 bands "
+          f"to each dataset's; pretraining {steps} steps x batch {batch}")
     print(f"{'stage':16s} {'per image s':>12s} {'1 device h':>11s} {f'{args.devices} devices h':>12s} {'GB moved':>9s}")
     for name, s in main_proj["stages"].items():
         per = s["seconds"] / (steps * batch if name == "pretrain" else images)
