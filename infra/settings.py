@@ -57,7 +57,11 @@ class Settings(BaseSettings):
                                             "(default: Seg-Any-HSI's points_per_side 32, thresholds 0.6)")
     fuse_tau: float | None = Field(default=None, gt=0, le=1, description="IoU threshold of the global NMS in "
                                    "fusion (empty: the profile's, 0.7)")
-    label_batch: int = Field(default=8, ge=1, description="images per labelling task (amortises task overhead)")
+    label_batch: int = Field(default=8, ge=1, description="images per labelling task, a shard (amortises task "
+                             "overhead)")
+    features_shard: int = Field(default=16, ge=1, description="images per features task, a shard")
+    label_in_flight: int = Field(default=8, ge=1, description="shards of one branch submitted and unfinished at "
+                                 "once (bounds what the engine holds; >= 2 per worker keeps every worker busy)")
 
 
 @cache

@@ -19,7 +19,9 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.states import State
 
+from infra.settings import get_settings
 from pipelines.catalogs import open_catalog
+from pipelines.fanout import sharded_features
 from pipelines.params import (
     DEFAULT_BACKBONE,
     DEFAULT_DOWNSTREAM,
@@ -112,8 +114,12 @@ def features_flow(profile: Profile = Profile.production, paths: PathParams = DEF
           f"{spec.checkpoint or RANDOM_INIT} ({origin}); datasets {', '.join(chosen)}")
     base: dict[str, Any] = {"backbone": BackboneConfig.from_spec(spec), "splits": splits, "batch_size": batch_size,
                             "device": Device(downstream.device).value}
-    rows = [features_task(p.catalog, d, FeaturesConfig.model_validate({**base, "datasets": [d]}).model_dump(
-        mode="json")) for d in chosen]
+    if get_settings().dask_address:  # shards of images over the cluster's workers (one per device)
+        rows = sharded_features(p.catalog, FeaturesConfig.model_validate({**base, "datasets": chosen}).model_dump(
+            mode="json"))
+    else:
+        rows = [features_task(p.catalog, d, FeaturesConfig.model_validate({**base, "datasets": [d]}).model_dump(
+            mode="json")) for d in chosen]
     note = " Random-init weights: features show the plumbing, not quality." if spec.random_init else ""
     short = [{"dataset": r["dataset"], "images": r["images"], "computed": r["computed"], "cached": r["cached"],
               "s": r["seconds"], "note": r["note"]} for r in rows]

@@ -13,6 +13,7 @@ when `downstream.backbones` lists backbones, the same heads for those beside the
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from typing import Any
 from prefect import flow
 from prefect.states import State
 
+from infra.settings import get_settings
 from model.registry import FAMILY_HYPERFREE, model_entry
 from pipelines.catalogs import open_catalog
 from pipelines.compare import compare_backbones, compare_entry, own_entry
@@ -45,7 +47,15 @@ from pipelines.params import (
 )
 from pipelines.pretrain import pretrain_flow
 from pipelines.profiles import ResolvedLabel, RunConfig, ensure_sources, resolve
-from pipelines.wiring import in_process_subflows, markdown_table, publish_markdown, publish_table, skipped
+from pipelines.wiring import (
+    concurrently,
+    engine_runner,
+    in_process_subflows,
+    markdown_table,
+    publish_markdown,
+    publish_table,
+    skipped,
+)
 from pipelines.zeroshot import DEFAULT_ZEROSHOT, zeroshot_flow
 from stages.downstream.features import cached_backbone
 from stages.downstream.heads import held_benchmarks
@@ -150,6 +160,14 @@ class StageRecord:
 def _run_stage(records: list[StageRecord], name: str, call: Callable[[], Any]) -> Any:
     """Call one stage's subflow, time it, record whether it ran or skipped, and return its data (raising on
     failure)."""
+    record, data = _timed(name, call)
+    records.append(record)
+    return data
+
+
+def _timed(name: str, call: Callable[[], Any]) -> tuple[StageRecord, Any]:
+    """One stage's subflow called and timed: its record (ran or skipped, and why) and its data (raising on
+    failure)."""
     t0 = time.perf_counter()
     with in_process_subflows():
         result = call()
@@ -157,8 +175,7 @@ def _run_stage(records: list[StageRecord], name: str, call: Callable[[], Any]) -
     data = state.result() if state is not None else result
     name_of_state = (state.name or "Completed") if state is not None else "Completed"
     note = (state.message or "").split(" skipped: ", 1)[-1] if state is not None and state.name == "Skipped" else ""
-    records.append(StageRecord(name, name_of_state, round(time.perf_counter() - t0, 3), note))
-    return data
+    return StageRecord(name, name_of_state, round(time.perf_counter() - t0, 3), note), data
 
 
 @flow(name="hypervision", log_prints=True)
@@ -193,11 +210,13 @@ def hypervision_flow(profile: Profile = Profile.demo, paths: PathParams = DEFAUL
     only = PathParams(source_root=p.source_root, catalog=p.catalog, runs=p.runs, datasets=p.datasets)
     ctx.outputs["ingest"] = _run_stage(records, "ingest", lambda: ingest_flow(only, ingest_workers,
                                                                               return_state=True))
-    for branch in run.label.branches:
-        def label_branch(b: str = branch) -> Any:
-            return label_branch_flow(p.catalog, run.label_config(b), return_state=True)
-
-        ctx.outputs[f"label-{branch}"] = _run_stage(records, f"label-{branch}", label_branch)
+    # the three branches are independent: they run at once (sharing the engine's workers), fusion waits for all
+    branch_flow = label_branch_flow.with_options(task_runner=engine_runner(dask_address=get_settings().dask_address))
+    labelled = concurrently([functools.partial(_timed, f"label-{b}", functools.partial(
+        branch_flow, p.catalog, run.label_config(b), return_state=True)) for b in run.label.branches])
+    for branch, (record, data) in zip(run.label.branches, labelled, strict=True):
+        records.append(record)
+        ctx.outputs[f"label-{branch}"] = data
     ctx.outputs["fuse"] = _run_stage(records, "fuse", lambda: fuse_flow(profile, only, label, return_state=True))
     ctx.pretrain = _run_stage(records, "pretrain", lambda: pretrain_flow(profile, only, pretrain, return_state=True))
     ctx.outputs["pretrain"] = ctx.pretrain

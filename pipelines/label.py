@@ -8,6 +8,7 @@ fusion id. A stage whose inputs are unchanged therefore has nothing to do; it re
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,9 @@ from pipelines.catalogs import open_catalog
 from pipelines.params import DEFAULT_LABEL, DEFAULT_PATHS, LabelParams, PathParams, Profile
 from pipelines.profiles import RunConfig, resolve
 from pipelines.wiring import (
+    concurrently,
+    engine_runner,
+    fan_out,
     gpu_slot,
     in_process_subflows,
     png_data_uri,
@@ -29,6 +33,7 @@ from pipelines.wiring import (
     retry_on_io,
     skipped,
     threads,
+    worker_device,
 )
 from stages.labelling import label as stage
 from stages.labelling.label import LabelConfig, LabelerSpec
@@ -38,10 +43,13 @@ from stages.labelling.label import LabelConfig, LabelerSpec
       task_run_name="{branch} {image_ids[0]} (+{extra})")
 def label_task(catalog_uri: str, image_ids: list[str], branch: str, labeler: LabelerSpec,
                extra: int = 0) -> list[dict[str, Any]]:
-    """Label a few images with one branch's labeler (built once per spec and process) holding a `gpu` slot; a
-    retry redoes only the images still lacking masks."""
-    with gpu_slot():
-        return stage.label_images(open_catalog(catalog_uri), image_ids, stage.cached_labeler(branch, labeler))
+    """Label one shard of images with one branch's labeler, built once per spec and process on the device this
+    worker owns, holding that device's slot; a retry (here or on another worker) redoes only the images still
+    lacking masks."""
+    device = worker_device()
+    with gpu_slot(device):
+        return stage.label_images(open_catalog(catalog_uri), image_ids,
+                                  stage.cached_labeler(branch, labeler, None if device == "auto" else device))
 
 
 @task(name="fuse-image", retries=1, retry_delay_seconds=2, retry_condition_fn=retry_on_io, cache_policy=NO_CACHE,
@@ -69,11 +77,11 @@ def label_branch_flow(catalog: str, config: LabelConfig) -> dict[str, Any] | Sta
                                          masks=stage.mask_count(cat, lab.labeler_id)).summary())
     print(f"{config.branch}: {len(plan.todo)} of {plan.images} image(s) to label with {lab.labeler_id} "
           f"(weights {lab.weights[:12]}, params {lab.params})")
-    size = get_settings().label_batch
-    futures = [label_task.submit(cat.uri, plan.todo[k:k + size], config.branch, config.labeler,
-                                 len(plan.todo[k:k + size]) - 1)
-               for k in range(0, len(plan.todo), size)]  # a few images per task: Prefect's per-task cost is amortised
-    result = stage.finish_label(cat, plan, [row for f in futures for row in f.result()])
+    settings = get_settings()
+    work = stage.shards(plan.todo, settings.label_batch)
+    rows = fan_out(lambda ids: label_task.submit(cat.uri, ids, config.branch, config.labeler, len(ids) - 1), work,
+                   settings.label_in_flight)
+    result = stage.finish_label(cat, plan, [row for shard in rows for row in shard])
     empty = sum(1 for r in result.rows if not r["masks"])
     publish_table(f"label-{config.branch}",
                   [{k: v for k, v in r.items() if k != "labeler_id"} for r in result.rows],
@@ -134,18 +142,13 @@ def _data(result: Any) -> Any:
 
 
 def label_resolved(run: RunConfig, workers: int = 1, dask_address: str | None = None) -> list[dict[str, Any]]:
-    """One label-<branch> subflow per chosen branch (in the calling flow run), each on ``workers`` threads, or on
-    the running Dask cluster at ``dask_address``; returns their summaries."""
-    if dask_address:
-        from prefect_dask import DaskTaskRunner
-
-        runner: Any = DaskTaskRunner(address=dask_address)  # typed loosely, as `threads`
-        branch_flow = label_branch_flow.with_options(task_runner=runner)
-    else:
-        branch_flow = (label_branch_flow if workers <= 1 else
-                       label_branch_flow.with_options(task_runner=threads(workers)))
+    """One label-<branch> subflow per chosen branch (in the calling flow run), all branches at once; each branch
+    on ``workers`` threads, or its shards on the running Dask cluster at ``dask_address`` (one worker per device);
+    returns their summaries."""
+    branch_flow = label_branch_flow.with_options(task_runner=engine_runner(workers, dask_address))
+    calls = [functools.partial(branch_flow, run.paths.catalog, run.label_config(b)) for b in run.label.branches]
     with in_process_subflows():
-        return [_data(branch_flow(run.paths.catalog, run.label_config(b))) for b in run.label.branches]
+        return [_data(r) for r in concurrently(calls)]
 
 
 @flow(name="label", log_prints=True)
@@ -166,7 +169,7 @@ def label_flow(profile: Profile = Profile.production, paths: PathParams = DEFAUL
     """
     run = resolve(profile, paths, label)
     print(f"label {', '.join(run.label.branches)}, profile {run.profile.value}, catalog {run.paths.catalog}")
-    summaries = label_resolved(run, workers, dask_address)
+    summaries = label_resolved(run, workers, dask_address or get_settings().dask_address)
     if not fuse:
         return summaries
     with in_process_subflows():

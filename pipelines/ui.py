@@ -226,14 +226,19 @@ def serve_ui(workdir: Path, port: int = 4200, watch_interval: float = 5.0, host:
 
 
 def _ensure_gpu_limit(env: dict[str, str], log: Path) -> None:
-    """Create the global `gpu` concurrency limit (one slot) unless it exists."""
-    from pipelines.wiring import GPU_LIMIT
+    """Create one concurrency limit of one slot per visible GPU (`gpu:<host>:<index>`) unless it exists."""
+    from infra.cluster import local_devices
+    from pipelines.wiring import device_limit
 
-    with log.open("ab") as fh:
-        exists = subprocess.run(prefect_cmd("gcl", "inspect", GPU_LIMIT), env=env, stdout=fh,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, check=False).returncode == 0
-    if not exists:
-        run_prefect(["gcl", "create", GPU_LIMIT, "--limit", "1"], env, PROJECT_ROOT, log)
+    for device in local_devices():
+        name = device_limit(device)
+        if name is None:
+            continue
+        with log.open("ab") as fh:
+            exists = subprocess.run(prefect_cmd("gcl", "inspect", name), env=env, stdout=fh,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, check=False).returncode == 0
+        if not exists:
+            run_prefect(["gcl", "create", name, "--limit", "1"], env, PROJECT_ROOT, log)
 
 
 def _ensure_sources(source_root: Path) -> None:

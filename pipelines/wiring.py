@@ -1,4 +1,5 @@
-"""Prefect wiring shared by the flows: retry conditions, the `gpu` concurrency slot, "skipped" states, content
+"""Prefect wiring shared by the flows: retry conditions, the per-device `gpu:<host>:<index>`
+concurrency slots, the device a worker owns, "skipped" states, content
 keys, and artifacts a person can read in the UI (tables that fit, PNG previews embedded as data URIs)."""
 
 from __future__ import annotations
@@ -7,7 +8,9 @@ import base64
 import hashlib
 import io
 import json
-from collections.abc import Iterator
+import os
+import socket
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -17,8 +20,9 @@ from prefect.states import Completed, State
 
 from infra.markdown import escape_markdown, escape_rows
 
-#: Name of the global concurrency limit that labelling and training take a slot of (`hvp ui` creates it with one
-#: slot; where it does not exist, work proceeds unlimited).
+#: Prefix of the per-device concurrency limits that model work takes a slot of: `gpu:<host>:<index>` (`hvp ui`
+#: creates one, with one slot, per visible GPU; where a device has none, work on it proceeds unlimited). CPU work
+#: takes no device slot: CPU stages keep their own task-runner limits.
 GPU_LIMIT = "gpu"
 #: Longest side of an image preview embedded in a markdown artifact, in pixels.
 PREVIEW_SIDE = 720
@@ -32,6 +36,16 @@ def threads(workers: int) -> Any:
     return ThreadPoolTaskRunner(max_workers=workers)
 
 
+def engine_runner(workers: int = 1, dask_address: str | None = None) -> Any:
+    """The task runner that fans a stage's shards out: the Dask cluster at ``dask_address`` (workers on any machine
+    that point at its scheduler, one per device), else ``workers`` threads of this process."""
+    if dask_address:
+        from prefect_dask import DaskTaskRunner
+
+        return DaskTaskRunner(address=dask_address)
+    return threads(max(1, workers))
+
+
 def retry_on_io(task: Any, task_run: Any, state: Any) -> bool:
     """Retry only transient I/O failures (OSError); bad input and bugs fail at once."""
     try:
@@ -43,37 +57,91 @@ def retry_on_io(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
+def worker_device() -> str:
+    """The device this process owns: ``HVP_DEVICE`` (set per worker by infra.cluster, or by hand on a remote
+    ``dask worker``), else "auto" (the stage picks CUDA when present)."""
+    from infra.cluster import DEVICE_ENV
+
+    return os.environ.get(DEVICE_ENV) or "auto"
+
+
+def device_limit(device: str, host: str | None = None) -> str | None:
+    """The concurrency limit guarding ``device`` on ``host`` (this machine by default): `gpu:<host>:<index>` for a
+    GPU, None for the CPU."""
+    if not device.startswith("cuda"):
+        return None
+    index = device.split(":", 1)[1] if ":" in device else "0"
+    return f"{GPU_LIMIT}:{host or socket.gethostname()}:{index}"
+
+
 @contextmanager
-def gpu_slot() -> Iterator[None]:
-    """Hold one slot of the global `gpu` concurrency limit while model work runs (no-op where the server has no
-    such limit, e.g. the temporary server of a CLI run: `hvp ui` creates it)."""
+def gpu_slot(device: str | None = None) -> Iterator[None]:
+    """Hold the slot of ``device``'s concurrency limit (`gpu:<host>:<index>`; default: this worker's device) while
+    model work runs; a no-op on the CPU and where the server has no such limit (e.g. a CLI run's temporary
+    server: `hvp ui` creates them)."""
     from prefect.concurrency.sync import concurrency
 
-    if not _gpu_limit_exists():
+    name = device_limit(device or worker_device())
+    if name is None or not _limit_exists(name):
         yield
         return
-    with concurrency(GPU_LIMIT, occupy=1, strict=False):
+    with concurrency(name, occupy=1, strict=False):
         yield
 
 
-_GPU_LIMIT_SEEN: dict[str, bool] = {}
+_LIMIT_SEEN: dict[tuple[str, str], bool] = {}
 
 
-def _gpu_limit_exists() -> bool:
-    """Whether the current Prefect API has the `gpu` limit (asked once per API address and process)."""
+def _limit_exists(name: str) -> bool:
+    """Whether the current Prefect API has the concurrency limit ``name`` (asked once per API, name and
+    process)."""
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
     from prefect.settings import PREFECT_API_URL
 
-    api = str(PREFECT_API_URL.value())
-    if api not in _GPU_LIMIT_SEEN:
+    key = (str(PREFECT_API_URL.value()), name)
+    if key not in _LIMIT_SEEN:
         try:
             with get_client(sync_client=True) as client:
-                client.read_global_concurrency_limit_by_name(GPU_LIMIT)
-            _GPU_LIMIT_SEEN[api] = True
+                client.read_global_concurrency_limit_by_name(name)
+            _LIMIT_SEEN[key] = True
         except ObjectNotFound:
-            _GPU_LIMIT_SEEN[api] = False
-    return _GPU_LIMIT_SEEN[api]
+            _LIMIT_SEEN[key] = False
+    return _LIMIT_SEEN[key]
+
+
+def fan_out(submit: Callable[[Any], Any], items: list[Any], in_flight: int) -> list[Any]:
+    """Submit one task per item (``submit(item)`` returns a Prefect future) with at most ``in_flight`` unfinished
+    at once, so a large pending list never floods the engine; returns the results in item order."""
+    from prefect.futures import as_completed
+
+    results: list[Any] = [None] * len(items)
+    running: list[tuple[Any, int]] = []
+
+    def collect(future: Any) -> None:
+        k = next(i for i, (f, _) in enumerate(running) if f is future)
+        results[running.pop(k)[1]] = future.result()
+
+    for index, item in enumerate(items):
+        if len(running) >= max(1, in_flight):
+            collect(next(as_completed([f for f, _ in running])))
+        running.append((submit(item), index))
+    for future in as_completed([f for f, _ in running]):
+        collect(future)
+    return results
+
+
+def concurrently(calls: Sequence[Callable[[], Any]]) -> list[Any]:
+    """Run independent subflow calls at once, each in a thread that carries this flow run's context (so each is a
+    subflow of it); returns their results in order. Used where the engine has room for several stages."""
+    import contextvars
+    from concurrent.futures import ThreadPoolExecutor
+
+    if len(calls) <= 1:
+        return [c() for c in calls]
+    with ThreadPoolExecutor(max_workers=len(calls)) as pool:
+        futures = [pool.submit(contextvars.copy_context().run, c) for c in calls]
+        return [f.result() for f in futures]
 
 
 @contextmanager

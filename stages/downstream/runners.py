@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -79,6 +79,9 @@ class FeaturesConfig(BaseModel):
     """Only images of these splits; None: all."""
     batch_size: int = Field(default=8, ge=1)
     device: Device = "auto"
+    images: list[str] | None = None
+    """Only these image ids (one shard of a fanned-out run, which records no run file: its flow records the merged
+    one with ``record_features``); None: all of the datasets'."""
 
 
 @dataclass
@@ -90,6 +93,8 @@ class FeaturesResult:
     """The backbone's provenance (a checkpoint sha256 or random-init)."""
     rows: list[dict[str, Any]]
     config_path: str
+    resolved: dict[str, Any] = field(default_factory=dict)
+    """The run record (config, feature set, weights, descriptor, rows) written, or for a shard to be merged."""
 
     @property
     def computed(self) -> int:
@@ -140,6 +145,8 @@ def run_features(catalog: Catalog, config: FeaturesConfig, *, backbone: Backbone
     rows = []
     for dataset in config.datasets or feature_datasets():
         ids, left_out = feature_images(catalog, [dataset], config.splits)
+        if config.images is not None:
+            ids = [i for i in ids if i in set(config.images)]
         row: dict[str, Any] = {"dataset": dataset, "feature_set": loaded.set_id, "weights": loaded.provenance,
                                "images": len(ids), "computed": 0, "cached": 0, "seconds": 0.0,
                                "note": left_out.get(dataset, "")}
@@ -148,11 +155,34 @@ def run_features(catalog: Catalog, config: FeaturesConfig, *, backbone: Backbone
             row.update(computed=len(run.computed), cached=len(run.cached), seconds=round(run.seconds, 2),
                        note="" if run.computed else "unchanged: nothing to compute")
         rows.append(row)
-    resolved = {"config": config.model_dump(mode="json"), "feature_set": loaded.set_id, "weights": loaded.provenance,
-                "descriptor": loaded.descriptor, "rows": rows}
-    rel = f"{FEATURES_CONFIG_DIR}/{loaded.set_id}.json"
+    resolved = {"config": config.model_dump(mode="json", exclude={"images"}), "feature_set": loaded.set_id,
+                "weights": loaded.provenance, "descriptor": loaded.descriptor, "rows": rows}
+    path = record_features(catalog, resolved) if config.images is None else ""
+    return FeaturesResult(loaded.set_id, loaded.provenance, rows, path, resolved)
+
+
+def record_features(catalog: Catalog, resolved: dict[str, Any]) -> str:
+    """Write a features run's record (its resolved config and rows) to features/runs/<feature set>.json; returns
+    its URI."""
+    rel = f"{FEATURES_CONFIG_DIR}/{resolved['feature_set']}.json"
     catalog.storage.put_bytes(rel, json.dumps(resolved, indent=2, default=str).encode())
-    return FeaturesResult(loaded.set_id, loaded.provenance, rows, f"{catalog.uri}/{rel}")
+    return f"{catalog.uri}/{rel}"
+
+
+def merge_feature_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Shard rows of a fanned-out features run merged into one row per dataset (counts and seconds summed), in the
+    order the datasets first appear."""
+    merged: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        if row["dataset"] not in merged:
+            merged[row["dataset"]] = dict(row)
+            continue
+        into = merged[row["dataset"]]
+        for key in ("images", "computed", "cached"):
+            into[key] += row[key]
+        into["seconds"] = round(into["seconds"] + row["seconds"], 2)
+        into["note"] = "" if into["computed"] else into["note"] or row["note"]
+    return list(merged.values())
 
 
 # ------------------------------------------------------------------------------------------------ heads

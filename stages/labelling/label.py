@@ -79,13 +79,15 @@ class FuseConfig(BaseModel):
     datasets: list[str] | None = Field(default=None, description="only images of these datasets; None: all")
 
 
-def build_labeler(branch: str, spec: LabelerSpec) -> Labeler:
-    """The labeler of one branch from its spec."""
-    return LABELERS.get(branch)()(dict(spec.model), spec.checkpoint, dict(spec.params))
+def build_labeler(branch: str, spec: LabelerSpec, device: str | None = None) -> Labeler:
+    """The labeler of one branch from its spec, its model on ``device`` (None or "auto": CUDA when present; the
+    device never changes the labeler id)."""
+    kw = {} if device in (None, "auto") else {"device": device}
+    return LABELERS.get(branch)()(dict(spec.model), spec.checkpoint, dict(spec.params), **kw)
 
 
-def cached_labeler(branch: str, spec: LabelerSpec) -> Labeler:
-    """One labeler per branch and whole spec in this process (models are built once, not per image).
+def cached_labeler(branch: str, spec: LabelerSpec, device: str | None = None) -> Labeler:
+    """One labeler per branch, whole spec and device in this process (models are built once, not per image).
 
     The cache key is the spec itself plus the checkpoint file's size and modification time, so two specs never
     share a labeler and a checkpoint replaced in place is loaded afresh."""
@@ -93,15 +95,23 @@ def cached_labeler(branch: str, spec: LabelerSpec) -> Labeler:
     if spec.checkpoint and Path(spec.checkpoint).is_file():
         st = Path(spec.checkpoint).stat()
         stamp = (st.st_size, st.st_mtime_ns)
-    key = json.dumps({"branch": branch, "spec": spec.model_dump(mode="json"), "checkpoint_stamp": stamp},
-                     sort_keys=True, default=str)
+    key = json.dumps({"branch": branch, "spec": spec.model_dump(mode="json"), "checkpoint_stamp": stamp,
+                      "device": device}, sort_keys=True, default=str)
     return _labeler_for_key(key)
 
 
 @lru_cache(maxsize=12)
 def _labeler_for_key(key: str) -> Labeler:
     spec = json.loads(key)
-    return build_labeler(spec["branch"], LabelerSpec.model_validate(spec["spec"]))
+    return build_labeler(spec["branch"], LabelerSpec.model_validate(spec["spec"]), spec["device"])
+
+
+def shards(image_ids: list[str], size: int) -> list[list[str]]:
+    """``image_ids`` cut into consecutive shards of at most ``size`` (the unit of work a worker takes: one task per
+    shard, not per image, so the orchestrator's per-task cost is amortised)."""
+    if size < 1:
+        raise ValueError(f"shard size must be >= 1, got {size}; set label_batch (HVP_LABEL_BATCH) to 1 or more.")
+    return [image_ids[k:k + size] for k in range(0, len(image_ids), size)]
 
 
 def clear_labeler_cache() -> None:

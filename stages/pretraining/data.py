@@ -380,11 +380,13 @@ def _pad(x: np.ndarray, size: int) -> np.ndarray:
 class BandSignatureBatchSampler(Sampler[list[tuple[int, int]]]):
     """Batches of (image index, draw id) whose images share one band signature, for steps [start_step, steps).
 
-    At each step a signature group is drawn with probability proportional to its image count (the same group on
-    every rank), then the group is permuted (cycled when smaller than world_size x batch_size) and rank r takes
-    the r-th slice: DistributedSampler's sharding, per step. Draw ids are unique per (step, rank, slot), so every
-    crop is a fresh random crop, and the stream depends only on (seed, step, rank): resuming at step k yields
-    what an uninterrupted run yields from k on.
+    Steps are grouped in epochs. Each epoch, every signature group is permuted and cut into blocks of
+    world_size x batch_size images (the last block of a group padded with the group's first images of that epoch,
+    as DistributedSampler pads), the blocks of all groups are shuffled together (so groups mix in proportion to
+    their size), and at each step rank r takes the r-th slice of one block. So in one epoch the ranks read
+    disjoint shards of the catalog and, padding aside, every image exactly once. Draw ids are unique per (step,
+    rank, slot), so every crop is a fresh random crop, and the stream depends only on (seed, step, rank): resuming
+    at step k yields what an uninterrupted run yields from k on.
     """
 
     def __init__(self, signatures: Sequence[str], batch_size: int, steps: int, seed: int = 0, start_step: int = 0,
@@ -397,24 +399,38 @@ class BandSignatureBatchSampler(Sampler[list[tuple[int, int]]]):
         for i, sig in enumerate(signatures):
             groups.setdefault(sig, []).append(i)
         self.groups = [np.asarray(groups[k]) for k in sorted(groups)]
-        sizes = np.asarray([g.size for g in self.groups], dtype=np.float64)
-        self.weights = sizes / sizes.sum()
         self.batch_size = batch_size
         self.steps = steps
         self.seed = seed
         self.start_step = start_step
         self.rank = rank
         self.world_size = world_size
+        need = world_size * batch_size
+        self.steps_per_epoch = sum(-(-g.size // need) for g in self.groups)
+        self._plan: tuple[int, list[np.ndarray]] | None = None
+
+    def epoch_blocks(self, epoch: int) -> list[np.ndarray]:
+        """The blocks of one epoch, in step order: world_size x batch_size image indices each, one group's."""
+        if self._plan is not None and self._plan[0] == epoch:
+            return self._plan[1]
+        rng = np.random.default_rng([self.seed, epoch])
+        need = self.world_size * self.batch_size
+        blocks = []
+        for group in self.groups:
+            order = rng.permutation(group)
+            order = np.resize(order, -(-order.size // need) * need)  # pad by cycling the epoch's own order
+            blocks += [order[k:k + need] for k in range(0, order.size, need)]
+        plan = [blocks[i] for i in rng.permutation(len(blocks))]
+        self._plan = (epoch, plan)
+        return plan
 
     def batch(self, step: int) -> list[tuple[int, int]]:
         """This rank's batch at `step`."""
-        rng = np.random.default_rng([self.seed, step])
-        members = self.groups[int(rng.choice(len(self.groups), p=self.weights))]
-        need = self.world_size * self.batch_size
-        order = np.concatenate([rng.permutation(members) for _ in range(-(-need // members.size))])
+        epoch, k = divmod(step, self.steps_per_epoch)
+        block = self.epoch_blocks(epoch)[k]
         start = self.rank * self.batch_size
-        base = step * need + start
-        return [(int(order[start + j]), base + j) for j in range(self.batch_size)]
+        base = step * self.world_size * self.batch_size + start
+        return [(int(block[start + j]), base + j) for j in range(self.batch_size)]
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         for step in range(self.start_step, self.steps):
