@@ -138,3 +138,21 @@ def test_baseline_metrics_match_a_direct_computation(airborne: Catalog) -> None:
     direct = classification_metrics(scores.predictions[0][test.rows, test.cols], test.ids, ignore_index=None)
     assert scores.metrics["oa"] == pytest.approx(direct["oa"]) and scores.metrics["kappa"] == pytest.approx(
         direct["kappa"])
+
+
+def test_cli_run_all_with_a_benchmark_and_tune(airborne: Catalog, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    args = ["heads", "run-all", "--plain", "--out", str(tmp_path), "--task", TASK, "--benchmark",
+            f"{TASK}=indian-pines", "--model", "hypersigma_tiny", "--steps", "3", "--tune", "full", "--catalog",
+            airborne.uri, "--device", "cpu"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    doc = json.loads((tmp_path / "report.json").read_text())
+    assert set(doc["tasks"]) == {TASK} and json.loads((tmp_path / TASK / "run.json").read_text())["spec"]["tune"] \
+        == "full"
+    res = CliRunner().invoke(app, [*args[:4], str(tmp_path / "seg"), "--task", "segmentation", "--tune", "full",
+                                   "--catalog", airborne.uri])
+    assert res.exit_code != 0 and "tune='head'" in str(res.exception)
