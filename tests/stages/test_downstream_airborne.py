@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from catalog.catalog import Catalog
 from stages.downstream.checkpoints import load_head
-from stages.downstream.features import BackboneSpec, load_backbone
+from stages.downstream.features import BackboneSpec, load_backbone, read_cube
 from stages.downstream.heads import evaluate_run
 from stages.downstream.pixels import Scene, pca
 from stages.downstream.runners import BackboneConfig, HeadsConfig, TaskChoice, run_heads
@@ -156,3 +156,85 @@ def test_cli_run_all_with_a_benchmark_and_tune(airborne: Catalog, tmp_path: Path
     res = CliRunner().invoke(app, [*args[:4], str(tmp_path / "seg"), "--task", "segmentation", "--tune", "full",
                                    "--catalog", airborne.uri])
     assert res.exit_code != 0 and "tune='head'" in str(res.exception)
+
+
+@pytest.fixture(scope="module")
+def detection(tmp_path_factory: pytest.TempPathFactory) -> Catalog:
+    """The change pair (Hermiston), target (AVIRIS) and anomaly (ABU beach) fixture scenes ingested."""
+    from catalog.fixtures import write_dataset
+    from stages.ingest import IngestConfig, run_ingest
+
+    root = tmp_path_factory.mktemp("detection-sources")
+    for slug in ("hermiston", "aviris-targets", "abu-beach"):
+        write_dataset(slug, root)
+    cat = Catalog(tmp_path_factory.mktemp("detection") / "catalog").init()
+    assert not run_ingest(cat, IngestConfig(source_root=str(root))).problems
+    return cat
+
+
+DETECTION = {"airborne_change": "hermiston", "airborne_target": "aviris-targets", "airborne_anomaly": "abu-beach"}
+
+
+def test_change_target_and_anomaly_through_run_heads(detection: Catalog, tmp_path: Path) -> None:
+    result = run_heads(detection, HeadsConfig(
+        out_dir=str(tmp_path), backbone=BackboneConfig(model="hypersigma_tiny", seed=5), head_size="small", steps=10,
+        device="cpu", tasks=[TaskChoice(task=t, dataset=d) for t, d in DETECTION.items()]))
+    reports = {o.report.task: o.report for o in result.outcomes}
+    assert set(reports) == set(DETECTION)
+    change = reports["airborne_change"]
+    assert {"oa", "kappa", "f1", "precision", "recall"} <= set(change.head) and 0 <= change.head["f1"] <= 1
+    for task in ("airborne_target", "airborne_anomaly"):
+        auc = reports[task].head
+        assert set(auc) == {"auc_pd_pf", "auc_tau_pd", "auc_tau_pf", "auc_oa", "auc_snpr"}
+        assert auc["auc_oa"] == pytest.approx(auc["auc_pd_pf"] + auc["auc_tau_pd"] - auc["auc_tau_pf"])
+    report = (tmp_path / "report.md").read_text()
+    assert "change vectors + Otsu" in report and "RX (the coarse detector)" in report and "91.74" in report
+
+
+def test_pseudo_labels_take_the_lowest_30_and_the_top_0_15_percent() -> None:
+    from stages.downstream.tasks.airborne_detection import pseudo_labels
+
+    scores = np.random.default_rng(1).permutation(10_000).reshape(100, 100) / 10_000
+    labels = pseudo_labels(scores)
+    assert (labels == 0).sum() == 3000 and (labels == 1).sum() == 15 and (labels == -1).sum() == 10_000 - 3015
+    assert scores[labels == 0].max() < scores[labels == -1].min() < scores[labels == -1].max() < \
+        scores[labels == 1].min()
+
+
+def test_detection_and_change_scores_match_direct_computation(detection: Catalog) -> None:
+    from stages.downstream.heads import load_task_data, new_head
+    from stages.metrics import change_metrics, detection_auc
+    from stages.zeroshot.baselines import change_vector, rx
+
+    backbone = load_backbone(BackboneSpec(model="hypersigma_tiny", seed=5), "cpu")
+    anomaly = TASKS.get("airborne_anomaly")
+    data = load_task_data(detection, backbone, anomaly.spec("small", backbone.img_size, dataset="abu-beach"))
+    image = data.test_ids[0]
+    gt = detection.annotation(image).array > 0
+    raw = read_cube(detection, image)
+    base = anomaly.baseline(detection, data)
+    direct = detection_auc(rx(raw), gt)
+    assert base.metrics == pytest.approx(direct)
+    head = new_head(data.spec, backbone, data)
+    scored = anomaly.evaluate(detection, head, backbone, data, torch.device("cpu"))
+    assert scored.metrics == pytest.approx(detection_auc(scored.predictions[0], gt))
+    change = TASKS.get("airborne_change")
+    data = load_task_data(detection, backbone, change.spec("small", backbone.img_size, dataset="hermiston"))
+    test, image = data.test, data.test_ids[0]
+    ann = detection.annotation(image)
+    _, binary = change_vector(read_cube(detection, image), np.moveaxis(ann.second, 0, -1))
+    direct = change_metrics(binary[test.rows, test.cols], ann.array[test.rows, test.cols] > 0)
+    assert change.baseline(detection, data).metrics == pytest.approx(direct)
+    assert len(test) + int(data.extras["train_mask"].sum()) == ann.array.size
+
+
+def test_full_tuning_of_the_siamese_change_head(detection: Catalog, tmp_path: Path) -> None:
+    backbone = load_backbone(BackboneSpec(model="hypersigma_tiny", seed=5), "cpu")
+    before = _state(backbone.model)
+    run_heads(detection, HeadsConfig(out_dir=str(tmp_path), backbone=BackboneConfig(model="hypersigma_tiny", seed=5),
+                                     head_size="small", steps=3, device="cpu", tune="full",
+                                     tasks=[TaskChoice(task="airborne_change", dataset="hermiston")]),
+              backbone=backbone)
+    tuned, _ = load_head(tmp_path / "airborne_change")
+    assert tuned.backbone is not None
+    assert any(not torch.equal(v, before[k]) for k, v in tuned.backbone.state_dict().items())

@@ -3,7 +3,9 @@ Adding a task: write its module (hooks + `register_task(card, ...)`) and card, a
 
 from stages.downstream.registry import TASKS, TaskDef, ordered_tasks
 from stages.downstream.tasks import (  # noqa: F401  (registers the tasks)
+    airborne_change,
     airborne_classification,
+    airborne_detection,
     saliency,
     segmentation,
     tracking,

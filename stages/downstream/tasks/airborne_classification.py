@@ -6,7 +6,6 @@ fine-tuned with the head (tune=full)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -16,11 +15,21 @@ import yaml
 from torch import nn
 
 from catalog.catalog import Catalog
-from infra.errors import InputError
-from model.registry import resolve_name
 from stages.downstream.data import LabelInfo
 from stages.downstream.features import Backbone, cube_info, read_cube
-from stages.downstream.pixels import PixelLoss, PixelSample, Scene, pca, pixel_samples, predict_pixels, scene_of
+from stages.downstream.pixels import (
+    PixelLoss,
+    PixelSample,
+    PixelSplit,
+    backbone_options,
+    frozen_model,
+    pca,
+    pixel_head_options,
+    pixel_samples,
+    predict_pixels,
+    scene_id,
+    scene_of,
+)
 from stages.downstream.registry import Scores, register_task
 from stages.downstream.report import Overlay
 from stages.downstream.spec import TaskData, TaskSpec
@@ -31,40 +40,6 @@ from stages.zeroshot.baselines import logistic_regression
 CARD = Path(__file__).with_suffix(".yaml")
 PCA_COMPONENTS = int(yaml.safe_load(CARD.read_text())["input"]["pca_components"])
 """Principal components the backbone reads (the card's `input.pca_components`)."""
-
-
-class PixelSplit(Sequence[tuple[int, int, int]]):
-    """One split of the scene: its pixels, their class ids and class indices, and how to encode them; a sequence
-    of (row, col, class id)."""
-
-    def __init__(self, scene: Scene, mask: np.ndarray, labels: np.ndarray, class_ids: list[int]) -> None:
-        self.scene = scene
-        self.rows, self.cols = np.nonzero(mask)
-        self.ids = labels[self.rows, self.cols].astype(np.int64)
-        lookup = {c: i for i, c in enumerate(class_ids)}
-        self.targets = np.array([lookup.get(int(c), -1) for c in self.ids], dtype=np.int64)
-
-    def __len__(self) -> int:
-        """Pixels in the split (what the report counts as items)."""
-        return len(self.ids)
-
-    def __getitem__(self, i: Any) -> Any:
-        """(row, col, class id) of pixel `i`."""
-        return int(self.rows[i]), int(self.cols[i]), int(self.ids[i])
-
-    def encode(self, model: nn.Module) -> torch.Tensor:
-        """(N, D) vectors of this split's pixels from one whole-scene pass of `model`."""
-        return self.scene.at(self.scene.maps(model), self.rows, self.cols)
-
-
-def scene_id(catalog: Catalog, dataset: str, kind: str) -> str:
-    """The one labelled scene of `dataset` with annotations of `kind` (airborne benchmarks are single scenes)."""
-    df = catalog.images(dataset)
-    ids = sorted(df.loc[df["label_kind"] == kind, "image_id"]) if not df.empty else []
-    if len(ids) != 1:
-        raise InputError(catalog.uri, "dataset", f"'{dataset}' holds {len(ids)} {kind} scenes; this task reads one",
-                         "pass a dataset with exactly one labelled scene (`hvp datasets` lists them)")
-    return str(ids[0])
 
 
 def read(catalog: Catalog, backbone: Backbone, spec: TaskSpec, with_train: bool, on_progress: Any) -> TaskData:
@@ -82,11 +57,10 @@ def read(catalog: Catalog, backbone: Backbone, spec: TaskSpec, with_train: bool,
     train_mask, test_mask = annotation.pixels(spec.train_split), annotation.pixels(spec.test_split)
     class_ids = sorted(int(c) for c in np.unique(labels[train_mask | test_mask]) if c > 0)
     names = tuple(annotation.class_names[c] if c < len(annotation.class_names) else str(c) for c in class_ids)
-    train = PixelSplit(scene, train_mask & (labels > 0), labels, class_ids)
-    test = PixelSplit(scene, test_mask & (labels > 0), labels, class_ids)
+    train = PixelSplit.of((scene,), train_mask & (labels > 0), labels, class_ids)
+    test = PixelSplit.of((scene,), test_mask & (labels > 0), labels, class_ids)
     extras = {"pca_components": int(reduced.shape[-1]), "pca_variance_kept": kept, "class_ids": class_ids,
-              "cube": cube, "backbone": {"model": resolve_name(backbone.spec.model),
-                                         "overrides": backbone.spec.resolved_overrides()}}
+              "cube": cube, "backbone": backbone_options(backbone)}
     return TaskData(spec, train if with_train else None, test, [image_id] if with_train else [], [image_id],
                     LabelInfo(TASK.annotation, names, None), extras=extras)
 
@@ -96,20 +70,15 @@ def _split(items: Any) -> PixelSplit:
 
 
 def head_options(spec: TaskSpec, data: TaskData) -> dict[str, Any]:
-    """One logit per class; with tune=full the head carries a copy of the backbone's layout (new_head loads the
-    backbone's weights into it)."""
+    """One logit per class (and, with tune=full, the backbone copy)."""
     assert data.info is not None
-    options: dict[str, Any] = {"num_classes": data.info.num_classes}
-    if spec.tune == "full":
-        options["backbone"] = data.extras["backbone"]
-    return options
+    return pixel_head_options(spec, data, data.info.num_classes)
 
 
 def samples(data: TaskData, backbone: Backbone) -> list[PixelSample]:
     """The train pixels; head-only runs sample the frozen backbone's features once."""
     assert data.train is not None
-    return pixel_samples(_split(data.train).encode, _split(data.train).targets,
-                         backbone.model if data.spec.tune == "head" else None)
+    return pixel_samples(_split(data.train).encode, _split(data.train).targets, frozen_model(data.spec, backbone))
 
 
 def loss(data: TaskData) -> PixelLoss:
@@ -132,7 +101,7 @@ def evaluate(catalog: Catalog, head: nn.Module, backbone: Backbone, data: TaskDa
     k = len(ids)
     index = {int(c): i for i, c in enumerate(ids)}
     confusion = confusion_matrix([np.array([index[int(p)] for p in pred])], [test.targets], k, None)
-    class_map = np.zeros(test.scene.cube.shape[:2], dtype=np.int64)
+    class_map = np.zeros(test.shape, dtype=np.int64)
     class_map[test.rows, test.cols] = pred
     assert data.info is not None
     return Scores(_metrics(pred, test, data.extras), confusion=confusion, class_names=data.info.class_names,
@@ -154,7 +123,7 @@ def baseline(catalog: Catalog, data: TaskData) -> Scores:
 def overlays(catalog: Catalog, data: TaskData, head: Scores, base: Scores) -> list[Overlay]:
     """The scene with its test labels and the head's classes there."""
     image_id, test = data.test_ids[0], _split(data.test)
-    target = np.full(test.scene.cube.shape[:2], -1, dtype=np.int64)
+    target = np.full(test.shape, -1, dtype=np.int64)
     target[test.rows, test.cols] = test.ids
     info = cube_info(catalog, image_id, 1.0)
     rgb = display_rgb(catalog, image_id, data.extras["cube"], info.wavelengths)
