@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal, cast
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from catalog.catalog import Catalog
 from stages.downstream.checkpoints import load_head
 from stages.downstream.features import BackboneSpec, load_backbone, read_cube
 from stages.downstream.heads import evaluate_run
-from stages.downstream.pixels import Scene, pca
+from stages.downstream.pixels import PixelSplit, Scene, pca
 from stages.downstream.runners import BackboneConfig, HeadsConfig, TaskChoice, run_heads
 from stages.downstream.spec import TaskSpec, task_fingerprint
 from stages.downstream.tasks import TASKS
@@ -43,7 +44,7 @@ def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-def _run(cat: Catalog, out: Path, model: str, tune: str, steps: int = 15) -> tuple:
+def _run(cat: Catalog, out: Path, model: str, tune: Literal["head", "full"], steps: int = 15) -> tuple:
     backbone = load_backbone(BackboneSpec(model=model, seed=3), "cpu")
     before = _state(backbone.model)
     result = run_heads(cat, HeadsConfig(out_dir=str(out), backbone=BackboneConfig(model=model, seed=3),
@@ -80,7 +81,7 @@ def test_classification_on_hypersigma_head_only(airborne: Catalog, tmp_path: Pat
 def test_full_tuning_changes_the_backbone_copy_and_is_fingerprinted(airborne: Catalog, tmp_path: Path) -> None:
     result, backbone, before = _run(airborne, tmp_path, "hypersigma_tiny", "full")
     tuned, _ = load_head(tmp_path / TASK)
-    assert tuned.backbone is not None
+    assert isinstance(tuned.backbone, torch.nn.Module)
     moved = [k for k, v in tuned.backbone.state_dict().items() if not torch.equal(v, before[k])]
     assert moved, "tune=full left every backbone weight as loaded"
     # the loaded (frozen) backbone itself is untouched: the head tunes its own copy
@@ -134,7 +135,7 @@ def test_baseline_metrics_match_a_direct_computation(airborne: Catalog) -> None:
     task = TASKS.get(TASK)
     data = load_task_data(airborne, backbone, task.spec("small", backbone.img_size, dataset="indian-pines"))
     scores = task.baseline(airborne, data)
-    test = data.test
+    test = cast(PixelSplit, data.test)
     direct = classification_metrics(scores.predictions[0][test.rows, test.cols], test.ids, ignore_index=None)
     assert scores.metrics["oa"] == pytest.approx(direct["oa"]) and scores.metrics["kappa"] == pytest.approx(
         direct["kappa"])
@@ -220,8 +221,9 @@ def test_detection_and_change_scores_match_direct_computation(detection: Catalog
     assert scored.metrics == pytest.approx(detection_auc(scored.predictions[0], gt))
     change = TASKS.get("airborne_change")
     data = load_task_data(detection, backbone, change.spec("small", backbone.img_size, dataset="hermiston"))
-    test, image = data.test, data.test_ids[0]
+    test, image = cast(PixelSplit, data.test), data.test_ids[0]
     ann = detection.annotation(image)
+    assert ann.second is not None
     _, binary = change_vector(read_cube(detection, image), np.moveaxis(ann.second, 0, -1))
     direct = change_metrics(binary[test.rows, test.cols], ann.array[test.rows, test.cols] > 0)
     assert change.baseline(detection, data).metrics == pytest.approx(direct)
@@ -236,5 +238,5 @@ def test_full_tuning_of_the_siamese_change_head(detection: Catalog, tmp_path: Pa
                                      tasks=[TaskChoice(task="airborne_change", dataset="hermiston")]),
               backbone=backbone)
     tuned, _ = load_head(tmp_path / "airborne_change")
-    assert tuned.backbone is not None
+    assert isinstance(tuned.backbone, torch.nn.Module)
     assert any(not torch.equal(v, before[k]) for k, v in tuned.backbone.state_dict().items())
