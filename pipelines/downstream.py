@@ -203,7 +203,7 @@ def heads_flow(profile: Profile = Profile.production, paths: PathParams = DEFAUL
           f"folder {folder}")
     base: dict[str, Any] = {"backbone": BackboneConfig.from_spec(spec), "head_size": head_size_for(
         loaded.descriptor["model"]), "steps": downstream.steps, "seed": seed, "device": device, "replace": True,
-        "folder_per_task": False}
+        "folder_per_task": False, "tune": downstream.tune}
     rows = [head_task(p.catalog, t, d, HeadsConfig.model_validate(
         {**base, "out_dir": str(folder / t), "tasks": [TaskChoice(task=t, dataset=d)]}).model_dump(mode="json"))
             for t, d in tasks.items()]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -270,6 +270,9 @@ class DownstreamParams(BaseModel):
     steps: int | None = Field(default=None, ge=1, description="Training steps per head. Empty: by model size "
                               "(100 for tiny).")
     device: Device = Field(default=Device.auto, description="auto (CUDA when available), cpu or cuda.")
+    tune: Literal["head", "full"] = Field(default="head", description="head: the backbone stays frozen; full: it "
+                                          "is fine-tuned with each head (tasks that support it, e.g. "
+                                          "airborne_classification; the others refuse it).")
     backbones: list[CompareBackboneParams] = Field(default_factory=list, description="Backbones the heads stage "
                                                    "compares beside the run's own (the same heads and data, one "
                                                    "report with a row per backbone per task). Empty: the run's "

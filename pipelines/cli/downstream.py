@@ -67,7 +67,10 @@ def features(catalog: CatalogOpt = None, checkpoint: CheckpointOpt = "random-ini
                   f"(feature set {run.set_id}, catalog {cat.uri}/features)")
 
 
-TaskArg = Annotated[str, typer.Argument(help="segmentation | saliency | tracking")]
+TaskArg = Annotated[str, typer.Argument(help="a registered task: segmentation | saliency | tracking | "
+                                               "airborne_classification")]
+TuneOpt = Annotated[str, typer.Option(help="head: the backbone stays frozen; full: it is fine-tuned with the head "
+                                           "(tasks that support it, e.g. airborne_classification)")]
 
 
 def heads_train(task: TaskArg, out: Annotated[Path, typer.Option(help="the head's run folder")],
@@ -81,6 +84,7 @@ def heads_train(task: TaskArg, out: Annotated[Path, typer.Option(help="the head'
                 seed: Annotated[int, typer.Option(help="seed of the head (and of random-init weights)")] = 0,
                 non_strict: Annotated[bool, typer.Option("--non-strict")] = False,
                 replace: Annotated[bool, typer.Option(help="start over a run of other inputs in OUT")] = False,
+                tune: TuneOpt = "head",
                 device: Annotated[str, typer.Option(help="auto | cuda | cpu")] = "auto") -> None:
     """Train TASK's head on the frozen backbone (features from the catalog's cache, computed where missing), score
     it on the test split beside the trivial baseline and write the report into OUT. Unchanged inputs reuse OUT's
@@ -94,7 +98,7 @@ def heads_train(task: TaskArg, out: Annotated[Path, typer.Option(help="the head'
         "tasks": [TaskChoice(task=task, dataset=dataset, train_split=train_split, test_split=test_split,
                              variant=variant)],
         "head_size": head_size_for(model), "steps": steps, "seed": seed, "device": device, "replace": replace,
-        "folder_per_task": False})
+        "folder_per_task": False, "tune": tune})
     with progress() as bar:
         bar_task = bar.add_task(f"{task} head", total=None)
         result = run_heads(open_catalog(catalog), config, on_step=lambda spec, step, loss: bar.update(
@@ -102,7 +106,8 @@ def heads_train(task: TaskArg, out: Annotated[Path, typer.Option(help="the head'
     outcome = result.outcomes[0]
     if outcome.skipped:
         console.print(f"inputs unchanged (fingerprint {outcome.fingerprint[:12]}): reused the result in {out}")
-    console.print(f"{task} head: {outcome.trainable_parameters:,} trainable parameters (backbone frozen, weights "
+    state = "backbone frozen" if tune == "head" else "backbone fine-tuned with it"
+    console.print(f"{task} head: {outcome.trainable_parameters:,} trainable parameters ({state}, weights "
                   f"{result.weights})")
     print_heads(result.table, f"{task}: head vs trivial baseline")
     console.print(f"report: {out / 'report.json'}  {out / 'report.md'}")
@@ -134,6 +139,7 @@ def heads_run_all(out: Annotated[Path, typer.Option(help="report folder, with on
                       "--task", help="only these tasks (default: every registered task)")] = None,
                   steps: Annotated[int | None, typer.Option(help="training steps per head")] = None,
                   seed: int = 0,
+                  tune: TuneOpt = "head",
                   device: Annotated[str, typer.Option(help="auto | cuda | cpu")] = "auto",
                   plain: Annotated[bool, typer.Option(help="run the stages directly, without Prefect")] = False
                   ) -> None:
@@ -154,7 +160,7 @@ def heads_run_all(out: Annotated[Path, typer.Option(help="report folder, with on
         config = HeadsConfig.model_validate({
             "out_dir": str(out), "backbone": backbone_config(checkpoint, model, override, preprocessing, seed, False),
             "tasks": [TaskChoice(task=t, dataset=d) for t, d in chosen.items()], "head_size": head_size_for(model),
-            "steps": steps, "seed": seed, "device": device, "replace": True})
+            "steps": steps, "seed": seed, "device": device, "replace": True, "tune": tune})
         console.print("[bold]" + ", ".join(f"{t} on {d}" for t, d in chosen.items()) + "[/bold]")
         result = run_heads(open_catalog(catalog), config)
         rows, report = result.table, str(result.report.json)
@@ -167,7 +173,7 @@ def heads_run_all(out: Annotated[Path, typer.Option(help="report folder, with on
             "model": resolve_name(model), "checkpoint": checkpoint, "seed": seed, "preprocessing": preprocessing,
             "overrides": key_values(override, "--override")})
         downstream = DownstreamParams.model_validate({"tasks": list(chosen), "benchmarks": chosen, "steps": steps,
-                                                      "device": device})
+                                                      "device": device, "tune": tune})
         done = downstream_flow(paths=PathParams(catalog=catalog), backbone=backbone_params, downstream=downstream,
                                out_dir=str(out.resolve()), seed=seed)
         rows, report = done["table"], done["report"]

@@ -22,7 +22,7 @@ from model import HyperFree, describe, load_checkpoint
 from model.hyperfree import file_sha256, read_state_dict
 from model.hypersigma import FAMILY_HYPERSIGMA, HyperSigma, describe_contract, load_pretrained, prepare_cube
 from model.hypersigma.checkpoint import checkpoint_branch, read_released
-from model.preprocess import DEFAULT_CONTRACT, check_contract, extract_features, prepare
+from model.preprocess import DEFAULT_CONTRACT, check_contract, prepare
 from model.registry import FAMILY_HYPERFREE
 
 Geometry = tuple[tuple[int, int], tuple[int, int], float]
@@ -93,8 +93,11 @@ def _hyperfree_encode(model: nn.Module, cubes: Sequence[np.ndarray], wavelengths
 
 def _hyperfree_extract(model: nn.Module, cube: np.ndarray, wavelengths: np.ndarray, gsd_m: float, contract: str
                        ) -> list[torch.Tensor]:
-    assert isinstance(model, HyperFree)
-    return list(extract_features(model, cube, wavelengths, gsd_m, contract))
+    assert isinstance(model, HyperFree)  # differentiable: callers that do not train wrap it in no_grad
+    enc = model.image_encoder
+    prepared = prepare(cube, enc.img_size, contract, device=model.device)
+    image = prepared.image.to(enc.point_spectral_weight_bank_w.dtype)
+    return list(enc.forward_intermediates(image, wavelengths, prepared.effective_gsd(gsd_m)))
 
 
 register_adapter(BackboneAdapter(

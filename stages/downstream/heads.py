@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from catalog.annotations import SCENE_SPLIT
 from catalog.catalog import Catalog
 from infra.errors import InputError
 from model.heads import build_head, count_trainable_parameters
@@ -52,6 +53,8 @@ from stages.downstream.train import TrainResult, train_head
 from stages.training.device import resolve_device
 
 logger = logging.getLogger(__name__)
+
+PIXEL_SCENES = SCENE_SPLIT["pixel_classes"]
 
 
 def held_benchmarks(catalog: Catalog, tasks: dict[str, str]) -> tuple[dict[str, str], list[str]]:
@@ -82,11 +85,20 @@ def load_task_data(catalog: Catalog, backbone: Backbone, spec: TaskSpec, with_tr
 
 
 def new_head(spec: TaskSpec, backbone: Backbone, data: TaskData) -> nn.Module:
-    """A freshly initialised head (seeded by the training seed) sized from the backbone's feature layout."""
+    """A freshly initialised head (seeded by the training seed) sized from the backbone's feature layout. With
+    ``tune="full"`` the head carries a trainable copy of the backbone (its `backbone` module, built from the options
+    the task's `head_options` gives) starting from the loaded weights."""
     task = TASKS.get(spec.task)
     options = {**spec.head, **task.head_options(spec, data)}
     torch.manual_seed(spec.train.seed)
-    return build_head(task.head, backbone.layout, **options)
+    head = build_head(task.head, backbone.layout, **options)
+    if spec.tune == "full":
+        tuned = getattr(head, "backbone", None)
+        if not isinstance(tuned, nn.Module):
+            raise ValueError(f"Task {spec.task!r}: its head {task.head!r} carries no backbone to tune; use tune='head'")
+        tuned.load_state_dict(backbone.model.state_dict())
+        tuned.requires_grad_(True)
+    return head
 
 
 def fit_head(head: nn.Module, data: TaskData, backbone: Backbone, run_dir: Path,
@@ -111,7 +123,11 @@ def evaluate_head(catalog: Catalog, head: nn.Module, backbone: Backbone, data: T
     base = task.baseline(catalog, data)
     t2 = time.perf_counter()
     overlays = task.overlays(catalog, data, scored, base)
-    report = TaskReport(task.report, data.spec.dataset, scored.metrics, base.metrics, confusion=scored.confusion,
+    section = task.report
+    if len(task.tune) > 1:  # tasks that can tune their backbone say which way this run went
+        what = "fine-tuned backbone" if data.spec.tune == "full" else "frozen backbone"
+        section = dataclasses.replace(section, head_name=f"{section.head_name} (tune={data.spec.tune}: {what})")
+    report = TaskReport(section, data.spec.dataset, scored.metrics, base.metrics, confusion=scored.confusion,
                         class_names=scored.class_names, head_curves=scored.curves, baseline_curves=base.curves,
                         overlays=overlays)
     return report, {"eval_s": t1 - t0 + time.perf_counter() - t2, "baseline_s": t2 - t1}
@@ -134,7 +150,8 @@ def train_task(catalog: Catalog, backbone: Backbone, spec: TaskSpec, run_dir: Pa
     error unless `replace`, which starts it over."""
     run_dir = Path(run_dir)
     TASKS.get(spec.task)  # an unknown task fails before anything is read
-    labels = labels_fingerprint(catalog, spec.dataset, [spec.train_split, spec.test_split])
+    # scenes split by pixels (airborne pixel classes) sit in their own catalog split
+    labels = labels_fingerprint(catalog, spec.dataset, [spec.train_split, spec.test_split, PIXEL_SCENES])
     inputs = task_fingerprint(spec, backbone.set_id, labels)
     run_file = run_dir / RUN_FILE
     if run_file.is_file():

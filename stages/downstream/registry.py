@@ -33,6 +33,8 @@ from stages.metrics import TrackingCurves
 
 HEAD_SIZES = ("small", "paper")
 """Head sizes a task card defines: "small" for CPU-sized layouts, "paper" for the paper's heads and schedules."""
+TUNE_MODES = ("head", "full")
+"""What a run adapts: the head on the frozen backbone, or the backbone too."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,8 @@ class TaskDef:
     uncached_reason: str
     report: ReportSection
     sizes: Mapping[str, HeadSize]
+    tune: tuple[str, ...]
+    """What `TaskSpec.tune` may be: "head" (frozen backbone) and, where the task supports it, "full"."""
     read: ReadFn
     head_options: HeadOptionsFn
     samples: SamplesFn
@@ -120,6 +124,11 @@ class TaskDef:
             train["steps"] = steps
         if size.checkpoint_once:
             train["checkpoint_every"] = train.get("steps", HeadTrainConfig.steps)
+        tune = fields.get("tune", "head")
+        if tune not in self.tune:
+            raise ValueError(f"Task {self.name!r} supports tune={list(self.tune)}, not {tune!r}: its head reads the "
+                             "frozen backbone's features; run it with tune='head' (or tune 'full' on a task whose card "
+                             "lists it, e.g. airborne_classification).")
         tracker = fields.pop("tracker", None) or TrackerConfig(crop_px=img_size)
         head = {**size.head, **fields.pop("head", {})}
         return TaskSpec(task=self.name, dataset=dataset or self.default_dataset, head=head,
@@ -141,7 +150,7 @@ def _card_error(path: Path, key: str, problem: str) -> InputError:
 
 def load_card(path: Path) -> dict[str, Any]:
     """A task card (YAML) as TaskDef fields: name, order, annotation, datasets, head, cached_features,
-    uncached_reason, report and sizes (one per HEAD_SIZES)."""
+    uncached_reason, report, sizes (one per HEAD_SIZES) and tune (default: head only)."""
     doc = yaml.safe_load(Path(path).read_text())
     required = ("name", "order", "annotation", "datasets", "head", "report", "sizes")
     missing = [k for k in required if k not in doc]
@@ -155,6 +164,9 @@ def load_card(path: Path) -> dict[str, Any]:
     for table in paper:
         if any(len(f) > len(columns) for f in table.rows.values()):
             raise _card_error(path, f"report.paper.{table.key}", "a row has more figures than the table has columns")
+    tune = tuple(doc.get("tune", ["head"]))
+    if "head" not in tune or not set(tune) <= set(TUNE_MODES):
+        raise _card_error(path, "tune", f"is {list(tune)}; a card lists 'head' and optionally 'full'")
     if set(doc["sizes"]) != set(HEAD_SIZES):
         raise _card_error(path, "sizes", f"defines {sorted(doc['sizes'])}; a card defines {list(HEAD_SIZES)}")
     return {"name": doc["name"], "order": int(doc["order"]), "annotation": doc["annotation"],
@@ -162,7 +174,7 @@ def load_card(path: Path) -> dict[str, Any]:
             "cached_features": bool(doc.get("cached_features", True)),
             "uncached_reason": str(doc.get("uncached_reason", "")),
             "report": ReportSection(task=doc["name"], columns=columns, paper=paper, **report),
-            "sizes": {k: HeadSize(**(v or {})) for k, v in doc["sizes"].items()}}
+            "sizes": {k: HeadSize(**(v or {})) for k, v in doc["sizes"].items()}, "tune": tune}
 
 
 def register_task(card: Path, **hooks: Any) -> TaskDef:

@@ -314,8 +314,10 @@ def write_report(out_dir: Path, tasks: Sequence[TaskReport], *, weights: str, pr
         plots += _plot_overlays(t, plots_dir, weights)
     warning = ("\n**The backbone is random-init: these figures measure the pipeline, not a trained backbone, and "
                "are not comparable to the paper's.**\n" if "random-init" in weights else "")
+    tuned = (", except rows marked tune=full, whose backbone was fine-tuned with the head"
+             if any("tune=full" in t.section.head_name for t in tasks) else "")
     md = [f"# Downstream report\n\nBackbone `{model or 'unnamed'}`, weights `{weights}`, preprocessing "
-          f"`{preprocessing}`. Heads train on the frozen backbone's features (head-only adaptation).\n{warning}"]
+          f"`{preprocessing}`. Heads train on the frozen backbone's features (head-only adaptation){tuned}.\n{warning}"]
     md += [markdown_table(t, weights) + "\n" for t in tasks]
     md += [appendix.rstrip() + "\n"] if appendix.strip() else []
     md += ["Plots: " + ", ".join(f"[{p.name}](plots/{p.name})" for p in plots) + "\n"] if plots else []

@@ -226,6 +226,9 @@ class HeadsConfig(BaseModel):
     overlays: int | None = Field(default=None, ge=0)
     seed: int = 0
     """Seed of head training."""
+    tune: Literal["head", "full"] = "head"
+    """"head": the backbone stays frozen; "full": it is fine-tuned with the head (tasks whose card lists it, e.g.
+    airborne_classification; the other tasks refuse it). Recorded in each run's spec and fingerprint."""
     device: Device = "auto"
     replace: bool = False
     """Start over a run folder holding a run of other inputs (else that is an error)."""
@@ -238,6 +241,11 @@ class HeadsConfig(BaseModel):
             raise ValueError("HeadsConfig.folder_per_task=False needs exactly one task in `tasks`")
         if len({c.task for c in self.task_choices()}) != len(self.task_choices()):
             raise ValueError("HeadsConfig.tasks: one entry per task (the report holds one result per task)")
+        refuse = [c.task for c in self.task_choices() if self.tune not in TASKS.get(c.task).tune]
+        if refuse:
+            raise ValueError(f"HeadsConfig.tune={self.tune!r}: task(s) {refuse} train heads on the frozen backbone "
+                             "only; run them with tune='head', or choose tasks that support full tuning (e.g. "
+                             "airborne_classification)")
         return self
 
     def task_choices(self) -> list[TaskChoice]:
@@ -266,7 +274,7 @@ def heads_specs(config: HeadsConfig, img_size: int) -> list[TaskSpec]:
     for c in config.task_choices():
         spec = TASKS.get(c.task).spec(config.head_size, img_size, dataset=c.dataset, steps=config.steps,
                                       seed=config.seed, device=config.device, train_split=c.train_split,
-                                      test_split=c.test_split, variant=c.variant, **extra)
+                                      test_split=c.test_split, variant=c.variant, tune=config.tune, **extra)
         if config.checkpoint_every is not None:
             spec = dataclasses.replace(spec, train=dataclasses.replace(spec.train,
                                                                        checkpoint_every=config.checkpoint_every))

@@ -65,6 +65,8 @@ class TaskSpec:
     """Tracking: (template, search) training pairs drawn per training sequence."""
     overlays: int = 2
     """Qualitative examples in the report."""
+    tune: str = "head"
+    """"head": the backbone stays frozen; "full": it is fine-tuned with the head (tasks whose card allows it)."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-friendly dict; `from_dict` rebuilds the spec."""
@@ -92,6 +94,8 @@ class TaskData:
     info: LabelInfo | None
     """Class names and ignored id of image labels (None for tasks without them)."""
     features_s: float = 0.0
+    extras: dict[str, Any] = field(default_factory=dict)
+    """What a task's hooks share beyond the splits (e.g. the airborne tasks' input: PCA components, the cube)."""
 
     @property
     def counts(self) -> dict[str, int]:
@@ -104,6 +108,8 @@ def task_fingerprint(spec: TaskSpec, feature_set: str, labels: str) -> dict[str,
     aside), the backbone's feature set id and the labels' fingerprint."""
     spec_dict = spec.to_dict()
     spec_dict["train"] = {k: v for k, v in spec_dict["train"].items() if k not in RUNTIME_FIELDS}
+    if spec_dict["tune"] == "head":
+        del spec_dict["tune"]  # the default: runs made before `tune` existed keep their fingerprint
     inputs = {"version": HEADS_VERSION, "spec": spec_dict, "feature_set": feature_set, "labels": labels}
     digest = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
     return {"fingerprint": digest, **inputs}

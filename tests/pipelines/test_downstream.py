@@ -116,7 +116,8 @@ def test_deployments_name_the_demo_profile_and_forms_are_typed() -> None:
         assert all(f.get("description") for f in backbone.values())
         assert schema["definitions"]["ModelName"]["enum"] and schema["definitions"]["Device"]["enum"]
     heads = parameter_schema(heads_flow).model_dump()["definitions"]
-    assert heads["Task"]["enum"] == ["segmentation", "saliency", "tracking"]  # the registered tasks, report order
+    assert heads["Task"]["enum"] == ["segmentation", "saliency", "tracking", "airborne_classification",
+                                     "airborne_change", "airborne_target", "airborne_anomaly"]  # report order
 
 
 def test_empty_fields_resolve_to_the_latest_pretraining_run_and_absolute_paths(tmp_path: Path,

@@ -30,7 +30,10 @@ from stages.downstream.runners import BackboneConfig, HeadsConfig, TaskChoice, f
 from stages.downstream.spec import TaskSpec
 from stages.downstream.tasks import TASKS, ordered_tasks
 
-TASK_DATASETS = {name: TASKS.get(name).default_dataset for name in ordered_tasks()}
+TASK_DATASETS = {name: TASKS.get(name).default_dataset for name in ordered_tasks()
+                 if TASKS.get(name).default_dataset in ("hsi-drive-v2-0", "hssod", "hot-2023-vis")}
+"""The tasks whose benchmark the labelled fixture catalog holds (tests/conftest.py; the airborne tasks have their
+own, tests/stages/test_downstream_airborne.py)."""
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

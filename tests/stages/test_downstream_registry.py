@@ -43,7 +43,8 @@ sizes:
 
 
 def test_the_paper_tasks_are_registered_whole() -> None:
-    assert ordered_tasks() == ["segmentation", "saliency", "tracking"]
+    assert ordered_tasks() == ["segmentation", "saliency", "tracking", "airborne_classification", "airborne_change",
+                              "airborne_target", "airborne_anomaly"]
     for name in TASKS:
         task = TASKS.get(name)
         assert task.name == name and task.head in HEADS and set(task.sizes) == set(HEAD_SIZES)

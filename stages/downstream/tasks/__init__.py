@@ -2,6 +2,13 @@
 Adding a task: write its module (hooks + `register_task(card, ...)`) and card, and import the module here."""
 
 from stages.downstream.registry import TASKS, TaskDef, ordered_tasks
-from stages.downstream.tasks import saliency, segmentation, tracking  # noqa: F401  (registers the tasks)
+from stages.downstream.tasks import (  # noqa: F401  (registers the tasks)
+    airborne_change,
+    airborne_classification,
+    airborne_detection,
+    saliency,
+    segmentation,
+    tracking,
+)
 
 __all__ = ["TASKS", "TaskDef", "ordered_tasks"]
