@@ -247,3 +247,35 @@ def test_hypervision_dag_runs_every_stage_then_skips_them(prefect_server: None, 
     alone = heads_flow(Profile.demo, PathParams(catalog=paths.catalog, runs=paths.runs), downstream=downstream,
                        return_state=True)
     assert alone.name == "Skipped" and alone.result()["report"] == heads["report"]
+
+
+def test_hypersigma_mae_pretrains_through_the_dag_and_its_backbone_trains_a_head(prefect_server: None,
+                                                                                 tmp_path: Path) -> None:
+    """HyperSIGMA's spatial MAE as the DAG's pretraining objective: the run's checkpoint is the frozen backbone of
+    the heads stage, and its encoder loads strictly into the hypersigma layout."""
+    import torch
+    from safetensors.torch import load_file
+
+    from model.hypersigma import load_pretrained
+    from model.registry import get_config
+    from pipelines.hypervision import hypervision_flow
+
+    src = tmp_path / "src"
+    write_dataset("cave", src)  # 31 bands: the tiny MAE crops 18 contiguous ones
+    write_dataset("hssod", src)
+    paths = PathParams(source_root=str(src), catalog=str(tmp_path / "cat"), runs=str(tmp_path / "runs"))
+    pretrain = PretrainParams.model_validate({"model": "hypersigma_tiny", "objective": "mae_spatial", "steps": 4})
+    downstream = DownstreamParams(tasks=[Task.saliency], steps=5)
+    out = hypervision_flow(Profile.demo, paths, pretrain=pretrain, downstream=downstream)
+    states = {r["stage"]: r["state"] for r in out["stages"]}
+    assert states["pretrain"] == "Completed" and states["heads"] == "Completed", states
+    trained = out["outputs"]["pretrain"]
+    assert trained["steps_done"] == 4
+    heads = out["outputs"]["heads"]
+    report = json.loads(Path(heads["report"]).read_text())
+    assert set(report["tasks"]) == {"saliency"} and "random-init" not in report["provenance"]["weights"].split()[0]
+    state = load_file(str(Path(trained["checkpoint"]) / "model.safetensors"))
+    base = get_config("hypersigma_tiny")
+    encoder = base.spatial_encoder()
+    loaded = load_pretrained(encoder, state, released_edits=False, strict=True)  # strict: no missing key
+    assert loaded.loaded and all(torch.equal(encoder.state_dict()[k], state[k]) for k in loaded.loaded)
