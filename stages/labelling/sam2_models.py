@@ -80,17 +80,24 @@ def available_configs() -> list[str]:
     return sorted(names)
 
 
+_HYDRA = threading.RLock()
+"""Hydra's configuration is one process-wide singleton: labelers built at once in threads (the label branches run
+concurrently) take turns, or one would compose its model from the other's half-swapped state."""
+
+
 @contextmanager
 def sam2_hydra() -> Iterator[None]:
-    """Hydra initialised on sam2's config module for the duration, whatever the caller had set up globally."""
-    previous = GlobalHydra.instance().hydra
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_module("sam2", version_base="1.2"):
-            yield
-    finally:
-        # initialize_config_module restores the cleared singleton on exit; put the caller's Hydra back into it.
-        GlobalHydra.instance().hydra = previous
+    """Hydra initialised on sam2's config module for the duration, whatever the caller had set up globally (one
+    thread at a time)."""
+    with _HYDRA:
+        previous = GlobalHydra.instance().hydra
+        GlobalHydra.instance().clear()
+        try:
+            with initialize_config_module("sam2", version_base="1.2"):
+                yield
+        finally:
+            # initialize_config_module restores the cleared singleton on exit; put the caller's Hydra back into it.
+            GlobalHydra.instance().hydra = previous
 
 
 def size_overrides(image_size: int) -> list[str]:

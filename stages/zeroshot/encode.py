@@ -16,7 +16,6 @@ import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,6 +29,7 @@ from model.hyperfree import file_sha256
 from model.preprocess import prepare
 from model.registry import FAMILY_HYPERFREE, model_entry
 from model.spectral import GRID_WAVELENGTHS_NM, MATCH_TOLERANCE_NM, find_corresponding_indices
+from stages.downstream.features import resolve_checkpoint
 from stages.labelling.material import AMG_DEFAULTS, HyperFreeAutomaticMaskGenerator, HyperFreePredictor
 from stages.zeroshot.core import Behaviour
 
@@ -66,8 +66,9 @@ def load_backbone(name: str, checkpoint: str | None, overrides: dict[str, Any], 
         model = create_model(name, **overrides)
     weights = "random-init"
     if checkpoint is not None:
-        load_checkpoint(model, checkpoint, strict=True)
-        weights = file_sha256(Path(checkpoint))
+        weights_file = resolve_checkpoint(checkpoint)  # a file, a pretraining checkpoint or run folder
+        load_checkpoint(model, weights_file, strict=True)
+        weights = file_sha256(weights_file)
     descriptor = {"model": name, "overrides": overrides, "config": get_config(name, **overrides).to_dict(),
                   "weights": weights, "init_seed": init_seed if weights == "random-init" else None}
     return Backbone(name, model.eval().to(device), weights, descriptor)

@@ -218,7 +218,7 @@ def test_hypervision_dag_runs_every_stage_then_skips_them(prefect_server: None, 
         summary = out["outputs"][f"label-{branch}"]
         assert summary["labelled"] == len(images) and summary["masks"] >= len(images), branch
     index = MaskStore(cat).index(refresh=True)
-    assert set(index["branch"]) == {"spatial", "spectral", "material", "fused"}
+    assert set(index["branch"]) == {"spatial", "spectral", "material", "fused", "zeroshot"}  # zero-shot masks cached
     trained = out["outputs"]["pretrain"]
     assert trained["steps_done"] == 6 and Path(trained["checkpoint"], "model.safetensors").is_file()
     assert Path(trained["out_dir"]).parent == tmp_path / "runs"
