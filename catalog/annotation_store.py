@@ -11,10 +11,10 @@ import numpy as np
 import pandas as pd
 import zarr
 
+from base.errors import CatalogError, CorruptChunkError
 from catalog.annotations import TRACK_SCHEMA, AnnotationMap, TrackSequence, apply_variant
 from catalog.problems import Problem, VerifyReport
 from catalog.storage import member
-from infra.errors import CatalogError, CorruptChunkError
 
 if TYPE_CHECKING:
     from catalog.storage import Storage

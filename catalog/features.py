@@ -31,9 +31,9 @@ import pyarrow as pa
 import zarr
 from zarr.codecs import Crc32cCodec
 
+from base.errors import CatalogError
 from catalog.catalog import Catalog
 from catalog.storage import member, now_utc
-from infra.errors import CatalogError
 
 FEATURE_INDEX_SCHEMA = pa.schema([
     ("feature_set", pa.string()), ("image_id", pa.string()), ("image_sha256", pa.string()),

@@ -30,9 +30,9 @@ from typing import Any
 
 import pandas as pd
 
+from base.errors import CatalogError
 from catalog.catalog import Catalog
 from catalog.features import FeatureStore
-from infra.errors import CatalogError
 
 #: Default age below which an unreferenced group is left alone: longer than any commit (rename, then index row).
 GRACE_S = 3600.0

@@ -17,10 +17,10 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from base.errors import InputError
 from catalog.annotations import AnnotationSpec, Role, SplitSpec, check_dataset_labels, default_roles
 from catalog.readers import READERS, get_reader
 from catalog.readers.base import Reader, ReaderOptions
-from infra.errors import InputError
 
 SPEC_FILENAME = "dataset.yaml"
 #: Bounds on what a spec may ask for: a dataset.yaml is input like any other and may be hostile.

@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import zarr
 
-from infra.errors import CatalogError
+from base.errors import CatalogError
 
 #: Marker of a temporary in a file or folder name; what follows is ``<lease id>-<random>``.
 TMP = ".tmp-"

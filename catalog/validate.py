@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from infra.errors import InputError
+from base.errors import InputError
 
 #: Band centres outside this range (nm) are not plausible for the cameras this catalog takes.
 WL_MIN_NM, WL_MAX_NM = 300.0, 2600.0

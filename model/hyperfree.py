@@ -22,7 +22,7 @@ from segment_anything.modeling.prompt_encoder import PromptEncoder
 from segment_anything.modeling.transformer import TwoWayTransformer
 from torch import nn
 
-from infra.errors import InputError
+from base.errors import InputError
 from model.encoder import EncoderConfig, HyperFreeImageEncoder
 from model.registry import FAMILY_HYPERFREE, fitting_layouts
 from model.safeload import torch_load

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from infra.errors import InputError
+from base.errors import InputError
 from model.registry import fitting_layouts
 from model.safeload import UnsafeCheckpointError, torch_load
 

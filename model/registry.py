@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from infra.registry import Registry
+from base.registry import Registry
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from infra.errors import InputError
+from base.errors import InputError
 
 
 class UnsafeCheckpointError(InputError):

@@ -16,7 +16,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import State
 
-from infra.markdown import escape_markdown
+from base.markdown import escape_markdown
 from infra.settings import get_settings
 from pipelines.catalogs import open_catalog
 from pipelines.params import DEFAULT_LABEL, DEFAULT_PATHS, LabelParams, PathParams, Profile

@@ -18,7 +18,7 @@ from typing import Any
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Completed, State
 
-from infra.markdown import escape_markdown, escape_rows
+from base.markdown import escape_markdown, escape_rows
 
 #: Prefix of the per-device concurrency limits that model work takes a slot of: `gpu:<host>:<index>` (`hvp ui`
 #: creates one, with one slot, per visible GPU; where a device has none, work on it proceeds unlimited). CPU work

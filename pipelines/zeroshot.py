@@ -12,7 +12,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.states import State
 
-from infra.markdown import escape_markdown
+from base.markdown import escape_markdown
 from pipelines.catalogs import open_catalog
 from pipelines.downstream import resolve_backbone
 from pipelines.params import (

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
-from infra.registry import Registry
+from base.registry import Registry
 
 if TYPE_CHECKING:
     from catalog.catalog import Catalog

@@ -1,7 +1,8 @@
-"""The layers hold: catalog < model < stages < pipelines, with `infra.errors` and `infra.registry` as a base every
-layer may import, `infra`'s other modules (settings, server launchers) read at the edges only, and no two modules
-importing each other. Imports are read from the source (AST), those inside functions included, so a cycle or an
-upward import cannot hide behind a deferred import."""
+"""The layers hold: base < catalog < model < stages < pipelines (catalog and model side by side: model imports no
+catalog), `base` (errors, the registry shape, markdown escaping) importing nothing of the project, `infra`
+(settings, server launchers, clusters) read at the edges only (pipelines), and no two modules importing each
+other. Imports are read from the source (AST), those inside functions included, so a cycle or an upward import
+cannot hide behind a deferred import."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("infra", "catalog", "model", "stages", "pipelines")
-BASE = ("infra.errors", "infra.registry", "infra.markdown")
-"""Modules every layer may import: they import nothing of the project."""
+PACKAGES = ("base", "infra", "catalog", "model", "stages", "pipelines")
+BASE = ("base",)
+"""The package every layer may import: it imports nothing of the project."""
 ALLOWED: dict[str, tuple[str, ...]] = {
+    "base": (),
     "catalog": (),
     "model": (),
     "stages": ("catalog", "model"),
@@ -150,6 +152,8 @@ def plant(tmp_path: Path, files: dict[str, str]) -> Path:
      "stages.a:1 imports infra.settings"),
     ({"stages/a.py": "import pipelines.flows\n", "pipelines/flows.py": ""}, "stages.a:1 imports pipelines.flows"),
     ({"infra/a.py": "from stages import b\n", "stages/b.py": ""}, "infra.a:1 imports stages.b"),
+    ({"model/a.py": "from infra.settings import s\n", "infra/settings.py": ""}, "model.a:1 imports infra.settings"),
+    ({"base/a.py": "from catalog import b\n", "catalog/b.py": ""}, "base.a:1 imports catalog.b"),
     ({"model/a.py": "from model import b\n", "model/b.py": "def f():\n    from model.a import g\n"},
      "import cycle: model.a <-> model.b"),
 ])
@@ -159,9 +163,9 @@ def test_a_planted_violation_fails(tmp_path: Path, files: dict[str, str], expect
 
 
 def test_base_modules_and_downward_imports_pass(tmp_path: Path) -> None:
-    root = plant(tmp_path, {"infra/errors.py": "", "infra/registry.py": "",
-                            "catalog/a.py": "from infra.errors import InputError\n",
-                            "model/a.py": "from infra.registry import Registry\n",
+    root = plant(tmp_path, {"base/errors.py": "", "base/registry.py": "",
+                            "catalog/a.py": "from base.errors import InputError\n",
+                            "model/a.py": "from base.registry import Registry\n",
                             "stages/a.py": "from catalog.a import x\nfrom model import a\n",
                             "pipelines/a.py": "from stages.a import y\nfrom infra import settings\n",
                             "infra/settings.py": ""})

@@ -24,12 +24,12 @@ import numcodecs.zstd
 import numpy as np
 import zarr
 
+from base.errors import CatalogError, CorruptChunkError
 from catalog.cubes.cache import ChunkCache
 from catalog.cubes.files import FileAccess, zarr_store
 from catalog.cubes.layout import NO_CHUNK
 from catalog.cubes.metadata import ArrayInfo, parse_array_meta
 from catalog.cubes.regions import Piece, extent, normalise_region, plan_chunks
-from infra.errors import CatalogError, CorruptChunkError
 
 
 class CubeReader:

@@ -21,11 +21,11 @@ import numpy as np
 import zarr
 from zarr.codecs import BytesCodec
 
+from base.errors import CatalogError
 from catalog.cubes.dtypes import INT_DTYPES, wider
 from catalog.cubes.files import FileAccess, writev_all, zarr_store
 from catalog.cubes.layout import LAYOUT_VERSION, NO_CHUNK, CubeLayout
 from catalog.cubes.metadata import BAND_COORDINATES, ArrayInfo, coordinates_attr, jsonable, parse_array_meta
-from infra.errors import CatalogError
 
 
 @dataclass

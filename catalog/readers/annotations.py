@@ -13,8 +13,8 @@ import h5py
 import numpy as np
 import scipy.io
 
+from base.errors import InputError
 from catalog.annotations import AnnotationSpec
-from infra.errors import InputError
 
 IMAGE_SUFFIXES = frozenset({".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg", ".gif"})
 FORMAT_BY_SUFFIX = {**dict.fromkeys(IMAGE_SUFFIXES, "image"), ".npy": "npy", ".npz": "npy", ".mat": "mat",

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 from pydantic import Field, field_validator
 
+from base.errors import InputError
 from catalog.readers.base import RawCube, Reader, ReaderOptions, SourceItem, register
-from infra.errors import InputError
 
 # Pillow modes that hold one intensity per pixel (palette and multi-channel modes do not).
 _GRAY_MODES = frozenset({"L", "I;16", "I;16L", "I;16B", "I;16N", "I", "F"})

@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from infra.errors import InputError
+from base.errors import InputError
 
 
 class ArrayLike(Protocol):

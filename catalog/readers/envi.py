@@ -20,8 +20,8 @@ import rasterio
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.windows import Window
 
+from base.errors import InputError
 from catalog.readers.base import AxisView, LazyArray, RawCube, Reader, ReaderOptions, SourceItem, register
-from infra.errors import InputError
 
 # Ground-based cameras are never georeferenced: GDAL's warning about it says nothing useful here.
 warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)

@@ -14,8 +14,8 @@ import h5py
 import numpy as np
 from pydantic import model_validator
 
+from base.errors import InputError
 from catalog.readers.base import AxisView, LazyArray, RawCube, Reader, ReaderOptions, SourceItem, axes_for, register
-from infra.errors import InputError
 
 _UNREADABLE_FIX = "re-download or re-export the file (a truncated or partly copied file cannot be read)"
 #: Names (any case, anywhere in the file) of a 1-D band-centre dataset found without ``wavelength_key``.

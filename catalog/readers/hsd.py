@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from base.errors import InputError
 from catalog.readers.base import RawCube, Reader, ReaderOptions, SourceItem, register
-from infra.errors import InputError
 
 HEADER = np.dtype([("height", "<i4"), ("width", "<i4"), ("bands", "<i4"), ("components", "<i4"),
                    ("start", "<i4"), ("step", "<f4"), ("end", "<i4")])

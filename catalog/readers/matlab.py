@@ -17,9 +17,9 @@ import numpy as np
 import scipy.io
 from scipy.io.matlab import MatReadError
 
+from base.errors import InputError
 from catalog.readers.base import AxisView, RawCube, Reader, ReaderOptions, SourceItem, axes_for, register
 from catalog.readers.hdf5 import H5Array, is_numeric, open_h5
-from infra.errors import InputError
 
 NUMERIC_CLASSES = frozenset({"double", "single", "int8", "uint8", "int16", "uint16", "int32", "uint32",
                              "int64", "uint64"})

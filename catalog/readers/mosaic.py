@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 from pydantic import Field, model_validator
 
+from base.errors import InputError
 from catalog.readers.bandfolder import read_gray_image
 from catalog.readers.base import RawCube, Reader, ReaderOptions, SourceItem, register
-from infra.errors import InputError
 
 
 class MosaicOptions(ReaderOptions):

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from base.errors import InputError
 from catalog.readers.base import AxisView, RawCube, Reader, ReaderOptions, SourceItem, axes_for, register
-from infra.errors import InputError
 
 _NPY_MAGIC = b"\x93NUMPY"
 _ZIP_MAGIC = b"PK\x03\x04"

@@ -14,8 +14,8 @@ from typing import Any, Literal
 import numpy as np
 import tifffile
 
+from base.errors import InputError
 from catalog.readers.base import AxisView, RawCube, Reader, ReaderOptions, SourceItem, axes_for, register
-from infra.errors import InputError
 
 Layout = Literal["mapped", "pages", "page"]
 

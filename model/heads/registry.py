@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from infra.registry import Registry
+from base.registry import Registry
 from model.heads.layout import FeatureLayout
 
 HEADS: Registry[type[nn.Module]] = Registry("head")

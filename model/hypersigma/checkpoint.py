@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from infra.errors import InputError
+from base.errors import InputError
 from model.hyperfree import file_sha256, state_dict_sha256
 from model.hypersigma.model import HyperSigma
 from model.hypersigma.vit import SpatialViT, SpectralViT

@@ -54,7 +54,7 @@ app.command("compare")(compare.compare)
 def main() -> None:
     """The `hvp` entry point: bad input and missing files print one clear line (file, field, fix), not a
     traceback, and exit with status 2. Prefect's embedded server never phones home (no internet here)."""
-    from infra.errors import InputError
+    from base.errors import InputError
     from infra.prefect_server import configure_client_auth
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

@@ -53,7 +53,7 @@ def key_values(items: list[str] | None, option: str) -> dict[str, Any] | None:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            from infra.errors import InputError
+            from base.errors import InputError
 
             raise InputError(option, item, "is not KEY=VALUE", f"write e.g. {option} img_size=256")
         try:

@@ -22,7 +22,7 @@ def compare_entries(models: list[str], checkpoints: dict[str, Any]) -> list[Any]
     """The compared backbones (stages.downstream.compare.CompareEntry) the words name: a registry layout with its
     --checkpoint (random-init without one); `random-init` is the first model's layout with random weights, the
     control for what its checkpoint adds."""
-    from infra.errors import InputError
+    from base.errors import InputError
     from model.registry import resolve_name
     from stages.downstream.compare import CompareEntry
     from stages.downstream.runners import BackboneConfig
@@ -74,7 +74,7 @@ def compare(models: Annotated[list[str] | None, typer.Option(
     trainable parameters and the feature time per image. Features are cached per backbone, unchanged heads are
     reused. Example: hvp compare --models hypervision_b hyperfree_b hypersigma_b random-init --tasks segmentation
     --checkpoint hypervision_b=runs/pretrain-hypervision_b-.../"""
-    from infra.errors import InputError
+    from base.errors import InputError
     from pipelines.catalogs import open_catalog
     from pipelines.params import head_size_for
     from stages.downstream.compare import CompareConfig, run_compare

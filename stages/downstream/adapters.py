@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from infra.registry import Registry
+from base.registry import Registry
 from model import HyperFree, describe, load_checkpoint
 from model.hyperfree import file_sha256, read_state_dict
 from model.hypersigma import FAMILY_HYPERSIGMA, HyperSigma, describe_contract, load_pretrained, prepare_cube

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from infra.errors import InputError
+from base.errors import InputError
 from model.heads import head_from_hparams
 from stages.downstream.tasks import TASKS
 from stages.training import checkpoints as ckpt_io

@@ -12,10 +12,10 @@ from typing import Any, overload
 
 import torch
 
+from base.errors import InputError
 from catalog.annotations import AnnotationMap
 from catalog.catalog import Catalog
 from catalog.features import FeatureStore
-from infra.errors import InputError
 from stages.downstream.features import CubeInfo, cube_info, read_cube, read_features
 from stages.downstream.samples import TrackingSequence
 

@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from base.errors import InputError
 from catalog.catalog import Catalog
 from catalog.features import DTYPES, FeatureStore, feature_set_id
 from catalog.storage import member
-from infra.errors import InputError
 from model import create_model, get_config
 from model.heads import FeatureLayout, layout_from_info
 from model.registry import model_entry, resolve_name

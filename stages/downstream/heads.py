@@ -30,9 +30,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from base.errors import InputError
 from catalog.annotations import SCENE_SPLIT
 from catalog.catalog import Catalog
-from infra.errors import InputError
 from model.heads import build_head, count_trainable_parameters
 from stages.downstream.checkpoints import load_head
 from stages.downstream.data import check_label_kind, labels_fingerprint

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from base.errors import InputError
 from catalog.catalog import Catalog
-from infra.errors import InputError
 from model.registry import resolve_name
 from stages.downstream.adapters import ExtractFn
 from stages.downstream.features import Backbone

@@ -21,9 +21,9 @@ import torch
 import yaml
 from torch import nn
 
+from base.errors import InputError
+from base.registry import Registry
 from catalog.catalog import Catalog
-from infra.errors import InputError
-from infra.registry import Registry
 from stages.downstream.features import Backbone
 from stages.downstream.losses import HeadLoss
 from stages.downstream.report import Column, Overlay, PaperTable, ReportSection

@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from infra.markdown import escape_markdown
+from base.markdown import escape_markdown
 from stages.metrics import TrackingCurves  # noqa: E402
 
 OVERLAY_STYLES = ("classes", "map", "boxes")

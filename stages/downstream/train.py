@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from infra.errors import InputError
+from base.errors import InputError
 from model.heads import count_trainable_parameters
 from stages.downstream.checkpoints import latest_head_checkpoint, load_head, save_head_checkpoint
 from stages.downstream.losses import HeadLoss

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from base.errors import InputError
 from catalog.annotation_store import ingest_fingerprint, stored_fingerprints
 from catalog.catalog import Catalog
 from catalog.cubes.dtypes import dtype_sample, lossless_dtype
@@ -28,7 +29,6 @@ from catalog.cubes.writer import CubeWrite
 from catalog.readers.base import BandSubset, SourceItem, load_rgb
 from catalog.specs import SPEC_FILENAME, DatasetSpec, spec_for_folder
 from catalog.validate import cube_shape, wavelengths_nm
-from infra.errors import InputError
 from stages.ingest import annotate, discover
 from stages.ingest.discover import item_for, list_items
 from stages.registry import record_config, register_stage

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from base.errors import InputError
 from catalog.annotation_store import label_location, write_label_group, write_track_row
 from catalog.annotations import AIRBORNE_KINDS, BINARY_KINDS, SCENE_SPLIT, declaration_json, label_attrs, may_pretrain
 from catalog.catalog import Catalog
@@ -27,7 +28,6 @@ from catalog.readers.annotations import binary_map, class_ids, read_boxes, read_
 from catalog.readers.base import BandSubset, SourceItem
 from catalog.specs import DatasetSpec
 from catalog.storage import now_utc
-from infra.errors import InputError
 from stages.ingest.discover import list_items
 
 #: Boxes may overhang the frame by this many pixels (annotation rounding) before they count as outside it.

@@ -16,9 +16,9 @@ from collections import defaultdict
 from functools import cache
 from pathlib import Path
 
+from base.errors import InputError
 from catalog.readers.base import SourceItem
 from catalog.specs import SPEC_FILENAME, DatasetSpec
-from infra.errors import InputError
 
 #: Files and folders one dataset walk may visit before it stops with an error (a runaway tree or link farm).
 MAX_ENTRIES = 1_000_000

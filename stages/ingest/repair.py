@@ -11,11 +11,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from base.errors import InputError
 from catalog.catalog import Catalog
 from catalog.problems import Problem, VerifyReport
 from catalog.readers.base import SourceItem
 from catalog.specs import DatasetSpec, spec_for_folder
-from infra.errors import InputError
 from stages.ingest import annotate, item_for, prepare, source_sha256
 
 REINGEST_FIX = "re-run `hvp ingest` on the dataset's folder: the current source is stored as a new cube"

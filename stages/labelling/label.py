@@ -22,9 +22,9 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from base.registry import Registry
 from catalog.catalog import Catalog
 from catalog.masks import MaskSet, MaskStore
-from infra.registry import Registry
 from stages.labelling import fuse as fusion
 from stages.labelling.falsecolor import ensure_falsecolor
 from stages.labelling.labeler import ImageSample, Labeler

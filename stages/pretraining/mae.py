@@ -31,8 +31,8 @@ from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
+from base.errors import InputError
 from catalog.catalog import Catalog
-from infra.errors import InputError
 from model.hypersigma import MaskedAutoencoder, create_mae, describe_input, mae_step
 from model.hypersigma.checkpoint import read_released
 from model.hypersigma.mae import MAEKind

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from infra.registry import Registry
+from base.registry import Registry
 from stages.pretraining.config import PretrainConfig, PretrainResult
 from stages.pretraining.runtime import Runtime
 

@@ -27,8 +27,8 @@ from typing import Any, Literal
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
+from base.errors import InputError
 from catalog.catalog import Catalog
-from infra.errors import InputError
 from model.preprocess import DEFAULT_CONTRACT
 from stages.downstream.features import STAGE_VERSION as FEATURES_VERSION
 from stages.downstream.runners import BackboneConfig, Device, HeadsConfig, TaskChoice, run_heads

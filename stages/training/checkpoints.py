@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from infra.errors import InputError
+from base.errors import InputError
 from model.safeload import torch_load
 
 STATE_FILE = "state.pt"

@@ -17,8 +17,8 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from base.registry import Registry
 from catalog.catalog import Catalog
-from infra.registry import Registry
 from stages.metrics import change_metrics, classification_metrics, detection_auc, one_class_metrics
 from stages.registry import register_stage
 from stages.zeroshot import baselines, core

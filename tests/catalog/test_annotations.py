@@ -12,13 +12,13 @@ import scipy.io
 import zarr
 from PIL import Image
 
+from base.errors import CatalogError, CorruptChunkError, InputError
 from catalog.annotation_store import chunk_checksums, label_location, read_annotation, write_label_group
 from catalog.annotations import AnnotationSpec, apply_variant, may_pretrain
 from catalog.catalog import Catalog
 from catalog.cubes.writer import CubeWrite
 from catalog.fixtures.matlab import write_mat_v73
 from catalog.readers.annotations import class_ids, read_boxes, read_label_map, saliency_mask
-from infra.errors import CatalogError, CorruptChunkError, InputError
 
 
 def seg(**kw: object) -> AnnotationSpec:

@@ -13,11 +13,11 @@ import xarray as xr
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
+from base.errors import CorruptChunkError
 from catalog.catalog import Catalog
 from catalog.cubes.dtypes import lossless_dtype
 from catalog.cubes.layout import CubeLayout
 from catalog.cubes.writer import CubeWrite
-from infra.errors import CorruptChunkError
 
 LAYOUTS = [
     CubeLayout(chunk_xy=16),  # the default: one shard per image here

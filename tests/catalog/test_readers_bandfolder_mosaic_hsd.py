@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from base.errors import InputError
 from catalog.fixtures import write_dataset
 from catalog.fixtures.base import FixtureImage
 from catalog.fixtures.hsd import write_hsd
@@ -19,7 +20,6 @@ from catalog.fixtures.mosaic import mosaic
 from catalog.readers.base import RawCube, SourceItem, load_rgb
 from catalog.readers.mosaic import MosaicOptions
 from catalog.specs import DatasetSpec, builtin_specs
-from infra.errors import InputError
 
 SLUGS = ["cave", "hot-2024-vis", "hot-2024-nir", "hot-2024-rednir", "hyperspectral-city-v2"]
 

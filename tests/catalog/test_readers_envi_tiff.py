@@ -14,6 +14,7 @@ import rasterio
 import rasterio.io
 import tifffile
 
+from base.errors import InputError
 from catalog.fixtures import write_dataset
 from catalog.fixtures.base import FixtureImage
 from catalog.fixtures.envi import write_envi
@@ -21,7 +22,6 @@ from catalog.readers.base import AxisView, RawCube, SourceItem, get_reader
 from catalog.readers.envi import EnviArray, EnviOptions
 from catalog.readers.tiff import TiffArray, TiffOptions
 from catalog.specs import DatasetSpec, builtin_specs, parse_spec
-from infra.errors import InputError
 
 ENVI_SLUGS = ["deephs-nir", "deephs-vis", "deephs-viscor", "hyperblood", "lib-hsi", "virginia-tech-tree",
               "apple-fire-blight"]

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import scipy.io
 
+from base.errors import InputError
 from catalog.fixtures import write_dataset
 from catalog.fixtures.base import FixtureImage
 from catalog.fixtures.matlab import write_mat_v5, write_mat_v73
@@ -19,7 +20,6 @@ from catalog.readers.hdf5 import H5Array, Hdf5Options, Hdf5Reader
 from catalog.readers.matlab import MatlabOptions, MatlabReader
 from catalog.readers.npy import NpyOptions, NpyReader
 from catalog.specs import DatasetSpec, builtin_specs, parse_spec
-from infra.errors import InputError
 
 MATLAB_V5 = ["50-outdoor", "harvard", "hyko-v2-nir", "hyko-v2-vis", "um-emm", "um-ld-2015", "um-ns-2002",
              "um-ns-2004", "um-os", "um-ri-2015"]

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from base.errors import InputError
 from catalog.specs import builtin_specs, load_spec_file, released_input, slugify
-from infra.errors import InputError
 
 REFERENCE = Path(__file__).resolve().parents[3] / "shared" / "reference" / "pretraining-datasets.csv"
 

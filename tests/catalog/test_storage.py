@@ -20,10 +20,10 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from base.errors import CatalogError, CorruptChunkError
 from catalog.catalog import INDEX_SCHEMA, Catalog
 from catalog.cubes.writer import CubeWrite
 from catalog.storage import Lease, Storage
-from infra.errors import CatalogError, CorruptChunkError
 from pipelines.cli import app
 
 REPO = Path(__file__).resolve().parents[2]

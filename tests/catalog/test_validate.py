@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from base.errors import InputError
 from catalog.validate import cube_shape, finite_block, wavelengths_nm
-from infra.errors import InputError
 
 
 def test_nanometres_pass_through() -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from infra.errors import InputError
+from base.errors import InputError
 from model import create_model, load_checkpoint
 from model.hyperfree import read_state_dict
 from model.safeload import UnsafeCheckpointError, torch_load

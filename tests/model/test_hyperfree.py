@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from infra.errors import InputError
+from base.errors import InputError
 from model import create_model, get_config, list_models, load_checkpoint
 from model.hyperfree import HyperFree, ModelConfig
 from model.spectral import (

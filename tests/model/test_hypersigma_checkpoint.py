@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from infra.errors import InputError
+from base.errors import InputError
 from model import create_model
 from model.hypersigma import HyperSigma
 from model.hypersigma.checkpoint import load_pretrained, load_released, read_released

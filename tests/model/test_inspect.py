@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from infra.errors import InputError
+from base.errors import InputError
 from model import create_model
 from model.inspect import inspect_checkpoint
 from model.registry import fitting_layouts, list_models

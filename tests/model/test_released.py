@@ -28,7 +28,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from infra.errors import InputError
+from base.errors import InputError
 from model import create_model, feature_info, get_config, load_checkpoint
 from model.hyperfree import HyperFree
 from model.preprocess import extract_features, prepare

@@ -13,9 +13,9 @@ import pytest
 import yaml
 from markdown_it import MarkdownIt
 
+from base.markdown import escape_markdown
 from catalog.catalog import Catalog
 from catalog.specs import spec_for_folder
-from infra.markdown import escape_markdown
 from pipelines.wiring import markdown_table
 from stages.ingest import IngestConfig, run_ingest
 

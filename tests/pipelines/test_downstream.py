@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from infra.errors import InputError
+from base.errors import InputError
 from pipelines.cli import app
 
 runner = CliRunner()

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from base.errors import CorruptChunkError
 from catalog.catalog import Catalog
 from catalog.cubes.layout import CubeLayout
 from catalog.cubes.writer import CubeWrite
-from infra.errors import CorruptChunkError
 from stages.pretraining.device_batches import DeviceBatchReader
 
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from base.errors import InputError
 from catalog.catalog import Catalog
 from catalog.features import FeatureStore
-from infra.errors import InputError
 from model import describe, extract_features
 from stages.downstream.features import (
     BackboneSpec,

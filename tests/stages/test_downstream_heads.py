@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from infra.errors import InputError
+from base.errors import InputError
 from model.heads import SaliencyHead, SegmentationHead, TrackingHead
 from model.registry import create_model
 from stages.downstream.backbone import backbone_feature_fn

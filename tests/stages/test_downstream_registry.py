@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from infra.errors import InputError
-from infra.markdown import escape_markdown
+from base.errors import InputError
+from base.markdown import escape_markdown
 from model.heads import HEADS
 from stages.downstream.outcomes import TaskOutcome
 from stages.downstream.registry import HEAD_SIZES, TaskDef, load_card

@@ -125,7 +125,7 @@ def test_bad_input_is_quarantined_and_nothing_stored_is_damaged(tmp_path: Path) 
 
 
 def test_unknown_source_root_is_a_clear_error(tmp_path: Path) -> None:
-    from infra.errors import InputError
+    from base.errors import InputError
 
     with pytest.raises(InputError, match="SOURCE_DIR"):
         plan(tmp_path / "missing")

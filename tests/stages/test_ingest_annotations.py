@@ -11,11 +11,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from base.errors import CatalogError
 from catalog.catalog import Catalog
 from catalog.fixtures import write_dataset
 from catalog.fixtures.base import FixtureImage
 from catalog.specs import spec_for_folder
-from infra.errors import CatalogError
 from stages.ingest import FileResult, IngestConfig, ingest_item, plan, run_ingest
 from stages.ingest.discover import item_for
 from stages.labelling.label import image_ids

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import yaml
 
+from base.errors import InputError
 from catalog.catalog import INDEX_SCHEMA, Catalog
 from catalog.fixtures.envi import write_envi
 from catalog.fixtures.hsd import write_hsd
 from catalog.specs import load_spec_file, spec_for_folder
-from infra.errors import InputError
 from stages import ingest as stage
 from stages.ingest import FileResult, IngestConfig, IngestResult, ingest_item, plan, run_ingest
 from stages.ingest.discover import item_for, list_items

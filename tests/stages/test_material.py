@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from base.errors import InputError
 from catalog.catalog import Catalog
 from catalog.fixtures.synth import scene
 from catalog.masks import MASK_FIELDS, MaskSet, MaskStore
-from infra.errors import InputError
 from model import create_model, describe, extract_features
 from model.hyperfree import file_sha256
 from stages.labelling.labeler import RANDOM_INIT, ImageSample

@@ -14,11 +14,11 @@ import torch
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
+from base.errors import InputError
 from catalog.catalog import Catalog
 from catalog.fixtures import write_dataset
 from catalog.masks import MaskSet, MaskStore, table_from_masks
 from catalog.specs import spec_for_folder
-from infra.errors import InputError
 from model import create_model, describe, load_checkpoint
 from model.hyperfree import file_sha256
 from model.preprocess import prepare_batch

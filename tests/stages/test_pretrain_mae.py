@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from base.errors import InputError
 from catalog.catalog import Catalog
 from catalog.fixtures import write_dataset
-from infra.errors import InputError
 from model.hypersigma import HyperSigmaConfig, create_mae, encoder_state_dict, load_pretrained
 from model.registry import get_config
 from stages.downstream.features import BackboneSpec, load_backbone

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from infra.errors import InputError
+from base.errors import InputError
 from stages.training.checkpoints import (
     latest_checkpoint,
     read_training_state,
