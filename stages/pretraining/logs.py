@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -61,3 +62,12 @@ def plot_losses(metrics_csv: Path, out_png: Path, title: str) -> Path:
     return out_png
 
 
+def open_run_dir(run_dir: Path, resolved: dict[str, Any], metrics_csv: Path, start: int) -> None:
+    """Prepare a run folder on the main rank, for every objective: its resolved config written, its metrics kept up
+    to ``start`` (a resume) or cleared (a fresh run)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(resolved, indent=2, default=str))
+    if start:
+        truncate_metrics(metrics_csv, start)
+    elif metrics_csv.exists():
+        metrics_csv.unlink()

@@ -39,7 +39,7 @@ from model.hypersigma.mae import MAEKind
 from stages.pretraining.checkpoints import MODEL_FILE, config_diff, latest_checkpoint
 from stages.pretraining.config import RANDOM_INIT, STAGE_VERSION, MAESettings, PretrainConfig, PretrainResult
 from stages.pretraining.data import BandSignatureBatchSampler
-from stages.pretraining.logs import append_row, plot_losses, truncate_metrics
+from stages.pretraining.logs import append_row, open_run_dir, plot_losses
 from stages.pretraining.objectives import OnCheckpoint
 from stages.pretraining.runtime import Runtime
 from stages.training import checkpoints as ckpt_io
@@ -176,12 +176,7 @@ def train_mae(kind: MAEKind, config: PretrainConfig, rt: Runtime, resume: bool, 
     elif latest_checkpoint(run_dir) is not None:
         raise FileExistsError(f"{run_dir} already holds a run; pass resume=True to continue it or use a new out_dir.")
     if rt.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(resolved, indent=2, default=str))
-        if start:
-            truncate_metrics(metrics_csv, start)
-        elif metrics_csv.exists():
-            metrics_csv.unlink()
+        open_run_dir(run_dir, resolved, metrics_csv, start)
     end = min(config.steps, until_step) if until_step is not None else config.steps
     sampler = BandSignatureBatchSampler(["mae"] * len(images), config.batch_size, end, config.seed, start, rt.rank,
                                         rt.world_size)

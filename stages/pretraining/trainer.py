@@ -43,7 +43,7 @@ from model.pretraining import PretrainModule, StudentOutput, student_token_dim
 from stages.pretraining.checkpoints import config_diff, latest_checkpoint, load_training_state, save_checkpoint
 from stages.pretraining.config import RANDOM_INIT, STAGE_VERSION, PretrainConfig, PretrainResult
 from stages.pretraining.data import BandSignatureBatchSampler, PretrainBatch, PretrainDataset, collate, scan_catalog
-from stages.pretraining.logs import append_row, plot_losses, truncate_metrics
+from stages.pretraining.logs import append_row, open_run_dir, plot_losses
 from stages.pretraining.mae import train_mae
 from stages.pretraining.objectives import OBJECTIVES, Objective, OnCheckpoint, register_objective
 from stages.pretraining.runtime import Runtime, setup_runtime
@@ -210,12 +210,7 @@ def _train(config: PretrainConfig, rt: Runtime, resume: bool, until_step: int | 
     elif latest_checkpoint(run_dir) is not None:
         raise FileExistsError(f"{run_dir} already holds a run; pass resume=True to continue it or use a new out_dir.")
     if rt.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(resolved, indent=2, default=str))
-        if start:
-            truncate_metrics(metrics_csv, start)
-        elif metrics_csv.exists():
-            metrics_csv.unlink()
+        open_run_dir(run_dir, resolved, metrics_csv, start)
 
     end = min(config.steps, until_step) if until_step is not None else config.steps
     sampler = BandSignatureBatchSampler(dataset.signatures, config.batch_size, end, config.seed, start,
