@@ -15,7 +15,7 @@ from model.preprocess import DEFAULT_CONTRACT
 RANDOM_INIT = "random-init"
 STAGE_VERSION = "1"
 # Fields that may differ between a run and its resumption without changing what it computes.
-RUNTIME_FIELDS = {"device", "num_workers", "catalog", "out_dir", "keep_checkpoints"}
+RUNTIME_FIELDS = {"device", "num_workers", "catalog", "out_dir", "keep_checkpoints", "collective_timeout_s"}
 
 
 @dataclass(frozen=True)
@@ -107,6 +107,9 @@ class PretrainConfig:
     num_workers: int = 0
     device: str = "auto"
     """"auto" (CUDA when available), "cpu" or "cuda"."""
+    collective_timeout_s: float = 600.0
+    """Under torchrun: how long a rank waits for its peers (process-group setup and each collective) before it
+    fails, so that a lost peer ends in a restart from the last checkpoint instead of a hang."""
 
     @classmethod
     def preset(cls, model: str, **overrides: Any) -> PretrainConfig:

@@ -156,7 +156,7 @@ def train(config: PretrainConfig, resume: bool = False, until_step: int | None =
     checkpoint once it is committed (the research loop evaluates each).
     """
     objective = OBJECTIVES.get(config.objective)
-    rt = setup_runtime(config.device)
+    rt = setup_runtime(config.device, config.collective_timeout_s)
     try:
         return objective.train(config, rt, resume, until_step, on_checkpoint)
     finally:
