@@ -35,6 +35,10 @@ class Settings(BaseSettings):
                               "worker uses 1)")
     chunk_cache_mb: float = Field(default=256.0, ge=0, description="decoded-chunk cache per process (MB)")
     dask_address: str | None = Field(default=None, description="scheduler address of a running Dask cluster")
+    crashed_after_s: int = Field(
+        default=600, ge=60, description="servers this project starts mark a running flow run Crashed when no "
+        "heartbeat of it arrived for this long (its process or machine died); keep it at least twice the heartbeat "
+        "period of every flow run (PREFECT_FLOWS_HEARTBEAT_FREQUENCY, Prefect's default 180 s)")
     server_auth: SecretStr | None = Field(
         default=None, description="basic-authentication credential 'user:password' of the Prefect server: servers "
         "this project starts require it, its clients (CLI, worker, watcher) send it; never printed or logged")

@@ -1,8 +1,8 @@
 """`hvp ui`: a local Prefect server with the pipeline's deployments, a worker and the dataset-arrival watcher.
 
-It starts `prefect server start --host 127.0.0.1`, creates the `local` process work pool and the global `gpu`
-concurrency limit (one slot: labelling and training take turns), registers every deployment of prefect.yaml
-without questions, makes the fixture sources when the source root is empty, starts a worker and the watcher,
+It starts `prefect server start --host 127.0.0.1`, creates the `local` process work pool and one concurrency limit
+of one slot per GPU (`gpu:<host>:<index>`), registers every deployment of prefect.yaml without questions, creates
+the automation that marks flow runs without heartbeats Crashed (pipelines.automations), makes the fixture sources when the source root is empty, starts a worker and the watcher,
 prints the URL, and on Ctrl-C or SIGTERM stops everything it started (each child runs in its own process group,
 so the server's own children go with it). Killed outright (``kill -9``), it cannot stop them itself: each child
 gets SIGTERM from the kernel then (Linux's parent-death signal) and stops its own children.
@@ -187,6 +187,12 @@ def serve_ui(workdir: Path, port: int = 4200, watch_interval: float = 5.0, host:
         _ensure_gpu_limit(env, setup)
         _ensure_sources(source_root)
         run_prefect(["--no-prompt", "deploy", "--all"], env, PROJECT_ROOT, setup)
+        from pipelines.automations import ensure_crashed_runs_automation
+
+        heartbeat = env.get("PREFECT_FLOWS_HEARTBEAT_FREQUENCY")
+        done = ensure_crashed_runs_automation(conf.crashed_after_s, float(heartbeat) if heartbeat else None)
+        print(f"automation: flow runs without a heartbeat for {conf.crashed_after_s} s are marked Crashed ({done})",
+              flush=True)
         print(f"starting a worker on pool `local` (log: {logs / 'worker.log'})", flush=True)
         # niced: flow runs (model work) inherit it, so the server answers promptly and its SQLite transactions stay
         # short while labelling and training load the CPU
@@ -215,7 +221,7 @@ def serve_ui(workdir: Path, port: int = 4200, watch_interval: float = 5.0, host:
     except Stop as sig:
         print(f"\n{sig.args[0]}: stopping", flush=True)
         return 0
-    except RuntimeError as exc:
+    except (RuntimeError, ValueError) as exc:
         print(f"error: {exc}", flush=True)
         return 1
     finally:

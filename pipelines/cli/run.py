@@ -106,3 +106,23 @@ def watch(source_root: Annotated[Path | None, typer.Option(help="folder of datas
         ArrivalWatcher(root, interval).run(threading.Event())
     except KeyboardInterrupt:
         console.print("stopped")
+
+
+def automations() -> None:
+    """Create (or update) on the Prefect server at $PREFECT_API_URL the automation that marks flow runs without
+    heartbeats Crashed after $HVP_CRASHED_AFTER_S (default 600 s); `hvp ui` does this on its own server."""
+    from infra.settings import get_settings
+    from pipelines.automations import ensure_crashed_runs_automation
+
+    if not os.environ.get("PREFECT_API_URL"):
+        console.print("[red]error:[/red] PREFECT_API_URL is not set: point it at the Prefect server "
+                      "(e.g. http://127.0.0.1:4200/api)")
+        raise typer.Exit(2)
+    window = get_settings().crashed_after_s
+    heartbeat = os.environ.get("PREFECT_FLOWS_HEARTBEAT_FREQUENCY")
+    try:
+        done = ensure_crashed_runs_automation(window, float(heartbeat) if heartbeat else None)
+    except ValueError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    console.print(f"flow runs without a heartbeat for {window} s are marked Crashed ({done})")
