@@ -64,6 +64,7 @@ class Settings(BaseSettings):
     label_batch: int = Field(default=8, ge=1, description="images per labelling task, a shard (amortises task "
                              "overhead)")
     features_shard: int = Field(default=16, ge=1, description="images per features task, a shard")
+    ingest_shard: int = Field(default=8, ge=1, description="source files per ingest task, a shard")
     label_in_flight: int = Field(default=8, ge=1, description="shards of one branch submitted and unfinished at "
                                  "once (bounds what the engine holds; >= 2 per worker keeps every worker busy)")
 

@@ -1,66 +1,80 @@
-"""Prefect wiring of the ingest stage: one task per source file, retried on I/O errors, ids and paths only."""
+"""Prefect wiring of the ingest stage: one task per shard of source files (each file retried on I/O errors), ids
+and paths only."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, task, unmapped
+from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import State
 
-from infra.settings import cube_options
+from base.shards import shards
+from infra.settings import cube_options, get_settings
 from pipelines.catalogs import open_catalog
 from pipelines.params import DEFAULT_PATHS, PathParams, resolve_paths
-from pipelines.wiring import publish_table, retry_on_io, skipped, threads
+from pipelines.wiring import fan_out, publish_table, skipped, threads
 from stages import ingest as stage
 
 
-def _retry_on_io(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry only transient I/O failures; bad input and files that cannot be read for good (no permission, gone)
-    are quarantined by the stage."""
-    try:
-        state.result()
-    except stage.UNREADABLE:
-        return False
-    except Exception:
-        return retry_on_io(task, task_run, state)
-    return False
+def ingest_one(catalog_uri: str, item: dict[str, Any], options: dict[str, Any], attempts: int = 3,
+               delay_s: float = 2.0) -> dict[str, Any]:
+    """Ingest one source image (the stage quarantines bad input and unreadable files itself); a transient I/O error
+    (OSError) is tried again up to ``attempts`` times. Returns ``{"result": FileResult}`` or, when it keeps
+    failing, ``{"error": message}`` for the flow to quarantine."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return {"result": stage.ingest_path(catalog_uri, item["folder"], item["primary"], item["known_sha256"],
+                                                options).as_dict()}
+        except OSError as exc:
+            if attempt == attempts:
+                return {"error": f"{type(exc).__name__}: {exc} (after {attempts} attempts)"}
+            time.sleep(delay_s)
+        except Exception as exc:  # noqa: BLE001 (a file the stage could not handle: recorded, the rest go on)
+            return {"error": f"{type(exc).__name__}: {exc}"}
+    raise AssertionError("unreachable")
 
 
 # The catalog is the cache, keyed on each source file's sha256: unchanged sources are skipped inside the stage, so
-# Prefect's own caching stays off.
-@task(name="ingest-file", retries=2, retry_delay_seconds=2, retry_condition_fn=_retry_on_io, cache_policy=NO_CACHE,
-      task_run_name="ingest {dataset}/{primary}")
-def ingest_file(catalog_uri: str, dataset: str, folder: str, primary: str, known_sha256: str | None,
-                options: dict[str, Any]) -> dict[str, Any]:
-    """Ingest one source image into the catalog (``options``: the cube-store options); returns the stage's result
-    as a plain dict."""
-    return stage.ingest_path(catalog_uri, folder, primary, known_sha256, options).as_dict()
+# Prefect's own caching stays off. A shard of files per task amortises the task's orchestration (about 0.1-0.2 s,
+# bench/scale.py) over several files; a dead worker's shard is run again elsewhere (writes are idempotent).
+@task(name="ingest-shard", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE, task_run_name="ingest {label}")
+def ingest_shard(catalog_uri: str, items: list[dict[str, Any]], options: dict[str, Any], label: str
+                 ) -> list[dict[str, Any]]:
+    """Ingest a shard of source images into the catalog (``options``: the cube-store options), one result per item
+    as `ingest_one` gives it."""
+    return [ingest_one(catalog_uri, item, options) for item in items]
 
 
 def _ingest(catalog: str, config: stage.IngestConfig) -> list[dict[str, Any]] | State:
-    """The ingest stage on the current flow's task runner: start, one task per file, finish; publish the summary."""
+    """The ingest stage on the current flow's task runner: start, shards of files as tasks (bounded in flight),
+    finish; publish the summary."""
     cat = open_catalog(catalog).init()
     print(f"ingest {config.source_root} -> {cat.uri}" + (f" (datasets {', '.join(config.datasets)})"
                                                           if config.datasets else ""))
     work = stage.start_ingest(cat, config)
     for _, path, exc in work.problems:
         print(f"quarantined {path}: {exc}")
-    futures = ingest_file.map([cat.uri] * len(work.items), [w.dataset for w in work.items],
-                              [w.folder for w in work.items], [w.primary for w in work.items],
-                              [w.known_sha256 for w in work.items], unmapped(cube_options()))
+    settings = get_settings()
+    items = [{"dataset": w.dataset, "folder": w.folder, "primary": w.primary, "known_sha256": w.known_sha256}
+             for w in work.items]
+    options = cube_options(settings)
+    work_shards = shards(items, settings.ingest_shard, "ingest_shard (HVP_INGEST_SHARD)")
+    done = fan_out(lambda shard: ingest_shard.submit(
+        cat.uri, shard, options, f"{shard[0]['dataset']}/{shard[0]['primary']} (+{len(shard) - 1})"),
+        work_shards, settings.label_in_flight)
+    outcomes = [outcome for shard_out in done for outcome in shard_out]
     files: list[stage.FileResult] = []
-    for item, fut in zip(work.items, futures, strict=True):
-        fut.wait()
-        if fut.state.is_completed():
-            files.append(stage.FileResult(**fut.result()))
+    for item, outcome in zip(work.items, outcomes, strict=True):
+        if "result" in outcome:
+            files.append(stage.FileResult(**outcome["result"]))
         else:  # I/O kept failing after the retries: record it and go on with the rest
-            message = str(fut.state.message)
             path = str(Path(item.folder, item.primary).absolute())
-            cat.add_quarantine(item.dataset, path, "OSError", "file", message,
+            cat.add_quarantine(item.dataset, path, "OSError", "file", outcome["error"],
                                "check that the file is readable and the storage reachable, then re-run ingest")
-            files.append(stage.FileResult(item.dataset, path, "quarantined", None, message))
+            files.append(stage.FileResult(item.dataset, path, "quarantined", None, outcome["error"]))
     summary = stage.finish_ingest(cat, work, files).summary
     publish_table("ingest-summary", summary,
                   description=f"Ingest of `{config.source_root}` into `{cat.uri}`: images per dataset.")

@@ -23,6 +23,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from base.registry import Registry
+from base.shards import shards as cut_shards
 from catalog.catalog import Catalog
 from catalog.masks import MaskSet, MaskStore
 from stages.labelling import fuse as fusion
@@ -107,11 +108,8 @@ def _labeler_for_key(key: str) -> Labeler:
 
 
 def shards(image_ids: list[str], size: int) -> list[list[str]]:
-    """``image_ids`` cut into consecutive shards of at most ``size`` (the unit of work a worker takes: one task per
-    shard, not per image, so the orchestrator's per-task cost is amortised)."""
-    if size < 1:
-        raise ValueError(f"shard size must be >= 1, got {size}; set label_batch (HVP_LABEL_BATCH) to 1 or more.")
-    return [image_ids[k:k + size] for k in range(0, len(image_ids), size)]
+    """``image_ids`` cut into consecutive shards of at most ``size`` (label_batch, HVP_LABEL_BATCH)."""
+    return cut_shards(image_ids, size, "label_batch (HVP_LABEL_BATCH)")
 
 
 def clear_labeler_cache() -> None:

@@ -1,4 +1,5 @@
-"""The ingest flow on the temporary local Prefect server: per-file tasks, a summary artifact, quarantine rows."""
+"""The ingest flow on the temporary local Prefect server: shards of files as tasks, a summary artifact, quarantine
+rows; a file whose I/O keeps failing is quarantined and the rest go on."""
 
 from __future__ import annotations
 
@@ -86,3 +87,31 @@ def test_flow_on_a_local_dask_cluster(prefect_server: None, tmp_path: Path) -> N
     summary = ingest_flow(PathParams(source_root=str(tmp_path / "src"), catalog=str(tmp_path / "cat")), workers=2)
     assert {r["dataset"]: r["ingested"] for r in summary} == {"harvard": 2, "hyperspectral-city-v2": 13}
     assert Catalog(str(tmp_path / "cat")).verify().healthy
+
+
+def test_a_transient_io_error_is_tried_again_and_a_lasting_one_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipelines import ingest as flow_module
+    from stages import ingest as stage
+
+    calls: list[str] = []
+    good = stage.FileResult("cave", "/src/cave/a.mat", "ingested", "cave/a")
+
+    def flaky(catalog: str, folder: str, primary: str, known: str | None, options: dict) -> stage.FileResult:
+        calls.append(primary)
+        if primary == "dead.mat" or calls.count(primary) < 3:
+            raise TimeoutError(f"storage did not answer for {primary}")
+        return good
+
+    monkeypatch.setattr(flow_module.stage, "ingest_path", flaky)
+    item = {"dataset": "cave", "folder": "/src/cave", "known_sha256": None}
+    assert flow_module.ingest_one("cat", {**item, "primary": "a.mat"}, {}, delay_s=0) == {"result": good.as_dict()}
+    assert calls.count("a.mat") == 3  # failed twice, then read
+    lost = flow_module.ingest_one("cat", {**item, "primary": "dead.mat"}, {}, delay_s=0)
+    assert lost == {"error": "TimeoutError: storage did not answer for dead.mat (after 3 attempts)"}
+
+    def broken(*args: object) -> stage.FileResult:
+        raise KeyError("a bug is not retried")
+
+    monkeypatch.setattr(flow_module.stage, "ingest_path", broken)
+    assert flow_module.ingest_one("cat", {**item, "primary": "b.mat"}, {}, delay_s=0) == {
+        "error": "KeyError: 'a bug is not retried'"}

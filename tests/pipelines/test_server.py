@@ -51,6 +51,17 @@ def _owned_pids(prefect_home: Path) -> list[int]:
     return [p for p in out if p != os.getpid()]
 
 
+def start_hvp_ui(work: Path, port: int, log: Path, env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
+    """`hvp ui` on ``work`` and ``port`` in its own session, its output in ``log``; returns once it printed the URL
+    (or failed: the caller asserts it runs)."""
+    with log.open("wb") as fh:
+        ui = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "ui", "--workdir", str(work), "--port",
+                               str(port), *args], cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    _wait_for(lambda: "Prefect UI:" in log.read_text() or ui.poll() is not None, 600, "hvp ui to start", log)
+    return ui
+
+
 @pytest.mark.integration
 def test_schedule_and_arrival_trigger_fire_on_a_real_server(tmp_path: Path) -> None:
     from prefect.client.orchestration import get_client
@@ -136,12 +147,8 @@ def test_hvp_ui_killed_with_kill_9_leaves_no_server_or_worker(tmp_path: Path) ->
     env = {**os.environ}
     env.pop("PREFECT_API_URL", None)
     log = tmp_path / "hvp-ui.log"
-    with log.open("wb") as fh:
-        ui = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "ui", "--workdir", str(work), "--port",
-                               str(port)], cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT,
-                              start_new_session=True)
+    ui = start_hvp_ui(work, port, log, env)
     try:
-        _wait_for(lambda: "Prefect UI:" in log.read_text() or ui.poll() is not None, 600, "hvp ui to start", log)
         assert ui.poll() is None, log.read_text()
         assert len(_owned_pids(work / "prefect")) >= 2  # the server and the worker run
     finally:

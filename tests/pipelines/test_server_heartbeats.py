@@ -17,7 +17,7 @@ from uuid import UUID
 import pytest
 
 from catalog.fixtures import write_dataset
-from tests.pipelines.test_server import _free_port, _owned_pids, _wait_for
+from tests.pipelines.test_server import _free_port, _owned_pids, _wait_for, start_hvp_ui
 
 REPO = Path(__file__).resolve().parents[2]
 WINDOW_S = 70  # HVP_CRASHED_AFTER_S: more than twice the heartbeat period, as hvp ui requires
@@ -75,14 +75,10 @@ def test_a_dead_run_is_marked_crashed_and_a_live_long_run_is_not(tmp_path: Path)
     env = {**os.environ, "HVP_CRASHED_AFTER_S": str(WINDOW_S), "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S)}
     env.pop("PREFECT_API_URL", None)
     log = tmp_path / "hvp-ui.log"
-    with log.open("wb") as fh:
-        ui = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "ui", "--workdir", str(work), "--port",
-                               str(port)], cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT,
-                              start_new_session=True)
+    ui = start_hvp_ui(work, port, log, env)
     url = f"http://127.0.0.1:{port}"
     flows: list[subprocess.Popen[bytes]] = []
     try:
-        _wait_for(lambda: "Prefect UI:" in log.read_text() or ui.poll() is not None, 600, "hvp ui to start", log)
         assert ui.poll() is None, log.read_text()
         assert f"without a heartbeat for {WINDOW_S} s are marked Crashed (created)" in log.read_text()
         flow_env = {**env, "PREFECT_API_URL": f"{url}/api", "PREFECT_HOME": str(work / "prefect")}
