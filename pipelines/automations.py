@@ -11,6 +11,7 @@ long as its heartbeat period is well below the window.
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 CRASHED_RUNS = "hvp: mark flow runs without heartbeats crashed"
 #: Prefect's own heartbeat period when PREFECT_FLOWS_HEARTBEAT_FREQUENCY is not set.
@@ -49,7 +50,7 @@ def crashed_runs_automation(crashed_after_s: float) -> object:
             threshold=1,
             within=timedelta(seconds=crashed_after_s),
         ),
-        actions=[ChangeFlowRunState(state=StateType.CRASHED,
+        actions=[ChangeFlowRunState(name=None, state=StateType.CRASHED, force=False,
                                     message=f"no heartbeat for {crashed_after_s:g} s: its process or machine died")],
     )
 
@@ -62,11 +63,11 @@ def ensure_crashed_runs_automation(crashed_after_s: float, heartbeat_s: float | 
     check_window(crashed_after_s, heartbeat_s)
     wanted = crashed_runs_automation(crashed_after_s)
     try:
-        current = Automation.read(name=CRASHED_RUNS)
+        current: Any = Automation.read(name=CRASHED_RUNS)  # the sync form (async_dispatch types it as a coroutine)
     except ValueError:  # none of that name
         wanted.create()  # type: ignore[attr-defined]
         return "created"
-    if current.trigger.within == timedelta(seconds=crashed_after_s) and current.enabled:  # type: ignore[attr-defined]
+    if current.trigger.within == timedelta(seconds=crashed_after_s) and current.enabled:
         return "unchanged"
     current.delete()
     wanted.create()  # type: ignore[attr-defined]

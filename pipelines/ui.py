@@ -2,10 +2,11 @@
 
 It starts `prefect server start --host 127.0.0.1`, creates the `local` process work pool and one concurrency limit
 of one slot per GPU (`gpu:<host>:<index>`), registers every deployment of prefect.yaml without questions, creates
-the automation that marks flow runs without heartbeats Crashed (pipelines.automations), makes the fixture sources when the source root is empty, starts a worker and the watcher,
-prints the URL, and on Ctrl-C or SIGTERM stops everything it started (each child runs in its own process group,
-so the server's own children go with it). Killed outright (``kill -9``), it cannot stop them itself: each child
-gets SIGTERM from the kernel then (Linux's parent-death signal) and stops its own children.
+the automation that marks flow runs without heartbeats Crashed (pipelines.automations), makes the fixture sources
+when the source root is empty, starts a worker and the watcher, prints the URL, and on Ctrl-C or SIGTERM stops
+everything it started (each child runs in its own process group, so the server's own children go with it). Killed
+outright (``kill -9``), it cannot stop them itself: each child gets SIGTERM from the kernel then (Linux's parent-
+death signal) and stops its own children.
 
 Paths and the server credential come from the settings (``HVP_SOURCE_ROOT``, ``HVP_CATALOG``, ``HVP_SERVER_AUTH``).
 With a credential the server requires Prefect's basic authentication and the worker, the watcher and the prefect
