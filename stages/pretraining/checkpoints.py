@@ -49,3 +49,22 @@ def config_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     current = json.loads(json.dumps(current))
     return sorted(k for k in set(saved) | set(current)
                   if k not in RUNTIME_FIELDS and saved.get(k) != current.get(k))
+
+
+def checkpoint_to_resume(run_dir: Path, config: dict[str, Any], resume: bool) -> Path | None:
+    """The checkpoint a run in ``run_dir`` continues from: the latest one when ``resume`` (its saved config must
+    match ``config`` but for runtime fields), None for a fresh run; a fresh run refuses a folder that already holds
+    one."""
+    ckpt = latest_checkpoint(run_dir)
+    if not resume:
+        if ckpt is not None:
+            raise FileExistsError(f"{run_dir} already holds a run; pass resume=True to continue it or use a new "
+                                  "out_dir.")
+        return None
+    if ckpt is not None:
+        saved = json.loads((ckpt / "config.json").read_text())["config"]
+        diff = config_diff(saved, config)
+        if diff:
+            raise ValueError(f"Cannot resume {run_dir}: the config differs from the checkpoint's in {diff}; "
+                             "resume with the saved config (checkpoints/latest/config.json) or use a new out_dir.")
+    return ckpt

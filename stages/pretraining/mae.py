@@ -36,7 +36,7 @@ from catalog.catalog import Catalog
 from model.hypersigma import MaskedAutoencoder, create_mae, describe_input, mae_step
 from model.hypersigma.checkpoint import read_released
 from model.hypersigma.mae import MAEKind
-from stages.pretraining.checkpoints import MODEL_FILE, config_diff, latest_checkpoint
+from stages.pretraining.checkpoints import MODEL_FILE, checkpoint_to_resume, latest_checkpoint
 from stages.pretraining.config import RANDOM_INIT, STAGE_VERSION, MAESettings, PretrainConfig, PretrainResult
 from stages.pretraining.data import BandSignatureBatchSampler
 from stages.pretraining.logs import append_row, open_run_dir, plot_losses
@@ -163,18 +163,11 @@ def train_mae(kind: MAEKind, config: PretrainConfig, rt: Runtime, resume: bool, 
     }
     metrics_csv = run_dir / "metrics.csv"
     start = 0
-    ckpt = latest_checkpoint(run_dir) if resume else None
+    ckpt = checkpoint_to_resume(run_dir, config.to_dict(), resume)
     if ckpt is not None:
-        saved = json.loads((ckpt / "config.json").read_text())["config"]
-        diff = config_diff(saved, config.to_dict())
-        if diff:
-            raise ValueError(f"Cannot resume {run_dir}: the config differs from the checkpoint's in {diff}; "
-                             "resume with the saved config (checkpoints/latest/config.json) or use a new out_dir.")
         mae.load_state_dict(load_file(str(ckpt / MODEL_FILE), device=str(rt.device)))
         start = ckpt_io.restore_training_state(ckpt_io.read_training_state(ckpt), optimizer, scheduler)
         logger.info("Resumed %s at step %d from %s", run_dir, start, ckpt)
-    elif latest_checkpoint(run_dir) is not None:
-        raise FileExistsError(f"{run_dir} already holds a run; pass resume=True to continue it or use a new out_dir.")
     if rt.is_main:
         open_run_dir(run_dir, resolved, metrics_csv, start)
     end = min(config.steps, until_step) if until_step is not None else config.steps

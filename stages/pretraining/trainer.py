@@ -40,7 +40,7 @@ from model.distill import DistillHead, RGBTeacher
 from model.losses import segmentation_loss
 from model.preprocess import check_contract, describe, prepare_batch
 from model.pretraining import PretrainModule, StudentOutput, student_token_dim
-from stages.pretraining.checkpoints import config_diff, latest_checkpoint, load_training_state, save_checkpoint
+from stages.pretraining.checkpoints import checkpoint_to_resume, latest_checkpoint, load_training_state, save_checkpoint
 from stages.pretraining.config import RANDOM_INIT, STAGE_VERSION, PretrainConfig, PretrainResult
 from stages.pretraining.data import BandSignatureBatchSampler, PretrainBatch, PretrainDataset, collate, scan_catalog
 from stages.pretraining.logs import append_row, open_run_dir, plot_losses
@@ -196,19 +196,12 @@ def _train(config: PretrainConfig, rt: Runtime, resume: bool, until_step: int | 
     }
     metrics_csv = run_dir / "metrics.csv"
     start = 0
-    ckpt = latest_checkpoint(run_dir) if resume else None
+    ckpt = checkpoint_to_resume(run_dir, config.to_dict(), resume)
     if ckpt is not None:
-        saved = json.loads((ckpt / "config.json").read_text())["config"]
-        diff = config_diff(saved, config.to_dict())
-        if diff:
-            raise ValueError(f"Cannot resume {run_dir}: the config differs from the checkpoint's in {diff}; "
-                             "resume with the saved config (checkpoints/latest/config.json) or use a new out_dir.")
         start = load_training_state(ckpt, module, trainer.optimizer, trainer.scheduler)
         if rt.is_main:
             prune_checkpoints(run_dir, config.keep_checkpoints)
         logger.info("Resumed %s at step %d from %s", run_dir, start, ckpt)
-    elif latest_checkpoint(run_dir) is not None:
-        raise FileExistsError(f"{run_dir} already holds a run; pass resume=True to continue it or use a new out_dir.")
     if rt.is_main:
         open_run_dir(run_dir, resolved, metrics_csv, start)
 
