@@ -15,7 +15,9 @@ positions, timed by the reading thread's CPU time (both sides read on one thread
 other processes mostly measures them). Cold: before every single read the files of both sides are evicted from
 the page cache (fsync, then ``posix_fadvise(DONTNEED)``; the raw .npy is mapped afresh), as a loader over a
 dataset far larger than memory sees them, timed by wall clock. One decode thread and no chunk cache unless a row
-says otherwise, so the figures are the decode path's per core.
+says otherwise, so the figures are the decode path's per core. A cold read of 4 MB or more also uses the reader's
+one read-ahead thread (it waits on the disk and verifies checksums while the decode thread copies): the CPU each
+side spends per cold read, all threads counted, is printed under the table.
 
 Targets: warm 128 px catalog >= native for every family and >= 5x geometric mean; warm 512 px >= 0.5x raw mmap;
 cold >= 1x raw .npy reads.
@@ -69,6 +71,9 @@ LAYOUTS: list[CubeLayout] = [
     replace(BASE, codec="zstd", level=3, shuffle="bit"),
 ]
 QUICK = [LAYOUTS[i] for i in (0, 1, 6, 7, 9, 11)]
+COLD_REPEAT = 3
+"""Cold 512 px reads go over the 512 px positions this many times (each read is cold: the disk's noise needs
+more samples than a warm read's)."""
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -87,10 +92,12 @@ def evict(paths: list[str] | list[Path]) -> None:
 
 
 def paired(a: Callable[[int, int], Any], b: Callable[[int, int], Any], positions: list[tuple[int, int]],
-           cold: Callable[[], None] | None = None, clock: Callable[[], float] | None = None) -> float:
+           cold: Callable[[], None] | None = None, clock: Callable[[], float] | None = None,
+           cpu: list[float] | None = None) -> float:
     """Speed of ``a`` relative to ``b`` (> 1: ``a`` is faster) over the same positions read in alternation;
     warm after an untimed pass of both, or with ``cold`` (untimed) before every single read. ``clock``: the
-    reading thread's CPU time when warm (both sides single-threaded), wall clock when cold (it waits on I/O)."""
+    reading thread's CPU time when warm (both sides single-threaded), wall clock when cold (it waits on I/O).
+    ``cpu`` (two zeros) accumulates each side's process CPU time (all its threads)."""
     clock = clock or (time.perf_counter if cold is not None else time.thread_time)
     if cold is None:
         for y, x in positions:
@@ -102,9 +109,11 @@ def paired(a: Callable[[int, int], Any], b: Callable[[int, int], Any], positions
             if cold is not None:
                 cold()
             fn = a if side == 0 else b
-            t0 = clock()
+            t0, c0 = clock(), time.process_time()
             fn(y, x)
             spent[side] += clock() - t0
+            if cpu is not None:
+                cpu[side] += time.process_time() - c0
     return spent[1] / spent[0]
 
 
@@ -173,7 +182,10 @@ def measure_layout(root: Path, layout: CubeLayout, cube: np.ndarray, wl: np.ndar
                              lambda: np.stack([raw.crop(y, x, 128) for y, x in batch]))
     r["c128"] = paired(lambda y, x: crop(y, x, 128), lambda y, x: raw.crop(y, x, 128), p128[: len(p128) // 2],
                        both_cold)
-    r["c512"] = paired(lambda y, x: crop(y, x, s512), lambda y, x: raw.crop(y, x, s512), p512, both_cold)
+    cpu = [0.0, 0.0]
+    r["c512"] = paired(lambda y, x: crop(y, x, s512), lambda y, x: raw.crop(y, x, s512), p512 * COLD_REPEAT,
+                       both_cold, cpu=cpu)
+    r["c512_cpu"], r["c512_cpu_raw"] = (c / len(p512) / COLD_REPEAT * 1e3 for c in cpu)
     t0 = time.perf_counter()
     for y, x in p512:
         crop(y, x, s512)
@@ -204,6 +216,10 @@ def layout_table(root: Path, side: int, crops: int, layouts: list[CubeLayout], f
         mark = "*" if layout == DEFAULT else " "
         print(f"{layout.label() + mark:30s} {r['disk']:8.3f} {r['write_s']:7.2f} {r['w128']:6.2f} {r['w512']:6.2f} "
               f"{r['image']:6.2f} {r['batch']:6.2f} {r['c128']:6.2f} {r['c512']:6.2f} {r['mbs']:6.0f}")
+    if DEFAULT.label() in results:
+        d = results[DEFAULT.label()]
+        print(f"cold {s512} px reads, CPU per read, all threads (default layout): catalog {d['c512_cpu']:.0f} ms "
+              f"(decode thread + read-ahead thread), raw .npy {d['c512_cpu_raw']:.0f} ms")
     off = results.get(replace(BASE, checksum=False).label())
     if off is not None:
         on = results[BASE.label()]
@@ -331,7 +347,8 @@ def families(root: Path, side: int, crops: int, figures: dict[str, float]) -> No
         k512 = paired(lambda y, x: cat_crop(y, x, s512), lambda y, x: raw_crop(y, x, s512), p512)
         ck128 = paired(lambda y, x: cat_crop(y, x, 128), lambda y, x: raw_crop(y, x, 128), p128[: len(p128) // 2],
                        cold)
-        ck512 = paired(lambda y, x: cat_crop(y, x, s512), lambda y, x: raw_crop(y, x, s512), p512, cold)
+        ck512 = paired(lambda y, x: cat_crop(y, x, s512), lambda y, x: raw_crop(y, x, s512), p512 * COLD_REPEAT,
+                       cold)
         disk = dir_bytes(Path(cat.root) / loc / "cube") / sum(Path(p).stat().st_size for p in source_files)
         w128_native.append(nat)
         w512.append(k512)

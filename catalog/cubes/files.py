@@ -122,6 +122,34 @@ class FileAccess:
             return into[: part.size]
         return part
 
+    def in_page_cache(self, path: str, offset: int) -> bool:
+        """Whether the byte at ``offset`` of a local file is in the page cache (a read that cannot block:
+        ``RWF_NOWAIT``). True where it cannot tell (no such flag, another file system, not local), so that the
+        caller keeps its mapped path."""
+        nowait = getattr(os, "RWF_NOWAIT", None)
+        if not self.local or nowait is None:
+            return True
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return True
+        try:
+            os.preadv(fd, [self.scratch("probe", 1).data], max(0, offset), nowait)
+            return True
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+        finally:
+            os.close(fd)
+
+    def size(self, path: str) -> int | None:
+        """A local file's size in bytes, None when it does not exist."""
+        try:
+            return os.stat(path).st_size
+        except FileNotFoundError:
+            return None
+
     def forget(self, prefix: str) -> None:
         """Unmap the files under ``prefix`` (after they were replaced)."""
         with self._map_lock:
@@ -143,6 +171,46 @@ class FileAccess:
         """Create a folder and its parents (a no-op on object stores)."""
         if self.local:
             os.makedirs(path, exist_ok=True)
+
+
+class SequentialReads:
+    """``pread`` on local files into the caller's buffers, each file's descriptor kept open for the whole
+    sequence and marked sequential, so that the kernel reads ahead of the next range (in large folios) while the
+    caller works on this one. Close it when done (a context manager)."""
+
+    def __init__(self) -> None:
+        self._fds: dict[str, int] = {}
+
+    def read_into(self, path: str, offset: int, buf: np.ndarray) -> int:
+        """Read ``path``'s bytes at ``offset`` into ``buf`` (uint8); returns how many it read (fewer at the end of
+        the file, 0 when the file does not exist)."""
+        fd = self._fds.get(path)
+        if fd is None:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                return 0
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            self._fds[path] = fd
+        got = 0
+        while got < buf.size:
+            n = os.preadv(fd, [buf[got:].data], offset + got)
+            if n == 0:
+                break
+            got += n
+        return got
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> SequentialReads:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def writev_all(fd: int, parts: Sequence[Any]) -> int:

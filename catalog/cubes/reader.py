@@ -5,6 +5,12 @@ It does not go through zarr-python's asynchronous pipeline, which costs more tha
 parses an array's ``zarr.json`` once, reads chunk and shard files through ``FileAccess`` (memory-mapped locally),
 and keeps decoded chunks in a byte-bounded ``ChunkCache`` for overlapping crops. Arrays whose codecs it does not
 decode are read through zarr-python.
+
+Two paths. Warm (the bytes in the page cache): chunks are read in place from the file's mapping, no copy. Cold (a
+large read whose first bytes are not cached): the chunks are sorted by file and offset and coalesced into a few
+long ranges, which one I/O thread reads with ``pread`` a few ranges ahead of the decoder, so the disk and the
+decode run together and the kernel reads ahead in large folios (faulting a mapping in, or ``MADV_WILLNEED``, costs
+a page at a time).
 """
 
 from __future__ import annotations
@@ -14,7 +20,8 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
 from typing import Any
 
 import google_crc32c
@@ -26,10 +33,23 @@ import zarr
 
 from base.errors import CatalogError, CorruptChunkError
 from catalog.cubes.cache import ChunkCache
-from catalog.cubes.files import FileAccess, zarr_store
+from catalog.cubes.files import FileAccess, SequentialReads, zarr_store
 from catalog.cubes.layout import NO_CHUNK
 from catalog.cubes.metadata import ArrayInfo, parse_array_meta
 from catalog.cubes.regions import Piece, extent, normalise_region, plan_chunks
+
+Job = tuple[ArrayInfo, tuple[int, ...], list[Piece]]
+"""One chunk of one array and the pieces of outputs it fills."""
+
+
+@dataclass
+class Segment:
+    """A byte range of one file read in one ``pread`` on the cold path, and the chunks (job, offset, size) in it."""
+
+    path: str
+    start: int
+    end: int
+    chunks: list[tuple[Job, int, int]] = field(default_factory=list)
 
 
 class CubeReader:
@@ -42,6 +62,13 @@ class CubeReader:
 
     #: Below this many bytes of chunks a read stays on the calling thread (thread hand-off costs more).
     PARALLEL_MIN_BYTES = 2 * 2**20
+    #: Reads of at least this many bytes whose first chunk is not in the page cache take the cold path.
+    COLD_MIN_BYTES = 4 * 2**20
+    #: The cold path's longest range (whole chunks; a larger chunk is read alone) and ranges read ahead.
+    SEGMENT_BYTES = 4 * 2**20
+    SEGMENTS_AHEAD = 4
+    #: A gap between two chunks of one file up to this many bytes is read rather than split into two reads.
+    SEGMENT_GAP = 64 * 2**10
 
     def __init__(self, files: FileAccess, root: str, threads: int = 1, cache_bytes: int = 0) -> None:
         self.files = files
@@ -55,6 +82,8 @@ class CubeReader:
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = 0
+        self._io: ThreadPoolExecutor | None = None
+        self._io_pid = 0
         self.pid = os.getpid()
         """The process that built this reader (a forked child builds its own: see Catalog.cubes)."""
 
@@ -153,19 +182,26 @@ class CubeReader:
                                 f"{int(nbytes)} bytes its index promises (truncated file)")
         return path, raw
 
-    def decode(self, info: ArrayInfo, idx: tuple[int, ...], path: str, raw: np.ndarray) -> np.ndarray:
-        """Verify and decode one chunk's stored bytes into a chunk-shaped array (a view of ``raw`` or of this
-        thread's decode buffer: copy it before the thread decodes the next chunk)."""
-        payload = raw
-        if info.checksum:
-            if raw.size < 4:
-                raise self._corrupt(info, idx, path, f"{raw.size} bytes, shorter than its 4-byte checksum")
-            payload = raw[:-4]
-            stored = int.from_bytes(raw[-4:].tobytes(), "little")
-            computed = google_crc32c.value(payload)
-            if computed != stored:
-                raise self._corrupt(info, idx, path, f"crc32c checksum mismatch (stored {stored:08x}, "
-                                    f"computed {computed:08x})")
+    def verify(self, info: ArrayInfo, idx: tuple[int, ...], path: str, raw: np.ndarray) -> np.ndarray:
+        """One chunk's stored bytes checked against their CRC-32C (when the array has one): the payload."""
+        if not info.checksum:
+            return raw
+        if raw.size < 4:
+            raise self._corrupt(info, idx, path, f"{raw.size} bytes, shorter than its 4-byte checksum")
+        payload = raw[:-4]
+        stored = int.from_bytes(raw[-4:].tobytes(), "little")
+        computed = google_crc32c.value(payload)
+        if computed != stored:
+            raise self._corrupt(info, idx, path, f"crc32c checksum mismatch (stored {stored:08x}, "
+                                f"computed {computed:08x})")
+        return payload
+
+    def decode(self, info: ArrayInfo, idx: tuple[int, ...], path: str, raw: np.ndarray,
+               verified: bool = False) -> np.ndarray:
+        """Verify (unless ``verified``: ``raw`` is then the payload) and decode one chunk's stored bytes into a
+        chunk-shaped array (a view of ``raw`` or of this thread's decode buffer: copy it before the thread decodes
+        the next chunk)."""
+        payload = raw if verified else self.verify(info, idx, path, raw)
         nbytes = info.chunk_nbytes
         if info.compressor is None:
             if payload.size != nbytes:
@@ -220,9 +256,25 @@ class CubeReader:
             self._pool_pid = os.getpid()
         return self._pool
 
-    def run(self, jobs: list[tuple[ArrayInfo, tuple[int, ...], list[Piece]]]) -> None:
-        """Decode each job's chunk once and copy it into every piece that needs it, in parallel when large.
-        Locally every chunk file is mapped first, so that their disk reads (if cold) start together."""
+    def io_executor(self) -> ThreadPoolExecutor:
+        """This process's one I/O thread of the cold path (rebuilt after a fork)."""
+        if self._io is None or self._io_pid != os.getpid():
+            self._io = ThreadPoolExecutor(1, thread_name_prefix="hvp-read-ahead")
+            self._io_pid = os.getpid()
+        return self._io
+
+    def run(self, jobs: list[Job]) -> None:
+        """Decode each job's chunk once and copy it into every piece that needs it, in parallel when large. A large
+        cold read takes the coalesced read-ahead path (``run_cold``); otherwise, locally, every chunk file is
+        mapped first, so that their disk reads (if cold) start together."""
+        total = sum(j[0].chunk_nbytes for j in jobs)
+        if self.files.local and len(jobs) > 1 and total >= self.COLD_MIN_BYTES:
+            segments, rest = self.segments(jobs)
+            if segments and not self.files.in_page_cache(segments[0].path, segments[0].start):
+                self.run_cold(segments)
+                jobs = rest
+                if not jobs:
+                    return
         fetched: list[tuple[str, np.ndarray | None] | None] = [None] * len(jobs)
         if self.files.local and len(jobs) > 1:
             for k, (info, idx, _) in enumerate(jobs):
@@ -243,6 +295,96 @@ class CubeReader:
             return
         for _ in self.executor().map(one, range(len(jobs))):
             pass
+
+    def segments(self, jobs: list[Job]) -> tuple[list[Segment], list[Job]]:
+        """The cold path's plan: the jobs' stored chunks sorted by file and offset and coalesced into ranges of at
+        most ``SEGMENT_BYTES`` (gaps up to ``SEGMENT_GAP`` read through), and the jobs it leaves to the mapped
+        path (cached chunks, chunks never written)."""
+        located: list[tuple[str, int, int, Job]] = []
+        rest: list[Job] = []
+        for job in jobs:
+            info, idx, _ = job
+            if (info.path, idx) in self.cache:
+                rest.append(job)
+                continue
+            if info.shard is None:
+                path = info.file_key(idx)
+                size = self.files.size(path)
+                if size is None:
+                    rest.append(job)
+                else:
+                    located.append((path, 0, size, job))
+                continue
+            per = info.inner_per_shard
+            path, index = self._shard_entries(info, tuple(i // p for i, p in zip(idx, per, strict=True)))
+            flat = int(np.ravel_multi_index(tuple(i % p for i, p in zip(idx, per, strict=True)), per))
+            if index is None or (index[flat, 0] == NO_CHUNK and index[flat, 1] == NO_CHUNK):
+                rest.append(job)
+            else:
+                located.append((path, int(index[flat, 0]), int(index[flat, 1]), job))
+        located.sort(key=lambda r: (r[0], r[1]))
+        segments: list[Segment] = []
+        for path, offset, nbytes, job in located:
+            last = segments[-1] if segments else None
+            if (last is not None and last.path == path and 0 <= offset - last.end <= self.SEGMENT_GAP
+                    and offset + nbytes - last.start <= self.SEGMENT_BYTES):
+                last.end = max(last.end, offset + nbytes)
+            else:
+                last = Segment(path, offset, offset + nbytes)
+                segments.append(last)
+            last.chunks.append((job, offset, nbytes))
+        return segments, rest
+
+    def run_cold(self, segments: list[Segment]) -> None:
+        """Read ``segments`` in order on the I/O thread, ``SEGMENTS_AHEAD`` ahead of the decode, into this thread's
+        buffers (one is read into again only after its chunks were copied out). The I/O thread also checks each
+        chunk's CRC-32C while its bytes are in its cache; this thread decodes them into their pieces."""
+        ahead = self.SEGMENTS_AHEAD
+        buffers = [self.files.scratch(f"segment{k}", max(s.end - s.start for s in segments[k::ahead]))
+                   for k in range(min(ahead, len(segments)))]
+
+        def load(k: int) -> list[np.ndarray]:
+            seg = segments[k]
+            buf = buffers[k % ahead][: seg.end - seg.start]
+            data = buf[: reads.read_into(seg.path, seg.start, buf)]
+            payloads = []
+            for (info, idx, _), offset, nbytes in seg.chunks:
+                raw = data[offset - seg.start: offset - seg.start + nbytes]
+                if raw.size != nbytes:
+                    raise self._corrupt(info, idx, seg.path, f"the shard holds {raw.size} of the {nbytes} bytes "
+                                        "its index promises (truncated file)")
+                payloads.append(self.verify(info, idx, seg.path, raw))
+            return payloads
+
+        def one(job: Job, path: str, payload: np.ndarray) -> None:
+            info, idx, pieces = job
+            chunk = self.decode(info, idx, path, payload, verified=True)
+            if self.cache.max_bytes > 0:
+                chunk = chunk.copy()
+                self.cache.put((info.path, idx), chunk)
+            for p in pieces:
+                _put(p.out, p.dst, chunk, p.src)
+
+        io = self.io_executor()
+        reads = SequentialReads()
+        pending: dict[int, Future[list[np.ndarray]]] = {k: io.submit(load, k) for k in range(len(buffers))}
+        try:
+            for k, seg in enumerate(segments):
+                payloads = pending.pop(k).result()
+                jobs = [c[0] for c in seg.chunks]
+                if self.threads > 1 and len(jobs) > 1 and seg.end - seg.start >= self.PARALLEL_MIN_BYTES:
+                    for _ in self.executor().map(one, jobs, [seg.path] * len(jobs), payloads):
+                        pass
+                else:
+                    for job, payload in zip(jobs, payloads, strict=True):
+                        one(job, seg.path, payload)
+                if k + ahead < len(segments):
+                    pending[k + ahead] = io.submit(load, k + ahead)
+        finally:  # never return (or raise) while a read still writes into this thread's buffers
+            for future in pending.values():
+                future.cancel()
+            wait(pending.values())
+            reads.close()
 
     def read(self, location: str, region: Sequence[slice | np.ndarray | Sequence[int] | None] = (),
              name: str = "cube", dtype: Any = None, out: np.ndarray | None = None) -> np.ndarray:
