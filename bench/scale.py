@@ -244,7 +244,6 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HVP_LABEL_BATCH", "2")  # shards small enough that both workers get work
     os.environ.setdefault("HVP_FEATURES_SHARD", "2")  # (at the default 16 a bench-sized dataset is one shard)
-    os.environ.setdefault("HVP_INGEST_SHARD", "4")
     from infra.prefect_server import start_temporary_server
 
     start_temporary_server()
@@ -270,6 +269,11 @@ def main() -> None:
           f"({mb:.0f} MB ingested; the labelled ones labelled and encoded), catalog on file://, "
           f"{os.cpu_count()} cores, load average {load0:.1f} before / {load1:.1f} after; each worker one task "
           "thread, OMP_NUM_THREADS=1, pinned to its own core")
+    from infra.settings import get_settings
+
+    st = get_settings()
+    print(f"shards: ingest {st.ingest_shard} files (the default), label {os.environ['HVP_LABEL_BATCH']} images, "
+          f"features {os.environ['HVP_FEATURES_SHARD']} images (so that a bench-sized dataset makes several)")
     print(f"{'phase':28s} {'1 worker s':>11s} {'2 workers s':>12s} {'speedup':>8s}   workers' busy cores (1 / 2)")
     names = {"ingest": "ingest flow (prefect-dask)", "label": "label flow (prefect-dask)",
              "features": "features flow (shards)", "dask_ingest": "ingest, Dask alone",

@@ -51,6 +51,7 @@ def cold_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     monkeypatch.setattr(CubeReader, "run_cold", spy)
     monkeypatch.setattr(CubeReader, "COLD_MIN_BYTES", 0)
+    monkeypatch.setattr(CubeReader, "COLD_RUN_BYTES", 0)
     monkeypatch.setattr(CubeReader, "SEGMENT_BYTES", 3 * 12 * 16 * 16 * 2)
     monkeypatch.setattr(FileAccess, "in_page_cache", lambda self, path, offset: False)
     return calls
@@ -153,7 +154,7 @@ def test_only_reads_the_page_cache_lacks_take_the_cold_path(tmp_path: Path, monk
     run_cold = CubeReader.run_cold
     monkeypatch.setattr(CubeReader, "run_cold", lambda self, segs: (calls.append(len(segs)), run_cold(self, segs)))
     cat = Catalog(tmp_path / "cat", chunk_cache_mb=0).init()  # the default layout and thresholds
-    data = _cube((40, 256, 256))  # 5 MB: above COLD_MIN_BYTES
+    data = _cube((64, 256, 256))  # 8 MB in one shard: one long run, above COLD_MIN_BYTES and COLD_RUN_BYTES
     loc = _write(cat, data)
     shard = tmp_path / "cat" / loc / "cube" / "c" / "0" / "0" / "0"
     _evict(shard)
@@ -167,4 +168,9 @@ def test_only_reads_the_page_cache_lacks_take_the_cold_path(tmp_path: Path, monk
     np.testing.assert_array_equal(cat.read_crop(loc, 30, 40, 200), data[:, 30:230, 40:240])
     assert len(calls) == 1  # warm now: read in place from the mapping
     np.testing.assert_array_equal(cat.read_crop(loc, 0, 0, 8), data[:, :8, :8])  # small reads never go cold
-    assert len(calls) == 1
+    cat.cubes.forget(loc)
+    _evict(shard)
+    time.sleep(0.2)
+    _evict(shard)
+    np.testing.assert_array_equal(cat.read_crop(loc, 70, 70, 128), data[:, 70:198, 70:198])
+    assert len(calls) == 1  # cold, but 3 short runs of 3 chunks: every chunk's read started at once, mapped
