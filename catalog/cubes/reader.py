@@ -171,19 +171,30 @@ class CubeReader:
         if info.shard is None:
             path = info.file_key(idx)
             return path, self.files.read(path, into)
+        path, entry = self.inner_entry(info, idx)
+        if entry is None:
+            return path, None
+        offset, nbytes = entry
+        raw = self.files.read_range(path, offset, nbytes, into)
+        if raw is None or raw.size != nbytes:
+            raise self._truncated(info, idx, path, 0 if raw is None else raw.size, nbytes)
+        return path, raw
+
+    def inner_entry(self, info: ArrayInfo, idx: tuple[int, ...]) -> tuple[str, tuple[int, int] | None]:
+        """A sharded array's chunk: its shard file and its (offset, size) there, None when it was never written."""
         per = info.inner_per_shard
         path, index = self._shard_entries(info, tuple(i // p for i, p in zip(idx, per, strict=True)))
         if index is None:
             return path, None
-        flat = int(np.ravel_multi_index(tuple(i % p for i, p in zip(idx, per, strict=True)), per))
-        offset, nbytes = index[flat]
+        offset, nbytes = index[int(np.ravel_multi_index(tuple(i % p for i, p in zip(idx, per, strict=True)), per))]
         if offset == NO_CHUNK and nbytes == NO_CHUNK:
             return path, None
-        raw = self.files.read_range(path, int(offset), int(nbytes), into)
-        if raw is None or raw.size != int(nbytes):
-            raise self._corrupt(info, idx, path, f"the shard holds {0 if raw is None else raw.size} of the "
-                                f"{int(nbytes)} bytes its index promises (truncated file)")
-        return path, raw
+        return path, (int(offset), int(nbytes))
+
+    def _truncated(self, info: ArrayInfo, idx: tuple[int, ...], path: str, got: int, nbytes: int
+                   ) -> CorruptChunkError:
+        return self._corrupt(info, idx, path, f"the shard holds {got} of the {nbytes} bytes its index promises "
+                             "(truncated file)")
 
     def verify(self, info: ArrayInfo, idx: tuple[int, ...], path: str, raw: np.ndarray) -> np.ndarray:
         """One chunk's stored bytes checked against their CRC-32C (when the array has one): the payload."""
@@ -321,13 +332,11 @@ class CubeReader:
                 else:
                     located.append((path, 0, size, job))
                 continue
-            per = info.inner_per_shard
-            path, index = self._shard_entries(info, tuple(i // p for i, p in zip(idx, per, strict=True)))
-            flat = int(np.ravel_multi_index(tuple(i % p for i, p in zip(idx, per, strict=True)), per))
-            if index is None or (index[flat, 0] == NO_CHUNK and index[flat, 1] == NO_CHUNK):
+            path, entry = self.inner_entry(info, idx)
+            if entry is None:
                 rest.append(job)
             else:
-                located.append((path, int(index[flat, 0]), int(index[flat, 1]), job))
+                located.append((path, *entry, job))
         located.sort(key=lambda r: (r[0], r[1]))
         segments: list[Segment] = []
         for path, offset, nbytes, job in located:
@@ -357,8 +366,7 @@ class CubeReader:
             for (info, idx, _), offset, nbytes in seg.chunks:
                 raw = data[offset - seg.start: offset - seg.start + nbytes]
                 if raw.size != nbytes:
-                    raise self._corrupt(info, idx, seg.path, f"the shard holds {raw.size} of the {nbytes} bytes "
-                                        "its index promises (truncated file)")
+                    raise self._truncated(info, idx, seg.path, raw.size, nbytes)
                 payloads.append(self.verify(info, idx, seg.path, raw))
             return payloads
 
@@ -372,25 +380,24 @@ class CubeReader:
                 _put(p.out, p.dst, chunk, p.src)
 
         io = self.io_executor()
-        reads = SequentialReads()
-        pending: dict[int, Future[list[np.ndarray]]] = {k: io.submit(load, k) for k in range(len(buffers))}
-        try:
-            for k, seg in enumerate(segments):
-                payloads = pending.pop(k).result()
-                jobs = [c[0] for c in seg.chunks]
-                if self.threads > 1 and len(jobs) > 1 and seg.end - seg.start >= self.PARALLEL_MIN_BYTES:
-                    for _ in self.executor().map(one, jobs, [seg.path] * len(jobs), payloads):
-                        pass
-                else:
-                    for job, payload in zip(jobs, payloads, strict=True):
-                        one(job, seg.path, payload)
-                if k + ahead < len(segments):
-                    pending[k + ahead] = io.submit(load, k + ahead)
-        finally:  # never return (or raise) while a read still writes into this thread's buffers
-            for future in pending.values():
-                future.cancel()
-            wait(pending.values())
-            reads.close()
+        with SequentialReads() as reads:
+            pending: dict[int, Future[list[np.ndarray]]] = {k: io.submit(load, k) for k in range(len(buffers))}
+            try:
+                for k, seg in enumerate(segments):
+                    payloads = pending.pop(k).result()
+                    jobs = [c[0] for c in seg.chunks]
+                    if self.threads > 1 and len(jobs) > 1 and seg.end - seg.start >= self.PARALLEL_MIN_BYTES:
+                        for _ in self.executor().map(one, jobs, [seg.path] * len(jobs), payloads):
+                            pass
+                    else:
+                        for job, payload in zip(jobs, payloads, strict=True):
+                            one(job, seg.path, payload)
+                    if k + ahead < len(segments):
+                        pending[k + ahead] = io.submit(load, k + ahead)
+            finally:  # never return (or raise) while a read still writes into this thread's buffers
+                for future in pending.values():
+                    future.cancel()
+                wait(pending.values())
 
     def read(self, location: str, region: Sequence[slice | np.ndarray | Sequence[int] | None] = (),
              name: str = "cube", dtype: Any = None, out: np.ndarray | None = None) -> np.ndarray:
