@@ -8,14 +8,17 @@ Target: two workers ingest, label and encode >= 1.7x as fast as one. What bounds
 the machine has and how busy they are (the flow process, Prefect's temporary server and the workers share them), and
 the machine's own ceiling: a fixed amount of pure single-threaded compute on the same two pinned workers against one
 (no I/O, no orchestration; on shared virtual cores it is itself below 2x, and it moves from run to run). Each phase
-starts after a sync (no write-back of the previous phase left to pay for). The ingest phases run on workers that
-hold no model, as a CPU stage's workers do; the labellers' and the features backbone's models are built on every
-worker after them, before the label phase (untimed). On this VM the order matters: with those models already
-resident in both workers, the same ingest flow took 10.1 s and 15.7 worker CPU-s on two workers against 7.1 s and
-11.0 CPU-s without (one worker: 11.0 and 10.9 CPU-s); holding 1.5 GB of plain arrays, or importing torch, did not
-reproduce it, and the cause is not known. Labelling uses the demo profile's models;
-features the production layout (HyperVision-B, random-init), so that a shard costs what an image costs in
-production.
+starts after a sync (no write-back of the previous phase left to pay for). Both runs start alike: the first run's
+catalogs are deleted once its index is read (it is compared with the second's), and the sources are evicted from the
+page cache before each run, so that the second run does not start with the first one's outputs filling the cache.
+A warm-up flow of two shards runs a Prefect task on each worker first (one shard had left the second worker to pay
+Prefect's first-task start-up inside the timed phase: it ran 2 of the 6 ingest shards, the other 4). The ingest
+phases run on workers that hold no model, as a CPU stage's workers do; the labellers' and the features backbone's
+models are built on every worker after them, before the label phase (untimed). On this VM the order matters: with
+those models already resident in both workers, the same ingest flow took 10.1 s and 15.7 worker CPU-s on two workers
+against 7.1 s and 11.0 CPU-s without (one worker: 11.0 and 10.9 CPU-s); holding 1.5 GB of plain arrays, or importing
+torch, did not reproduce it, and the cause is not known. Labelling uses the demo profile's models; features the
+production layout (HyperVision-B, random-init), so that a shard costs what an image costs in production.
 
     .venv/bin/python bench/scale.py [--images 16] [--bulk 32] [--side 512] [--bands 96] [--json]
 """
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -36,6 +40,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 TARGET = 1.7
 sys.path.insert(0, str(REPO))
+
+from loader import evict  # noqa: E402 (bench/ is this script's folder)
+
 
 def make_sources(root: Path, images: int, side: int, bands: int) -> Path:
     """A labelled user dataset of ``images`` noisy (y, x, band) uint16 cubes (sensor-like: close to
@@ -257,17 +264,24 @@ def main() -> None:
         root = Path(tmp)
         source = make_sources(root, args.images, args.side, args.bands)
         make_bulk(source, args.bulk, args.side, args.bands)
-        warm = make_sources(root / "warm", 4, 32, args.bands)
+        # two shards of the default size: the warm-up flow runs a Prefect task on every worker of two
+        warm = make_sources(root / "warm", 16, 32, args.bands)
         mb = (args.images + args.bulk) * args.side**2 * args.bands * 2 / 2**20
         load0 = os.getloadavg()[0]
-        runs = {n: run_on(n, source, warm, root) for n in (1, 2)}
+        from catalog.catalog import Catalog
+
+        runs, index = {}, {}
+        for n in (1, 2):
+            # both runs start alike: no earlier run's catalogs in the page cache, the sources read from disk
+            evict([p for p in source.rglob("*") if p.is_file()])
+            runs[n] = run_on(n, source, warm, root)
+            index[n] = Catalog(f"file://{root / f'cat-{n}w'}").images().drop(columns="ingested_at")
+            for done in root.glob(f"cat-*{n}w"):
+                shutil.rmtree(done)
         times = {n: r[0] for n, r in runs.items()}
         busy = {n: r[1] for n, r in runs.items()}
         load1 = os.getloadavg()[0]
-        from catalog.catalog import Catalog
-
-        same = (Catalog(f"file://{root / 'cat-1w'}").images().drop(columns="ingested_at").equals(
-            Catalog(f"file://{root / 'cat-2w'}").images().drop(columns="ingested_at")))
+        same = index[1].equals(index[2])
 
     phases = ("ingest", "label", "features", "dask_ingest", "ceiling")
     speed = {phase: times[1][phase] / times[2][phase] for phase in phases}
