@@ -281,17 +281,9 @@ class CubeReader:
         """Decode each job's chunk once and copy it into every piece that needs it, in parallel when large. A large
         cold read in long runs takes the coalesced read-ahead path (``run_cold``); otherwise, locally, every chunk
         file is mapped first, so that their disk reads (if cold) start together."""
-        total = sum(j[0].chunk_nbytes for j in jobs)
-        if self.files.local and len(jobs) > 1 and total >= self.COLD_MIN_BYTES:
-            segments, rest = self.segments(jobs)
-            runs = sum(1 for k, seg in enumerate(segments)
-                       if k == 0 or seg.path != segments[k - 1].path or seg.start != segments[k - 1].end)
-            if (segments and total >= self.COLD_RUN_BYTES * runs
-                    and not self.files.in_page_cache(segments[0].path, segments[0].start)):
-                self.run_cold(segments)
-                jobs = rest
-                if not jobs:
-                    return
+        jobs = self.take_cold(jobs)
+        if not jobs:
+            return
         fetched: list[tuple[str, np.ndarray | None] | None] = [None] * len(jobs)
         if self.files.local and len(jobs) > 1:
             for k, (info, idx, _) in enumerate(jobs):
@@ -312,6 +304,21 @@ class CubeReader:
             return
         for _ in self.executor().map(one, range(len(jobs))):
             pass
+
+    def take_cold(self, jobs: list[Job]) -> list[Job]:
+        """Run ``jobs`` on the cold path when they qualify (local, ``COLD_MIN_BYTES`` or more in runs of
+        ``COLD_RUN_BYTES`` on average, the first chunk not in the page cache); the jobs left to the mapped path."""
+        total = sum(j[0].chunk_nbytes for j in jobs)
+        if not self.files.local or len(jobs) < 2 or total < self.COLD_MIN_BYTES:
+            return jobs
+        segments, rest = self.segments(jobs)
+        runs = sum(1 for k, seg in enumerate(segments)
+                   if k == 0 or seg.path != segments[k - 1].path or seg.start != segments[k - 1].end)
+        if (not segments or total < self.COLD_RUN_BYTES * runs
+                or self.files.in_page_cache(segments[0].path, segments[0].start)):
+            return jobs
+        self.run_cold(segments)
+        return rest
 
     def segments(self, jobs: list[Job]) -> tuple[list[Segment], list[Job]]:
         """The cold path's plan: the jobs' stored chunks sorted by file and offset and coalesced into ranges of at
